@@ -1,0 +1,7 @@
+"""`python -m qsimpo ...` (what torchrun / accelerate launch -m run)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,134 @@
+"""Base model (NF4 / int8 / unquantized) + LoRA. The only module that touches bitsandbytes.
+
+NF4 follows the QLoRA recipe: 4-bit NormalFloat with double quantization, the compute dtype
+bf16 where the hardware has it. On a machine with no GPU the same path runs on bitsandbytes'
+CPU backend, in fp32 compute.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import LoraConfig, ModelConfig
+
+
+def device_for_rank() -> str:
+    """The device this process trains on: its local GPU under torchrun/accelerate, else the CPU."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def compute_dtype(name: str, device: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # bf16 matmuls on most CPUs are emulated and slow
+
+
+def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,  # lets FSDP shard the packed weights like any other parameter
+    )
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token_id is None:  # Llama-3 and others ship none; padded positions are masked anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(cfg: ModelConfig, device: str | None = None):
+    """The frozen base model, quantized as configured, on this process's device."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or device_for_rank()
+    dtype = compute_dtype(cfg.compute_dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.name_or_path,
+        revision=cfg.revision,
+        quantization_config=quantization_config(cfg, dtype),
+        dtype=dtype,
+        device_map={"": device},
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bool, seed: int | None = None):
+    """Wrap ``model`` with trainable LoRA adapters; everything else stays frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    ckpt_kwargs = {"use_reentrant": False}
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if seed is not None:
+        torch.manual_seed(seed)  # LoRA A init
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def read_run_metadata(adapter: str) -> dict:
+    """The ``qsimpo.json`` an adapter folder (or Hub repo) carries; {} when it has none."""
+    import json
+    from pathlib import Path
+
+    local = Path(adapter)
+    if local.is_dir():
+        meta = local / "qsimpo.json"
+        return json.loads(meta.read_text()) if meta.is_file() else {}
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(adapter, "qsimpo.json")).read_text())
+    except Exception:  # a Hub adapter made by another tool: no metadata, the caller asks for --base
+        return {}
+
+
+def load_trained(adapter: str, base: str | None = None, quantization: str | None = None, device: str | None = None,
+                 trust_remote_code: bool = False):
+    """(model, tokenizer): the adapter on its base, quantized as it was trained. ``adapter`` is a folder or a Hub id."""
+    from peft import PeftModel
+
+    meta = read_run_metadata(adapter)
+    base = base or meta.get("base_model")
+    if not base:
+        raise ValueError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder with --base")
+    cfg = ModelConfig(name_or_path=base, revision=meta.get("base_model_revision"),
+                      quantization=quantization or meta.get("quantization", "nf4"), trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(cfg)
+    model = PeftModel.from_pretrained(load_base(cfg, device), adapter)
+    model.eval()
+    return model, tokenizer

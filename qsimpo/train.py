@@ -1,0 +1,210 @@
+"""`qsimpo train`: the recipe, top to bottom.
+
+config → tokenizer → preference pairs (with a summary of what was kept and dropped) →
+4-bit base + LoRA → SimPOTrainer → adapter folder with its provenance.
+
+    qsimpo train configs/quickstart.yaml --train.output_dir adapters/x
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .callbacks import FiniteGradGuard, MetricsJsonl, ProgressBar
+from .config import Config, dump_yaml
+from .data import PairCollator, build_dataset, split_eval
+from .model import add_lora, load_base, load_tokenizer
+from .trainer import SimPOTrainer
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, pairs: list[dict]):
+        self.pairs = pairs
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        p = self.pairs[i]
+        return {"prompt_ids": p["prompt_ids"], "chosen_ids": p["chosen_ids"], "rejected_ids": p["rejected_ids"]}
+
+
+def is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def resolve_resume(resume_from: str | None, output_dir: Path) -> str | None:
+    if resume_from is None:
+        return None
+    if resume_from == "auto":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None and is_main_process():
+            print(f"train.resume_from auto: no checkpoint in {output_dir}; starting from scratch")
+        return last
+    if not Path(resume_from).is_dir():
+        raise FileNotFoundError(
+            f"train.resume_from = {resume_from!r} is not a checkpoint folder: use 'auto' or a path like {output_dir}/checkpoint-100"
+        )
+    return resume_from
+
+
+def check_output_dir(cfg: Config, output_dir: Path) -> None:
+    finished = output_dir / ADAPTER_FILES[1]
+    if finished.exists() and not cfg.train.overwrite and cfg.train.resume_from is None:
+        raise FileExistsError(
+            f"{output_dir} already holds a finished adapter: choose another --train.output_dir, "
+            f"pass --train.overwrite true to replace it, or --train.resume_from auto to continue"
+        )
+
+
+def load_pairs(cfg: Config, tokenizer):
+    """Training pairs, held-out pairs (or None), and the data summaries, printed once."""
+    pairs, summary = build_dataset(cfg.data, tokenizer)
+    summaries = {"train": summary.to_dict()}
+    eval_pairs = None
+    if cfg.data.eval is not None:
+        try:
+            fraction = float(cfg.data.eval)
+        except ValueError:
+            eval_pairs, eval_summary = build_dataset(cfg.data, tokenizer, path=cfg.data.eval)
+            summaries["eval"] = eval_summary.to_dict()
+        else:
+            pairs, eval_pairs = split_eval(pairs, fraction, cfg.train.seed)
+    if is_main_process():
+        print(summary.line())
+        if "eval" in summaries:
+            print(eval_summary.line())
+    if not pairs:
+        raise ValueError(f"no training pairs left from {cfg.data.path}: {summary.line()}")
+    return pairs, eval_pairs, summaries
+
+
+def training_arguments(cfg: Config, output_dir: Path, has_eval: bool, device: str):
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    dtype = next(iter({"bfloat16", "float16"} & {cfg.model.compute_dtype}), None)
+    eval_kwargs = {}
+    if has_eval and t.eval_every > 0:
+        eval_kwargs = {"eval_strategy": "steps", "eval_steps": t.eval_every}
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must surface, not be averaged away
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        report_to=t.report_to,
+        remove_unused_columns=False,
+        disable_tqdm=True,  # our ProgressBar replaces the stock one
+        use_cpu=device == "cpu",
+        bf16=device != "cpu" and dtype == "bfloat16",
+        fp16=device != "cpu" and dtype == "float16",
+        ddp_find_unused_parameters=False,
+        dataloader_pin_memory=device != "cpu",
+        gradient_checkpointing=False,  # enabled on the model in add_lora (non-reentrant)
+        **eval_kwargs,
+    )
+
+
+def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict) -> None:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    (output_dir / "config.yaml").write_text(dump_yaml(cfg))
+    meta = {
+        "qsimpo_version": __version__,
+        "base_model": cfg.model.name_or_path,
+        "base_model_revision": cfg.model.revision,
+        "quantization": cfg.model.quantization,
+        "simpo": {**cfg.simpo.__dict__, "gamma_resolved": cfg.simpo.resolved_gamma},
+        "global_step": trainer.state.global_step,
+        "epoch": trainer.state.epoch,
+        "data": summaries,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__,
+        },
+    }
+    (output_dir / "qsimpo.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+@dataclass
+class TrainRun:
+    output_dir: Path
+    trainer: SimPOTrainer  # .model is the trained PeftModel, .state the final TrainerState
+
+
+def train(cfg: Config) -> TrainRun:
+    """Run SimPO training as configured; the adapter and its provenance land in train.output_dir."""
+    from transformers import PrinterCallback, ProgressCallback, set_seed
+
+    from .model import device_for_rank
+
+    output_dir = Path(cfg.train.output_dir)
+    check_output_dir(cfg, output_dir)
+    set_seed(cfg.train.seed)
+    device = device_for_rank()
+
+    tokenizer = load_tokenizer(cfg.model)
+    pairs, eval_pairs, summaries = load_pairs(cfg, tokenizer)
+
+    model = load_base(cfg.model, device)
+    model = add_lora(model, cfg.lora, cfg.model.quantization != "none", cfg.train.gradient_checkpointing, cfg.train.seed)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resume = resolve_resume(cfg.train.resume_from, output_dir)
+    metrics_path = output_dir / "metrics.jsonl"
+    if resume is None and is_main_process() and metrics_path.exists():
+        metrics_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
+    args = training_arguments(cfg, output_dir, eval_pairs is not None, device)
+    trainer = SimPOTrainer(
+        model=model,
+        args=args,
+        data_collator=PairCollator(tokenizer.pad_token_id),
+        train_dataset=PairDataset(pairs),
+        eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
+        processing_class=tokenizer,
+        callbacks=[FiniteGradGuard(), MetricsJsonl(metrics_path)],
+        simpo=cfg.simpo,
+    )
+    trainer.remove_callback(ProgressCallback)
+    if cfg.train.progress:
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(ProgressBar(cfg.train.batch_size * cfg.train.gradient_accumulation_steps * args.world_size))
+
+    trainer.train(resume_from_checkpoint=resume)
+    last_eval = cfg.train.eval_every and trainer.state.global_step % cfg.train.eval_every == 0
+    if eval_pairs and not last_eval:
+        trainer.evaluate()
+    trainer.save_model(str(output_dir))  # adapter_config.json + adapter_model.safetensors
+    if trainer.is_world_process_zero():
+        write_provenance(cfg, output_dir, trainer, summaries)
+    return TrainRun(output_dir, trainer)

@@ -1,0 +1,91 @@
+"""The thin ``transformers.Trainer`` subclass: batch → log-probs → SimPO loss → metrics.
+
+Everything else (loop, gradient accumulation, checkpoints, resume, DDP/FSDP/DeepSpeed via
+accelerate, report_to) is the stock Trainer. A batch is the plain layout built by
+``qsimpo.data.PairCollator``: the B chosen sequences followed by the B rejected ones.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from .config import SimPOConfig
+from .logprobs import sequence_logps
+from .loss import simpo_loss
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; raised before the optimizer step."""
+
+
+NON_FINITE_CAUSES = (
+    "likely causes: a learning rate too high for LoRA (try 10x lower), fp16 overflow (use bf16 or fp32 compute), "
+    "or a data row with an extreme response (run `qsimpo inspect-data` on the config). The last saved checkpoint "
+    "in train.output_dir is intact: fix the cause and resume with --train.resume_from auto"
+)
+
+
+def pair_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards) -> dict[str, torch.Tensor]:
+    """The per-pair quantities logged every step (averaged over pairs at logging time)."""
+    return {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": chosen_logps.detach(),
+        "logps/rejected": rejected_logps.detach(),
+    }
+
+
+class SimPOTrainer(Trainer):
+    def __init__(self, *args, simpo: SimPOConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.simpo = simpo
+        # Our loss is a mean over pairs, not a token-count-normalised LM loss: let the Trainer
+        # divide by the accumulation steps itself.
+        self.model_accepts_loss_kwargs = False
+        self._stash: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def pair_logps(self, model, inputs):
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        logps = sequence_logps(out.logits, inputs["input_ids"], inputs["response_mask"])
+        b = inputs["input_ids"].shape[0] // 2
+        return logps.avg[:b], logps.avg[b:]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chosen, rejected = self.pair_logps(model, inputs)
+        s = self.simpo
+        out = simpo_loss(chosen, rejected, s.beta, s.resolved_gamma, s.label_smoothing, s.loss_type, s.sft_weight)
+        loss = out.losses.mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1} "
+                f"(chosen avg log-probs {chosen.tolist()}, rejected {rejected.tolist()}); {NON_FINITE_CAUSES}"
+            )
+        mode = "train" if model.training else "eval"
+        for k, v in pair_metrics(chosen, rejected, out.chosen_rewards, out.rejected_rewards).items():
+            self._stash[mode][k].append(v.detach().float())
+        if mode == "eval":
+            self._stash[mode]["loss"].append(out.losses.detach().float())
+        return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        stash = self._stash[mode]
+        for key, values in stash.items():
+            value = torch.cat(values).mean()
+            if self.args.world_size > 1:  # every rank logs the same, all-pairs average
+                value = self.accelerator.reduce(value.to(self.accelerator.device), reduction="mean")
+            name = f"eval_{key}" if mode == "eval" else key
+            if name not in logs:
+                logs[name] = round(value.item(), 6)
+        stash.clear()
+        super().log(logs, start_time)

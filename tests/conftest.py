@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny Llama-style base model and preference data, built offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+HH_SAMPLE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "sample.jsonl"
+
+torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pref_rows():
+    from qsimpo.quickstart import TOPICS, make_pairs
+
+    return make_pairs(TOPICS, 64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def pref_jsonl(tmp_path_factory, pref_rows):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pref_rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, pref_rows):
+    """A saved 2-layer Llama-style model + BPE tokenizer with a chat template."""
+    from qsimpo.toy import build_model, build_tokenizer, save_base
+
+    texts = [r[k] for r in pref_rows for k in ("prompt", "chosen", "rejected")]
+    tok = build_tokenizer(texts, vocab_size=320)
+    model = build_model(tok, hidden_size=64, num_layers=2, num_heads=4, max_positions=512)
+    return save_base(model, tok, tmp_path_factory.mktemp("base") / "tiny")
+
+
+def make_config(base, data, out, *extra: str):
+    from qsimpo.config import load_config
+
+    return load_config(None, [
+        "--model.name_or_path", str(base), "--data.path", str(data), "--train.output_dir", str(out),
+        "--data.max_length", "96", "--lora.r", "4", "--lora.alpha", "8", "--lora.dropout", "0.0",
+        "--train.batch_size", "2", "--train.gradient_accumulation_steps", "1", "--train.learning_rate", "1e-2",
+        "--train.warmup_ratio", "0", "--train.progress", "false", "--train.gradient_checkpointing", "true",
+        *extra,
+    ])

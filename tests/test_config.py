@@ -1,0 +1,109 @@
+"""Config schema: shipped configs load, overrides apply, every problem is reported at once."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qsimpo.cli import main
+from qsimpo.config import ConfigError, build, field_docs, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "qsimpo" / "quickstart.yaml"]
+FILL = ["--model.name_or_path", "some/model", "--data.path", "some.jsonl"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path, FILL)  # fills the blanks the quickstart/user fills in
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.simpo.beta == raw["simpo"]["beta"]
+    assert path.read_text().startswith("# qsimpo") or path.parent.name == "qsimpo"
+
+
+def test_paper_presets():
+    def gamma(name):
+        return load_config(ROOT / "configs" / f"{name}.yaml").simpo
+
+    assert gamma("llama3-8b-instruct").resolved_gamma == pytest.approx(2.5 * 0.55)
+    assert gamma("mistral-7b-instruct").resolved_gamma == pytest.approx(0.25)
+    assert gamma("gemma2-9b-it").resolved_gamma == pytest.approx(5.0)
+
+
+def test_quickstart_configs_agree():
+    shipped = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    template = yaml.safe_load((ROOT / "qsimpo" / "quickstart.yaml").read_text())
+    for section, values in template.items():
+        for key, value in values.items():
+            assert shipped[section][key] == value, f"{section}.{key} differs"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, FILL + ["--data.max_length", "256", "--train.learning_rate=3e-5", "--lora.target_modules", "[q_proj, v_proj]",
+                                    "--train.gradient_checkpointing", "false", "--simpo.gamma", "1"])
+    assert cfg.data.max_length == 256 and cfg.train.learning_rate == 3e-5
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.gradient_checkpointing is False and cfg.simpo.gamma == 1.0
+
+
+def test_gamma_conversion():
+    assert build({"model": {"name_or_path": "m"}, "data": {"path": "d"}}).simpo.resolved_gamma == 1.0  # default ratio 0.5 × β 2
+    assert build({"model": {"name_or_path": "m"}, "data": {"path": "d"}, "simpo": {"beta": 10, "gamma_beta_ratio": 0.3}}).simpo.resolved_gamma == pytest.approx(3.0)
+    assert build({"model": {"name_or_path": "m"}, "data": {"path": "d"}, "simpo": {"gamma": 0.7}}).simpo.resolved_gamma == 0.7
+
+
+def test_all_problems_reported_at_once():
+    raw = {
+        "model": {"name_or_path": "m", "quantisation": "nf4"},
+        "data": {"path": "d", "max_length": 128, "max_prompt_length": 128},
+        "simpo": {"beta": 0, "gamma": 1.0, "gamma_beta_ratio": 0.5},
+        "train": {"learning_rate": -1, "batch_size": "two"},
+        "optimizer": {},
+    }
+    with pytest.raises(ConfigError) as e:
+        build(raw, "x.yaml")
+    msg = str(e.value)
+    for needle in [
+        "unknown key model.quantisation (did you mean model.quantization?)",
+        "data.max_prompt_length = 128 must be < data.max_length = 128",
+        "simpo.beta = 0.0 must be > 0",
+        "both set: choose one",
+        "train.learning_rate = -1.0 must be > 0",
+        "train.batch_size = 'two' has the wrong type: expected int",
+        "unknown section 'optimizer'",
+        "x.yaml",
+    ]:
+        assert needle in msg, needle
+    assert len(e.value.problems) == 7
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["--simpo.gamma", "-1"], "simpo.gamma = -1.0 must be >= 0"),
+    (["--model.quantization", "nf3"], "model.quantization = 'nf3' is not one of nf4, int8, none"),
+    (["--data.on_bad_row", "ignore"], "data.on_bad_row = 'ignore' is not one of error, skip"),
+    (["--lora.r", "0"], "lora.r = 0 must be a positive integer"),
+    (["--data.max_length"], "--data.max_length needs a value"),
+    (["oops"], "unexpected argument 'oops'"),
+])
+def test_cli_errors(override, needle, capsys):
+    assert main(["train", str(ROOT / "configs" / "quickstart.yaml")] + override) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_help_shows_every_field(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for name, _, _, doc in field_docs():
+        assert f"--{name}" in out and doc[:40] in out
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nope.yaml")
+
+
+def test_readme_documents_every_field():
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name, *_ in field_docs() if f"`{name}`" not in readme]
+    assert not missing, f"README config table lacks {missing}"
