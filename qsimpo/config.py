@@ -96,6 +96,9 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     optim: str = _f("adamw_torch", "Optimizer name understood by transformers (adamw_torch, paged_adamw_8bit, ...).")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory.")
+    packing: str = _f("shared_prompt", "Batch layout: shared_prompt (prompt once, then chosen, then rejected, in one row) or none (separate chosen/rejected rows).", choices=("shared_prompt", "none"))
+    head_chunk_size: int = _f(1024, "Apply the output head only at response positions, this many at a time, recomputed in backward (0: full logits).")
+    group_by_length: bool = _f(True, "Batch pairs of similar length together so little compute goes to padding.")
     logging_steps: int = _f(1, "Log metrics every N optimizer steps.")
     save_steps: int = _f(100, "Save a resumable checkpoint every N optimizer steps.")
     save_total_limit: int | None = _f(2, "Keep at most this many checkpoints (None: all).")
@@ -326,6 +329,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"train.logging_steps = {t.logging_steps} must be >= 1")
     if t.save_steps <= 0:
         p.append(f"train.save_steps = {t.save_steps} must be >= 1")
+    if t.head_chunk_size < 0:
+        p.append(f"train.head_chunk_size = {t.head_chunk_size} must be >= 0 (0 computes full logits)")
     if t.eval_every < 0:
         p.append(f"train.eval_every = {t.eval_every} must be >= 0")
     if t.save_total_limit is not None and t.save_total_limit <= 0:

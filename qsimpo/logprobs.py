@@ -44,3 +44,51 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask:
     per_token = token_logps(logits[:, :-1], labels.masked_fill(mask == 0, 0)) * mask
     total = per_token.sum(-1)
     return SequenceLogps(total / count, total, count)
+
+
+def _logps_of(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = logits.float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor, softcap) -> torch.Tensor:
+    return _logps_of(torch.nn.functional.linear(hidden, weight, bias), labels, softcap)
+
+
+def per_sequence(token_logps: torch.Tensor, score_seq: torch.Tensor, n_seqs: int) -> SequenceLogps:
+    """Sum/average token log-probs into their sequences (index_add: one pass, any layout)."""
+    total = torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device).index_add(0, score_seq, token_logps)
+    count = torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device).index_add(
+        0, score_seq, torch.ones_like(token_logps))
+    if bool((count == 0).any()):
+        raise ValueError(f"sequences {torch.nonzero(count == 0).flatten().tolist()} have no response tokens")
+    return SequenceLogps(total / count, total, count)
+
+
+def indexed_logps(logits: torch.Tensor, score_index, score_labels, score_seq, n_seqs: int,
+                  softcap: float | None = None) -> SequenceLogps:
+    """Response log-probs from full logits [N, L, V] at the scored positions (the plain reference)."""
+    flat = logits.reshape(-1, logits.shape[-1])[score_index]
+    return per_sequence(_logps_of(flat, score_labels, softcap), score_seq, n_seqs)
+
+
+def chunked_head_logps(hidden: torch.Tensor, head: torch.nn.Linear, score_index, score_labels, score_seq, n_seqs: int,
+                       chunk_size: int = 1024, softcap: float | None = None) -> SequenceLogps:
+    """Response log-probs from final hidden states, applying the output head only where scored.
+
+    The head runs on ``chunk_size`` positions at a time with an fp32 log-sum-exp, and each
+    chunk's logits are recomputed in the backward pass instead of stored, so peak memory for the
+    head is one [chunk, vocab] block whatever the batch, length or vocabulary. A frozen head
+    gets no weight gradient (autograd skips it), only the hidden states do.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden.reshape(-1, hidden.shape[-1])[score_index]
+    parts = []
+    for start in range(0, h.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        parts.append(checkpoint(_chunk_logps, h[sl], head.weight, head.bias, score_labels[sl], softcap,
+                                use_reentrant=False))
+    return per_sequence(torch.cat(parts), score_seq, n_seqs)

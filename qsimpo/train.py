@@ -18,8 +18,9 @@ import torch
 from . import __version__
 from .callbacks import FiniteGradGuard, MetricsJsonl, ProgressBar
 from .config import Config, dump_yaml
-from .data import PairCollator, build_dataset, split_eval
-from .model import add_lora, load_base, load_tokenizer
+from .data import build_dataset, split_eval
+from .model import add_lora, compute_dtype, load_base, load_tokenizer
+from .packing import make_collator
 from .trainer import SimPOTrainer
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -31,6 +32,10 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.pairs)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in self.pairs]
 
     def __getitem__(self, i):
         p = self.pairs[i]
@@ -188,12 +193,15 @@ def train(cfg: Config) -> TrainRun:
     trainer = SimPOTrainer(
         model=model,
         args=args,
-        data_collator=PairCollator(tokenizer.pad_token_id),
+        data_collator=make_collator(cfg.train.packing, tokenizer.pad_token_id),
         train_dataset=PairDataset(pairs),
         eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
         processing_class=tokenizer,
         callbacks=[FiniteGradGuard(), MetricsJsonl(metrics_path)],
         simpo=cfg.simpo,
+        head_chunk_size=cfg.train.head_chunk_size,
+        compute_dtype=compute_dtype(cfg.model.compute_dtype, device),
+        group_by_length=cfg.train.group_by_length,
     )
     trainer.remove_callback(ProgressCallback)
     if cfg.train.progress:

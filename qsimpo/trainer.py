@@ -8,13 +8,42 @@ accelerate, report_to) is the stock Trainer. A batch is the plain layout built b
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 from transformers import Trainer
 
 from .config import SimPOConfig
-from .logprobs import sequence_logps
+from .logprobs import chunked_head_logps, indexed_logps
 from .loss import simpo_loss
+
+
+@contextmanager
+def detached_head(model):
+    """Swap the output head for an identity so the forward returns final hidden states.
+
+    The forward still goes through every wrapper (DDP, FSDP, PEFT), so gradient sync and LoRA
+    stay as they are. Yields (head, logit soft-cap): Gemma-2's soft-cap is applied by the
+    chunked head instead of to the hidden states.
+    """
+    lm = model
+    while hasattr(lm, "module"):  # DDP / accelerate wrappers
+        lm = lm.module
+    if hasattr(lm, "get_base_model"):
+        lm = lm.get_base_model()
+    head = lm.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"train.head_chunk_size needs a plain nn.Linear output head, got {type(head).__name__}: set it to 0")
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+    lm.set_output_embeddings(torch.nn.Identity())
+    if softcap is not None:
+        lm.config.final_logit_softcapping = None
+    try:
+        yield head, softcap
+    finally:
+        lm.set_output_embeddings(head)
+        if softcap is not None:
+            lm.config.final_logit_softcapping = softcap
 
 
 class NonFiniteError(RuntimeError):
@@ -26,6 +55,23 @@ NON_FINITE_CAUSES = (
     "or a data row with an extreme response (run `qsimpo inspect-data` on the config). The last saved checkpoint "
     "in train.output_dir is intact: fix the cause and resume with --train.resume_from auto"
 )
+
+
+def pair_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch.float32):
+    """(chosen, rejected) average response log-probs for a batch of either layout (qsimpo.packing)."""
+    b = int(inputs["num_pairs"])
+    kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
+    if "position_ids" in inputs:  # shared-prompt packing: a 4-D additive mask in the compute dtype
+        kwargs["position_ids"] = inputs["position_ids"]
+        kwargs["attention_mask"] = inputs["attention_mask"].to(compute_dtype)
+    score = (inputs["score_index"], inputs["score_labels"], inputs["score_seq"], 2 * b)
+    if head_chunk_size:
+        with detached_head(model) as (head, softcap):
+            hidden = model(**kwargs).logits  # the head is an identity: these are the final hidden states
+        logps = chunked_head_logps(hidden, head, *score, chunk_size=head_chunk_size, softcap=softcap)
+    else:
+        logps = indexed_logps(model(**kwargs).logits, *score)  # the model applied any soft-cap itself
+    return logps.avg[:b], logps.avg[b:]
 
 
 def pair_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards) -> dict[str, torch.Tensor]:
@@ -41,19 +87,29 @@ def pair_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
 
 
 class SimPOTrainer(Trainer):
-    def __init__(self, *args, simpo: SimPOConfig, **kwargs):
+    def __init__(self, *args, simpo: SimPOConfig, head_chunk_size: int = 0, compute_dtype=torch.float32,
+                 group_by_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.group_by_length = group_by_length
         self.simpo = simpo
+        self.head_chunk_size = head_chunk_size  # 0: full logits (the plain path)
+        self.compute_dtype = compute_dtype
         # Our loss is a mean over pairs, not a token-count-normalised LM loss: let the Trainer
         # divide by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
         self._stash: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def pair_logps(self, model, inputs):
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        logps = sequence_logps(out.logits, inputs["input_ids"], inputs["response_mask"])
-        b = inputs["input_ids"].shape[0] // 2
-        return logps.avg[:b], logps.avg[b:]
+        return pair_logps(model, inputs, self.head_chunk_size, self.compute_dtype)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length or not hasattr(dataset, "lengths"):
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        # shuffled mega-batches, each sorted by length: similar lengths share a batch
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=dataset.lengths)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         chosen, rejected = self.pair_logps(model, inputs)
