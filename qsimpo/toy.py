@@ -53,14 +53,15 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat_template: 
 
 
 def build_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                intermediate_size: int | None = None, max_positions: int = 1024, seed: int = 0):
-    """A randomly initialised Llama-style causal LM sized to ``tokenizer``."""
+                intermediate_size: int | None = None, max_positions: int = 1024, seed: int = 0,
+                vocab_size: int | None = None):
+    """A randomly initialised Llama-style causal LM sized to ``tokenizer`` (or to ``vocab_size``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(vocab_size or 0, len(tokenizer)),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,

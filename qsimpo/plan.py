@@ -1,0 +1,124 @@
+"""`qsimpo plan CONFIG.yaml [--gpu-memory 24GiB]`: will this training config fit on the GPU?
+
+An estimate of peak GPU memory from the model's config alone (nothing is loaded), by part:
+
+- base weights: NF4 linears at 4 bits + double-quantized absmax (≈ 4.127 bits/param), int8 at 1 byte
+  (+ fp32 row scales), none at the compute dtype; embeddings, norms and the output head stay in
+  the compute dtype (bitsandbytes does not quantize them);
+- LoRA: r·(in + out) params per adapted linear, fp32 weight + grad + two AdamW moments (16 B/param);
+- activations per micro-batch of T tokens (T = batch × the longest row the layout allows):
+  with gradient checkpointing one saved hidden state per layer plus one layer recomputed,
+  without it every layer's intermediates;
+- the packed layout's 4-D attention mask (batch × row² in the compute dtype);
+- the output head: one fp32 [chunk, vocab] block (×3: logits, softmax, grad) when
+  ``train.head_chunk_size`` > 0, else the full [T, vocab] logits in compute dtype plus fp32 copies;
+- the CUDA context and allocator slack (a fixed 0.75 GiB).
+
+It is an estimate: compare it with a measured peak (benchmarks/RESULTS.md) before trusting it
+to the last GiB.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .config import Config
+
+GiB = 2**30
+NF4_BITS = 4.127  # 4-bit codes + 8-bit absmax per 64 + fp32 second-level absmax per 256 blocks
+CONTEXT = 0.75 * GiB
+
+
+@dataclass
+class Shape:
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+
+    @property
+    def linears(self) -> list[tuple[int, int]]:
+        """(in, out) of every linear in one decoder layer (Llama-style attention + gated MLP)."""
+        h, i, kv = self.hidden, self.intermediate, self.hidden * self.kv_heads // self.heads
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+
+def shape_of(model_config) -> Shape:
+    c = model_config
+    return Shape(c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size, c.num_attention_heads,
+                 getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*(GiB|GB|MiB|MB)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--gpu-memory {text!r}: write a size like 24GiB, 80GB or 16384MiB")
+    unit = (m.group(2) or "GiB").lower()
+    return int(float(m.group(1)) * {"gib": GiB, "gb": 10**9, "mib": 2**20, "mb": 10**6}[unit])
+
+
+def estimate(cfg: Config, shape: Shape) -> dict[str, float]:
+    """Bytes by part for ``cfg`` on a model of ``shape`` (see the module docstring)."""
+    act = 2 if cfg.model.compute_dtype in ("auto", "bfloat16", "float16") else 4
+    per_layer = sum(i * o for i, o in shape.linears)
+    linear_params = per_layer * shape.layers
+    other_params = 2 * shape.vocab * shape.hidden + (2 * shape.layers + 1) * shape.hidden
+    bits = {"nf4": NF4_BITS, "int8": 8 + 32 / shape.hidden, "none": 8 * act}[cfg.model.quantization]
+    lora_params = shape.layers * sum(cfg.lora.r * (i + o) for i, o in shape.linears)
+
+    t, d = cfg.train, cfg.data
+    row = 2 * d.max_length  # worst case either layout: prompt + two full responses, or two full rows
+    tokens = t.batch_size * row
+    h, inter = shape.hidden, shape.intermediate
+    layer_acts = tokens * (6 * h + 4 * inter) * act  # q, k, v, o, norms, residual + gate, up, act, product
+    acts = tokens * h * act * shape.layers + 2 * layer_acts if t.gradient_checkpointing else shape.layers * layer_acts
+    mask = t.batch_size * row * row * act if t.packing == "shared_prompt" else 0
+    if t.head_chunk_size:
+        head = 3 * min(t.head_chunk_size, tokens) * shape.vocab * 4
+    else:
+        head = tokens * shape.vocab * (act + 2 * 4)
+    return {
+        "base weights": linear_params * bits / 8 + other_params * act,
+        "LoRA weights + grads + AdamW": lora_params * 16,
+        "activations": acts,
+        "attention mask": mask,
+        "output head": head,
+        "CUDA context": CONTEXT,
+    }
+
+
+def advice(cfg: Config, parts: dict[str, float], budget: int) -> str:
+    """Which knob to turn first: the biggest part that a config field controls."""
+    t = cfg.train
+    if parts["output head"] > 0.25 * budget and not t.head_chunk_size:
+        return "set --train.head_chunk_size 1024 (response-only, chunked output head)"
+    if not t.gradient_checkpointing:
+        return "set --train.gradient_checkpointing true"
+    if t.batch_size > 1:
+        return (f"lower --train.batch_size to {max(1, t.batch_size // 2)} and raise "
+                f"--train.gradient_accumulation_steps to {t.gradient_accumulation_steps * 2} (same effective batch)")
+    if cfg.model.quantization != "nf4":
+        return "set --model.quantization nf4"
+    return f"lower --data.max_length (now {cfg.data.max_length}) or use a smaller model"
+
+
+def plan(cfg: Config, gpu_memory: int, model_config=None) -> tuple[str, bool]:
+    """(report text, fits)."""
+    if model_config is None:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+        model_config = getattr(model_config, "text_config", model_config)
+    parts = estimate(cfg, shape_of(model_config))
+    total = sum(parts.values())
+    lines = [f"memory plan for {cfg.model.name_or_path} ({cfg.model.quantization}, batch {cfg.train.batch_size}, "
+             f"max_length {cfg.data.max_length}, packing {cfg.train.packing}, head_chunk_size {cfg.train.head_chunk_size})"]
+    lines += [f"  {name:<30} {value / GiB:8.2f} GiB" for name, value in parts.items()]
+    lines.append(f"  {'estimated peak':<30} {total / GiB:8.2f} GiB of {gpu_memory / GiB:.1f} GiB")
+    fits = total <= gpu_memory
+    lines.append("fits" if fits else f"does not fit: {advice(cfg, parts, gpu_memory)}")
+    return "\n".join(lines), fits

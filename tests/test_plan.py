@@ -1,0 +1,49 @@
+"""`qsimpo plan`: the memory estimate's parts, the fit verdict and the advice."""
+
+import pytest
+from transformers import LlamaConfig
+
+from qsimpo.config import load_config
+from qsimpo.plan import GiB, estimate, parse_size, plan, shape_of
+
+LLAMA3_8B = LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, vocab_size=128256,
+                        num_attention_heads=32, num_key_value_heads=8)
+
+
+def _cfg(*extra):
+    return load_config(None, ["--model.name_or_path", "m", "--data.path", "d", *extra])
+
+
+def test_llama3_8b_parts():
+    parts = estimate(_cfg("--data.max_length", "2048", "--train.batch_size", "4"), shape_of(LLAMA3_8B))
+    # 32 layers × (2·4096² + 2·4096·1024 + 3·4096·14336) = 6.98e9 linear params at 4.127 bits ≈ 3.35 GiB,
+    # plus embeddings and head (2 × 128256 × 4096) in bf16 ≈ 1.96 GiB
+    assert parts["base weights"] / GiB == pytest.approx(3.35 + 1.96, abs=0.05)
+    # LoRA r=16 on all 7 linears: 32 × 16 × (2·8192 + 2·5120 + 3·18432) = 4.19e7 params × 16 B ≈ 0.62 GiB
+    assert parts["LoRA weights + grads + AdamW"] / GiB == pytest.approx(0.625, abs=0.01)
+    # the chunked head is one [1024, 128256] fp32 block ×3 ≈ 1.47 GiB
+    assert parts["output head"] / GiB == pytest.approx(1.47, abs=0.01)
+
+
+def test_full_logits_cost_and_advice():
+    cfg = _cfg("--data.max_length", "2048", "--train.batch_size", "4", "--train.head_chunk_size", "0")
+    text, fits = plan(cfg, parse_size("24GiB"), LLAMA3_8B)
+    assert not fits and "--train.head_chunk_size 1024" in text
+    chunked, fits2 = plan(_cfg("--data.max_length", "2048", "--train.batch_size", "1"), parse_size("24GiB"), LLAMA3_8B)
+    assert fits2 and chunked.rstrip().endswith("fits")
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * GiB and parse_size("80GB") == 80 * 10**9 and parse_size("16") == 16 * GiB
+    with pytest.raises(ValueError, match="24GiB"):
+        parse_size("lots")
+
+
+def test_plan_cli_reads_a_local_model(tiny_base, pref_jsonl, tmp_path, capsys):
+    from qsimpo.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  name_or_path: {tiny_base}\ndata:\n  path: {pref_jsonl}\n")
+    assert main(["plan", str(cfg), "--gpu-memory", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated peak" in out and "fits" in out
