@@ -132,3 +132,38 @@ def load_trained(adapter: str, base: str | None = None, quantization: str | None
     model = PeftModel.from_pretrained(load_base(cfg, device), adapter)
     model.eval()
     return model, tokenizer
+
+
+def dequantize_base(model, dtype: torch.dtype):
+    """A freshly loaded 4-bit/8-bit base as a plain model of ``dtype``, in place: every bitsandbytes
+    Linear becomes an ``nn.Linear`` holding exactly the values the quantized layer multiplies by,
+    i.e. the weights a QLoRA adapter was trained against (not the original 16-bit ones).
+
+    Dequantize before the model's first inference forward pass: on CPUs with AVX512-BF16, bitsandbytes
+    repacks 4-bit weights in place on the first eval-mode forward, and the repacked data no longer
+    dequantizes to the same matrix.
+    """
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                raise RuntimeError(f"{name}: the 4-bit weights were repacked for the CPU by an inference forward pass "
+                                   "and can no longer be dequantized exactly; dequantize a freshly loaded base")
+            weight = bnb.functional.dequantize_4bit(module.weight.data, state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            scale = module.state.SCB if module.state.SCB is not None else module.weight.SCB  # a forward moves it to state
+            weight = bnb.functional.int8_vectorwise_dequant(module.weight.data, scale)
+        else:
+            continue
+        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        dense.weight = torch.nn.Parameter(weight.to(dtype), requires_grad=False)
+        if module.bias is not None:
+            dense.bias = torch.nn.Parameter(module.bias.data.to(dtype), requires_grad=False)
+        model.set_submodule(name, dense)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # drops config.quantization_config, so save_pretrained writes a plain model
+        quantizer.remove_quantization_config(model)
+    model.is_loaded_in_4bit = model.is_loaded_in_8bit = False
+    return model.to(dtype)

@@ -1,0 +1,199 @@
+"""`qsimpo merge`: fold a LoRA adapter into its base and save a standalone, verified transformers model.
+
+    qsimpo merge adapters/run --out merged/run                       # into the dequantized NF4 weights
+    qsimpo merge adapters/run --out merged/run --base-weights original
+
+An adapter trained on an NF4 base learned to correct the *quantized* weights. Merging it back
+into 4-bit weights re-quantizes W + BA and changes the model; merging it into the original
+16-bit weights adds the quantization error W - dequant(NF4(W)) that the adapter never saw. The
+default therefore dequantizes the very NF4 weights the adapter was trained against (loaded exactly
+as training loaded them) and merges into those, in 16 bits. ``original`` is there for bases
+trained unquantized, or to measure the difference.
+
+Every merge is written to a hidden sibling folder, reloaded from disk and compared with the
+adapter (qsimpo.verify); only a merge that passes is moved to ``--out``. A failure of any kind
+leaves no output folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+BASE_WEIGHTS = ("dequantized", "original")
+DTYPES = ("bfloat16", "float16", "float32")
+# Mean KL (nats/token) to the adapter on its 4-bit base above which a merge is refused. Measured
+# on the quickstart model (bf16): a correct merge into the dequantized weights costs 1.6e-5 (rounding),
+# merging into the original weights 6e-4 (the NF4 error the adapter never saw), and the adapter
+# itself moves its base by 0.044. So 0.01 passes rounding with a wide margin and fails a merge that
+# lost or broke much of the adapter. The check prints the adapter's own effect for scale.
+DEFAULT_MAX_KL = 0.01
+
+
+class MergeError(RuntimeError):
+    """A merge that cannot or must not go ahead; the message says what to do instead."""
+
+
+class VerifyError(MergeError):
+    """The merged model does not behave like the adapter (mean KL above the threshold)."""
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    report: object | None  # qsimpo.verify.VerifyReport, or None with --no-verify
+
+
+def check_request(adapter: str, out: Path, base: str | None, overwrite: bool) -> dict:
+    """The adapter's metadata, once every reason to refuse has been ruled out."""
+    from .model import read_run_metadata
+
+    local = Path(adapter)
+    if local.exists() and not (local / "adapter_config.json").is_file():
+        merged = " (it holds a merged model: merge the adapter it came from)" if (local / "config.json").is_file() else ""
+        raise MergeError(f"{adapter} is not an adapter folder: it has no adapter_config.json{merged}. "
+                         "Pass the folder `qsimpo train` wrote (its train.output_dir) or a Hub id")
+    meta = read_run_metadata(adapter)
+    if meta.get("merged_from"):
+        raise MergeError(f"{adapter} is already a merge of {meta['merged_from']}: merge the adapter itself, not its merge")
+    if not (base or meta.get("base_model")):
+        raise MergeError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder with --base")
+    a, o = local.resolve(), out.resolve()
+    if local.exists() and (a == o or a in o.parents or o in a.parents):
+        raise MergeError(f"--out {out} would overwrite the adapter {adapter}: choose a folder outside it")
+    if out.exists() and not overwrite:
+        prev = out / "qsimpo.json"
+        what = "already holds a merged model" if prev.is_file() and "merged_from" in json.loads(prev.read_text()) else "already exists"
+        raise MergeError(f"{out} {what}: choose another --out, or pass --overwrite to replace it")
+    return meta
+
+
+def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtype: str = "bfloat16", verify: bool = True,
+          max_kl: float = DEFAULT_MAX_KL, overwrite: bool = False, base: str | None = None, max_shard_size: str = "5GB",
+          n_probes: int = 8, device: str | None = None, log=print) -> MergeResult:
+    """Merge ``adapter`` (a folder or Hub id) into its base and write a transformers model to ``out``."""
+    import torch
+
+    from .model import device_for_rank, load_trained
+    from .verify import VerifyReport, agreement, next_token_logprobs, probe_sequences
+
+    if base_weights not in BASE_WEIGHTS:
+        raise MergeError(f"--base-weights {base_weights!r} must be one of {', '.join(BASE_WEIGHTS)}")
+    if dtype not in DTYPES:
+        raise MergeError(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)}")
+    adapter, out = str(adapter), Path(out)
+    meta = check_request(adapter, out, base, overwrite)
+    base = base or meta["base_model"]
+    device = device or device_for_rank()
+    torch_dtype = getattr(torch, dtype)
+
+    ref4 = probes = None
+    if verify:
+        log(f"loading {adapter} on its {meta.get('quantization', 'nf4')} base {base} (the reference)")
+        model4, tokenizer = load_trained(adapter, base, device=device)
+        probes, source = probe_sequences(adapter, tokenizer, model4, n_probes)
+        ref4 = next_token_logprobs(model4, probes)
+        with model4.disable_adapter():
+            effect = agreement(ref4, next_token_logprobs(model4, probes))
+        del model4
+
+    if meta.get("quantization") == "none":
+        log("the adapter was trained on an unquantized base: dequantized and original are the same weights")
+    log(f"merging into the {base_weights} base weights in {dtype}")
+    merged, ref_deq = _merge_in_memory(adapter, base, meta, base_weights, dtype, device, probes)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        _save(merged, staging, adapter, base, meta, base_weights, dtype, max_shard_size)
+        del merged
+        report = None
+        if verify:
+            from transformers import AutoModelForCausalLM
+
+            reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch_dtype, device_map={"": device})
+            mine = next_token_logprobs(reloaded.eval(), probes)
+            report = VerifyReport(agreement(ref4, mine), agreement(ref_deq, mine), effect, max_kl, source)
+            _update_metadata(staging, verify=report.to_dict())
+            for line in report.lines():
+                log(line)
+            if not report.passed:
+                raise VerifyError(_failure_message(report, base_weights, out))
+        if out.is_dir():  # --overwrite: the old output goes only once the new one is complete and verified
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    log(f"merged model written to {out}")
+    return MergeResult(out, report)
+
+
+def _merge_in_memory(adapter, base, meta, base_weights, dtype, device, probes):
+    """(merged model, log-probs of the unmerged adapter on the dequantized base, or None without probes)."""
+    import torch
+    from peft import PeftModel
+
+    from .config import ModelConfig
+    from .model import dequantize_base, load_base
+    from .verify import next_token_logprobs
+
+    quantization = meta.get("quantization", "nf4")
+    revision = meta.get("base_model_revision")
+    wants_original = base_weights == "original" and quantization != "none"
+    model = ref_deq = None
+    if probes is not None or not wants_original:
+        # The base exactly as training loaded it (same quantization, same compute dtype), then dequantized.
+        trained = ModelConfig(name_or_path=base, revision=revision, quantization=quantization)
+        model = PeftModel.from_pretrained(dequantize_base(load_base(trained, device), getattr(torch, dtype)), adapter)
+        if probes is not None:
+            ref_deq = next_token_logprobs(model.eval(), probes)
+    if wants_original:
+        model = None  # free the dequantized copy first
+        original = ModelConfig(name_or_path=base, revision=revision, quantization="none", compute_dtype=dtype)
+        model = PeftModel.from_pretrained(load_base(original, device), adapter)
+    try:
+        merged = model.merge_and_unload(safe_merge=True)  # raises on NaN/inf before touching the weights
+    except ValueError as e:
+        raise MergeError(f"merging {adapter} gives non-finite weights ({e}); the adapter is broken: check its "
+                         "training log (metrics.jsonl) for NaN losses and merge an earlier checkpoint-N instead") from e
+    merged.config.use_cache = True  # load_base turns the KV cache off for training; a shipped model wants it
+    return merged, ref_deq
+
+
+def _save(merged, folder: Path, adapter: str, base: str, meta: dict, base_weights: str, dtype: str, max_shard_size: str) -> None:
+    """Model (sharded safetensors) + generation config, the base's own tokenizer and chat template, provenance."""
+    from transformers import AutoTokenizer
+
+    from . import __version__
+    from .hub import final_metrics
+
+    merged.save_pretrained(folder, max_shard_size=max_shard_size)
+    # The base's tokenizer as published (not the training copy, which may have gained a pad token).
+    AutoTokenizer.from_pretrained(base, revision=meta.get("base_model_revision")).save_pretrained(folder)
+    if (Path(adapter) / "config.yaml").is_file():
+        shutil.copy2(Path(adapter) / "config.yaml", folder / "config.yaml")
+    local = Path(adapter)
+    record = {**meta, "base_model": base, "merged_from": str(local.resolve()) if local.is_dir() else adapter,
+              "base_weights": base_weights, "dtype": dtype, "merged_by": f"qsimpo {__version__}",
+              "final_metrics": final_metrics(adapter, meta)}
+    (folder / "qsimpo.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _update_metadata(folder: Path, **fields) -> None:
+    path = folder / "qsimpo.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}, indent=2, default=str) + "\n")
+
+
+def _failure_message(report, base_weights: str, out: Path) -> str:
+    four = report.four_bit
+    why = (" Merging into the original weights adds the quantization error the adapter never saw: try "
+           "--base-weights dequantized (the default)." if base_weights == "original" else
+           " A correct merge into the dequantized weights differs only by rounding, so a weight or the save is "
+           "broken: check the adapter's training log, or try --dtype float32.")
+    return (f"the merged model does not match the adapter: mean KL {four.kl:.3g} nats/token > --max-kl "
+            f"{report.max_kl:g} (top-1 agreement {four.top1:.1%}) against the adapter on its 4-bit base.{why} "
+            f"Nothing was written to {out}; --no-verify writes it without this check.")
