@@ -58,3 +58,18 @@ def make_config(base, data, out, *extra: str):
         "--train.warmup_ratio", "0", "--train.progress", "false", "--train.gradient_checkpointing", "true",
         *extra,
     ])
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """`qsimpo quickstart --out DIR`, run once per session: (DIR, what it printed)."""
+    import contextlib
+    import io
+
+    from qsimpo.cli import main
+
+    out = tmp_path_factory.mktemp("qs") / "quickstart"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["quickstart", "--out", str(out)]) == 0
+    return out, printed.getvalue()

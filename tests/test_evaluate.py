@@ -25,14 +25,9 @@ TOP_KEYS = {"schema_version", "adapter", "base_model", "data", "simpo", "models"
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """The quickstart's output (base, adapter with data.eval = data/heldout.jsonl), built once for this module."""
-    from qsimpo.quickstart import run_quickstart
-
-    out = tmp_path_factory.mktemp("qs") / "quickstart"
-    with contextlib.redirect_stdout(io.StringIO()):
-        run_quickstart(out)
-    return out
+def quickstart(quickstart_run):
+    """The quickstart's output (base, adapter with data.eval = data/heldout.jsonl), built once per session."""
+    return quickstart_run[0]
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,8 @@ import pytest
 from qsimpo.cli import main
 
 
-def test_quickstart_learns_the_preference(tmp_path, capsys):
-    out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out)]) == 0
+def test_quickstart_learns_the_preference(quickstart_run):
+    out, printed = quickstart_run
     result = json.loads((out / "quickstart.json").read_text())
     before, after = result["before"], result["after"]
     assert after["reward_accuracy"] >= 0.9
@@ -20,7 +19,6 @@ def test_quickstart_learns_the_preference(tmp_path, capsys):
     assert (out / "base" / "config.json").exists() and (out / "data" / "train.jsonl").exists()
     metrics = [json.loads(line) for line in (out / "adapter" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_rewards/accuracies" in m for m in metrics)  # data.eval is scored during training
-    printed = capsys.readouterr().out
     assert "held-out reward accuracy: SFT" in printed
 
     # a second run refuses to clobber the first
