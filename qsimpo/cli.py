@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from .config import ConfigError, help_text, load_config
+from .hub import PushError
+from .merge import MergeError
 
 
 def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -57,10 +59,134 @@ def cmd_quickstart(argv: list[str]) -> int:
     return 0
 
 
+def cmd_demo(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="qsimpo demo", description="Chat with the SFT model (adapter off) and the aligned model "
+                                "(adapter on) side by side, one base in memory; votes are saved as training pairs.")
+    p.add_argument("--adapter", help="adapter folder or Hub id (default: the quickstart's adapters/quickstart/adapter)")
+    p.add_argument("--base", help="base model Hub id or folder (default: the one the adapter's qsimpo.json records)")
+    p.add_argument("--compare-adapter", help="a second adapter (folder or Hub id) for the left column instead of the SFT model")
+    p.add_argument("--votes", help="JSONL file votes are appended to (default: votes.jsonl beside a local adapter folder)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the demo to your network)")
+    p.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run custom modelling code shipped with the base model")
+    args = p.parse_args(argv)
+    from .chat import load_demo_app
+
+    try:
+        load_demo_app().launch_demo(args.adapter, args.base, args.compare_adapter, args.votes, args.host, args.port,
+                                    args.share, args.trust_remote_code)
+    except ModuleNotFoundError as e:
+        if e.name != "gradio":
+            raise
+        print('error: the demo needs gradio: pip install -e ".[demo]"', file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # no quickstart output / no demo/app.py: the message says what to run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_merge(argv: list[str]) -> int:
+    from .merge import BASE_WEIGHTS, DEFAULT_MAX_KL, DTYPES
+
+    p = argparse.ArgumentParser(prog="qsimpo merge", description="Merge an adapter into its base and save a standalone "
+                                "transformers model, verified against the adapter on its 4-bit base.")
+    p.add_argument("adapter", help="adapter folder (qsimpo train's output_dir) or Hub id")
+    p.add_argument("--out", required=True, help="folder to write the merged model to (must not exist)")
+    p.add_argument("--base-weights", choices=BASE_WEIGHTS, default="dequantized",
+                   help="merge into the dequantized NF4 weights the adapter was trained on (default) or the original weights")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the saved weights")
+    p.add_argument("--base", help="base model Hub id or folder (default: the one the adapter's qsimpo.json records)")
+    p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL,
+                   help="fail when the mean KL (nats/token) to the adapter on its 4-bit base exceeds this")
+    p.add_argument("--probes", type=int, default=8, help="probe sequences to verify on")
+    p.add_argument("--no-verify", action="store_true", help="skip the comparison with the adapter")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (larger models are split)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new merge passed)")
+    args = p.parse_args(argv)
+    from .merge import merge
+
+    merge(args.adapter, args.out, args.base_weights, args.dtype, verify=not args.no_verify, max_kl=args.max_kl,
+          overwrite=args.overwrite, base=args.base, max_shard_size=args.max_shard_size, n_probes=args.probes)
+    return 0
+
+
+def cmd_push(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="qsimpo push", description="Upload an adapter or merged folder to the Hugging Face "
+                                "Hub with a model card (only the model's files; never checkpoints, logs or tokens).")
+    p.add_argument("folder", help="adapter folder (qsimpo train) or merged folder (qsimpo merge)")
+    p.add_argument("--repo", required=True, help="Hub repo id, OWNER/NAME")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--dry-run", action="store_true", help="print the files that would go and the card; send nothing")
+    p.add_argument("--base-model", help="Hub id of the base model, required when qsimpo.json records a local path")
+    p.add_argument("--license", help="license for the card (default: the local base's card license, else 'other')")
+    p.add_argument("--dataset", action="append", default=[], help="Hub id of a training data set for the card (repeatable)")
+    p.add_argument("--include", action="append", default=[], help="also upload files matching this pattern (repeatable)")
+    args = p.parse_args(argv)
+    from .hub import push
+
+    push(args.folder, args.repo, args.base_model, args.private, args.dry_run, args.license, args.dataset, args.include)
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="qsimpo eval", description="Held-out reward accuracy, margins and length diagnostics "
+                                "of the SFT model (adapter off) and the aligned model (adapter on); writes eval.json and report.html.")
+    p.add_argument("adapter", help="adapter folder (qsimpo train's output_dir) or Hub id")
+    p.add_argument("--data", help="held-out pairs: JSONL/JSON/parquet file, datasets folder or Hub dataset id "
+                   "(default: the run's data.eval from the adapter's config.yaml)")
+    p.add_argument("--split", help="split to read from a Hub dataset or DatasetDict folder (default: the run's data.split)")
+    p.add_argument("--max-rows", type=int, help="score at most this many pairs")
+    p.add_argument("--generate", type=int, default=0, metavar="N", help="also answer N held-out prompts with both models")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest generated answer, in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --generate (0: greedy)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling for --generate")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompt i is seed + i, the same for both models")
+    p.add_argument("--judge", metavar="MODEL_ID", help="sequence-classification reward model that scores both answers (needs --generate)")
+    p.add_argument("--base", help="base model Hub id or folder (default: the one the adapter's qsimpo.json records)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass when scoring")
+    p.add_argument("--beta", type=float, help="β for rewards and loss (default: the run's simpo.beta)")
+    p.add_argument("--gamma", type=float, help="γ for the loss (default: the run's resolved simpo γ)")
+    p.add_argument("--out", help="output folder (default: ADAPTER/eval for a local adapter)")
+    args = p.parse_args(argv)
+    from .evaluate import EvalError, evaluate
+
+    try:
+        evaluate(args.adapter, args.data, args.split, args.max_rows, args.generate, args.out, args.judge, args.base,
+                 args.batch_size, args.max_new_tokens, args.temperature, args.top_p, args.seed, args.beta, args.gamma)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name not in ("matplotlib", "scipy"):
+            raise
+        print(f'error: qsimpo eval needs {e.name}: pip install -e ".[eval]"', file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_plan(argv: list[str]) -> int:
+    p = _config_parser("qsimpo plan", "Estimate peak GPU memory for a training config; exit 1 if it does not fit.")
+    p.add_argument("--gpu-memory", default="24GiB", help="the GPU's memory, e.g. 24GiB (default), 80GB")
+    args, overrides = p.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    from .plan import parse_size, plan
+
+    text, fits = plan(cfg, parse_size(args.gpu_memory))
+    print(text)
+    return 0 if fits else 1
+
+
 COMMANDS = {
     "train": (cmd_train, "train a LoRA adapter with SimPO"),
     "inspect-data": (cmd_inspect_data, "show tokenized pairs and the data summary"),
     "quickstart": (cmd_quickstart, "the whole path on a tiny local model, offline"),
+    "plan": (cmd_plan, "estimate peak GPU memory for a config and say which knob to turn"),
+    "eval": (cmd_eval, "held-out reward accuracy, margins and length diagnostics: SFT vs aligned"),
+    "demo": (cmd_demo, "chat with the SFT and aligned models side by side; votes become training data"),
+    "merge": (cmd_merge, "merge an adapter into its base, verified"),
+    "push": (cmd_push, "upload an adapter or merged model to the Hub with a model card"),
 }
 
 
@@ -80,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (MergeError, PushError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

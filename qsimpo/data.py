@@ -66,7 +66,7 @@ def read_rows(path: str, split: str = "train", max_rows: int | None = None, on_b
     return rows
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     # A Hub id is "name" or "owner/name", so a single "/" is not enough to call a path local.
     return (path.lower().endswith(FILE_SUFFIXES) or path.startswith(("/", ".", "~")) or path.count("/") > 1
             or (os.sep != "/" and os.sep in path) or not _HUB_ID.match(path))
@@ -86,7 +86,7 @@ def _iter_source(path: str, split: str) -> Iterator[tuple[str, Any]]:
                         "a folder saved by datasets, or a Hub dataset id")
     if p.is_dir():
         return _iter_folder(p, path, split)
-    if _looks_local(path):
+    if looks_local(path):
         raise DataError(f"{path}: file not found (working directory {os.getcwd()}); check data.path")
     return _iter_hub(path, split)
 

@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from . import metrics as M
-from .data import FILE_SUFFIXES, DataError, build_dataset, split_eval
+from .data import DataError, build_dataset, looks_local, split_eval
 from .scoring import PairScores, score_pairs
 
 SCHEMA_VERSION = 1
@@ -31,10 +31,6 @@ SCHEMA_VERSION = 1
 
 class EvalError(ValueError):
     """A problem with what ``qsimpo eval`` was asked to do; the message says what to pass instead."""
-
-
-def _looks_local(path: str) -> bool:
-    return path.lower().endswith(FILE_SUFFIXES) or path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
 
 
 # ------------------------------------------------------------------------------------- the run's record
@@ -93,13 +89,13 @@ def check_adapter(adapter: str, base: str | None, meta: dict) -> str:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise EvalError(f"{adapter} holds no adapter_config.json: pass the train.output_dir of a finished `qsimpo train` "
                             "run (or a checkpoint-N folder inside it)")
-    elif _looks_local(adapter) or (not meta and not base):
+    elif looks_local(adapter) or (not meta and not base):
         raise EvalError(f"adapter {adapter}: no such folder (nor a Hub repo with a qsimpo.json); pass the train.output_dir "
                         "of a `qsimpo train` run, or a Hub adapter id together with --base BASE_MODEL")
     base = base or meta.get("base_model")
     if not base:
         raise EvalError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder with --base")
-    if _looks_local(base) and not Path(base).expanduser().exists():
+    if looks_local(base) and not Path(base).expanduser().exists():
         where = "given with --base" if meta.get("base_model") != base else f"recorded in {adapter}/qsimpo.json"
         raise EvalError(f"the base model {base} ({where}) was not found: pass the SFT model the adapter was trained on "
                         "with --base PATH_OR_HUB_ID")
@@ -129,7 +125,7 @@ def resolve_data(data: str | None, cfg, adapter: str) -> tuple[str, str | float]
             return "fraction", float(held)
         except ValueError:
             data, label = held, f"data.eval in {adapter}/config.yaml"
-    if _looks_local(data) and not Path(data).expanduser().exists():
+    if looks_local(data) and not Path(data).expanduser().exists():
         raise EvalError(f"{label} = {data}: no such file or folder; pass held-out pairs with --data: a JSONL/JSON/parquet "
                         "file, a datasets folder or a Hub dataset id")
     return "path", data

@@ -13,7 +13,8 @@ Three row shapes are accepted (``data.format``; ``auto`` detects from the first 
 
 A row that fits none is a *bad row*. With ``data.on_bad_row: error`` it stops the run with a DataError
 naming the row, the reason and the fix; with ``skip`` it is counted in ``DataSummary.dropped[reason]``.
-Nothing is dropped silently.
+A `qsimpo demo` vote row of "tie" or "both_bad" is not bad but has no preference: always counted as
+``no_preference``. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ REASONS = {
     "no_assistant_turn": "chosen/rejected do not end with an assistant message",
     "no_shared_prompt": "chosen and rejected do not share a prompt",
     "too_long": "the pair cannot fit in data.max_length even after truncation",
+    "no_preference": "a `qsimpo demo` vote of tie or both bad: kept in the file, never trained on",
 }
 ROLES = ("system", "user", "assistant")
+# Votes of `qsimpo demo` (qsimpo.votes) that record two answers but prefer neither. Such rows are
+# not malformed, so they are counted under no_preference whatever data.on_bad_row says.
+NO_PREFERENCE_VOTES = ("tie", "both_bad")
 HH_MARKER = "\n\nAssistant:"
 SKIP_HINT = "set data.on_bad_row: skip to skip and count such rows"
 
@@ -247,6 +252,9 @@ def to_triples(rows: Iterable[tuple[str, Any]], fmt: str = "auto", on_bad_row: s
     detected = None if fmt == "auto" else fmt
     out = []
     for location, row in rows:
+        if isinstance(row, dict) and row.get("vote") in NO_PREFERENCE_VOTES:
+            summary.dropped["no_preference"] = summary.dropped.get("no_preference", 0) + 1
+            continue
         try:
             shape = row_format(row)
             if detected is None:

@@ -101,9 +101,9 @@ def _read_config(folder: Path) -> dict:
 
 
 def _is_local(path: str) -> bool:
-    from .data import _looks_local  # the rule `data.path` is read by: a leading / . ~, a file suffix, two "/"...
+    from .data import looks_local  # the rule `data.path` is read by: a leading / . ~, a file suffix, two "/"...
 
-    return _looks_local(path) or Path(path).expanduser().exists()
+    return looks_local(path) or Path(path).expanduser().exists()
 
 
 def _name_only(path: str) -> str:
