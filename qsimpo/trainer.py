@@ -1,8 +1,9 @@
 """The thin ``transformers.Trainer`` subclass: batch → log-probs → SimPO loss → metrics.
 
 Everything else (loop, gradient accumulation, checkpoints, resume, DDP/FSDP/DeepSpeed via
-accelerate, report_to) is the stock Trainer. A batch is the plain layout built by
-``qsimpo.data.PairCollator``: the B chosen sequences followed by the B rejected ones.
+accelerate, report_to) is the stock Trainer. A batch is either layout of ``qsimpo.packing``
+(one packed row per pair, or the B chosen rows followed by the B rejected rows); both say
+which positions to score the same way, so ``pair_logps`` serves them alike.
 """
 
 from __future__ import annotations
