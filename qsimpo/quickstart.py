@@ -122,7 +122,7 @@ def probe(model, tokenizer, pairs, prompts) -> dict:
     from .scoring import reward_accuracy, score_pairs
 
     scores = score_pairs(model, pairs, tokenizer.pad_token_id)
-    gens = [generate(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=32) for p in prompts]
+    gens = [generate(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=48) for p in prompts]
     return {
         "reward_accuracy": reward_accuracy(scores),
         "mean_margin": float((scores.chosen - scores.rejected).mean()),
