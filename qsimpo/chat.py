@@ -291,7 +291,7 @@ def load_demo_app(path: Path = DEMO_APP):
     """Import demo/app.py by its file path; it sits in the source tree beside the package, not inside it."""
     if not path.is_file():
         raise FileNotFoundError(f"the demo app {path} is not there: `qsimpo demo` runs from a source checkout "
-                                "(git clone, then pip install -e \".[demo]\")")
+                                "(git clone, then pip install -e .)")
     spec = importlib.util.spec_from_file_location("qsimpo_demo_app", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses and pickling look their module up here

@@ -79,7 +79,7 @@ def cmd_demo(argv: list[str]) -> int:
     except ModuleNotFoundError as e:
         if e.name != "gradio":
             raise
-        print('error: the demo needs gradio: pip install -e ".[demo]"', file=sys.stderr)
+        print('error: the demo needs gradio: pip install -e .', file=sys.stderr)
         return 2
     except FileNotFoundError as e:  # no quickstart output / no demo/app.py: the message says what to run
         print(f"error: {e}", file=sys.stderr)
@@ -161,7 +161,7 @@ def cmd_eval(argv: list[str]) -> int:
     except ModuleNotFoundError as e:
         if e.name not in ("matplotlib", "scipy"):
             raise
-        print(f'error: qsimpo eval needs {e.name}: pip install -e ".[eval]"', file=sys.stderr)
+        print(f'error: qsimpo eval needs {e.name}: pip install -e .', file=sys.stderr)
         return 2
     return 0
 

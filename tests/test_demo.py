@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+pytest.importorskip("gradio", reason="gradio is not installed: pip install -e .")
 
 from conftest import make_config  # noqa: E402
 from test_chat import chat, tiny_adapters  # noqa: E402,F401  (the tiny model with a random adapter)
