@@ -28,6 +28,21 @@ class MetricsJsonl(TrainerCallback):
             f.flush()
 
 
+def read_metrics(run: str) -> list[dict]:
+    """The rows MetricsJsonl wrote: a local run folder, or a Hub repo that carries one; [] without it."""
+    path = Path(run) / "metrics.jsonl"
+    if not Path(run).is_dir():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(run, "metrics.jsonl"))
+        except Exception:  # pushed adapters usually leave their logs behind
+            return []
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class FiniteGradGuard(TrainerCallback):
     """Stop before the optimizer applies a NaN/inf gradient, so no weight is corrupted."""
 

@@ -260,7 +260,8 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
              beta: float | None = None, gamma: float | None = None) -> dict:
     """Score held-out pairs with the SFT and aligned models; write eval.json and report.html; return eval.json's dict."""
     from .model import read_run_metadata
-    from .report import read_metrics, summary_lines, write_report
+    from .callbacks import read_metrics
+    from .report import summary_lines, write_report
 
     t0 = time.perf_counter()
     if judge_model and generate <= 0:

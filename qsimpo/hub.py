@@ -79,10 +79,9 @@ def final_metrics(adapter: str, meta: dict) -> dict:
     """The last logged training (and held-out) metrics: from qsimpo.json, or the folder's metrics.jsonl."""
     if meta.get("final_metrics"):
         return meta["final_metrics"]
-    log = Path(adapter) / "metrics.jsonl"
-    if not log.is_file():
-        return {}
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    from .callbacks import read_metrics
+
+    rows = read_metrics(adapter)
     train = next((r for r in reversed(rows) if "loss" in r), None)
     held = next((r for r in reversed(rows) if "eval_loss" in r), None)
     out = {}

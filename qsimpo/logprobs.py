@@ -67,11 +67,10 @@ def per_sequence(token_logps: torch.Tensor, score_seq: torch.Tensor, n_seqs: int
     return SequenceLogps(total / count, total, count)
 
 
-def indexed_logps(logits: torch.Tensor, score_index, score_labels, score_seq, n_seqs: int,
-                  softcap: float | None = None) -> SequenceLogps:
-    """Response log-probs from full logits [N, L, V] at the scored positions (the plain reference)."""
+def indexed_logps(logits: torch.Tensor, score_index, score_labels, score_seq, n_seqs: int) -> SequenceLogps:
+    """Response log-probs from the model's full logits [N, L, V] (already soft-capped) at the scored positions."""
     flat = logits.reshape(-1, logits.shape[-1])[score_index]
-    return per_sequence(_logps_of(flat, score_labels, softcap), score_seq, n_seqs)
+    return per_sequence(_logps_of(flat, score_labels, None), score_seq, n_seqs)
 
 
 def chunked_head_logps(hidden: torch.Tensor, head: torch.nn.Linear, score_index, score_labels, score_seq, n_seqs: int,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 ROWS = [  # (label, key in models.*, digits)
@@ -25,21 +24,6 @@ ROWS = [  # (label, key in models.*, digits)
 ]
 GEN_ROWS = [("mean length (tokens)", "mean_length_tokens", 1), ("distinct-2", "distinct_2", 3),
             ("repetition rate (3-grams)", "repetition_rate", 3), ("unfinished (no EOS)", "unfinished_rate", 3)]
-
-
-def read_metrics(adapter: str) -> list[dict]:
-    """The rows of the adapter's metrics.jsonl (a local folder, or a Hub repo that carries one); [] without it."""
-    path = Path(adapter) / "metrics.jsonl"
-    if not Path(adapter).is_dir():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(adapter, "metrics.jsonl"))
-        except Exception:  # pushed adapters usually leave their logs behind
-            return []
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _fmt(v, digits: int = 3) -> str:
