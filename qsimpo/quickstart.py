@@ -78,7 +78,7 @@ def supervised_warmup(model, tokenizer, rows: list[dict], steps: int, seed: int,
     """Plain next-token training on prompt + answer, both styles equally often (the 'SFT' model)."""
     from tqdm.auto import tqdm
 
-    from .data import PairCollator, tokenize_pair
+    from .data import tokenize_pair
 
     rng = random.Random(seed)
     torch.manual_seed(seed)

@@ -40,7 +40,7 @@ def vote_row(vote: str, turn: dict) -> dict:
     if vote not in VOTES:
         raise ValueError(f"vote = {vote!r} must be one of {', '.join(VOTES)}")
     left, right = turn["left"], turn["right"]
-    winner = vote if vote in ("left", "right") else None
+    winner = None if vote in NO_PREFERENCE_VOTES else vote  # the votes qsimpo.formats counts as no_preference
     if winner:
         loser = "right" if winner == "left" else "left"
         if left["response"].strip() == right["response"].strip():

@@ -27,8 +27,6 @@ def test_quickstart_learns_the_preference(quickstart_run):
 
 
 def test_inspect_data_shows_boundary(tiny_base, pref_jsonl, capsys):
-    from conftest import make_config  # noqa: F401  (fixtures build the base and data)
-
     cfg_path = tiny_base.parent / "inspect.yaml"
     cfg_path.write_text(f"model:\n  name_or_path: {tiny_base}\ndata:\n  path: {pref_jsonl}\n")
     assert main(["inspect-data", str(cfg_path), "--n", "2"]) == 0
