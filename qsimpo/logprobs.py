@@ -53,10 +53,6 @@ def _logps_of(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None)
     return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor, softcap) -> torch.Tensor:
-    return _logps_of(torch.nn.functional.linear(hidden, weight, bias), labels, softcap)
-
-
 def per_sequence(token_logps: torch.Tensor, score_seq: torch.Tensor, n_seqs: int) -> SequenceLogps:
     """Sum/average token log-probs into their sequences (index_add: one pass, any layout)."""
     total = torch.zeros(n_seqs, dtype=torch.float32, device=token_logps.device).index_add(0, score_seq, token_logps)
@@ -73,21 +69,83 @@ def indexed_logps(logits: torch.Tensor, score_index, score_labels, score_seq, n_
     return per_sequence(_logps_of(flat, score_labels, None), score_seq, n_seqs)
 
 
+class _ChunkedHead(torch.autograd.Function):
+    """log softmax(head(h))[label] per row, one [chunk, vocab] block of logits alive at a time.
+
+    Forward keeps only each row's log-sum-exp; backward recomputes the chunk's logits and turns
+    them into the softmax in place, so the head's working set is one fp32 block (plus its
+    compute-dtype matmul output) instead of the three or four blocks autograd would hold for
+    logits → log-softmax → gather. d/dlogit of log p(label) is onehot(label) − softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, softcap, chunk_size):
+        n, acc = h.shape[0], _acc_dtype(h)
+        out = torch.empty(n, dtype=acc, device=h.device)
+        lse = torch.empty(n, dtype=acc, device=h.device)
+        rows = torch.arange(n, device=h.device)
+        for s in range(0, n, chunk_size):
+            z = _capped_logits(h[s:s + chunk_size], weight, bias, softcap)[0]
+            target = z[rows[: z.shape[0]], labels[s:s + chunk_size]]
+            top = z.amax(-1)
+            lse[s:s + chunk_size] = top + z.sub_(top[:, None]).exp_().sum(-1).log_()
+            out[s:s + chunk_size] = target - lse[s:s + chunk_size]
+        ctx.save_for_backward(h, weight, bias, labels, lse)
+        ctx.softcap, ctx.chunk_size = softcap, chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, bias, labels, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(h) if need_h else None
+        acc = _acc_dtype(h)
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
+        rows = torch.arange(h.shape[0], device=h.device)
+        cs = ctx.chunk_size
+        for s in range(0, h.shape[0], cs):
+            hs, g = h[s:s + cs], grad_out[s:s + cs].to(lse.dtype)
+            z, tanh = _capped_logits(hs, weight, bias, ctx.softcap)
+            dz = z.sub_(lse[s:s + cs, None]).exp_().mul_(-g[:, None])  # −g·softmax, in place
+            dz[rows[: dz.shape[0]], labels[s:s + cs]] += g  # + g·onehot(label)
+            if tanh is not None:  # z = c·tanh(x/c): dz/dx = 1 − tanh²
+                dz.mul_(tanh.square_().neg_().add_(1))
+                del tanh
+            dz = dz.to(h.dtype)
+            if need_h:
+                grad_h[s:s + cs] = dz @ weight.to(h.dtype)
+            if need_w:
+                grad_w.addmm_(dz.t().to(acc), hs.to(acc))
+            if need_b:
+                grad_b += dz.to(acc).sum(0)
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
+                None, None, None)
+
+
+def _acc_dtype(h: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 activations (fp64 stays fp64, for gradcheck)."""
+    return torch.promote_types(h.dtype, torch.float32)
+
+
+def _capped_logits(h, weight, bias, softcap):
+    """Logits of a chunk in the accumulation dtype (soft-capped if the model caps them) and the tanh the cap used."""
+    z = torch.nn.functional.linear(h, weight, bias).to(_acc_dtype(h))
+    if not softcap:
+        return z, None
+    tanh = z.div_(softcap).tanh_()
+    return tanh * softcap, tanh
+
+
 def chunked_head_logps(hidden: torch.Tensor, head: torch.nn.Linear, score_index, score_labels, score_seq, n_seqs: int,
                        chunk_size: int = 1024, softcap: float | None = None) -> SequenceLogps:
     """Response log-probs from final hidden states, applying the output head only where scored.
 
     The head runs on ``chunk_size`` positions at a time with an fp32 log-sum-exp, and each
-    chunk's logits are recomputed in the backward pass instead of stored, so peak memory for the
-    head is one [chunk, vocab] block whatever the batch, length or vocabulary. A frozen head
-    gets no weight gradient (autograd skips it), only the hidden states do.
+    chunk's logits are recomputed in the backward pass instead of stored (``_ChunkedHead``), so
+    peak memory for the head is one [chunk, vocab] block whatever the batch, length or
+    vocabulary. A frozen head gets no weight gradient, only the hidden states do.
     """
-    from torch.utils.checkpoint import checkpoint
-
     h = hidden.reshape(-1, hidden.shape[-1])[score_index]
-    parts = []
-    for start in range(0, h.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        parts.append(checkpoint(_chunk_logps, h[sl], head.weight, head.bias, score_labels[sl], softcap,
-                                use_reentrant=False))
-    return per_sequence(torch.cat(parts), score_seq, n_seqs)
+    return per_sequence(_ChunkedHead.apply(h, head.weight, head.bias, score_labels, softcap, chunk_size),
+                        score_seq, n_seqs)

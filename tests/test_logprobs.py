@@ -57,3 +57,50 @@ def test_shape_checks_and_empty_responses():
         sequence_logps(logits, ids, torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 0, 0]]))
     with pytest.raises(ValueError, match="position 0"):
         sequence_logps(logits, ids, torch.tensor([[1, 1, 1, 0, 0], [0, 1, 0, 0, 0]]))
+
+
+def _plain_head_logps(h, weight, bias, labels, softcap):
+    """The reference: full logits, log_softmax, gather (autograd does the backward)."""
+    z = torch.nn.functional.linear(h, weight, bias).float()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return z.log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunked_head_gradcheck(softcap):
+    """The hand-written backward is the derivative of the forward (fp64, every input that can need a grad)."""
+    from qsimpo.logprobs import _ChunkedHead
+
+    torch.manual_seed(0)
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 13, (7,))
+    assert torch.autograd.gradcheck(lambda h, w, b: _ChunkedHead.apply(h, w, b, labels, softcap, 3), (h, w, b))
+
+
+@pytest.mark.parametrize("dtype, softcap, chunk", [(torch.float32, None, 4), (torch.float32, 30.0, 1000),
+                                                   (torch.bfloat16, None, 5), (torch.bfloat16, 30.0, 2)])
+def test_chunked_head_matches_full_logits(dtype, softcap, chunk):
+    """Chunked response-only head == full logits + log_softmax, in value and in the hidden-state gradient."""
+    from qsimpo.logprobs import chunked_head_logps
+
+    torch.manual_seed(0)
+    n_pos, hidden, vocab = 23, 16, 97
+    states = torch.randn(2, n_pos, hidden, dtype=dtype, requires_grad=True)
+    head = torch.nn.Linear(hidden, vocab, bias=False).to(dtype).requires_grad_(False)
+    index = torch.tensor([0, 3, 4, 5, 20, 24, 25, 40, 41, 45])  # flat positions into [2 * n_pos]
+    labels = torch.randint(0, vocab, (len(index),))
+    seq = torch.tensor([0, 0, 0, 0, 1, 2, 2, 3, 3, 3])
+    out = chunked_head_logps(states, head, index, labels, seq, 4, chunk_size=chunk, softcap=softcap)
+    (out.avg * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+    got = states.grad.clone()
+    states.grad = None
+    ref_tok = _plain_head_logps(states.reshape(-1, hidden)[index], head.weight, None, labels, softcap)
+    ref = torch.zeros(4).index_add(0, seq, ref_tok) / torch.bincount(seq)
+    (ref * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.avg, ref.detach(), **tol)
+    torch.testing.assert_close(got, states.grad, **tol)
+    assert head.weight.grad is None  # a frozen head gets no weight gradient
