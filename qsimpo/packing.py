@@ -1,9 +1,10 @@
 """Shared-prompt packing: one row per preference pair, ``[prompt | chosen | rejected]``.
 
-The prompt is encoded once instead of twice. A 4-D attention mask keeps the two responses
-apart (rejected tokens cannot see chosen ones) and position ids restart after the prompt, so
-each response sees exactly what it would see in its own ``prompt + response`` sequence. The
-first rejected token is scored from the prompt's last position, not from the chosen tail.
+The prompt is encoded once instead of twice. The attention mask (``pair_mask``) keeps the two
+responses apart (rejected tokens cannot see chosen ones) and position ids restart after the
+prompt, so each response sees exactly what it would see in its own ``prompt + response``
+sequence. The first rejected token is scored from the prompt's last position, not from the
+chosen tail. Under FlexAttention the pairs of a batch also share one row with no padding.
 
 Both layouts describe what to score the same way (``score_*`` tensors), so the log-prob code
 does not care which one built the batch:
@@ -29,33 +30,54 @@ def plain_score_tensors(input_ids: torch.Tensor, response_mask: torch.Tensor) ->
     }
 
 
-class PackedPairCollator:
-    """Pairs → one packed row each, with the block mask and restarted positions described above."""
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
-    def __init__(self, pad_token_id: int, mask_dtype: torch.dtype = torch.float32):
+
+def pair_mask(doc: torch.Tensor, seg: torch.Tensor, b, q, kv) -> torch.Tensor:
+    """May query ``q`` of row ``b`` attend to key ``kv``? The one definition of the packed mask.
+
+    Same pair (``doc``; padding is doc −1 and sees only padding), causal, and a rejected token
+    never sees a chosen one. Written as a FlexAttention ``mask_mod`` (b, h, q, kv: index tensors),
+    which also evaluates on broadcast index grids for the dense mask, so both attention paths
+    read the same rule.
+    """
+    return (doc[b, q] == doc[b, kv]) & (kv <= q) & ~((seg[b, q] == REJECTED) & (seg[b, kv] == CHOSEN))
+
+
+class PackedPairCollator:
+    """Pairs → packed rows ``[prompt | chosen | rejected]`` with restarted positions (see above).
+
+    ``one_row=False``: one row per pair, padded to the longest. ``one_row=True`` (padding-free,
+    for FlexAttention, whose block mask skips what ``pair_mask`` forbids): every pair of the
+    batch back to back in a single row, no padding at all. Either way the batch carries the mask
+    as two compact per-token tensors (``pair_doc``, ``segment``); ``attention_inputs`` turns them
+    into the mask the model's attention kernel takes, on the model's device.
+    """
+
+    def __init__(self, pad_token_id: int, one_row: bool = False):
         self.pad_token_id = pad_token_id
-        self.mask_dtype = mask_dtype
+        self.one_row = one_row
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         b = len(features)
         lengths = [len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features]
-        width = max(lengths)
-        input_ids = torch.full((b, width), self.pad_token_id, dtype=torch.long)
-        position_ids = torch.zeros((b, width), dtype=torch.long)
-        allowed = torch.zeros((b, width, width), dtype=torch.bool)
+        rows, width = (1, sum(lengths)) if self.one_row else (b, max(lengths))
+        input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((rows, width), dtype=torch.long)
+        doc = torch.full((rows, width), -1, dtype=torch.long)
+        seg = torch.full((rows, width), -1, dtype=torch.long)
         index, labels, seq = [], [], []
+        offset = 0
         for i, f in enumerate(features):
             p, c, r = f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]
             np_, nc, nr = len(p), len(c), len(r)
-            input_ids[i, : np_ + nc + nr] = torch.tensor(p + c + r)
-            position_ids[i, :np_ + nc] = torch.arange(np_ + nc)
-            position_ids[i, np_ + nc: np_ + nc + nr] = torch.arange(np_, np_ + nr)
-            causal = torch.ones(np_ + nc + nr, np_ + nc + nr, dtype=torch.bool).tril()
-            causal[np_ + nc:, np_: np_ + nc] = False  # rejected never sees chosen
-            allowed[i, : np_ + nc + nr, : np_ + nc + nr] = causal
-            pad = torch.arange(np_ + nc + nr, width)
-            allowed[i, pad, pad] = True  # padding attends to itself only (no all-masked rows → no NaN)
-            base = i * width
+            row, start = (0, offset) if self.one_row else (i, 0)
+            span = slice(start, start + np_ + nc + nr)
+            input_ids[row, span] = torch.tensor(p + c + r)
+            position_ids[row, span] = torch.cat([torch.arange(np_ + nc), torch.arange(np_, np_ + nr)])
+            doc[row, span] = i
+            seg[row, span] = torch.tensor([PROMPT] * np_ + [CHOSEN] * nc + [REJECTED] * nr)
+            base = row * width + start
             # chosen token k (at np_+k) is predicted from np_+k-1
             index += [base + np_ - 1 + k for k in range(nc)]
             labels += c
@@ -64,17 +86,41 @@ class PackedPairCollator:
             index += [base + np_ - 1] + [base + np_ + nc + k - 1 for k in range(1, nr)]
             labels += r
             seq += [b + i] * nr
-        mask = torch.zeros((b, 1, width, width), dtype=self.mask_dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(self.mask_dtype).min)
+            offset += lengths[i]
         return {
             "input_ids": input_ids,
-            "attention_mask": mask,
             "position_ids": position_ids,
+            "pair_doc": doc,
+            "segment": seg,
             "score_index": torch.tensor(index),
             "score_labels": torch.tensor(labels),
             "score_seq": torch.tensor(seq),
             "num_pairs": torch.tensor(b),
         }
+
+
+def attention_inputs(batch: dict, attn_implementation: str, dtype: torch.dtype) -> dict:
+    """The model's ``attention_mask`` (and ``position_ids``) for a batch of either layout.
+
+    Plain rows: the 2-D padding mask as is. Packed rows: a FlexAttention ``BlockMask`` for
+    ``flex_attention``, else (SDPA, eager) the dense 4-D additive mask in the compute dtype.
+    """
+    if "pair_doc" not in batch:
+        return {"attention_mask": batch["attention_mask"]}
+    doc, seg = batch["pair_doc"], batch["segment"]
+    rows, width = doc.shape
+    if attn_implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        mask = create_block_mask(lambda b, h, q, kv: pair_mask(doc, seg, b, q, kv), rows, None, width, width,
+                                 device=doc.device)
+    else:
+        grid = torch.arange(width, device=doc.device)
+        allowed = pair_mask(doc, seg, torch.arange(rows, device=doc.device)[:, None, None], grid[None, :, None],
+                            grid[None, None, :])
+        mask = torch.zeros((rows, 1, width, width), dtype=dtype, device=doc.device)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return {"attention_mask": mask, "position_ids": batch["position_ids"]}
 
 
 class PlainPairCollator:
@@ -92,5 +138,8 @@ class PlainPairCollator:
         return batch
 
 
-def make_collator(packing: str, pad_token_id: int):
-    return PackedPairCollator(pad_token_id) if packing == "shared_prompt" else PlainPairCollator(pad_token_id)
+def make_collator(packing: str, pad_token_id: int, attn_implementation: str = "sdpa"):
+    """The training collator: packed rows (all in one padding-free row under FlexAttention) or plain rows."""
+    if packing != "shared_prompt":
+        return PlainPairCollator(pad_token_id)
+    return PackedPairCollator(pad_token_id, one_row=attn_implementation == "flex_attention")

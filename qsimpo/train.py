@@ -193,7 +193,7 @@ def train(cfg: Config) -> TrainRun:
     trainer = SimPOTrainer(
         model=model,
         args=args,
-        data_collator=make_collator(cfg.train.packing, tokenizer.pad_token_id),
+        data_collator=make_collator(cfg.train.packing, tokenizer.pad_token_id, cfg.model.attn_implementation),
         train_dataset=PairDataset(pairs),
         eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
         processing_class=tokenizer,

@@ -17,6 +17,18 @@ from transformers import Trainer
 from .config import SimPOConfig
 from .logprobs import chunked_head_logps, indexed_logps
 from .loss import simpo_loss
+from .packing import attention_inputs
+
+
+def unwrap(model):
+    """The transformers model inside DDP / accelerate / PEFT wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attn_implementation(model) -> str:
+    return unwrap(model).config._attn_implementation
 
 
 @contextmanager
@@ -27,11 +39,7 @@ def detached_head(model):
     stay as they are. Yields (head, logit soft-cap): Gemma-2's soft-cap is applied by the
     chunked head instead of to the hidden states.
     """
-    lm = model
-    while hasattr(lm, "module"):  # DDP / accelerate wrappers
-        lm = lm.module
-    if hasattr(lm, "get_base_model"):
-        lm = lm.get_base_model()
+    lm = unwrap(model)
     head = lm.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"train.head_chunk_size needs a plain nn.Linear output head, got {type(head).__name__}: set it to 0")
@@ -61,10 +69,8 @@ NON_FINITE_CAUSES = (
 def pair_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch.float32):
     """(chosen, rejected) average response log-probs for a batch of either layout (qsimpo.packing)."""
     b = int(inputs["num_pairs"])
-    kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
-    if "position_ids" in inputs:  # shared-prompt packing: a 4-D additive mask in the compute dtype
-        kwargs["position_ids"] = inputs["position_ids"]
-        kwargs["attention_mask"] = inputs["attention_mask"].to(compute_dtype)
+    kwargs = {"input_ids": inputs["input_ids"], "use_cache": False,
+              **attention_inputs(inputs, attn_implementation(model), compute_dtype)}
     score = (inputs["score_index"], inputs["score_labels"], inputs["score_seq"], 2 * b)
     if head_chunk_size:
         with detached_head(model) as (head, softcap):

@@ -16,8 +16,8 @@ from qsimpo.data import PairCollator
 from qsimpo.logprobs import sequence_logps
 from qsimpo.loss import simpo_loss
 from qsimpo.model import add_lora, load_base
-from qsimpo.packing import PackedPairCollator, PlainPairCollator
-from qsimpo.trainer import pair_logps
+from qsimpo.packing import PackedPairCollator, PlainPairCollator, attention_inputs
+from qsimpo.trainer import attn_implementation, pair_logps
 
 
 def _pairs(vocab, seed=0):
@@ -54,11 +54,15 @@ def _loss_and_grads(model, logps_fn):
     return chosen.detach(), rejected.detach(), grads
 
 
-@pytest.mark.parametrize("layout, chunk", [("plain", 7), ("packed", 0), ("packed", 16), ("packed", 4096)])
+COLLATORS = {"plain": PlainPairCollator(0), "packed": PackedPairCollator(0), "one_row": PackedPairCollator(0, one_row=True)}
+
+
+@pytest.mark.parametrize("layout, chunk", [("plain", 7), ("packed", 0), ("packed", 16), ("packed", 4096),
+                                           ("one_row", 0), ("one_row", 16)])
 def test_fast_paths_match_plain(model, layout, chunk):
     pairs = _pairs(model.config.vocab_size)
     ref_c, ref_r, ref_g = _loss_and_grads(model, lambda: _reference(model, pairs))
-    collate = PackedPairCollator(0) if layout == "packed" else PlainPairCollator(0)
+    collate = COLLATORS[layout]
     batch = collate(pairs)
     c, r, g = _loss_and_grads(model, lambda: pair_logps(model, batch, head_chunk_size=chunk))
     torch.testing.assert_close(c, ref_c, rtol=0, atol=2e-5)
@@ -76,12 +80,15 @@ def test_packing_saves_the_second_prompt():
     lengths = [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs]
     assert real_plain - sum(lengths) == sum(len(p["prompt_ids"]) for p in pairs)
     assert packed["input_ids"].shape == (5, max(lengths))
+    one_row = PackedPairCollator(0, one_row=True)(pairs)
+    assert one_row["input_ids"].shape == (1, sum(lengths))  # padding-free: not one padded token
+    assert (one_row["pair_doc"] >= 0).all()
 
 
 def test_packed_mask_blocks_chosen_from_rejected():
     pair = {"prompt_ids": [1, 5, 6], "chosen_ids": [7, 8], "rejected_ids": [9, 10, 11]}
     b = PackedPairCollator(0)([pair])
-    allowed = b["attention_mask"][0, 0] == 0
+    allowed = attention_inputs(b, "sdpa", torch.float32)["attention_mask"][0, 0] == 0
     assert allowed[5:, 3:5].sum() == 0  # rejected rows never see chosen columns
     assert allowed[5:, :3].all()  # but see the whole prompt
     assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
@@ -96,3 +103,36 @@ def test_length_grouping_keeps_every_pair():
     lengths = [random.Random(i).randrange(10, 1000) for i in range(97)]
     order = list(LengthGroupedSampler(8, lengths=lengths))
     assert sorted(order) == list(range(97))
+
+
+def test_one_row_keeps_pairs_apart():
+    pairs = [{"prompt_ids": [1, 5], "chosen_ids": [7], "rejected_ids": [9, 10]},
+             {"prompt_ids": [1], "chosen_ids": [3, 4], "rejected_ids": [6]}]
+    b = PackedPairCollator(0, one_row=True)(pairs)
+    allowed = attention_inputs(b, "sdpa", torch.float32)["attention_mask"][0, 0] == 0
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 2, 3, 0, 1, 2, 1]
+    assert not allowed[5:, :5].any()  # the second pair never sees the first
+    # second pair: prompt at 5, chosen at 6-7, rejected at 8 (sees the prompt and itself only)
+    assert allowed[5:, 5:].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
+
+
+def test_flex_attention_block_mask_matches_dense_mask(model):
+    """Padding-free packing under FlexAttention (a BlockMask from pair_mask) == the dense 4-D mask.
+
+    Forward only: FlexAttention has no backward on the CPU (torch raises), so training under it
+    runs on CUDA, where the gpu-marked test covers the gradients. This proves the block mask
+    and the padding-free layout compute the plain path's numbers.
+    """
+    pairs = _pairs(model.config.vocab_size)
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref_c, ref_r = _reference(model, pairs)
+            model.set_attn_implementation("flex_attention")
+            assert attn_implementation(model) == "flex_attention"
+            c, r = pair_logps(model, PackedPairCollator(0, one_row=True)(pairs), head_chunk_size=16)
+    finally:
+        model.set_attn_implementation("sdpa")
+        model.train()
+    torch.testing.assert_close(c, ref_c, rtol=0, atol=2e-5)
+    torch.testing.assert_close(r, ref_r, rtol=0, atol=2e-5)
