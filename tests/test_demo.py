@@ -90,6 +90,25 @@ def _chromium() -> str | None:
     return None
 
 
+def _set_slider(page, elem_id: str, value: str) -> None:
+    """Type into a Gradio slider's number box until the slider holds the value.
+
+    Right after the accordion opens, the page may still be wiring the box up and a first
+    fill can be lost (seen: about 1 run in 5); a user would simply type again.
+    """
+    box, track = f"{elem_id} input[type=number]", f"{elem_id} input[type=range]"
+    for _ in range(5):
+        page.fill(box, value)
+        page.press(box, "Tab")  # the slider commits the number on blur
+        try:
+            page.wait_for_function(f"() => document.querySelector('{track}').value === '{value}'", timeout=2_000)
+            return
+        except Exception:
+            continue
+    raise AssertionError(f"the slider {elem_id} never took the value {value}: "
+                         f"box {page.input_value(box)!r}, slider {page.input_value(track)!r}")
+
+
 def test_browser_chat_and_vote(served, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     executable = _chromium()
@@ -102,7 +121,7 @@ def test_browser_chat_and_vote(served, tmp_path):
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(url, wait_until="domcontentloaded")
             page.get_by_text("Generation settings").click()
-            page.fill("#max-new-tokens input[type=number]", "12")
+            _set_slider(page, "#max-new-tokens", "12")
             page.fill("#message textarea", PROMPT)
             page.press("#message textarea", "Enter")
             both = ("() => ['left', 'right'].every(s => document.querySelector(`#stats-${s}`).innerText.includes('tokens')"
