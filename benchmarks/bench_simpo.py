@@ -101,7 +101,7 @@ def _peak(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def run_qsimpo(prep: dict, device: str, steps: int, out: Path) -> dict:
+def run_qsimpo(prep: dict, device: str, steps: int, out: Path, attn: str = "sdpa") -> dict:
     from qsimpo.config import load_config
     from qsimpo.train import train
 
@@ -112,6 +112,7 @@ def run_qsimpo(prep: dict, device: str, steps: int, out: Path) -> dict:
         "--lora.r=16", "--lora.alpha=32", "--lora.dropout=0", f"--simpo.beta={BETA}", f"--simpo.gamma={GAMMA}",
         f"--train.batch_size={BATCH}", "--train.gradient_accumulation_steps=1", f"--train.max_steps={steps}",
         f"--train.learning_rate={LR}", "--train.save_steps=100000", "--train.progress=false", "--train.overwrite=true",
+        f"--model.attn_implementation={attn}",
         "--train.group_by_length=false",  # same order as TRL's sampler sees: compare the step, not the sampler
     ])
     import qsimpo.train as qt
@@ -168,14 +169,16 @@ def count_params(base: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def one(tool: str, work: Path, device: str, steps: int) -> None:
+def one(tool: str, work: Path, device: str, steps: int, attn: str) -> None:
     """Run one tool in this process and print its measurement as JSON (called by main via subprocess)."""
     import torch
 
     torch.manual_seed(0)
     prep = json.loads((work / "prep.json").read_text())
-    fn = run_qsimpo if tool == "qsimpo" else run_trl
-    res = fn(prep, device, steps, work / f"out-{tool}")
+    if tool == "qsimpo":
+        res = run_qsimpo(prep, device, steps, work / "out-qsimpo", attn)
+    else:
+        res = run_trl(prep, device, steps, work / "out-trl")
     tokens = prep["tokens"][: BATCH * steps]
     timed = res["step_times"][1:]  # the first step is warm-up
     res["pairs_per_s"] = BATCH * len(timed) / sum(timed)
@@ -191,13 +194,15 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/qsimpo-bench")
     ap.add_argument("--max-length", type=int, help="override the configuration's max_length (smoke runs)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU (H100/H200: 989)")
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention"],
+                    help="qsimpo's attention kernel (flex_attention: CUDA only, pairs packed padding-free); TRL always uses sdpa")
     ap.add_argument("--one", choices=["qsimpo", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.max_length:
         SHAPES[args.device]["max_length"] = args.max_length
     work = Path(args.work) / args.device
     if args.one:
-        return one(args.one, work, args.device, args.steps)
+        return one(args.one, work, args.device, args.steps, args.attn)
     if not HH.exists():
         sys.exit(f"the HH-RLHF sample is not at {HH}: the benchmark runs on it")
     work.mkdir(parents=True, exist_ok=True)
@@ -208,7 +213,7 @@ def main() -> None:
     for r in range(args.rounds):
         for tool in ("qsimpo", "trl"):
             proc = subprocess.run([sys.executable, __file__, "--one", tool, "--device", args.device, "--steps",
-                                   str(args.steps), "--work", args.work] + (["--max-length", str(args.max_length)] if args.max_length else []), capture_output=True, text=True,
+                                   str(args.steps), "--work", args.work, "--attn", args.attn] + (["--max-length", str(args.max_length)] if args.max_length else []), capture_output=True, text=True,
                                   env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
@@ -226,7 +231,8 @@ def main() -> None:
 
     row = {
         "date": time.strftime("%Y-%m-%d"), "device": args.device, "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "shape": SHAPES[args.device], "batch_pairs": BATCH, "steps": args.steps,
+        "cpus": os.cpu_count(), "qsimpo_attn": args.attn,
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}, "shape": SHAPES[args.device], "batch_pairs": BATCH, "steps": args.steps,
         "rounds": args.rounds, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                             "peft": peft.__version__, "trl": trl.__version__},
         "qsimpo": med["qsimpo"], "trl": med["trl"],

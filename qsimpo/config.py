@@ -39,7 +39,7 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
     quantization: str = _f("nf4", "Base weights: nf4 (4-bit NormalFloat, double quant), int8, or none.", choices=("nf4", "int8", "none"))
     compute_dtype: str = _f("auto", "Compute dtype: auto (bf16 where supported, else fp32 on CPU / fp16 on GPU), bfloat16, float16, float32.", choices=("auto", "bfloat16", "float16", "float32"))
-    attn_implementation: str = _f("sdpa", "Attention kernel passed to from_pretrained (sdpa, eager, flash_attention_2, ...).")
+    attn_implementation: str = _f("sdpa", "Attention kernel passed to from_pretrained: sdpa, eager, flex_attention (CUDA training: block-sparse mask, pairs packed with no padding), flash_attention_2 (needs train.packing none).")
     trust_remote_code: bool = _f(False, "Run custom modelling code shipped with the model (off: only trusted code).")
 
 
@@ -264,6 +264,9 @@ def build(raw: dict, source: str | None = None) -> Config:
     return cfg
 
 
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")  # the kernels that take qsimpo.packing's mask
+
+
 def validate(cfg: Config) -> list[str]:
     """Value checks that types alone cannot express; each message names key, value and fix."""
     p: list[str] = []
@@ -329,6 +332,9 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"train.logging_steps = {t.logging_steps} must be >= 1")
     if t.save_steps <= 0:
         p.append(f"train.save_steps = {t.save_steps} must be >= 1")
+    if t.packing == "shared_prompt" and m.attn_implementation not in PACKED_ATTENTION:
+        p.append(f"model.attn_implementation = {m.attn_implementation!r} cannot take the shared-prompt mask (rejected tokens "
+                 f"must not see chosen ones): use one of {', '.join(PACKED_ATTENTION)}, or set train.packing none")
     if t.head_chunk_size < 0:
         p.append(f"train.head_chunk_size = {t.head_chunk_size} must be >= 0 (0 computes full logits)")
     if t.eval_every < 0:

@@ -9,9 +9,11 @@ An estimate of peak GPU memory from the model's config alone (nothing is loaded)
 - activations per micro-batch of T tokens (T = batch × the longest row the layout allows):
   with gradient checkpointing one saved hidden state per layer plus one layer recomputed,
   without it every layer's intermediates;
-- the packed layout's 4-D attention mask (batch × row² in the compute dtype);
-- the output head: one fp32 [chunk, vocab] block (×3: logits, softmax, grad) when
-  ``train.head_chunk_size`` > 0, else the full [T, vocab] logits in compute dtype plus fp32 copies;
+- the packed layout's dense 4-D attention mask (batch × row² in the compute dtype, plus the
+  boolean it is built from) under SDPA/eager; nothing under flex_attention (a block mask);
+- the output head: one fp32 [chunk, vocab] block plus its compute-dtype matmul output (×1.5)
+  when ``train.head_chunk_size`` > 0 (``qsimpo.logprobs._ChunkedHead`` works in place), else
+  the full [T, vocab] logits in compute dtype plus fp32 copies;
 - the CUDA context and allocator slack (a fixed 0.75 GiB).
 
 It is an estimate: compare it with a measured peak (benchmarks/RESULTS.md) before trusting it
@@ -75,9 +77,10 @@ def estimate(cfg: Config, shape: Shape) -> dict[str, float]:
     h, inter = shape.hidden, shape.intermediate
     layer_acts = tokens * (6 * h + 4 * inter) * act  # q, k, v, o, norms, residual + gate, up, act, product
     acts = tokens * h * act * shape.layers + 2 * layer_acts if t.gradient_checkpointing else shape.layers * layer_acts
-    mask = t.batch_size * row * row * act if t.packing == "shared_prompt" else 0
+    dense_mask = t.packing == "shared_prompt" and cfg.model.attn_implementation != "flex_attention"
+    mask = t.batch_size * row * row * (act + 1) if dense_mask else 0
     if t.head_chunk_size:
-        head = 3 * min(t.head_chunk_size, tokens) * shape.vocab * 4
+        head = 1.5 * min(t.head_chunk_size, tokens) * shape.vocab * 4
     else:
         head = tokens * shape.vocab * (act + 2 * 4)
     return {

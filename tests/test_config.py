@@ -107,3 +107,12 @@ def test_readme_documents_every_field():
     readme = (ROOT / "README.md").read_text()
     missing = [name for name, *_ in field_docs() if f"`{name}`" not in readme]
     assert not missing, f"README config table lacks {missing}"
+
+
+def test_packing_needs_an_attention_kernel_that_takes_its_mask():
+    with pytest.raises(ConfigError, match="model.attn_implementation = 'flash_attention_2' cannot take the shared-prompt mask"):
+        load_config(None, ["--model.name_or_path", "m", "--data.path", "d.jsonl",
+                           "--model.attn_implementation", "flash_attention_2"])
+    cfg = load_config(None, ["--model.name_or_path", "m", "--data.path", "d.jsonl",
+                             "--model.attn_implementation", "flash_attention_2", "--train.packing", "none"])
+    assert cfg.model.attn_implementation == "flash_attention_2"

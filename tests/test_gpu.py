@@ -40,3 +40,37 @@ def test_fast_path_matches_plain_on_cuda(tiny_base):
     fast = pair_logps(model, move(PackedPairCollator(0)(pairs)), head_chunk_size=16)
     for a, b in zip(ref, fast):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_flex_attention_training_matches_dense_on_cuda(tiny_base):
+    """Padding-free packing under FlexAttention (forward and backward) == the dense-mask SDPA path."""
+    from qsimpo.config import LoraConfig, ModelConfig
+    from qsimpo.loss import simpo_loss
+    from qsimpo.model import add_lora, load_base
+    from qsimpo.packing import PackedPairCollator
+    from qsimpo.trainer import pair_logps
+
+    model = add_lora(load_base(ModelConfig(name_or_path=str(tiny_base), compute_dtype="float32"), "cuda:0"),
+                     LoraConfig(r=4, alpha=8, dropout=0.0), True, True, 0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    model.train()
+    pairs = [{"prompt_ids": [1, 5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10, 11, 12, 13, 14]},
+             {"prompt_ids": [1] + list(range(20, 60)), "chosen_ids": [9] * 30, "rejected_ids": [12]},
+             {"prompt_ids": [1, 3], "chosen_ids": list(range(30, 200)), "rejected_ids": list(range(40, 90))}]
+
+    def run(one_row):
+        model.zero_grad()
+        batch = {k: v.cuda() for k, v in PackedPairCollator(0, one_row=one_row)(pairs).items()}
+        chosen, rejected = pair_logps(model, batch, head_chunk_size=64)
+        simpo_loss(chosen, rejected, beta=2.0, gamma=0.5).losses.mean().backward()
+        return chosen.detach(), rejected.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref = run(one_row=False)
+    model.set_attn_implementation("flex_attention")
+    got = run(one_row=True)
+    for a, b in zip(ref[:2], got[:2]):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+    for name, g in ref[2].items():
+        torch.testing.assert_close(got[2][name], g, rtol=1e-3, atol=1e-5, msg=name)

@@ -21,8 +21,13 @@ def test_llama3_8b_parts():
     assert parts["base weights"] / GiB == pytest.approx(3.35 + 1.96, abs=0.05)
     # LoRA r=16 on all 7 linears: 32 × 16 × (2·8192 + 2·5120 + 3·18432) = 4.19e7 params × 16 B ≈ 0.62 GiB
     assert parts["LoRA weights + grads + AdamW"] / GiB == pytest.approx(0.625, abs=0.01)
-    # the chunked head is one [1024, 128256] fp32 block ×3 ≈ 1.47 GiB
-    assert parts["output head"] / GiB == pytest.approx(1.47, abs=0.01)
+    # the chunked head is one [1024, 128256] fp32 block + its bf16 matmul output ≈ 0.73 GiB
+    assert parts["output head"] / GiB == pytest.approx(0.73, abs=0.01)
+    # the dense packed mask: 4 rows × 4096² × (bf16 + bool) = 0.1875 GiB; flex_attention's block mask: ~0
+    assert parts["attention mask"] / GiB == pytest.approx(0.1875)
+    flex = estimate(_cfg("--data.max_length", "2048", "--train.batch_size", "4", "--model.attn_implementation",
+                         "flex_attention"), shape_of(LLAMA3_8B))
+    assert flex["attention mask"] == 0
 
 
 def test_full_logits_cost_and_advice():
