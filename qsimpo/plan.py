@@ -5,6 +5,8 @@ An estimate of peak GPU memory from the model's config alone (nothing is loaded)
 - base weights: NF4 linears at 4 bits + double-quantized absmax (≈ 4.127 bits/param), int8 at 1 byte
   (+ fp32 row scales), none at the compute dtype; embeddings, norms and the output head stay in
   the compute dtype (bitsandbytes does not quantize them);
+- the one linear dequantized at a time: bitsandbytes turns a 4-bit/8-bit weight back into the
+  compute dtype for each training matmul (forward and backward), the largest is the transient;
 - LoRA: r·(in + out) params per adapted linear, fp32 weight + grad + two AdamW moments (16 B/param);
 - activations per micro-batch of T tokens (T = batch × the longest row the layout allows):
   with gradient checkpointing one saved hidden state per layer plus one layer recomputed,
@@ -85,6 +87,7 @@ def estimate(cfg: Config, shape: Shape) -> dict[str, float]:
         head = tokens * shape.vocab * (act + 2 * 4)
     return {
         "base weights": linear_params * bits / 8 + other_params * act,
+        "dequantized linear (transient)": max(i * o for i, o in shape.linears) * act if cfg.model.quantization != "none" else 0,
         "LoRA weights + grads + AdamW": lora_params * 16,
         "activations": acts,
         "attention mask": mask,

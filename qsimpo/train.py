@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .callbacks import FiniteGradGuard, MetricsJsonl, ProgressBar
-from .config import Config, dump_yaml
+from .config import Config, ConfigError, dump_yaml
 from .data import build_dataset, split_eval
 from .model import add_lora, compute_dtype, load_base, load_tokenizer
 from .packing import make_collator
@@ -177,6 +177,9 @@ def train(cfg: Config) -> TrainRun:
     check_output_dir(cfg, output_dir)
     set_seed(cfg.train.seed)
     device = device_for_rank()
+    if cfg.model.attn_implementation == "flex_attention" and torch.device(device).type != "cuda":
+        raise ConfigError([f"model.attn_implementation = 'flex_attention' trains only on CUDA (torch has no FlexAttention "
+                           f"backward on {torch.device(device).type}): use sdpa here"])
 
     tokenizer = load_tokenizer(cfg.model)
     pairs, eval_pairs, summaries = load_pairs(cfg, tokenizer)

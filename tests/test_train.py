@@ -194,3 +194,13 @@ def test_two_process_data_parallel(tiny_base, pref_jsonl, tmp_path):
         assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
     assert (out / "adapter_model.safetensors").exists()
     assert json.loads((out / "qsimpo.json").read_text())["global_step"] == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_flex_attention_refused_on_cpu_before_loading(tiny_base, pref_jsonl, tmp_path):
+    from qsimpo.config import ConfigError
+
+    cfg = make_config(tiny_base, pref_jsonl, tmp_path / "run", "--model.attn_implementation", "flex_attention")
+    with pytest.raises(ConfigError, match="flex_attention' trains only on CUDA.*use sdpa"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
