@@ -78,8 +78,8 @@ def prepare(work: Path, device: str, n_pairs: int) -> dict:
 class StepClock:
     """A TrainerCallback-compatible timer: wall time of every optimizer step after the first."""
 
-    def __init__(self):
-        self.times = []
+    def __init__(self, cuda: bool = False):
+        self.times, self.peaks, self.peaks_before, self.cuda = [], [], [], cuda
 
     def __getattr__(self, name):  # every other callback event is a no-op
         if name.startswith("on_"):
@@ -87,10 +87,32 @@ class StepClock:
         raise AttributeError(name)
 
     def on_step_begin(self, args, state, control, **kw):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.peaks_before.append(torch.cuda.max_memory_allocated() / 2**30)  # what the reset forgets
+            torch.cuda.reset_peak_memory_stats()
         self.t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.peaks.append(torch.cuda.max_memory_allocated() / 2**30)
         self.times.append(time.perf_counter() - self.t0)
+
+
+class RecordingCollator:
+    """The trainer's collator, remembering each batch's (prompt, chosen, rejected) lengths in order."""
+
+    def __init__(self, collate):
+        self.collate, self.seen = collate, []
+
+    def __call__(self, features):
+        self.seen.append([(len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"])) for f in features])
+        return self.collate(features)
 
 
 def _peak(device: str) -> float:
@@ -117,16 +139,40 @@ def run_qsimpo(prep: dict, device: str, steps: int, out: Path, attn: str = "sdpa
     ])
     import qsimpo.train as qt
 
-    clock = StepClock()
+    clock = StepClock(cuda=device == "cuda")
     real_init = qt.SimPOTrainer.__init__
 
     def init(self, *a, **k):
         k["callbacks"] = list(k.get("callbacks") or []) + [clock]
+        k["data_collator"] = RecordingCollator(k["data_collator"])
         real_init(self, *a, **k)
 
     qt.SimPOTrainer.__init__ = init
-    train(cfg)
-    return {"step_times": clock.times, "peak_gib": _peak(device)}
+    run = train(cfg)
+    # per-step resets (plan_check) must not hide the run's peak: take the max over every window
+    res = {"step_times": clock.times, "peak_gib": max([_peak(device)] + clock.peaks + clock.peaks_before)}
+    if device == "cuda":
+        res["plan_check"] = plan_check(cfg, prep["base"], run.trainer, clock)
+    return res
+
+
+def plan_check(cfg, base: str, trainer, clock) -> list[dict]:
+    """`qsimpo plan`'s estimate for each step's own batch vs that step's measured peak.
+
+    The estimate is taken without the CUDA context (torch.cuda.max_memory_allocated does not
+    see it) for exactly the pairs of the step (collated in order: batch k is the k-th call).
+    """
+    from transformers import AutoConfig
+
+    from qsimpo.plan import CONTEXT, GiB, estimate, shape_of, worst_batch
+
+    shape = shape_of(AutoConfig.from_pretrained(base))
+    rows = []
+    for lengths, measured in zip(trainer.data_collator.seen, clock.peaks):
+        est = (sum(estimate(cfg, shape, worst_batch(cfg, lengths)).values()) - CONTEXT) / GiB
+        rows.append({"tokens": sum(map(sum, lengths)), "plan_gib": est, "measured_gib": measured,
+                     "error": est / measured - 1})
+    return rows
 
 
 def run_trl(prep: dict, device: str, steps: int, out: Path) -> dict:
@@ -240,6 +286,12 @@ def main() -> None:
         "memory_ratio": med["qsimpo"]["peak_gib"] / med["trl"]["peak_gib"],
         "command": "python benchmarks/bench_simpo.py " + " ".join(sys.argv[1:]),
     }
+    checks = [c for r in results["qsimpo"] for c in r.get("plan_check", [])]
+    if checks:  # qsimpo plan vs measured, per step
+        row["plan_check"] = {"steps": len(checks), "median_error": statistics.median(c["error"] for c in checks),
+                             "worst_error": max((c["error"] for c in checks), key=abs), "rows": checks[:10]}
+        print(f"qsimpo plan vs measured peak per step: median error {row['plan_check']['median_error']:+.1%}, "
+              f"worst {row['plan_check']['worst_error']:+.1%} over {len(checks)} steps")
     if args.device == "cuda":  # model FLOPs utilisation: 4·N FLOPs per trained token (LoRA: no weight grads)
         n = count_params(prep["base"])
         for t in ("qsimpo", "trl"):

@@ -8,7 +8,9 @@ An estimate of peak GPU memory from the model's config alone (nothing is loaded)
 - the one linear dequantized at a time: bitsandbytes turns a 4-bit/8-bit weight back into the
   compute dtype for each training matmul (forward and backward), the largest is the transient;
 - LoRA: r·(in + out) params per adapted linear, fp32 weight + grad + two AdamW moments (16 B/param);
-- activations per micro-batch of T tokens (T = batch × the longest row the layout allows):
+- activations per micro-batch of T tokens: the worst micro-batch, either the longest rows the
+  layout allows at data.max_length, or (``--data``) the longest pairs of the config's own data
+  as the layout would lay them out (padded rows, or one padding-free row under flex_attention):
   with gradient checkpointing one saved hidden state per layer plus one layer recomputed,
   without it every layer's intermediates;
 - the packed layout's dense 4-D attention mask (batch × row² in the compute dtype, plus the
@@ -64,7 +66,40 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * {"gib": GiB, "gb": 10**9, "mib": 2**20, "mb": 10**6}[unit])
 
 
-def estimate(cfg: Config, shape: Shape) -> dict[str, float]:
+@dataclass
+class Batch:
+    """The worst micro-batch's geometry: tokens laid out (padding included), mask cells, scored positions."""
+
+    tokens: int
+    mask_cells: int  # entries of the dense 4-D mask (0: no dense mask)
+    scored: int  # response positions the output head runs on
+    source: str  # where the lengths came from, for the report
+
+
+def worst_batch(cfg: Config, lengths: list[tuple[int, int, int]] | None = None) -> Batch:
+    """The micro-batch that needs the most memory, from (prompt, chosen, rejected) token counts.
+
+    Without ``lengths``: every row at data.max_length (prompt + two responses ≤ 2·max_length).
+    With them: the ``batch_size`` longest pairs (length grouping puts them together) in the
+    configured layout.
+    """
+    t, b = cfg.train, cfg.train.batch_size
+    if lengths is None:
+        worst, source = [(0, cfg.data.max_length, cfg.data.max_length)] * b, f"every row at max_length {cfg.data.max_length}"
+    else:
+        worst = sorted(lengths, key=sum, reverse=True)[:b]
+        source = f"the {len(worst)} longest of {len(lengths)} pairs in the data"
+    scored = sum(c + r for _, c, r in worst)
+    if t.packing != "shared_prompt":  # chosen rows + rejected rows, padded to the longest sequence
+        width = max(p + max(c, r) for p, c, r in worst)
+        return Batch(2 * len(worst) * width, 0, scored, source)
+    if cfg.model.attn_implementation == "flex_attention":  # one padding-free row, block mask
+        return Batch(sum(map(sum, worst)), 0, scored, source)
+    width = max(map(sum, worst))
+    return Batch(len(worst) * width, len(worst) * width * width, scored, source)
+
+
+def estimate(cfg: Config, shape: Shape, batch: Batch | None = None) -> dict[str, float]:
     """Bytes by part for ``cfg`` on a model of ``shape`` (see the module docstring)."""
     act = 2 if cfg.model.compute_dtype in ("auto", "bfloat16", "float16") else 4
     per_layer = sum(i * o for i, o in shape.linears)
@@ -73,16 +108,15 @@ def estimate(cfg: Config, shape: Shape) -> dict[str, float]:
     bits = {"nf4": NF4_BITS, "int8": 8 + 32 / shape.hidden, "none": 8 * act}[cfg.model.quantization]
     lora_params = shape.layers * sum(cfg.lora.r * (i + o) for i, o in shape.linears)
 
-    t, d = cfg.train, cfg.data
-    row = 2 * d.max_length  # worst case either layout: prompt + two full responses, or two full rows
-    tokens = t.batch_size * row
+    t = cfg.train
+    batch = batch or worst_batch(cfg)
+    tokens = batch.tokens
     h, inter = shape.hidden, shape.intermediate
     layer_acts = tokens * (6 * h + 4 * inter) * act  # q, k, v, o, norms, residual + gate, up, act, product
     acts = tokens * h * act * shape.layers + 2 * layer_acts if t.gradient_checkpointing else shape.layers * layer_acts
-    dense_mask = t.packing == "shared_prompt" and cfg.model.attn_implementation != "flex_attention"
-    mask = t.batch_size * row * row * (act + 1) if dense_mask else 0
+    mask = batch.mask_cells * (act + 1)
     if t.head_chunk_size:
-        head = 1.5 * min(t.head_chunk_size, tokens) * shape.vocab * 4
+        head = 1.5 * min(t.head_chunk_size, batch.scored) * shape.vocab * 4
     else:
         head = tokens * shape.vocab * (act + 2 * 4)
     return {
@@ -111,18 +145,31 @@ def advice(cfg: Config, parts: dict[str, float], budget: int) -> str:
     return f"lower --data.max_length (now {cfg.data.max_length}) or use a smaller model"
 
 
-def plan(cfg: Config, gpu_memory: int, model_config=None) -> tuple[str, bool]:
-    """(report text, fits)."""
+def data_lengths(cfg: Config) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts of every pair the config's data yields, as training would tokenize it."""
+    from .data import build_dataset
+    from .model import load_tokenizer
+
+    pairs, summary = build_dataset(cfg.data, load_tokenizer(cfg.model))
+    print(summary.line())
+    return [(len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
+
+
+def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[int, int, int]] | None = None) -> tuple[str, bool]:
+    """(report text, fits). ``lengths``: the data's pair lengths (data_lengths) instead of the max_length worst case."""
     if model_config is None:
         from transformers import AutoConfig
 
         model_config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
                                                   trust_remote_code=cfg.model.trust_remote_code)
         model_config = getattr(model_config, "text_config", model_config)
-    parts = estimate(cfg, shape_of(model_config))
+    batch = worst_batch(cfg, lengths)
+    parts = estimate(cfg, shape_of(model_config), batch)
     total = sum(parts.values())
     lines = [f"memory plan for {cfg.model.name_or_path} ({cfg.model.quantization}, batch {cfg.train.batch_size}, "
-             f"max_length {cfg.data.max_length}, packing {cfg.train.packing}, head_chunk_size {cfg.train.head_chunk_size})"]
+             f"max_length {cfg.data.max_length}, packing {cfg.train.packing}, {cfg.model.attn_implementation}, "
+             f"head_chunk_size {cfg.train.head_chunk_size})",
+             f"  worst micro-batch: {batch.tokens} tokens laid out ({batch.source})"]
     lines += [f"  {name:<30} {value / GiB:8.2f} GiB" for name, value in parts.items()]
     lines.append(f"  {'estimated peak':<30} {total / GiB:8.2f} GiB of {gpu_memory / GiB:.1f} GiB")
     fits = total <= gpu_memory

@@ -4,7 +4,7 @@ import pytest
 from transformers import LlamaConfig
 
 from qsimpo.config import load_config
-from qsimpo.plan import GiB, estimate, parse_size, plan, shape_of
+from qsimpo.plan import GiB, estimate, parse_size, plan, shape_of, worst_batch
 
 LLAMA3_8B = LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, vocab_size=128256,
                         num_attention_heads=32, num_key_value_heads=8)
@@ -51,4 +51,21 @@ def test_plan_cli_reads_a_local_model(tiny_base, pref_jsonl, tmp_path, capsys):
     cfg.write_text(f"model:\n  name_or_path: {tiny_base}\ndata:\n  path: {pref_jsonl}\n")
     assert main(["plan", str(cfg), "--gpu-memory", "1GiB"]) == 0
     out = capsys.readouterr().out
-    assert "estimated peak" in out and "fits" in out
+    assert "estimated peak" in out and "fits" in out and "every row at max_length 1024" in out
+    assert main(["plan", str(cfg), "--gpu-memory", "1GiB", "--data"]) == 0
+    out = capsys.readouterr().out
+    assert "kept" in out and "longest of" in out  # the data summary, then the data's own worst batch
+
+
+def test_worst_batch_follows_the_layout():
+    lengths = [(10, 5, 3), (100, 40, 60), (2, 1, 1), (50, 50, 10), (7, 300, 2)]  # (prompt, chosen, rejected)
+    dense = worst_batch(_cfg("--train.batch_size", "2"), lengths)
+    # the two longest packed rows: 309 and 200 tokens, padded to 309; mask 2 × 309²
+    assert (dense.tokens, dense.mask_cells, dense.scored) == (2 * 309, 2 * 309**2, 302 + 100)
+    flex = worst_batch(_cfg("--train.batch_size", "2", "--model.attn_implementation", "flex_attention"), lengths)
+    assert (flex.tokens, flex.mask_cells) == (309 + 200, 0)  # one padding-free row
+    plain = worst_batch(_cfg("--train.batch_size", "2", "--train.packing", "none"), lengths)
+    assert plain.tokens == 4 * 307  # 2 chosen + 2 rejected rows padded to the longest sequence (7 + 300)
+    # the data's worst batch costs less than the max_length worst case
+    cfg = _cfg("--train.batch_size", "2")
+    assert sum(estimate(cfg, shape_of(LLAMA3_8B), dense).values()) < sum(estimate(cfg, shape_of(LLAMA3_8B)).values())
