@@ -99,6 +99,47 @@ class PackedPairCollator:
         }
 
 
+def flex_block_mask(doc: torch.Tensor, seg: torch.Tensor, block_size: int = 128, query_chunk: int = 2048):
+    """``pair_mask`` as a FlexAttention ``BlockMask``, built ``query_chunk`` queries at a time.
+
+    torch's ``create_block_mask`` evaluates the mask on the whole [Q, KV] grid at once: for one
+    padding-free row of 4 × 4096 tokens that is 268M cells with int64 intermediates, gigabytes
+    on the GPU. Here each chunk of query blocks is classified against all key blocks (skipped:
+    nothing allowed; full: everything allowed, no mask_mod call; partial: mask_mod decides),
+    so memory stays at [query_chunk, KV]. Positions past the row's end are never allowed.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rows, width = doc.shape
+    n_blocks = -(-width // block_size)
+    pad = n_blocks * block_size - width
+    doc_p = torch.nn.functional.pad(doc, (0, pad), value=-2)  # the padded tail matches no pair
+    seg_p = torch.nn.functional.pad(seg, (0, pad), value=-1)
+    idx = torch.arange(n_blocks * block_size, device=doc.device)
+    b = torch.arange(rows, device=doc.device)[:, None, None]
+    step = max(1, query_chunk // block_size) * block_size  # whole query blocks per chunk
+    partial, full = [], []
+    for start in range(0, len(idx), step):
+        q = idx[start:start + step]
+        allowed = pair_mask(doc_p, seg_p, b, q[None, :, None], idx[None, None, :]) & (idx < width)
+        allowed &= (q < width)[None, :, None]
+        tiles = allowed.view(rows, -1, block_size, n_blocks, block_size)
+        some, every = tiles.any(4).any(2), tiles.all(4).all(2)
+        partial.append(some & ~every)
+        full.append(every)
+
+    def ordered(blocks):  # [rows, 1, q_blocks, kv_blocks] bool → counts and block indices, allowed first
+        blocks = torch.cat(blocks, 1)[:, None].to(torch.int32)
+        return (blocks.sum(-1, dtype=torch.int32),
+                torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32))
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=lambda b, h, q, kv: pair_mask(doc_p, seg_p, b, q, kv),
+                                    seq_lengths=(width, width))
+
+
 def attention_inputs(batch: dict, attn_implementation: str, dtype: torch.dtype) -> dict:
     """The model's ``attention_mask`` (and ``position_ids``) for a batch of either layout.
 
@@ -110,10 +151,7 @@ def attention_inputs(batch: dict, attn_implementation: str, dtype: torch.dtype) 
     doc, seg = batch["pair_doc"], batch["segment"]
     rows, width = doc.shape
     if attn_implementation == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        mask = create_block_mask(lambda b, h, q, kv: pair_mask(doc, seg, b, q, kv), rows, None, width, width,
-                                 device=doc.device)
+        mask = flex_block_mask(doc, seg)
     else:
         grid = torch.arange(width, device=doc.device)
         allowed = pair_mask(doc, seg, torch.arange(rows, device=doc.device)[:, None, None], grid[None, :, None],

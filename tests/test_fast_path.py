@@ -136,3 +136,24 @@ def test_flex_attention_block_mask_matches_dense_mask(model):
         model.train()
     torch.testing.assert_close(c, ref_c, rtol=0, atol=2e-5)
     torch.testing.assert_close(r, ref_r, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("one_row, query_chunk", [(True, 128), (True, 2048), (False, 256)])
+def test_tiled_block_mask_equals_torch_create_block_mask(one_row, query_chunk):
+    """Our chunked BlockMask classifies every block exactly as torch's create_block_mask does."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from qsimpo.packing import flex_block_mask, pair_mask
+
+    rng = random.Random(3)
+    pairs = [{"prompt_ids": [1] * rng.randrange(1, 200), "chosen_ids": [2] * rng.randrange(1, 150),
+              "rejected_ids": [3] * rng.randrange(1, 150)} for _ in range(4)]
+    batch = PackedPairCollator(0, one_row=one_row)(pairs)
+    doc, seg = batch["pair_doc"], batch["segment"]
+    rows, width = doc.shape
+    ours = flex_block_mask(doc, seg, query_chunk=query_chunk)
+    ref = create_block_mask(lambda b, h, q, kv: pair_mask(doc, seg, b, q, kv), rows, None, width, width, device="cpu")
+    for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), msg=name)
+    torch.testing.assert_close(ours.to_dense(), ref.to_dense())
+    assert ours.sparsity() > 0  # blocks are really skipped (rejected→chosen, other pairs, padding)
