@@ -35,8 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "sample.jsonl"
 SHAPES = {
-    "cpu": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=1408, vocab_size=32000, max_length=1024),
-    "cuda": dict(hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=14336, vocab_size=128256, max_length=2048),
+    "cpu": dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=1408, vocab_size=32000,
+                max_length=1024),
+    # Llama-3-8B: 32 query heads, 8 key/value heads (GQA), 8.03e9 parameters
+    "cuda": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
+                 vocab_size=128256, max_length=2048),
 }
 BATCH, BETA, GAMMA, LR = 4, 2.0, 1.0, 1e-5
 
@@ -65,8 +68,9 @@ def prepare(work: Path, device: str, n_pairs: int) -> dict:
             break
     base = work / "base"
     if not (base / "config.json").exists():
-        cfg = {k: shape[k] for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size")}
-        model = build_model(tok, max_positions=shape["max_length"] + 8, **cfg)
+        cfg = {k: shape[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                                     "vocab_size")}
+        model = build_model(tok, max_positions=shape["max_length"] + 8, device=device, **cfg)
         if device == "cuda":
             model = model.to(torch.bfloat16)
         save_base(model, tok, base)
