@@ -85,7 +85,7 @@ class _ChunkedHead(torch.autograd.Function):
         lse = torch.empty(n, dtype=acc, device=h.device)
         rows = torch.arange(n, device=h.device)
         for s in range(0, n, chunk_size):
-            z = _capped_logits(h[s:s + chunk_size], weight, bias, softcap)[0]
+            z = _capped_logits(h[s:s + chunk_size], weight, bias, softcap, keep_tanh=False)[0]
             target = z[rows[: z.shape[0]], labels[s:s + chunk_size]]
             top = z.amax(-1)
             lse[s:s + chunk_size] = top + z.sub_(top[:, None]).exp_().sum(-1).log_()
@@ -106,7 +106,7 @@ class _ChunkedHead(torch.autograd.Function):
         cs = ctx.chunk_size
         for s in range(0, h.shape[0], cs):
             hs, g = h[s:s + cs], grad_out[s:s + cs].to(lse.dtype)
-            z, tanh = _capped_logits(hs, weight, bias, ctx.softcap)
+            z, tanh = _capped_logits(hs, weight, bias, ctx.softcap, keep_tanh=True)
             dz = z.sub_(lse[s:s + cs, None]).exp_().mul_(-g[:, None])  # −g·softmax, in place
             dz[rows[: dz.shape[0]], labels[s:s + cs]] += g  # + g·onehot(label)
             if tanh is not None:  # z = c·tanh(x/c): dz/dx = 1 − tanh²
@@ -128,12 +128,18 @@ def _acc_dtype(h: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, torch.float32)
 
 
-def _capped_logits(h, weight, bias, softcap):
-    """Logits of a chunk in the accumulation dtype (soft-capped if the model caps them) and the tanh the cap used."""
+def _capped_logits(h, weight, bias, softcap, keep_tanh: bool):
+    """Logits of a chunk in the accumulation dtype, soft-capped if the model caps them.
+
+    With ``keep_tanh`` (backward: d cap/dx = 1 − tanh²) the tanh comes back as a second block;
+    without it the cap is applied in place, so the forward holds one block either way.
+    """
     z = torch.nn.functional.linear(h, weight, bias).to(_acc_dtype(h))
     if not softcap:
         return z, None
     tanh = z.div_(softcap).tanh_()
+    if not keep_tanh:
+        return tanh.mul_(softcap), None
     return tanh * softcap, tanh
 
 
@@ -146,6 +152,7 @@ def chunked_head_logps(hidden: torch.Tensor, head: torch.nn.Linear, score_index,
     peak memory for the head is one [chunk, vocab] block whatever the batch, length or
     vocabulary. A frozen head gets no weight gradient, only the hidden states do.
     """
-    h = hidden.reshape(-1, hidden.shape[-1])[score_index]
+    # the head's dtype: under mixed precision an unquantized bf16 head can meet fp32 hidden states
+    h = hidden.reshape(-1, hidden.shape[-1])[score_index].to(head.weight.dtype)
     return per_sequence(_ChunkedHead.apply(h, head.weight, head.bias, score_labels, softcap, chunk_size),
                         score_seq, n_seqs)

@@ -15,8 +15,9 @@ An estimate of peak GPU memory from the model's config alone (nothing is loaded)
   without it every layer's intermediates;
 - the packed layout's dense 4-D attention mask (batch × row² in the compute dtype, plus the
   boolean it is built from) under SDPA/eager; nothing under flex_attention (a block mask);
-- the output head: one fp32 [chunk, vocab] block plus its compute-dtype matmul output (×1.5)
-  when ``train.head_chunk_size`` > 0 (``qsimpo.logprobs._ChunkedHead`` works in place), else
+- the output head: one fp32 [chunk, vocab] block plus its compute-dtype matmul output (×1.5;
+  ×2.5 with a logit soft-cap, whose tanh the backward keeps) when ``train.head_chunk_size`` > 0
+  (``qsimpo.logprobs._ChunkedHead`` works in place), else
   the full [T, vocab] logits in compute dtype plus fp32 copies;
 - the CUDA context and allocator slack (a fixed 0.75 GiB).
 
@@ -44,6 +45,7 @@ class Shape:
     vocab: int
     heads: int
     kv_heads: int
+    softcap: bool = False  # Gemma-2's final logit soft-cap: the chunked head's backward keeps a second block
 
     @property
     def linears(self) -> list[tuple[int, int]]:
@@ -55,7 +57,8 @@ class Shape:
 def shape_of(model_config) -> Shape:
     c = model_config
     return Shape(c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size, c.num_attention_heads,
-                 getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+                 getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                 bool(getattr(c, "final_logit_softcapping", None)))
 
 
 def parse_size(text: str) -> int:
@@ -80,19 +83,19 @@ def worst_batch(cfg: Config, lengths: list[tuple[int, int, int]] | None = None) 
     """The micro-batch that needs the most memory, from (prompt, chosen, rejected) token counts.
 
     Without ``lengths``: every row at data.max_length (prompt + two responses ≤ 2·max_length).
-    With them: the ``batch_size`` longest pairs (length grouping puts them together) in the
-    configured layout.
+    With them: the worst batch any ``batch_size`` of them can form in the configured layout (for
+    padded rows, any batch holding the widest pair is padded to it).
     """
     t, b = cfg.train, cfg.train.batch_size
     if lengths is None:
-        worst, source = [(0, cfg.data.max_length, cfg.data.max_length)] * b, f"every row at max_length {cfg.data.max_length}"
+        lengths, source = [(0, cfg.data.max_length, cfg.data.max_length)] * b, f"every row at max_length {cfg.data.max_length}"
     else:
-        worst = sorted(lengths, key=sum, reverse=True)[:b]
-        source = f"the {len(worst)} longest of {len(lengths)} pairs in the data"
-    scored = sum(c + r for _, c, r in worst)
-    if t.packing != "shared_prompt":  # chosen rows + rejected rows, padded to the longest sequence
-        width = max(p + max(c, r) for p, c, r in worst)
-        return Batch(2 * len(worst) * width, 0, scored, source)
+        source = f"the longest of {len(lengths)} pairs in the data"
+    worst = sorted(lengths, key=sum, reverse=True)[:b]
+    scored = sum(sorted((c + r for _, c, r in lengths), reverse=True)[:b])
+    if t.packing != "shared_prompt":  # chosen rows + rejected rows, padded to the longest sequence of any pair in it
+        width = max(p + max(c, r) for p, c, r in lengths)
+        return Batch(2 * min(b, len(lengths)) * width, 0, scored, source)
     if cfg.model.attn_implementation == "flex_attention":  # one padding-free row, block mask
         return Batch(sum(map(sum, worst)), 0, scored, source)
     width = max(map(sum, worst))
@@ -116,7 +119,7 @@ def estimate(cfg: Config, shape: Shape, batch: Batch | None = None) -> dict[str,
     acts = tokens * h * act * shape.layers + 2 * layer_acts if t.gradient_checkpointing else shape.layers * layer_acts
     mask = batch.mask_cells * (act + 1)
     if t.head_chunk_size:
-        head = 1.5 * min(t.head_chunk_size, batch.scored) * shape.vocab * 4
+        head = (2.5 if shape.softcap else 1.5) * min(t.head_chunk_size, batch.scored) * shape.vocab * 4
     else:
         head = tokens * shape.vocab * (act + 2 * 4)
     return {

@@ -74,3 +74,13 @@ def test_flex_attention_training_matches_dense_on_cuda(tiny_base):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
     for name, g in ref[2].items():
         torch.testing.assert_close(got[2][name], g, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_unquantized_bf16_train_with_chunked_head_on_cuda(tiny_base, pref_jsonl, tmp_path):
+    """No quantization, bf16 mixed precision: the bf16 head meets fp32 hidden states (accelerate's output cast)."""
+    from qsimpo.train import train
+
+    run = train(make_config(tiny_base, pref_jsonl, tmp_path / "run", "--train.max_steps", "2", "--model.quantization",
+                            "none", "--model.compute_dtype", "bfloat16", "--train.head_chunk_size", "16"))
+    rows = [json.loads(line) for line in (run.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)

@@ -104,3 +104,18 @@ def test_chunked_head_matches_full_logits(dtype, softcap, chunk):
     torch.testing.assert_close(out.avg, ref.detach(), **tol)
     torch.testing.assert_close(got, states.grad, **tol)
     assert head.weight.grad is None  # a frozen head gets no weight gradient
+
+
+def test_chunked_head_takes_fp32_hidden_states_with_a_bf16_head():
+    """Mixed precision with an unquantized bf16 head: accelerate hands back fp32 hidden states."""
+    from qsimpo.logprobs import chunked_head_logps
+
+    torch.manual_seed(0)
+    states = torch.randn(1, 9, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=False).to(torch.bfloat16).requires_grad_(False)
+    index, labels, seq = torch.arange(1, 9), torch.randint(0, 50, (8,)), torch.tensor([0] * 5 + [1] * 3)
+    out = chunked_head_logps(states, head, index, labels, seq, 2, chunk_size=3, softcap=30.0)
+    out.avg.sum().backward()
+    assert states.grad is not None and states.grad.dtype == torch.float32
+    ref_tok = _plain_head_logps(states.detach().reshape(-1, 16)[index].to(torch.bfloat16), head.weight, None, labels, 30.0)
+    torch.testing.assert_close(out.avg, torch.zeros(2).index_add(0, seq, ref_tok) / torch.tensor([5.0, 3.0]))

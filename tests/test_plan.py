@@ -23,6 +23,9 @@ def test_llama3_8b_parts():
     assert parts["LoRA weights + grads + AdamW"] / GiB == pytest.approx(0.625, abs=0.01)
     # the chunked head is one [1024, 128256] fp32 block + its bf16 matmul output ≈ 0.73 GiB
     assert parts["output head"] / GiB == pytest.approx(0.73, abs=0.01)
+    capped = LlamaConfig(**{**LLAMA3_8B.to_dict(), "final_logit_softcapping": 30.0})
+    assert estimate(_cfg("--data.max_length", "2048", "--train.batch_size", "4"), shape_of(capped))["output head"] / GiB \
+        == pytest.approx(0.73 * 2.5 / 1.5, abs=0.01)  # the soft-cap's tanh is a second fp32 block in backward
     # the dense packed mask: 4 rows × 4096² × (bf16 + bool) = 0.1875 GiB; flex_attention's block mask: ~0
     assert parts["attention mask"] / GiB == pytest.approx(0.1875)
     flex = estimate(_cfg("--data.max_length", "2048", "--train.batch_size", "4", "--model.attn_implementation",
@@ -66,6 +69,9 @@ def test_worst_batch_follows_the_layout():
     assert (flex.tokens, flex.mask_cells) == (309 + 200, 0)  # one padding-free row
     plain = worst_batch(_cfg("--train.batch_size", "2", "--train.packing", "none"), lengths)
     assert plain.tokens == 4 * 307  # 2 chosen + 2 rejected rows padded to the longest sequence (7 + 300)
+    # the widest sequence need not belong to the pair with the most tokens: (150, 10, 10) pads a batch to 160
+    wide = worst_batch(_cfg("--train.batch_size", "1", "--train.packing", "none"), [(1, 100, 100), (150, 10, 10)])
+    assert wide.tokens == 2 * 160 and wide.scored == 200
     # the data's worst batch costs less than the max_length worst case
     cfg = _cfg("--train.batch_size", "2")
     assert sum(estimate(cfg, shape_of(LLAMA3_8B), dense).values()) < sum(estimate(cfg, shape_of(LLAMA3_8B)).values())
