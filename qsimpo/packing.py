@@ -44,6 +44,12 @@ def pair_mask(doc: torch.Tensor, seg: torch.Tensor, b, q, kv) -> torch.Tensor:
     return (doc[b, q] == doc[b, kv]) & (kv <= q) & ~((seg[b, q] == REJECTED) & (seg[b, kv] == CHOSEN))
 
 
+def allowed_grid(doc: torch.Tensor, seg: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """``pair_mask`` for every row and every (query in ``q``, key in ``kv``): bool [rows, len(q), len(kv)]."""
+    rows = torch.arange(doc.shape[0], device=doc.device)[:, None, None]
+    return pair_mask(doc, seg, rows, q[None, :, None], kv[None, None, :])
+
+
 class PackedPairCollator:
     """Pairs → packed rows ``[prompt | chosen | rejected]`` with restarted positions (see above).
 
@@ -116,12 +122,11 @@ def flex_block_mask(doc: torch.Tensor, seg: torch.Tensor, block_size: int = 128,
     doc_p = torch.nn.functional.pad(doc, (0, pad), value=-2)  # the padded tail matches no pair
     seg_p = torch.nn.functional.pad(seg, (0, pad), value=-1)
     idx = torch.arange(n_blocks * block_size, device=doc.device)
-    b = torch.arange(rows, device=doc.device)[:, None, None]
     step = max(1, query_chunk // block_size) * block_size  # whole query blocks per chunk
     partial, full = [], []
     for start in range(0, len(idx), step):
         q = idx[start:start + step]
-        allowed = pair_mask(doc_p, seg_p, b, q[None, :, None], idx[None, None, :]) & (idx < width)
+        allowed = allowed_grid(doc_p, seg_p, q, idx) & (idx < width)
         allowed &= (q < width)[None, :, None]
         tiles = allowed.view(rows, -1, block_size, n_blocks, block_size)
         some, every = tiles.any(4).any(2), tiles.all(4).all(2)
@@ -154,8 +159,7 @@ def attention_inputs(batch: dict, attn_implementation: str, dtype: torch.dtype) 
         mask = flex_block_mask(doc, seg)
     else:
         grid = torch.arange(width, device=doc.device)
-        allowed = pair_mask(doc, seg, torch.arange(rows, device=doc.device)[:, None, None], grid[None, :, None],
-                            grid[None, None, :])
+        allowed = allowed_grid(doc, seg, grid, grid)
         mask = torch.zeros((rows, 1, width, width), dtype=dtype, device=doc.device)
         mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     return {"attention_mask": mask, "position_ids": batch["position_ids"]}
