@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from .generate import render_prompt
+from .generate import generation_kwargs, render_prompt
 
 SIDES = ("left", "right")
 QUICKSTART = Path("adapters/quickstart")
@@ -211,10 +211,7 @@ class SideBySide:
         ids = torch.tensor([self.prompt_ids(messages, max_new)], device=next(self.model.parameters()).device)
         streamer = _TextStreamer(self.tokenizer)
         stop, errors = threading.Event(), []
-        sample = settings.temperature > 0
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=sample,
-                      temperature=settings.temperature if sample else None, top_p=settings.top_p if sample else None,
-                      top_k=None, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+        kwargs = dict(generation_kwargs(self.tokenizer, ids, max_new, settings.temperature, settings.top_p),
                       use_cache=True, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Stop(stop)]))
 
         def run():

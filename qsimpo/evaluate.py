@@ -163,17 +163,12 @@ def score(model, pairs: list[dict], pad_token_id: int, batch_size: int, desc: st
     return PairScores(*(torch.cat([getattr(p, k) for p in parts]) for k in PairScores._fields))
 
 
-@torch.no_grad()
 def answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float, seed: int):
     """(text, new token count, stopped at EOS) for a prompt already tokenized exactly as in training."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], device=device)
-    torch.manual_seed(seed)  # the same seed for both models: differences come from the weights, not the dice
-    sample = temperature > 0
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
-                         top_k=None, use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    new = out[0, ids.shape[1]:].tolist()
+    from .generate import new_tokens
+
+    # the same seed for both models: differences come from the weights, not the dice
+    new = new_tokens(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed)
     stopped = tokenizer.eos_token_id in new
     if stopped:
         new = new[:new.index(tokenizer.eos_token_id)]

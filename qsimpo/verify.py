@@ -108,18 +108,14 @@ def _training_probes(adapter: str, tokenizer, n: int, max_tokens: int) -> list[l
     return [(p["prompt_ids"] + p["chosen_ids"])[:max_tokens] for p in pairs]
 
 
-@torch.no_grad()
 def _builtin_probes(model, tokenizer, n: int, max_new_tokens: int) -> list[list[int]]:
     """Built-in prompts, each followed by the adapter's own greedy answer (the positions it shaped)."""
-    from .generate import render_prompt
+    from .generate import new_tokens, render_prompt
 
-    device = next(model.parameters()).device
     probes = []
     for prompt in BUILTIN_PROMPTS[:n]:
-        ids = torch.tensor([render_prompt(tokenizer, [{"role": "user", "content": prompt}])], device=device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        probes.append(out[0].tolist())
+        ids = render_prompt(tokenizer, [{"role": "user", "content": prompt}])
+        probes.append(ids + new_tokens(model, tokenizer, ids, max_new_tokens, seed=None))
     return probes
 
 
