@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
-from .config import ConfigError, help_text, load_config
-from .hub import PushError
-from .merge import MergeError
+from .config import help_text, load_config
+from .errors import QsimpoError
 
 
 def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -204,14 +205,20 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     fn, _ = COMMANDS[argv[0]]
+    debug = "--debug" in argv[1:] or os.environ.get("QSIMPO_DEBUG", "") not in ("", "0")
+    args = [a for a in argv[1:] if a != "--debug"]
     try:
-        return fn(argv[1:])
-    except ConfigError as e:
+        return fn(args)
+    except QsimpoError as e:
+        if debug:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (MergeError, PushError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
+    except KeyboardInterrupt:  # outside a training step (loading, tokenizing): nothing to save
+        if debug:
+            traceback.print_exc()
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from .errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError):
     """All problems found in a config, one per line."""
 
     def __init__(self, problems: list[str], source: str | None = None):

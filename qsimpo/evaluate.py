@@ -23,13 +23,14 @@ import torch
 
 from . import __version__
 from . import metrics as M
+from .errors import UsageError
 from .data import DataError, build_dataset, looks_local, split_eval
 from .scoring import PairScores, score_pairs
 
 SCHEMA_VERSION = 1
 
 
-class EvalError(ValueError):
+class EvalError(UsageError):
     """A problem with what ``qsimpo eval`` was asked to do; the message says what to pass instead."""
 
 

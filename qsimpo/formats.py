@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from .errors import UsageError
+
 # Every reason a row can be dropped for, with what it means (the keys of DataSummary.dropped).
 REASONS = {
     "malformed_json": "the line is not valid JSON",
@@ -46,7 +48,7 @@ HH_MARKER = "\n\nAssistant:"
 SKIP_HINT = "set data.on_bad_row: skip to skip and count such rows"
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A data problem; the message names the file and row, the reason and the fix.
 
     ``reason`` is one of REASONS for a bad row (which ``on_bad_row: skip`` may count instead), or None

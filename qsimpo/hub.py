@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import QsimpoError
+
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
                "model.safetensors.index.json"]
@@ -27,7 +29,7 @@ TAGS = ["qsimpo", "simpo", "qlora", "preference-optimization", "alignment", "nf4
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # where we push: always "owner/name"
 
 
-class PushError(RuntimeError):
+class PushError(QsimpoError, RuntimeError):
     """A push that cannot or must not go ahead; the message names the flag or file and the fix."""
 
 

@@ -23,6 +23,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import QsimpoError
+
 BASE_WEIGHTS = ("dequantized", "original")
 DTYPES = ("bfloat16", "float16", "float32")
 # Mean KL (nats/token) to the adapter on its 4-bit base above which a merge is refused. Measured
@@ -33,7 +35,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_MAX_KL = 0.01
 
 
-class MergeError(RuntimeError):
+class MergeError(QsimpoError, RuntimeError):
     """A merge that cannot or must not go ahead; the message says what to do instead."""
 
 

@@ -15,6 +15,7 @@ import torch
 from transformers import Trainer
 
 from .config import SimPOConfig
+from .errors import QsimpoError
 from .logprobs import chunked_head_logps, indexed_logps
 from .loss import simpo_loss
 from .packing import attention_inputs
@@ -55,7 +56,7 @@ def detached_head(model):
             lm.config.final_logit_softcapping = softcap
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(QsimpoError, RuntimeError):
     """Training produced a NaN/inf loss or gradient; raised before the optimizer step."""
 
 
