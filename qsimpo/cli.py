@@ -89,7 +89,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def cmd_merge(argv: list[str]) -> int:
-    from .merge import BASE_WEIGHTS, DEFAULT_MAX_KL, DTYPES
+    from .merge import BASE_WEIGHTS, DEFAULT_DTYPE, DEFAULT_MAX_KL, DEFAULT_MAX_RATIO, DTYPES
 
     p = argparse.ArgumentParser(prog="qsimpo merge", description="Merge an adapter into its base and save a standalone "
                                 "transformers model, verified against the adapter on its 4-bit base.")
@@ -97,10 +97,12 @@ def cmd_merge(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="folder to write the merged model to (must not exist)")
     p.add_argument("--base-weights", choices=BASE_WEIGHTS, default="dequantized",
                    help="merge into the dequantized NF4 weights the adapter was trained on (default) or the original weights")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the saved weights")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help="dtype of the saved weights (16-bit ones may round the adapter away; verify says)")
     p.add_argument("--base", help="base model Hub id or folder (default: the one the adapter's qsimpo.json records)")
     p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL,
                    help="fail when the mean KL (nats/token) to the adapter on its 4-bit base exceeds this")
+    p.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO,
+                   help="fail when that KL exceeds this fraction of the adapter's own effect (its KL, adapter on vs off)")
     p.add_argument("--probes", type=int, default=8, help="probe sequences to verify on")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with the adapter")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (larger models are split)")
@@ -109,7 +111,8 @@ def cmd_merge(argv: list[str]) -> int:
     from .merge import merge
 
     merge(args.adapter, args.out, args.base_weights, args.dtype, verify=not args.no_verify, max_kl=args.max_kl,
-          overwrite=args.overwrite, base=args.base, max_shard_size=args.max_shard_size, n_probes=args.probes)
+          overwrite=args.overwrite, base=args.base, max_shard_size=args.max_shard_size, n_probes=args.probes,
+          max_ratio=args.max_ratio)
     return 0
 
 

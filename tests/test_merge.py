@@ -3,6 +3,8 @@
 The merged weights are checked against the arithmetic written out (W + α/r · B·A, with W either
 bitsandbytes' own dequantization of the NF4 base or the original weights), the merged model's
 logits against the unmerged adapter, and the verify step against a merge that is broken on purpose.
+tests/test_real_model.py merges an adapter trained on SmolLM2 (tied embeddings, 30 layers), where a
+bfloat16 merge loses the adapter and verify says so.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import make_config
 from qsimpo.cli import main as cli
-from qsimpo.merge import MergeError, VerifyError, merge
+from qsimpo.merge import DEFAULT_MAX_RATIO, MergeError, VerifyError, merge
+from qsimpo.verify import NEGLIGIBLE_KL, Agreement, VerifyReport
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,9 +59,9 @@ def adapter(tiny_base, pref_jsonl, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def merged(adapter, tmp_path_factory):
-    """The default merge (dequantized NF4 weights), in float32 so the arithmetic can be checked exactly, sharded."""
+    """The default merge (dequantized NF4 weights, float32: the arithmetic can be checked exactly), sharded."""
     out = tmp_path_factory.mktemp("merged") / "m"
-    result = merge(str(adapter), out, dtype="float32", max_shard_size="100KB", device="cpu", log=_quiet)
+    result = merge(str(adapter), out, max_shard_size="100KB", device="cpu", log=_quiet)
     return out, result
 
 
@@ -106,11 +109,13 @@ def test_dequantized_merge_is_nf4_weights_plus_lora(tiny_base, adapter, merged):
 
     meta = json.loads((out / "qsimpo.json").read_text())
     assert meta["merged_from"] == str(adapter.resolve()) and meta["base_weights"] == "dequantized"
+    assert meta["dtype"] == config["dtype"] == "float32"  # the default
     assert meta["final_metrics"]["train"]["loss"] == 0.5 and meta["verify"]["passed"] is True
+    assert meta["verify"]["ratio"] == result.report.ratio and meta["verify"]["max_ratio"] == DEFAULT_MAX_RATIO
     report = result.report
     assert report.passed and report.probes.endswith("from the training data")
     assert report.dequantized.kl < 1e-6 and report.dequantized.top1 > 0.99  # same weights, fp32: the merge arithmetic only
-    assert report.four_bit.kl < report.max_kl
+    assert report.four_bit.kl < 1e-6 and report.ratio < 1e-4 and report.adapter_effect.kl > 0.01
 
 
 def test_merged_logits_match_adapter_on_dequantized_base(tiny_base, adapter, merged):
@@ -169,10 +174,48 @@ def _lost_adapter(monkeypatch):
 def test_bad_merge_fails_verify_and_writes_nothing(adapter, tmp_path, monkeypatch, breakage):
     breakage(monkeypatch)
     out = tmp_path / "bad"
-    with pytest.raises(VerifyError, match=r"mean KL .* > --max-kl .*Nothing was written") as err:
-        merge(str(adapter), out, dtype="float32", device="cpu", log=_quiet)
+    with pytest.raises(VerifyError, match=r"does not keep the adapter: mean KL .* to the unmerged adapter .* above "
+                                          r"--max-ratio 0.1.*training log .*Nothing was written") as err:
+        merge(str(adapter), out, device="cpu", log=_quiet)
     assert list(tmp_path.iterdir()) == [], "neither the output nor the staging folder may remain"
-    assert "4-bit base" in str(err.value)
+    report = err.value.report
+    assert "4-bit base" in str(err.value) and not report.passed
+    if breakage is _lost_adapter:  # merging nothing leaves the base: as far from the adapter as the adapter moves it
+        assert 0.5 < report.ratio < 2
+
+
+def _report(kl: float, effect: float, max_ratio: float = 0.1, max_kl: float = 0.01, four_bit: float | None = None):
+    four = Agreement(kl if four_bit is None else four_bit, 0.97, 10)
+    return VerifyReport(four, Agreement(kl, 0.98, 10), Agreement(effect, 0.5, 10), max_ratio, max_kl, "p")
+
+
+def test_verify_verdict_is_a_ratio_to_the_adapters_effect():
+    assert _report(4e-4, 4e-3).ratio == pytest.approx(0.1) and _report(3.9e-4, 4e-3).passed
+    assert not _report(6.7e-3, 4.2e-3).passed  # bf16 on SmolLM2 after 6 steps: the merge moved more than the adapter
+    assert _report(6e-3, 3.7).passed  # the same rounding next to an adapter that moves its base 600 times more
+    assert not _report(1e-4, 3.7, four_bit=0.02).passed  # the 4-bit adapter is held to --max-kl
+    assert _report(3e-8, 4e-3, four_bit=2e-3).passed  # a bf16-computed 4-bit reference beside an exact float32 merge
+    assert _report(5e-4, 1e-3, max_ratio=0.5).passed and not _report(5e-4, 1e-3).passed
+    assert _report(NEGLIGIBLE_KL, 0.0).passed and _report(0.0, 0.0).ratio == 0.0  # an adapter with nothing to keep
+    assert _report(2e-6, 0.0).ratio == float("inf") and not _report(2e-6, 0.0).passed
+    for bad in (float("nan"), float("inf")):
+        assert not _report(bad, 1.0).passed and not _report(1e-4, 1.0, four_bit=bad).passed
+
+
+def test_failure_message_says_what_to_do(tmp_path):
+    from qsimpo.merge import _failure_message
+
+    out = tmp_path / "m"
+    bf16 = _failure_message(_report(6.7e-3, 4.2e-3), "dequantized", "bfloat16", out)
+    assert bf16.startswith("the merged model does not keep the adapter: mean KL 0.0067 nats/token to the unmerged "
+                           "adapter (top-1 agreement 98.0%) is 159.5% of the adapter's own effect (0.0042), above --max-ratio 0.1.")
+    assert "merge with --dtype float32 (the default), or accept the loss with a larger --max-ratio" in bf16
+    assert bf16.endswith(f"Nothing was written to {out}; --no-verify writes it without this check.")
+    original = _failure_message(_report(1e-3, 4e-3), "original", "float32", out)
+    assert "--base-weights dequantized (the default)" in original
+    broken = _failure_message(_report(1e-4, 3.7, four_bit=0.5), "dequantized", "float32", out)
+    assert "to the adapter on its 4-bit base (top-1 agreement 97.0%) is above --max-kl 0.01" in broken
+    assert "to the unmerged adapter" not in broken and "training log (metrics.jsonl)" in broken
 
 
 def test_nan_adapter_is_refused_by_safe_merge(adapter, tmp_path):
