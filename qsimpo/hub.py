@@ -253,6 +253,8 @@ def build_card(kind: str, repo_id: str, base_model: str, meta: dict, config: dic
 def hub_metadata(meta: dict, base_model: str, metrics: dict) -> dict:
     """qsimpo.json as uploaded: the base named by its Hub id, local paths reduced to their names."""
     out = {**meta, "base_model": base_model, "final_metrics": metrics}
+    if base_model != meta.get("base_model"):  # a GGUF file named inside the local base means nothing on the Hub id
+        out["base_model_gguf_file"] = None
     if out.get("merged_from"):
         out["merged_from"] = _name_only(str(out["merged_from"]))
     out["data"] = {split: {**s, "source": _name_only(str(s.get("source", "")))} for split, s in (meta.get("data") or {}).items()}

@@ -155,3 +155,25 @@ def test_failed_conversion_leaves_no_folder_and_a_later_one_is_reused(tmp_path, 
     assert json.loads((folder / "gguf_source.json").read_text())["sha256"] == digest
     renamed = f.rename(tmp_path / "renamed.gguf")
     assert gguf.converted(renamed) == folder and calls == [f], "the same content is converted once, whatever its name"
+
+
+def test_an_adapter_finds_its_gguf_base_through_qsimpo_json(tmp_path, monkeypatch):
+    """qsimpo.json records the base as given (folder + model.gguf_file here); eval, demo and merge load it back."""
+    import peft
+
+    from qsimpo import model as model_mod
+    from qsimpo.merge import _base_config
+
+    meta = {"base_model": "models/smol", "base_model_gguf_file": "smol.Q4_1.gguf", "quantization": "nf4"}
+    (tmp_path / "qsimpo.json").write_text(json.dumps(meta))
+    seen = []
+    monkeypatch.setattr(model_mod, "load_tokenizer", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(model_mod, "load_base", lambda cfg, device=None: seen.append(cfg))
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **kw: type("M", (), {"eval": lambda self: None})())
+    model_mod.load_trained(str(tmp_path))
+    assert [(c.name_or_path, c.gguf_file) for c in seen] == [("models/smol", "smol.Q4_1.gguf")] * 2
+    seen.clear()
+    model_mod.load_trained(str(tmp_path), base="other/model")  # --base replaces the recorded base, file and all
+    assert [(c.name_or_path, c.gguf_file) for c in seen] == [("other/model", None)] * 2
+    assert _base_config("models/smol", meta, quantization="none").gguf_file == "smol.Q4_1.gguf"
+    assert _base_config("other/model", meta).gguf_file is None
