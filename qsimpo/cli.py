@@ -97,7 +97,8 @@ def cmd_merge(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="folder to write the merged model to (must not exist)")
     p.add_argument("--base-weights", choices=BASE_WEIGHTS, default="dequantized",
                    help="merge into the dequantized NF4 weights the adapter was trained on (default) or the original weights")
-    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE, help="dtype of the saved weights (16-bit ones may round the adapter away; verify says)")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
+                   help="dtype of the saved weights (16-bit ones may round the adapter away; verify says)")
     p.add_argument("--base", help="base model Hub id or folder (default: the one the adapter's qsimpo.json records)")
     p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL,
                    help="fail when the mean KL (nats/token) to the adapter on its 4-bit base exceeds this")

@@ -26,6 +26,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import NoReturn
 
 from .config import ModelConfig
 from .errors import InputNotFound, UsageError
@@ -100,7 +101,7 @@ def _check_magic(path: Path) -> None:
                          "a .gguf file, a transformers model folder or a Hub id; if this should be GGUF, download it again")
 
 
-def _truncated(path: Path, detail: str):
+def _truncated(path: Path, detail: str) -> NoReturn:
     raise UsageError(f"{path} is a truncated or damaged GGUF file ({path.stat().st_size:,} bytes; {detail}): "
                      "download it again (a partial download leaves such a file), then retry")
 

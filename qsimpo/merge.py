@@ -217,7 +217,8 @@ def _save(merged, folder: Path, adapter: str, base: str, meta: dict, base_weight
     if (Path(adapter) / "config.yaml").is_file():
         shutil.copy2(Path(adapter) / "config.yaml", folder / "config.yaml")
     local = Path(adapter)
-    record = {**meta, "base_model": base, "base_model_gguf_file": source.gguf_file, "merged_from": str(local.resolve()) if local.is_dir() else adapter,
+    record = {**meta, "base_model": base, "base_model_gguf_file": source.gguf_file,
+              "merged_from": str(local.resolve()) if local.is_dir() else adapter,
               "base_weights": base_weights, "dtype": dtype, "merged_by": f"qsimpo {__version__}",
               "final_metrics": final_metrics(adapter, meta)}
     (folder / "qsimpo.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

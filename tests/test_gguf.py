@@ -120,7 +120,8 @@ def test_where_a_gguf_file_is_looked_for(tmp_path, monkeypatch):
 
 def test_gguf_file_field_is_checked_with_the_config():
     fill = ["--data.path", "d.jsonl"]
-    assert load_config(None, ["--model.name_or_path", "org/m-GGUF", "--model.gguf_file", "m.Q4_K_M.gguf", *fill]).model.gguf_file == "m.Q4_K_M.gguf"
+    cfg = load_config(None, ["--model.name_or_path", "org/m-GGUF", "--model.gguf_file", "m.Q4_K_M.gguf", *fill])
+    assert cfg.model.gguf_file == "m.Q4_K_M.gguf"
     with pytest.raises(UsageError) as err:
         load_config(None, ["--model.name_or_path", "org/m", "--model.gguf_file", "m.safetensors", *fill])
     assert "model.gguf_file = 'm.safetensors'" in str(err.value) and "ending in .gguf" in str(err.value)
