@@ -70,7 +70,27 @@ def load_base(cfg: ModelConfig, device: str | None = None):
         trust_remote_code=cfg.trust_remote_code,
     )
     model.config.use_cache = False
+    if torch.device(device).type == "cpu":
+        keep_training_layout(model)
     return model
+
+
+def keep_training_layout(model) -> None:
+    """Keep bitsandbytes' 4-bit layers on the CPU on the kernel training uses, in eval mode too.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit``'s first forward in eval mode without gradients repacks
+    its weight in place into a layout for a fused bf16 kernel. That repack assumes in_features is a
+    multiple of the 64-wide quantization block and crashes otherwise (``shape '[512, 21]' is invalid
+    for input of size 11008`` on an MLP 1376 wide); it computes in bf16 whatever the compute dtype, so
+    eval would score differently from training; and it has no backward, so training steps after an
+    in-run evaluation would backpropagate through it. Every forward here dequantizes and multiplies,
+    as training does.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False  # the flag Linear4bit.forward checks before repacking
 
 
 def add_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bool, seed: int | None = None):
@@ -139,9 +159,10 @@ def dequantize_base(model, dtype: torch.dtype):
     Linear becomes an ``nn.Linear`` holding exactly the values the quantized layer multiplies by,
     i.e. the weights a QLoRA adapter was trained against (not the original 16-bit ones).
 
-    Dequantize before the model's first inference forward pass: on CPUs with AVX512-BF16, bitsandbytes
-    repacks 4-bit weights in place on the first eval-mode forward, and the repacked data no longer
-    dequantizes to the same matrix.
+    A base from ``load_base`` is never repacked (see keep_training_layout); one loaded otherwise must be
+    dequantized before its first inference forward pass: on CPUs with AVX512-BF16, bitsandbytes repacks
+    4-bit weights in place on the first eval-mode forward, and the repacked data no longer dequantizes
+    to the same matrix.
     """
     import bitsandbytes as bnb
 

@@ -217,6 +217,11 @@ def test_dequantize_refuses_weights_repacked_for_cpu(tiny_base):
     from qsimpo.model import dequantize_base, load_base
 
     model = load_base(ModelConfig(name_or_path=str(tiny_base)), "cpu").eval()
+    import bitsandbytes as bnb
+
+    for m in model.modules():  # undo load_base's keep_training_layout: a base loaded some other way
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = bnb.functional.has_avx512bf16()
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))  # an inference forward: bitsandbytes may repack the 4-bit weights in place
     if not getattr(model.model.layers[0].self_attn.q_proj.weight.quant_state, "packing_format_for_cpu", False):
