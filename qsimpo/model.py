@@ -98,13 +98,11 @@ def add_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bo
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    ckpt_kwargs = {"use_reentrant": False}
     if quantized:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        # checkpointing is enabled below, under transformers' current name (peft calls the deprecated one)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model, {"use_reentrant": False})
     for p in model.parameters():
         p.requires_grad_(False)
     if seed is not None:
@@ -118,6 +116,15 @@ def add_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bo
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)
+
+
+def enable_activation_checkpointing(model, kwargs: dict) -> None:
+    """Recompute activations in the backward pass (transformers 5 renamed this from gradient checkpointing)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def read_run_metadata(adapter: str) -> dict:

@@ -130,7 +130,7 @@ def training_arguments(cfg: Config, output_dir: Path, has_eval: bool, device: st
         fp16=device != "cpu" and dtype == "float16",
         ddp_find_unused_parameters=False,
         dataloader_pin_memory=device != "cpu",
-        gradient_checkpointing=False,  # enabled on the model in add_lora (non-reentrant)
+        # activation checkpointing stays off here: add_lora enables it on the model (non-reentrant)
         **eval_kwargs,
     )
 
