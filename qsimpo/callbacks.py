@@ -1,4 +1,5 @@
-"""Trainer callbacks: metrics.jsonl, the progress bar, and the non-finite gradient guard."""
+"""Trainer callbacks: metrics.jsonl, the progress bar, the non-finite gradient guard, and checkpoints
+marked complete."""
 
 from __future__ import annotations
 
@@ -88,3 +89,80 @@ class ProgressBar(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+CHECKPOINT_MARKER = "qsimpo_complete.json"  # written into checkpoint-N last, once every process saved its part
+
+
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """The Trainer's checkpoint-N folders in ``output_dir``, as (N, folder), oldest first."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and path.is_dir():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def is_complete(checkpoint: str | Path) -> bool:
+    return (Path(checkpoint) / CHECKPOINT_MARKER).is_file()
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    complete = [path for _, path in checkpoints(output_dir) if is_complete(path)]
+    return complete[-1] if complete else None
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every process when ``flag`` is true on any (every process must call it at the same point)."""
+    if not _distributed():
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class CheckpointMarker(TrainerCallback):
+    """Mark each checkpoint-N complete once every process has written it, so resuming never picks one a
+    hard kill (SIGKILL, out of memory, power) cut short. Must come after every callback that sets
+    ``control.should_save`` in on_step_end (DefaultFlowCallback, StopOnSignal)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # A resumed run can save into a checkpoint-N left by an earlier one: drop its marker before the
+        # files are rewritten, so a kill during the rewrite leaves no marker over mixed files.
+        if control.should_save and state.is_world_process_zero:
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_MARKER).unlink(missing_ok=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        if _distributed():  # other ranks may still be writing their RNG state or shards
+            import torch.distributed as dist
+
+            dist.barrier()
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            tmp = folder / f".{CHECKPOINT_MARKER}.tmp"
+            tmp.write_text(json.dumps({"global_step": state.global_step, "files": sorted(p.name for p in folder.iterdir())}) + "\n")
+            tmp.replace(folder / CHECKPOINT_MARKER)  # atomic: the marker is there whole or not at all
+
+
+class NothingLeftToTrain(Exception):
+    """Raised by SkipFinishedRun out of trainer.train(): the resumed checkpoint holds the last step."""
+
+
+class SkipFinishedRun(TrainerCallback):
+    """Resuming from a checkpoint saved at the last step (a run stopped after its last step, before the
+    adapter was written): leave trainer.train() once it has loaded the checkpoint, before its loop, which
+    checks for the end only after a step and so would train one step past max_steps."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise NothingLeftToTrain

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .callbacks import FiniteGradGuard, MetricsJsonl, ProgressBar
+from .callbacks import (CHECKPOINT_MARKER, CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain,
+                        ProgressBar, SkipFinishedRun, checkpoints, is_complete)
 from .config import Config, ConfigError, dump_yaml
+from .errors import InputNotFound, OutputExists, UsageError
 from .data import build_dataset, split_eval
 from .model import add_lora, compute_dtype, load_base, load_tokenizer
 from .packing import make_collator
@@ -49,27 +51,36 @@ def is_main_process() -> bool:
 
 
 def resolve_resume(resume_from: str | None, output_dir: Path) -> str | None:
+    """The checkpoint folder to resume from: ``auto`` takes the newest complete one in ``output_dir``."""
     if resume_from is None:
         return None
+    say = print if is_main_process() else (lambda *a: None)
     if resume_from == "auto":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if last is None and is_main_process():
-            print(f"train.resume_from auto: no checkpoint in {output_dir}; starting from scratch")
-        return last
-    if not Path(resume_from).is_dir():
-        raise FileNotFoundError(
-            f"train.resume_from = {resume_from!r} is not a checkpoint folder: use 'auto' or a path like {output_dir}/checkpoint-100"
-        )
+        for _, folder in reversed(checkpoints(output_dir)):
+            if is_complete(folder):
+                say(f"train.resume_from auto: resuming from {folder}")
+                return str(folder)
+            say(f"train.resume_from auto: skipping {folder}: incomplete (it has no {CHECKPOINT_MARKER}: the run was "
+                f"killed while saving it); if you know it is whole, pass it as --train.resume_from {folder}")
+        say(f"train.resume_from auto: no complete checkpoint in {output_dir}; starting from scratch")
+        return None
+    folder = Path(resume_from)
+    if not (folder / "trainer_state.json").is_file():
+        what = "has no trainer_state.json" if folder.is_dir() else "does not exist"
+        raise InputNotFound(f"train.resume_from = {resume_from!r} {what}, so it is not a checkpoint: pass "
+                            f"--train.resume_from auto (the newest complete checkpoint in {output_dir}) or a folder like "
+                            f"{output_dir}/checkpoint-100")
+    if not is_complete(folder):
+        say(f"train.resume_from: {folder} has no {CHECKPOINT_MARKER} (saved by an older qsimpo, or cut short while "
+            "saving); resuming from it as asked")
     return resume_from
 
 
 def check_output_dir(cfg: Config, output_dir: Path) -> None:
     finished = output_dir / ADAPTER_FILES[1]
     if finished.exists() and not cfg.train.overwrite and cfg.train.resume_from is None:
-        raise FileExistsError(
-            f"{output_dir} already holds a finished adapter: choose another --train.output_dir, "
+        raise OutputExists(
+            f"train.output_dir = {output_dir} already holds a finished adapter: choose another --train.output_dir, "
             f"pass --train.overwrite true to replace it, or --train.resume_from auto to continue"
         )
 
@@ -92,7 +103,8 @@ def load_pairs(cfg: Config, tokenizer):
         if "eval" in summaries:
             print(eval_summary.line())
     if not pairs:
-        raise ValueError(f"no training pairs left from {cfg.data.path}: {summary.line()}")
+        raise UsageError(f"data.path = {cfg.data.path}: no training pairs left ({summary.line()}); look at the dropped "
+                         "rows with `qsimpo inspect-data CONFIG`, then fix the data or the data.* settings that dropped them")
     return pairs, eval_pairs, summaries
 
 
@@ -188,6 +200,8 @@ def train(cfg: Config) -> TrainRun:
     model = add_lora(model, cfg.lora, cfg.model.quantization != "none", cfg.train.gradient_checkpointing, cfg.train.seed)
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        (output_dir / "config.yaml").write_text(dump_yaml(cfg))  # the run folder says what it is while it runs
     resume = resolve_resume(cfg.train.resume_from, output_dir)
     metrics_path = output_dir / "metrics.jsonl"
     if resume is None and is_main_process() and metrics_path.exists():
@@ -200,7 +214,8 @@ def train(cfg: Config) -> TrainRun:
         train_dataset=PairDataset(pairs),
         eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
         processing_class=tokenizer,
-        callbacks=[FiniteGradGuard(), MetricsJsonl(metrics_path)],
+        # CheckpointMarker acts on should_save as set in on_step_end: it comes after the callbacks that set it
+        callbacks=[FiniteGradGuard(), MetricsJsonl(metrics_path), SkipFinishedRun(), CheckpointMarker()],
         simpo=cfg.simpo,
         head_chunk_size=cfg.train.head_chunk_size,
         compute_dtype=compute_dtype(cfg.model.compute_dtype, device),
@@ -211,7 +226,11 @@ def train(cfg: Config) -> TrainRun:
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(ProgressBar(cfg.train.batch_size * cfg.train.gradient_accumulation_steps * args.world_size))
 
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except NothingLeftToTrain:
+        if is_main_process():
+            print(f"train.resume_from: {resume} holds the last step ({trainer.state.global_step}); writing the adapter")
     last_eval = cfg.train.eval_every and trainer.state.global_step % cfg.train.eval_every == 0
     if eval_pairs and not last_eval:
         trainer.evaluate()

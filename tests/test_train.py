@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import HH_SAMPLE, ROOT, make_config
-from qsimpo.train import train
+from qsimpo.callbacks import CHECKPOINT_MARKER
+from qsimpo.errors import InputNotFound, OutputExists, UsageError
+from qsimpo.train import resolve_resume, train
 from qsimpo.trainer import NonFiniteError
 
 REQUIRED = {"adapter_config.json", "adapter_model.safetensors", "config.yaml", "qsimpo.json", "metrics.jsonl"}
@@ -87,8 +89,58 @@ def test_refuses_to_overwrite_finished_run(tiny_base, pref_jsonl, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "adapter_model.safetensors").write_bytes(b"x")
-    with pytest.raises(FileExistsError, match="--train.overwrite true"):
+    with pytest.raises(OutputExists, match="train.output_dir = .* already holds a finished adapter.*--train.overwrite true"):
         train(make_config(tiny_base, pref_jsonl, out, "--train.max_steps", "1"))
+
+
+def test_no_pairs_left_is_a_usage_error(tiny_base, pref_jsonl, tmp_path, monkeypatch):
+    from qsimpo import train as train_mod
+
+    real = train_mod.build_dataset
+    monkeypatch.setattr(train_mod, "build_dataset", lambda *a, **kw: ([], real(*a, **kw)[1]))  # every pair filtered out
+    with pytest.raises(UsageError, match=r"data.path = .*pairs.jsonl: no training pairs left .*qsimpo inspect-data"):
+        train(make_config(tiny_base, pref_jsonl, tmp_path / "run"))
+
+
+def test_resume_from_picks_the_newest_complete_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    for step, complete in ((2, True), (4, True), (6, False)):  # checkpoint-6: a hard kill while saving
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        if complete:
+            (out / f"checkpoint-{step}" / CHECKPOINT_MARKER).write_text("{}")
+    (out / "checkpoint-final").mkdir()  # not a step number: not a checkpoint
+    assert resolve_resume("auto", out) == str(out / "checkpoint-4")
+    printed = capsys.readouterr().out
+    assert f"skipping {out / 'checkpoint-6'}: incomplete" in printed and f"resuming from {out / 'checkpoint-4'}" in printed
+
+    (out / "checkpoint-4" / CHECKPOINT_MARKER).unlink()
+    (out / "checkpoint-2" / CHECKPOINT_MARKER).unlink()
+    assert resolve_resume("auto", out) is None
+    assert "no complete checkpoint" in capsys.readouterr().out
+    assert resolve_resume(str(out / "checkpoint-6"), out) == str(out / "checkpoint-6")  # asked for by name: allowed
+    assert "has no qsimpo_complete.json" in capsys.readouterr().out
+    assert resolve_resume(None, out) is None
+
+    with pytest.raises(InputNotFound, match=r"train.resume_from = '.*checkpoint-9' does not exist.*--train.resume_from auto"):
+        resolve_resume(str(out / "checkpoint-9"), out)
+    with pytest.raises(InputNotFound, match="checkpoint-final' has no trainer_state.json"):
+        resolve_resume(str(out / "checkpoint-final"), out)
+
+
+def test_resume_from_the_last_step_writes_the_adapter_without_training(tiny_base, pref_jsonl, tmp_path, capsys):
+    """A run stopped after its last step but before the adapter was written: resuming adds no step."""
+    args = ("--train.max_steps", "2", "--train.save_steps", "2")
+    out = train(make_config(tiny_base, pref_jsonl, tmp_path / "run", *args)).output_dir
+    finished = load_file(out / "adapter_model.safetensors")
+    for name in ("adapter_model.safetensors", "qsimpo.json"):
+        (out / name).unlink()
+    train(make_config(tiny_base, pref_jsonl, out, *args, "--train.resume_from", "auto"))
+    assert "holds the last step (2); writing the adapter" in capsys.readouterr().out
+    assert json.loads((out / "qsimpo.json").read_text())["global_step"] == 2
+    resumed = load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(finished[k], resumed[k]) for k in finished)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()].count(3) == 0
 
 
 def test_resume_gives_same_adapter(tiny_base, pref_jsonl, tmp_path):
