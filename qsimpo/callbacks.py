@@ -1,10 +1,13 @@
-"""Trainer callbacks: metrics.jsonl, the progress bar, the non-finite gradient guard, and checkpoints
-marked complete."""
+"""Trainer callbacks: metrics.jsonl, the progress bar, the non-finite gradient guard, checkpoints marked
+complete, and stopping on SIGINT/SIGTERM with a checkpoint."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -166,3 +169,64 @@ class SkipFinishedRun(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.max_steps > 0 and state.global_step >= state.max_steps:
             raise NothingLeftToTrain
+
+
+# -------------------------------------------------------------------------------------- interruption
+class StopOnSignal(TrainerCallback):
+    """SIGINT/SIGTERM during training: finish the optimizer step, save a checkpoint there, stop.
+
+    Used as a context manager around the whole run, it owns both signals. During the training loop
+    the first signal only sets a flag; at the end of the step every process agrees on it (so no rank
+    waits in a collective for one that left) and the Trainer saves and leaves the loop through
+    ``control.should_save`` / ``control.should_training_stop``; train() then raises Interrupted. A
+    second signal, or one outside the loop (loading, final evaluation), stops at once by raising
+    KeyboardInterrupt, which train() turns into Interrupted naming the last complete checkpoint.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.received: str | None = None  # the first signal's name, during the loop
+        self.received_at = 0.0
+        self.in_loop = self.loop_done = False
+        self._previous: dict = {}
+        # torchrun forwards the terminal's Ctrl-C to workers that got it already: one press, two signals
+        self.same_press_s = 2.0 if "TORCHELASTIC_RUN_ID" in os.environ else 0.0
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.in_loop and self.received is None:
+            self.received, self.received_at = name, time.monotonic()
+            if int(os.environ.get("RANK", 0)) == 0:  # os.write: print() could re-enter a stream being written
+                os.write(2, f"\n{name}: finishing this step, then saving a checkpoint; {name} again stops at once\n".encode())
+            return
+        if self.received is not None and time.monotonic() - self.received_at < self.same_press_s:
+            return
+        raise KeyboardInterrupt(name)
+
+    def requested(self, device) -> bool:
+        """Whether any process received a stop signal (a collective: every process calls it together)."""
+        return any_rank(self.received is not None, device)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.in_loop = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested(args.device):
+            control.should_save = control.should_training_stop = True
+            control.should_evaluate = False  # stop within one step: an evaluation due now is skipped
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.in_loop, self.loop_done = False, True

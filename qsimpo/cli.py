@@ -28,7 +28,7 @@ def cmd_train(argv: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     from .train import train
 
-    run = train(cfg)
+    run = train(cfg, command=["qsimpo", "train", *argv])  # an interrupted run prints it to resume
     print(f"adapter written to {run.output_dir}")
     return 0
 

@@ -4,12 +4,17 @@ config → tokenizer → preference pairs (with a summary of what was kept and d
 4-bit base + LoRA → SimPOTrainer → adapter folder with its provenance.
 
     qsimpo train configs/quickstart.yaml --train.output_dir adapters/x
+
+Ctrl-C (SIGINT) or SIGTERM finishes the current optimizer step, saves a checkpoint there and exits
+with 130, printing the command that resumes (``--train.resume_from auto``); a second one exits at once.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import shlex
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +22,9 @@ import torch
 
 from . import __version__
 from .callbacks import (CHECKPOINT_MARKER, CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain,
-                        ProgressBar, SkipFinishedRun, checkpoints, is_complete)
+                        ProgressBar, SkipFinishedRun, StopOnSignal, checkpoints, is_complete, last_complete_checkpoint)
 from .config import Config, ConfigError, dump_yaml
-from .errors import InputNotFound, OutputExists, UsageError
+from .errors import InputNotFound, Interrupted, OutputExists, UsageError
 from .data import build_dataset, split_eval
 from .model import add_lora, compute_dtype, load_base, load_tokenizer
 from .packing import make_collator
@@ -83,6 +88,42 @@ def check_output_dir(cfg: Config, output_dir: Path) -> None:
             f"train.output_dir = {output_dir} already holds a finished adapter: choose another --train.output_dir, "
             f"pass --train.overwrite true to replace it, or --train.resume_from auto to continue"
         )
+
+
+def resume_command(command: list[str] | None, output_dir: Path) -> str:
+    """``command`` (the argv that started the run, or its saved config) with ``--train.resume_from auto``."""
+    if command is None:
+        command = ["qsimpo", "train", str(output_dir / "config.yaml")]
+    kept, skip = [], False
+    for arg in command:
+        if not skip and arg != "--train.resume_from" and not arg.startswith("--train.resume_from="):
+            kept.append(arg)
+        skip = arg == "--train.resume_from"
+    return shlex.join([*kept, "--train.resume_from", "auto"])
+
+
+def interrupted(what: str, output_dir: Path, command: str) -> Interrupted:
+    last = last_complete_checkpoint(output_dir)
+    if last is None:
+        return Interrupted(f"{what}; no checkpoint was saved yet. Start again with:\n  {command}")
+    return Interrupted(f"{what}; the last complete checkpoint is {last}. Resume with:\n  {command}")
+
+
+@contextmanager
+def stop_on_signals(output_dir: Path, command: str):
+    """SIGINT/SIGTERM handled by StopOnSignal for the whole run; a stop that cannot wait raises Interrupted."""
+    with StopOnSignal() as stop:
+        try:
+            yield stop
+        except KeyboardInterrupt as e:
+            name = str(e) or "SIGINT"
+            if stop.received:
+                what = f"stopped at once by a second signal ({name})"
+            elif stop.loop_done:
+                what = f"stopped by {name} after the last training step, before the adapter was written"
+            else:
+                what = f"stopped by {name} before training started"
+            raise interrupted(what, output_dir, command) from None
 
 
 def load_pairs(cfg: Config, tokenizer):
@@ -179,8 +220,12 @@ class TrainRun:
     trainer: SimPOTrainer  # .model is the trained PeftModel, .state the final TrainerState
 
 
-def train(cfg: Config) -> TrainRun:
-    """Run SimPO training as configured; the adapter and its provenance land in train.output_dir."""
+def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
+    """Run SimPO training as configured; the adapter and its provenance land in train.output_dir.
+
+    ``command`` is the argv that started the run (``["qsimpo", "train", "cfg.yaml", ...]``); an interrupted
+    run prints it with ``--train.resume_from auto`` (without it: the run's saved config.yaml).
+    """
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
     from .model import device_for_rank
@@ -192,49 +237,56 @@ def train(cfg: Config) -> TrainRun:
     if cfg.model.attn_implementation == "flex_attention" and torch.device(device).type != "cuda":
         raise ConfigError([f"model.attn_implementation = 'flex_attention' trains only on CUDA (torch has no FlexAttention "
                            f"backward on {torch.device(device).type}): use sdpa here"])
+    resume_hint = resume_command(command, output_dir)
 
-    tokenizer = load_tokenizer(cfg.model)
-    pairs, eval_pairs, summaries = load_pairs(cfg, tokenizer)
+    with stop_on_signals(output_dir, resume_hint) as stop:
+        tokenizer = load_tokenizer(cfg.model)
+        pairs, eval_pairs, summaries = load_pairs(cfg, tokenizer)
 
-    model = load_base(cfg.model, device)
-    model = add_lora(model, cfg.lora, cfg.model.quantization != "none", cfg.train.gradient_checkpointing, cfg.train.seed)
+        model = load_base(cfg.model, device)
+        model = add_lora(model, cfg.lora, cfg.model.quantization != "none", cfg.train.gradient_checkpointing, cfg.train.seed)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        (output_dir / "config.yaml").write_text(dump_yaml(cfg))  # the run folder says what it is while it runs
-    resume = resolve_resume(cfg.train.resume_from, output_dir)
-    metrics_path = output_dir / "metrics.jsonl"
-    if resume is None and is_main_process() and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
-    args = training_arguments(cfg, output_dir, eval_pairs is not None, device)
-    trainer = SimPOTrainer(
-        model=model,
-        args=args,
-        data_collator=make_collator(cfg.train.packing, tokenizer.pad_token_id, cfg.model.attn_implementation),
-        train_dataset=PairDataset(pairs),
-        eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
-        processing_class=tokenizer,
-        # CheckpointMarker acts on should_save as set in on_step_end: it comes after the callbacks that set it
-        callbacks=[FiniteGradGuard(), MetricsJsonl(metrics_path), SkipFinishedRun(), CheckpointMarker()],
-        simpo=cfg.simpo,
-        head_chunk_size=cfg.train.head_chunk_size,
-        compute_dtype=compute_dtype(cfg.model.compute_dtype, device),
-        group_by_length=cfg.train.group_by_length,
-    )
-    trainer.remove_callback(ProgressCallback)
-    if cfg.train.progress:
-        trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(ProgressBar(cfg.train.batch_size * cfg.train.gradient_accumulation_steps * args.world_size))
-
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    except NothingLeftToTrain:
+        output_dir.mkdir(parents=True, exist_ok=True)
         if is_main_process():
-            print(f"train.resume_from: {resume} holds the last step ({trainer.state.global_step}); writing the adapter")
-    last_eval = cfg.train.eval_every and trainer.state.global_step % cfg.train.eval_every == 0
-    if eval_pairs and not last_eval:
-        trainer.evaluate()
-    trainer.save_model(str(output_dir))  # adapter_config.json + adapter_model.safetensors
-    if trainer.is_world_process_zero():
-        write_provenance(cfg, output_dir, trainer, summaries)
+            (output_dir / "config.yaml").write_text(dump_yaml(cfg))  # the run folder says what it is while it runs
+        resume = resolve_resume(cfg.train.resume_from, output_dir)
+        metrics_path = output_dir / "metrics.jsonl"
+        if resume is None and is_main_process() and metrics_path.exists():
+            metrics_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
+        args = training_arguments(cfg, output_dir, eval_pairs is not None, device)
+        trainer = SimPOTrainer(
+            model=model,
+            args=args,
+            data_collator=make_collator(cfg.train.packing, tokenizer.pad_token_id, cfg.model.attn_implementation),
+            train_dataset=PairDataset(pairs),
+            eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
+            processing_class=tokenizer,
+            # StopOnSignal may set should_save in on_step_end: CheckpointMarker must come after it
+            callbacks=[FiniteGradGuard(), MetricsJsonl(metrics_path), SkipFinishedRun(), stop, CheckpointMarker()],
+            simpo=cfg.simpo,
+            head_chunk_size=cfg.train.head_chunk_size,
+            compute_dtype=compute_dtype(cfg.model.compute_dtype, device),
+            group_by_length=cfg.train.group_by_length,
+        )
+        trainer.remove_callback(ProgressCallback)
+        if cfg.train.progress:
+            trainer.remove_callback(PrinterCallback)
+            trainer.add_callback(ProgressBar(cfg.train.batch_size * cfg.train.gradient_accumulation_steps * args.world_size))
+
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except NothingLeftToTrain:
+            stop.loop_done = True
+            if is_main_process():
+                print(f"train.resume_from: {resume} holds the last step ({trainer.state.global_step}); writing the adapter")
+        if stop.requested(args.device):  # every process agrees, so all stop here together
+            step, last = trainer.state.global_step, trainer.state.max_steps
+            raise interrupted(f"stopped by {stop.received or 'a signal to another process'} after step {step} of {last}",
+                              output_dir, resume_hint)
+        last_eval = cfg.train.eval_every and trainer.state.global_step % cfg.train.eval_every == 0
+        if eval_pairs and not last_eval:
+            trainer.evaluate()
+        trainer.save_model(str(output_dir))  # adapter_config.json + adapter_model.safetensors
+        if trainer.is_world_process_zero():
+            write_provenance(cfg, output_dir, trainer, summaries)
     return TrainRun(output_dir, trainer)
