@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import HH_SAMPLE, ROOT, make_config
 from qsimpo.callbacks import CHECKPOINT_MARKER
 from qsimpo.errors import InputNotFound, OutputExists, UsageError
-from qsimpo.train import resolve_resume, train
+from qsimpo.train import resolve_resume, resume_command, train
 from qsimpo.trainer import NonFiniteError
 
 REQUIRED = {"adapter_config.json", "adapter_model.safetensors", "config.yaml", "qsimpo.json", "metrics.jsonl"}
@@ -126,6 +126,13 @@ def test_resume_from_picks_the_newest_complete_checkpoint(tmp_path, capsys):
         resolve_resume(str(out / "checkpoint-9"), out)
     with pytest.raises(InputNotFound, match="checkpoint-final' has no trainer_state.json"):
         resolve_resume(str(out / "checkpoint-final"), out)
+
+
+def test_resume_command_replaces_any_resume_from(tmp_path):
+    argv = ["qsimpo", "train", "my cfg.yaml", "--train.resume_from", "x/checkpoint-4", "--lora.r", "8",
+            "--train.resume_from=auto"]
+    assert resume_command(argv, tmp_path) == "qsimpo train 'my cfg.yaml' --lora.r 8 --train.resume_from auto"
+    assert resume_command(None, tmp_path) == f"qsimpo train {tmp_path / 'config.yaml'} --train.resume_from auto"
 
 
 def test_resume_from_the_last_step_writes_the_adapter_without_training(tiny_base, pref_jsonl, tmp_path, capsys):
