@@ -38,14 +38,15 @@ def cmd_inspect_data(argv: list[str]) -> int:
     p.add_argument("--n", type=int, default=3, help="how many pairs to print")
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
-    from .data import build_dataset, format_pair
+    from .data import format_pair, read_source, tokenize_source
     from .model import load_tokenizer
 
+    source = read_source(cfg.data)  # bad rows stop here, before the tokenizer loads
     tok = load_tokenizer(cfg.model)
-    pairs, summary = build_dataset(cfg.data, tok)
+    pairs, summary = tokenize_source(cfg.data, source, tok)
     for pair in pairs[: args.n]:
         print(format_pair(tok, pair))
-    print(summary.line())
+    print(summary.report())
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .callbacks import FiniteGradGuard, MetricsJsonl, ProgressBar
 from .config import Config, ConfigError, dump_yaml
-from .data import build_dataset, split_eval
+from .data import read_source, split_eval, tokenize_source
 from .model import add_lora, compute_dtype, load_base, load_tokenizer
 from .packing import make_collator
 from .trainer import SimPOTrainer
@@ -74,25 +74,39 @@ def check_output_dir(cfg: Config, output_dir: Path) -> None:
         )
 
 
-def load_pairs(cfg: Config, tokenizer):
+def read_sources(cfg: Config) -> dict:
+    """The training source and, when data.eval names one, the held-out source: read and judged, not tokenized.
+
+    Runs before the tokenizer and the model load, so bad data stops a run in seconds.
+    """
+    sources = {"train": read_source(cfg.data)}
+    if cfg.data.eval is not None and _as_fraction(cfg.data.eval) is None:
+        sources["eval"] = read_source(cfg.data, path=cfg.data.eval)
+    return sources
+
+
+def _as_fraction(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def load_pairs(cfg: Config, tokenizer, sources: dict | None = None):
     """Training pairs, held-out pairs (or None), and the data summaries, printed once."""
-    pairs, summary = build_dataset(cfg.data, tokenizer)
+    sources = sources or read_sources(cfg)
+    pairs, summary = tokenize_source(cfg.data, sources["train"], tokenizer)
     summaries = {"train": summary.to_dict()}
     eval_pairs = None
-    if cfg.data.eval is not None:
-        try:
-            fraction = float(cfg.data.eval)
-        except ValueError:
-            eval_pairs, eval_summary = build_dataset(cfg.data, tokenizer, path=cfg.data.eval)
-            summaries["eval"] = eval_summary.to_dict()
-        else:
-            pairs, eval_pairs = split_eval(pairs, fraction, cfg.train.seed)
+    if "eval" in sources:
+        eval_pairs, eval_summary = tokenize_source(cfg.data, sources["eval"], tokenizer)
+        summaries["eval"] = eval_summary.to_dict()
+    elif cfg.data.eval is not None:
+        pairs, eval_pairs = split_eval(pairs, _as_fraction(cfg.data.eval), cfg.train.seed)
     if is_main_process():
-        print(summary.line())
+        print(summary.report())
         if "eval" in summaries:
-            print(eval_summary.line())
-    if not pairs:
-        raise ValueError(f"no training pairs left from {cfg.data.path}: {summary.line()}")
+            print(eval_summary.report())
     return pairs, eval_pairs, summaries
 
 
@@ -181,8 +195,9 @@ def train(cfg: Config) -> TrainRun:
         raise ConfigError([f"model.attn_implementation = 'flex_attention' trains only on CUDA (torch has no FlexAttention "
                            f"backward on {torch.device(device).type}): use sdpa here"])
 
+    sources = read_sources(cfg)  # bad data stops here, before anything loads
     tokenizer = load_tokenizer(cfg.model)
-    pairs, eval_pairs, summaries = load_pairs(cfg, tokenizer)
+    pairs, eval_pairs, summaries = load_pairs(cfg, tokenizer, sources)
 
     model = load_base(cfg.model, device)
     model = add_lora(model, cfg.lora, cfg.model.quantization != "none", cfg.train.gradient_checkpointing, cfg.train.seed)
