@@ -57,6 +57,8 @@ class LoraConfig:
 class DataConfig:
     path: str = _f("", "Training data: a JSONL/JSON/parquet file, a folder saved by datasets, or a Hub dataset id.")
     split: str = _f("train", "Split to read when `path` is a Hub dataset or a DatasetDict folder.")
+    subset: str | None = _f(None, "Configuration (subset) name of a Hub dataset with several, as datasets.load_dataset's `name`.")
+    data_dir: str | None = _f(None, "Folder inside a Hub dataset repo to read, e.g. harmless-base for Anthropic/hh-rlhf.")
     format: str = _f("auto", "Row format: auto (detected), explicit (prompt/chosen/rejected strings), conversational (message lists), implicit (full transcripts, HH-RLHF).", choices=("auto", "explicit", "conversational", "implicit"))
     max_length: int = _f(1024, "Max tokens of prompt + response; longer pairs are truncated (prompt first, from the left).")
     max_prompt_length: int | None = _f(None, "Max prompt tokens kept when a pair must be truncated (must be < max_length; None: max_length // 2).")
@@ -386,3 +388,24 @@ def help_text() -> str:
             current = section
         lines.append(f"  --{name} ({tp}, default {default!r})\n      {doc}")
     return "\n".join(lines)
+
+
+def markdown_reference() -> str:
+    """docs/config.md: every field with its type, default and doc, generated from the schema (a test keeps it current)."""
+    lines = ["# Configuration reference", "",
+             "Generated from `qsimpo/config.py` by `python -m qsimpo.config > docs/config.md`; `qsimpo train --help` "
+             "prints the same. Every field can be set in the YAML under its section or on the command line with its "
+             "dotted name (`--data.max_length 256`).", "",
+             "| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, tp, default, doc in field_docs():
+        shown = "(required)" if default == "" and name in REQUIRED else f"`{yaml.safe_dump(default).strip().removesuffix('...').strip()}`"
+        lines.append(f"| `{name}` | {tp.replace(' | ', ' or ')} | {shown} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+REQUIRED = ("model.name_or_path", "data.path")
+
+
+if __name__ == "__main__":
+    print(markdown_reference(), end="")
+

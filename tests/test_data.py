@@ -211,7 +211,7 @@ def test_missing_files_and_hub_ids(tmp_path, monkeypatch):
         read_rows(str(tmp_path / "x.csv"))
     calls = []
 
-    def offline(path, split):
+    def offline(path, name=None, data_dir=None, split=None):
         calls.append((path, split))
         raise ConnectionError(f"Couldn't reach '{path}' on the Hub")
 
@@ -219,6 +219,29 @@ def test_missing_files_and_hub_ids(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="could not load 'someone/pairs' as a local file or a Hub dataset: ConnectionError"):
         read_rows("someone/pairs", split="train_prefs")
     assert calls == [("someone/pairs", "train_prefs")]
+
+
+def test_hub_style_repo_subfolder_is_read_with_data_dir(tmp_path, monkeypatch):
+    """Anthropic/hh-rlhf keeps each subset in a folder (harmless-base/train.jsonl.gz): data.data_dir picks one."""
+    import gzip
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    repo = tmp_path / "hh-rlhf"
+    for folder, text in (("harmless-base", "harmless"), ("helpful-base", "helpful")):
+        (repo / folder).mkdir(parents=True)
+        for split in ("train", "test"):
+            row = {"chosen": HH["chosen"].replace("coat", f"{text} {split}"), "rejected": HH["rejected"]}
+            with gzip.open(repo / folder / f"{split}.jsonl.gz", "wt") as f:
+                f.write(json.dumps(row) + "\n")
+    rows = read_rows(str(repo), split="test", data_dir="harmless-base")
+    assert [(loc, "harmless test" in r["chosen"]) for loc, r in rows] == [(f"{repo}/harmless-base[test] row 0", True)]
+    seen = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, data_dir=None, split=None:
+                        seen.append((path, name, data_dir, split)) or [])
+    read_rows("Anthropic/hh-rlhf", split="test", data_dir="harmless-base", on_bad_row="skip")
+    assert seen == [("Anthropic/hh-rlhf", None, "harmless-base", "test")]
 
 
 # ------------------------------------------------------------------------------------- tokenization

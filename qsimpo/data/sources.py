@@ -19,7 +19,7 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
 
 def read_rows(path: str, split: str = "train", max_rows: int | None = None, on_bad_row: str = "error",
-              summary: DataSummary | None = None) -> list[tuple[str, dict]]:
+              summary: DataSummary | None = None, subset: str | None = None, data_dir: str | None = None) -> list[tuple[str, dict]]:
     """Read raw rows as ``(location, row)``.
 
     Locations are "file.jsonl:line 12" (1-based, as an editor counts) for JSON lines, and
@@ -33,7 +33,7 @@ def read_rows(path: str, split: str = "train", max_rows: int | None = None, on_b
     if summary is None:
         summary = DataSummary(str(path))
     rows = []
-    for location, row in _iter_source(str(path), split):
+    for location, row in _iter_source(str(path), split, subset, data_dir):
         if max_rows is not None and summary.rows_read >= max_rows:
             break
         summary.rows_read += 1
@@ -54,7 +54,7 @@ def looks_local(path: str) -> bool:
             or (os.sep != "/" and os.sep in path) or not _HUB_ID.match(path))
 
 
-def _iter_source(path: str, split: str) -> Iterator[tuple[str, Any]]:
+def _iter_source(path: str, split: str, subset: str | None = None, data_dir: str | None = None) -> Iterator[tuple[str, Any]]:
     p = Path(path).expanduser()
     if p.is_file():
         suffix = p.suffix.lower()
@@ -67,10 +67,10 @@ def _iter_source(path: str, split: str) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: unsupported file type {suffix or '(no suffix)'!r}: use .jsonl, .json or .parquet, "
                         "a folder saved by datasets, or a Hub dataset id")
     if p.is_dir():
-        return _iter_folder(p, path, split)
+        return _iter_folder(p, path, split, subset, data_dir)
     if looks_local(path):
         raise DataError(f"{path}: file not found (working directory {os.getcwd()}); check data.path")
-    return _iter_hub(path, split)
+    return _iter_hub(path, split, subset, data_dir)
 
 
 def _iter_jsonl(p: Path, name: str) -> Iterator[tuple[str, Any]]:
@@ -136,14 +136,22 @@ def _iter_dataset(ds, name: str) -> Iterator[tuple[str, Any]]:
         yield f"{name} row {i}", row
 
 
-def _iter_folder(p: Path, name: str, split: str) -> Iterator[tuple[str, Any]]:
+def _where(name: str, subset: str | None, data_dir: str | None, split: str) -> str:
+    """How rows of a datasets source are named: "Anthropic/hh-rlhf/harmless-base[test]"."""
+    return f"{name}{f':{subset}' if subset else ''}{f'/{data_dir}' if data_dir else ''}[{split}]"
+
+
+def _iter_folder(p: Path, name: str, split: str, subset: str | None, data_dir: str | None) -> Iterator[tuple[str, Any]]:
     import datasets
 
     try:
+        if subset or data_dir:  # a subset of a repo of data files: load_dataset, never save_to_disk output
+            raise FileNotFoundError
         ds = datasets.load_from_disk(str(p))
     except FileNotFoundError:  # not save_to_disk output; maybe a folder of data files (a cloned Hub repo)
         try:
-            return _iter_dataset(datasets.load_dataset(str(p), split=split), f"{name}[{split}]")
+            ds = datasets.load_dataset(str(p), subset, data_dir=data_dir, split=split)
+            return _iter_dataset(ds, _where(name, subset, data_dir, split))
         except Exception as e:
             raise DataError(f"{name}: a folder that is neither saved by datasets.save_to_disk nor readable by "
                             f"datasets.load_dataset ({type(e).__name__}: {e}); point data.path at such a folder or at "
@@ -155,13 +163,14 @@ def _iter_folder(p: Path, name: str, split: str) -> Iterator[tuple[str, Any]]:
     return _iter_dataset(ds, name)
 
 
-def _iter_hub(path: str, split: str) -> Iterator[tuple[str, Any]]:
+def _iter_hub(path: str, split: str, subset: str | None, data_dir: str | None) -> Iterator[tuple[str, Any]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(path, split=split)
+        ds = datasets.load_dataset(path, subset, data_dir=data_dir, split=split)
     except Exception as e:
         raise DataError(f"could not load {path!r} as a local file or a Hub dataset: {type(e).__name__}: {e}. "
                         f"If it is a local file, check the path (working directory {os.getcwd()}); if it is a Hub id, "
-                        f"check the name, data.split ({split!r}), the network and HF_TOKEN") from e
-    return _iter_dataset(ds, f"{path}[{split}]")
+                        f"check the name, data.split ({split!r}), data.subset ({subset!r}), data.data_dir ({data_dir!r}), "
+                        "the network and HF_TOKEN") from e
+    return _iter_dataset(ds, _where(path, subset, data_dir, split))

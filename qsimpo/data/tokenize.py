@@ -78,7 +78,7 @@ def read_source(cfg: DataConfig, path: str | None = None) -> Source:
     """
     source = path or cfg.path
     summary = DataSummary(str(source))
-    rows = read_rows(source, cfg.split, cfg.max_rows, "skip", summary)
+    rows = read_rows(source, cfg.split, cfg.max_rows, "skip", summary, cfg.subset, cfg.data_dir)
     if not summary.rows_read:
         raise DataError(f"{source}: no rows: the source is empty; point data.path at a file with one preference pair "
                         "per row (see the README's data formats)")
