@@ -9,7 +9,8 @@ Three row shapes are accepted (``data.format``; ``auto`` detects from the first 
                     (any string prompt is then a copy of the first user turn and is not used).
   implicit        {"chosen": transcript, "rejected": transcript}, transcripts in Anthropic HH-RLHF form
                   ("\\n\\nHuman: ...\\n\\nAssistant: ..."); the prompt is the shared text up to and including
-                  the last shared "\\n\\nAssistant:", so the response keeps its leading space.
+                  the last shared "\\n\\nAssistant:", so the response keeps its leading space (rendering
+                  turns the transcript into chat messages where the tokenizer has a template).
 
 A row that fits none is a *bad row*. Every bad row of a source is recorded (count per reason, the
 first few locations each), so one run reports them all: with ``data.on_bad_row: error`` the run stops
@@ -40,6 +41,7 @@ REASONS = {
     "unknown_role": "a message role other than system/user/assistant",
     "no_assistant_turn": "chosen/rejected do not end with an assistant message",
     "no_shared_prompt": "chosen and rejected do not share a prompt",
+    "chat_template": "the tokenizer's chat template cannot render the row with an exact prompt/response boundary",
     "too_long": "the pair cannot fit in data.max_length even after truncation",
     "no_preference": "a `qsimpo demo` vote of tie or both bad: kept in the file, never trained on",
 }
@@ -55,6 +57,8 @@ FIXES = {
     "unknown_role": "rename roles to system/user/assistant (e.g. human -> user, gpt -> assistant)",
     "no_assistant_turn": "end chosen and rejected with the assistant's answer",
     "no_shared_prompt": "chosen and rejected must share the conversation and differ only in the final answer",
+    "chat_template": "use a tokenizer whose template renders the prompt as a prefix of prompt + answer, or set "
+                     "tokenizer.chat_template; for a template that rejects system messages, set data.system_prompt: null",
 }
 EXAMPLES_PER_REASON = 3  # locations shown per reason; the count covers them all
 ROLES = ("system", "user", "assistant")
