@@ -35,6 +35,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self) -> list[int]:
+        if hasattr(self.pairs, "lengths"):  # qsimpo.data.Pairs: a column of the table, no row decoded
+            return self.pairs.lengths
         return [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in self.pairs]
 
     def __getitem__(self, i):

@@ -300,6 +300,37 @@ _NORMALISE = {"explicit": _explicit, "implicit": _implicit, "conversational": _c
 FORMATS = ("auto", *_NORMALISE)
 
 
+def normalise_row(row: Any, fmt: str | None) -> tuple[Any, str, str] | None:
+    """(prompt, chosen, rejected) of one row in a dataset of format ``fmt`` (None: none detected yet).
+
+    None for a `qsimpo demo` vote without a preference; raises _Bad for a bad row.
+    """
+    if isinstance(row, dict) and row.get("vote") in NO_PREFERENCE_VOTES:
+        return None
+    shape = row_format(row)
+    if shape is None or fmt is None:
+        raise _Bad("empty_text", "chosen and rejected are both null")
+    if (shape == "conversational") != (fmt == "conversational"):
+        want = "message lists" if fmt == "conversational" else "strings"
+        raise _Bad("mixed_types", f"this row has {'message lists' if shape == 'conversational' else 'strings'} but the "
+                   f"dataset is {fmt} ({want}); every row must have the same shape (set data.format if auto picked wrong)")
+    return _NORMALISE[fmt](row)
+
+
+def detect_format(rows: Iterable[Any]) -> str | None:
+    """The format of the first usable row (what ``data.format: auto`` means); None if no row has one."""
+    for row in rows:
+        if isinstance(row, dict) and row.get("vote") in NO_PREFERENCE_VOTES:
+            continue
+        try:
+            shape = row_format(row)
+        except _Bad:
+            continue
+        if shape is not None:
+            return shape
+    return None
+
+
 def to_triples(rows: Iterable[tuple[str, Any]], fmt: str = "auto", on_bad_row: str = "error",
                summary: DataSummary | None = None) -> list[dict]:
     """Normalise ``(location, row)`` pairs to {"prompt", "chosen", "rejected", "format", "location"}.
@@ -315,26 +346,19 @@ def to_triples(rows: Iterable[tuple[str, Any]], fmt: str = "auto", on_bad_row: s
     if fmt not in FORMATS:
         raise ValueError(f"data.format = {fmt!r} is not one of {', '.join(FORMATS)}")
     summary = summary if summary is not None else DataSummary("rows")
-    detected = None if fmt == "auto" else fmt
+    rows = list(rows)
+    detected = detect_format(row for _, row in rows) if fmt == "auto" else fmt
     out = []
     for location, row in rows:
-        if isinstance(row, dict) and row.get("vote") in NO_PREFERENCE_VOTES:
-            summary.dropped["no_preference"] = summary.dropped.get("no_preference", 0) + 1
-            continue
         try:
-            shape = row_format(row)
-            if detected is None:
-                if shape is None:
-                    raise _Bad("empty_text", "chosen and rejected are both null")
-                detected = shape
-            elif shape is not None and (shape == "conversational") != (detected == "conversational"):
-                want = "message lists" if detected == "conversational" else "strings"
-                raise _Bad("mixed_types", f"this row has {'message lists' if shape == 'conversational' else 'strings'} but the "
-                           f"dataset is {detected} ({want}); every row must have the same shape (set data.format if auto picked wrong)")
-            prompt, chosen, rejected = _NORMALISE[detected](row)
+            triple = normalise_row(row, detected)
         except _Bad as bad:
             handle_bad_row(DataError.bad_row(location, bad.reason, bad.detail), summary)
             continue
+        if triple is None:
+            summary.dropped["no_preference"] = summary.dropped.get("no_preference", 0) + 1
+            continue
+        prompt, chosen, rejected = triple
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "format": detected, "location": location})
     summary.format = detected or ""
     summary.check(on_bad_row)

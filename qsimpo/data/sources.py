@@ -141,7 +141,8 @@ def _where(name: str, subset: str | None, data_dir: str | None, split: str) -> s
     return f"{name}{f':{subset}' if subset else ''}{f'/{data_dir}' if data_dir else ''}[{split}]"
 
 
-def _iter_folder(p: Path, name: str, split: str, subset: str | None, data_dir: str | None) -> Iterator[tuple[str, Any]]:
+def _open_folder(p: Path, name: str, split: str, subset: str | None, data_dir: str | None):
+    """(datasets.Dataset, name its rows are called by) for a folder saved by datasets or a folder of data files."""
     import datasets
 
     try:
@@ -150,8 +151,7 @@ def _iter_folder(p: Path, name: str, split: str, subset: str | None, data_dir: s
         ds = datasets.load_from_disk(str(p))
     except FileNotFoundError:  # not save_to_disk output; maybe a folder of data files (a cloned Hub repo)
         try:
-            ds = datasets.load_dataset(str(p), subset, data_dir=data_dir, split=split)
-            return _iter_dataset(ds, _where(name, subset, data_dir, split))
+            return datasets.load_dataset(str(p), subset, data_dir=data_dir, split=split), _where(name, subset, data_dir, split)
         except Exception as e:
             raise DataError(f"{name}: a folder that is neither saved by datasets.save_to_disk nor readable by "
                             f"datasets.load_dataset ({type(e).__name__}: {e}); point data.path at such a folder or at "
@@ -159,11 +159,15 @@ def _iter_folder(p: Path, name: str, split: str, subset: str | None, data_dir: s
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{name}: no split {split!r}; available splits: {', '.join(ds)}; set data.split to one of them")
-        return _iter_dataset(ds[split], f"{name}[{split}]")
-    return _iter_dataset(ds, name)
+        return ds[split], f"{name}[{split}]"
+    return ds, name
 
 
-def _iter_hub(path: str, split: str, subset: str | None, data_dir: str | None) -> Iterator[tuple[str, Any]]:
+def _iter_folder(p: Path, name: str, split: str, subset: str | None, data_dir: str | None) -> Iterator[tuple[str, Any]]:
+    return _iter_dataset(*_open_folder(p, name, split, subset, data_dir))
+
+
+def _open_hub(path: str, split: str, subset: str | None, data_dir: str | None):
     import datasets
 
     try:
@@ -173,4 +177,83 @@ def _iter_hub(path: str, split: str, subset: str | None, data_dir: str | None) -
                         f"If it is a local file, check the path (working directory {os.getcwd()}); if it is a Hub id, "
                         f"check the name, data.split ({split!r}), data.subset ({subset!r}), data.data_dir ({data_dir!r}), "
                         "the network and HF_TOKEN") from e
-    return _iter_dataset(ds, _where(path, subset, data_dir, split))
+    return ds, _where(path, subset, data_dir, split)
+
+
+def _iter_hub(path: str, split: str, subset: str | None, data_dir: str | None) -> Iterator[tuple[str, Any]]:
+    return _iter_dataset(*_open_hub(path, split, subset, data_dir))
+
+
+# ------------------------------------------------------------------------------------ as an Arrow table
+# Every row of a source, whatever its shape, as one string column: Arrow needs one schema, and rows
+# of the wrong shape are exactly the bad rows a user must hear about.
+RAW_COLUMNS = ("location", "raw", "reason", "detail")
+
+
+def _raw_features():
+    import datasets
+
+    return datasets.Features({k: datasets.Value("string") for k in RAW_COLUMNS})
+
+
+def _file_rows(path: str, max_rows: int | None, stamp: str):
+    """Generator behind source_table for .jsonl/.json files (``stamp`` only keys the cache)."""
+    for n, (location, row) in enumerate(_iter_source(path, "train")):
+        if max_rows is not None and n >= max_rows:
+            return
+        if isinstance(row, DataError):
+            yield {"location": location, "raw": None, "reason": row.reason, "detail": row.detail_line}
+        else:
+            yield {"location": location, "raw": json.dumps(row), "reason": None, "detail": None}
+
+
+def _dataset_rows(batch: dict, indices: list[int], name: str) -> dict:
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    return {"location": [f"{name} row {i}" for i in indices], "raw": [json.dumps(r, default=str) for r in rows],
+            "reason": [None] * len(rows), "detail": [None] * len(rows)}
+
+
+def source_table(path: str, split: str = "train", max_rows: int | None = None, subset: str | None = None,
+                 data_dir: str | None = None, fingerprint_salt: str = ""):
+    """The source as a memory-mapped ``datasets.Dataset`` with columns location, raw (the row as JSON text)
+    and, for lines that are not rows (malformed JSON, not UTF-8), reason and detail.
+
+    Cached: a local file by its path, size and modification time; a datasets source by datasets'
+    own fingerprint. ``fingerprint_salt`` is mixed into the file's cache key (the code version).
+    Problems with the whole source (not found, unsupported type, not one JSON list) raise DataError.
+    """
+    import hashlib
+
+    import datasets
+
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix.lower() in (".jsonl", ".json"):
+        # The first row: problems with the whole file surface here, and datasets cannot build a table of no rows.
+        if next(iter(_iter_source(str(path), split)), None) is None or max_rows == 0:
+            return datasets.Dataset.from_dict({k: [] for k in RAW_COLUMNS}, features=_raw_features())
+        st = p.stat()
+        stamp = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{max_rows}|{fingerprint_salt}"
+        try:
+            return datasets.Dataset.from_generator(
+                _file_rows, features=_raw_features(), fingerprint=hashlib.sha256(stamp.encode()).hexdigest()[:32],
+                gen_kwargs={"path": str(path), "max_rows": max_rows, "stamp": stamp})
+        except Exception as e:  # datasets wraps what the generator raised
+            cause = e
+            while cause is not None and not isinstance(cause, DataError):
+                cause = cause.__cause__ or cause.__context__
+            raise (cause or e) from None
+    if p.is_file() and p.suffix.lower() == ".parquet":
+        ds, name = datasets.Dataset.from_parquet(str(p)), str(path)
+    elif p.is_file():
+        _iter_source(str(path), split)  # raises: unsupported file type
+        raise AssertionError("unreachable")
+    elif p.is_dir():
+        ds, name = _open_folder(p, str(path), split, subset, data_dir)
+    elif looks_local(str(path)):
+        raise DataError(f"{path}: file not found (working directory {os.getcwd()}); check data.path")
+    else:
+        ds, name = _open_hub(str(path), split, subset, data_dir)
+    if max_rows is not None and max_rows < len(ds):
+        ds = ds.select(range(max_rows))
+    return ds.map(_dataset_rows, with_indices=True, batched=True, fn_kwargs={"name": name}, remove_columns=ds.column_names,
+                  features=_raw_features(), desc=f"reading {name}")

@@ -1,15 +1,10 @@
-"""Texts -> token ids with an exact prompt/response boundary; a whole source -> pairs and their summary."""
+"""One pair's texts -> token ids with an exact prompt/response boundary, one BOS, one EOS, truncation."""
 
 from __future__ import annotations
 
-import random
-import sys
-from dataclasses import dataclass
-
-from ..config import DataConfig
-from .formats import DataError, DataSummary, handle_bad_row, to_triples
+from .formats import DataError
 from .render import render_pair
-from .sources import read_rows
+
 
 def _encode(tokenizer, text: str) -> list[int]:
     # add_special_tokens=False: the post-processor would add a BOS here and in front of every response.
@@ -60,77 +55,6 @@ def tokenize_pair(tokenizer, triple: dict, max_length: int, max_prompt_length: i
         chosen, rejected = chosen[:room], rejected[:room]
     return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
             "prompt_truncated": prompt_truncated, "response_truncated": response_truncated}
-
-
-@dataclass
-class Source:
-    """One source's normalised rows, before tokenization, and what happened to every row read."""
-
-    triples: list[dict]
-    summary: DataSummary
-
-
-def read_source(cfg: DataConfig, path: str | None = None) -> Source:
-    """Read and normalise ``path`` (default cfg.path), judging every row; no tokenizer needed.
-
-    Bad rows are recorded at every stage; under ``on_bad_row: error`` one DataError lists them all,
-    so a run stops on bad data before any model or tokenizer loads.
-    """
-    source = path or cfg.path
-    summary = DataSummary(str(source))
-    rows = read_rows(source, cfg.split, cfg.max_rows, "skip", summary, cfg.subset, cfg.data_dir)
-    if not summary.rows_read:
-        raise DataError(f"{source}: no rows: the source is empty; point data.path at a file with one preference pair "
-                        "per row (see the README's data formats)")
-    triples = to_triples(rows, cfg.format, "skip", summary)
-    summary.check(cfg.on_bad_row)
-    return Source(triples, summary)
-
-
-def tokenize_source(cfg: DataConfig, source: Source, tokenizer) -> tuple[list[dict], DataSummary]:
-    """Tokenize a read source; return the pairs and its summary (now with kept, truncation and too_long counts).
-
-    Each pair holds prompt_ids, chosen_ids, rejected_ids, the truncation flags, "location", and
-    under "text" the normalised prompt/chosen/rejected (for inspect-data and eval).
-    """
-    from tqdm.auto import tqdm
-
-    summary, triples = source.summary, source.triples
-    bar = tqdm(triples, desc=f"tokenizing {summary.source}", unit="pair", disable=len(triples) <= 1000 or not sys.stderr.isatty())
-    pairs = []
-    for triple in bar:
-        try:
-            enc = tokenize_pair(tokenizer, triple, cfg.max_length, cfg.max_prompt_length, cfg.system_prompt)
-        except DataError as e:
-            handle_bad_row(e, summary)
-            continue
-        if enc is None:
-            summary.dropped["too_long"] += 1
-            continue
-        summary.truncated_prompt += enc["prompt_truncated"]
-        summary.truncated_response += enc["response_truncated"]
-        text = {k: triple[k] for k in ("prompt", "chosen", "rejected", "format")}
-        pairs.append({**enc, "location": triple["location"], "text": text})
-    summary.kept = len(pairs)
-    summary.check(cfg.on_bad_row)
-    if not pairs:
-        raise DataError(f"no usable pairs: {summary.line()}; see the reasons above (too_long: raise data.max_length or "
-                        "lower data.max_prompt_length)")
-    return pairs, summary
-
-
-def build_dataset(cfg: DataConfig, tokenizer, path: str | None = None) -> tuple[list[dict], DataSummary]:
-    """Read, normalise and tokenize ``path`` (default cfg.path): ``tokenize_source(read_source(...))``."""
-    return tokenize_source(cfg, read_source(cfg, path), tokenizer)
-
-
-def split_eval(pairs: list[dict], fraction: float, seed: int) -> tuple[list, list]:
-    """(train, eval): a seeded random ``fraction`` of the pairs held out (at least 1), both kept in file order."""
-    if len(pairs) < 2:
-        raise DataError(f"cannot hold out an eval fraction from {len(pairs)} pair(s): need at least 2; give data.eval a file instead")
-    n_eval = min(len(pairs) - 1, max(1, round(fraction * len(pairs))))
-    held = set(random.Random(seed).sample(range(len(pairs)), n_eval))
-    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 
 def format_pair(tokenizer, pair: dict) -> str:
