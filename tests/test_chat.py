@@ -1,4 +1,4 @@
-"""qsimpo.chat and qsimpo.votes, called directly: streaming, adapter switching, seeds, log-probs, vote rows."""
+"""qsimpo.demo.sides and qsimpo.votes, called directly: streaming, adapter switching, seeds, log-probs, vote rows."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_config
-from qsimpo.chat import Settings, SideBySide, resolve_adapter
+from qsimpo.demo.sides import Settings, SideBySide, resolve_adapter
 from qsimpo.votes import VoteLog, vote_row
 
 USER = [{"role": "user", "content": "Tell me about owls."}]

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -29,9 +31,8 @@ def free_port() -> int:
 @pytest.fixture
 def served(chat, tmp_path):  # noqa: F811
     """(url, votes file) of the demo app over ``chat``, launched without blocking and closed afterwards."""
-    from qsimpo.chat import load_demo_app
+    from qsimpo.demo import app
 
-    app = load_demo_app()
     demo = app.build_app(chat, tmp_path / "votes.jsonl")
     _, url, _ = demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                                      quiet=True, theme=app.THEME, css=app.CSS, ssr_mode=False)
@@ -142,3 +143,26 @@ def test_browser_chat_and_vote(served, tmp_path):
     assert row["vote"] == "right" and row["chosen"][0]["content"] == row["right"]["response"]
     assert row["prompt"] == [{"role": "user", "content": PROMPT}]
     assert row["settings"]["max_new_tokens"] == 12
+
+
+def test_demo_errors_are_messages_not_tracebacks(tmp_path, tiny_adapters):  # noqa: F811
+    """What `qsimpo demo` prints for inputs a user gets wrong: exit 2, one line saying what to pass, no traceback."""
+    not_adapter = tmp_path / "empty"
+    not_adapter.mkdir()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cases = [([], "run `qsimpo quickstart` first"),
+             (["--adapter", str(tmp_path / "missing")], "missing: no such folder"),
+             (["--adapter", str(not_adapter)], "holds no adapter_config.json"),
+             (["--adapter", str(tiny_adapters[0]), "--compare-adapter", "./nope"], "--compare-adapter ./nope: no such folder"),
+             (["--adapter", str(tiny_adapters[0]), "--base", str(tmp_path / "no-base")], "no-base (given with --base) was not found"),
+             (["--adapter", str(tiny_adapters[0]), "--port", str(busy.getsockname()[1])], "is in use: pass another --port")]
+    try:
+        for args, expected in cases:
+            done = subprocess.run([sys.executable, "-m", "qsimpo", "demo", *args], cwd=tmp_path, capture_output=True,
+                                  text=True, timeout=300)
+            assert done.returncode == 2, (args, done.stderr[-2000:])
+            assert expected in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
+    finally:
+        busy.close()

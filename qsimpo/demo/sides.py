@@ -1,4 +1,4 @@
-"""Two chat models on one base in memory: the model side of `qsimpo demo` (the UI is demo/app.py).
+"""Two chat models on one base in memory: the model side of `qsimpo demo` (the UI is qsimpo/demo/app.py).
 
 One PeftModel holds the 4-bit base and the trained adapter. The *left* side is the SFT model
 (the same weights with the adapter disabled) or, with ``--compare-adapter``, a second adapter
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import queue
-import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -25,11 +24,11 @@ from typing import Iterator
 
 import torch
 
-from .generate import generation_kwargs, render_prompt
+from ..errors import InputNotFound, UsageError
+from ..generate import generation_kwargs, render_prompt
 
 SIDES = ("left", "right")
 QUICKSTART = Path("adapters/quickstart")
-DEMO_APP = Path(__file__).resolve().parents[1] / "demo" / "app.py"
 
 
 @dataclass
@@ -133,26 +132,45 @@ class SideBySide:
     def load(cls, adapter: str, base: str | None = None, compare_adapter: str | None = None,
              trust_remote_code: bool = False, device: str | None = None) -> "SideBySide":
         """Load the base once (4-bit as the adapter was trained, where bitsandbytes is installed) and the adapter(s)."""
-        from .model import load_trained, read_run_metadata
+        from ..data import looks_local
+        from ..model import load_trained, read_run_metadata
 
         meta = read_run_metadata(adapter)
+        check_adapter(adapter, "--adapter")
+        base_name = base or meta.get("base_model")
+        if not base_name:
+            raise UsageError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder "
+                             "with --base")
+        if looks_local(base_name) and not Path(base_name).expanduser().exists():
+            where = "given with --base" if base else f"recorded in {adapter}/qsimpo.json"
+            raise InputNotFound(f"the base model {base_name} ({where}) was not found: pass the model the adapter was "
+                                "trained on with --base PATH_OR_HUB_ID")
         quantization = meta.get("quantization", "nf4")
         if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
             print(f"bitsandbytes is not installed: loading the base unquantized instead of {quantization}")
             quantization = "none"
-        model, tokenizer = load_trained(adapter, base, quantization=quantization, device=device,
-                                        trust_remote_code=trust_remote_code)
+        compare_meta = read_run_metadata(compare_adapter) if compare_adapter else {}
         if compare_adapter:
-            other = read_run_metadata(compare_adapter).get("base_model")
-            if other and other != (base or meta.get("base_model")):
+            check_adapter(compare_adapter, "--compare-adapter")
+        try:
+            model, tokenizer = load_trained(adapter, base, quantization=quantization, device=device,
+                                            trust_remote_code=trust_remote_code)
+        except OSError as e:  # a Hub id that does not resolve (offline without a cached copy), a base not there
+            raise InputNotFound(f"could not load the adapter {adapter} on the base {base_name}: {e}\n"
+                                "pass a `qsimpo train` output folder with --adapter, and its base with --base") from None
+        if compare_adapter:
+            other = compare_meta.get("base_model")
+            if other and other != base_name:
                 print(f"warning: {compare_adapter} records base {other}, not the base loaded here; its column may be noise")
-            model.load_adapter(compare_adapter, adapter_name="compare")
+            try:
+                model.load_adapter(compare_adapter, adapter_name="compare")
+            except OSError as e:
+                raise InputNotFound(f"could not load --compare-adapter {compare_adapter}: {e}") from None
             left = Side("compare", f"compare: {compare_adapter}", "compare")
         else:
             left = Side("SFT", "SFT (adapter off)", None)
         model.set_adapter("default")
         model.eval()
-        base_name = base or meta.get("base_model")
         beta = (meta.get("simpo") or {}).get("beta")
         return cls(model, tokenizer, {"left": left, "right": Side("aligned", f"aligned: {adapter}", "default")}, beta=beta,
                    description=f"base {base_name} ({quantization}), one copy in memory")
@@ -253,8 +271,8 @@ class SideBySide:
         template, one BOS, the response closed by EOS) and averaged by qsimpo.logprobs, so β times
         this number is the SimPO reward the row would get in training.
         """
-        from .data import tokenize_pair
-        from .logprobs import sequence_logps
+        from ..data import tokenize_pair
+        from ..logprobs import sequence_logps
 
         triple = {"prompt": list(messages), "chosen": response, "rejected": response, "format": "conversational",
                   "location": "demo"}
@@ -274,23 +292,26 @@ class SideBySide:
         return {"tokens": scores["right"][1], "avg_logprob": {side: round(s[0], 4) for side, s in scores.items()}}
 
 
+def check_adapter(adapter: str, flag: str) -> None:
+    """Fail before any loading when ``adapter`` is neither an adapter folder nor (possibly) a Hub id."""
+    from ..data import looks_local  # the one rule for "a path, not a Hub id"
+
+    local = Path(adapter).expanduser()
+    if local.is_dir():
+        if not (local / "adapter_config.json").is_file():
+            raise InputNotFound(f"{flag} {adapter} holds no adapter_config.json: pass the train.output_dir of a finished "
+                                "`qsimpo train` run (or a checkpoint-N folder inside it)")
+    elif looks_local(adapter) or local.exists():
+        raise InputNotFound(f"{flag} {adapter}: no such folder; pass the train.output_dir of a `qsimpo train` run "
+                            "or a Hub adapter id")
+
+
 def resolve_adapter(adapter: str | None, base: str | None) -> tuple[str, str | None]:
     """The adapter (and base) to serve: the given ones, or the quickstart's output when none is given."""
     if adapter:
         return adapter, base
     if not (QUICKSTART / "adapter" / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"no quickstart output at {QUICKSTART / 'adapter'} (working directory {Path.cwd()}): "
+        raise InputNotFound(f"no quickstart output at {QUICKSTART / 'adapter'} (working directory {Path.cwd()}): "
                                 "run `qsimpo quickstart` first, or pass --adapter DIR_OR_HUB_ID")
     return str(QUICKSTART / "adapter"), base or str(QUICKSTART / "base")
 
-
-def load_demo_app(path: Path = DEMO_APP):
-    """Import demo/app.py by its file path; it sits in the source tree beside the package, not inside it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"the demo app {path} is not there: `qsimpo demo` runs from a source checkout "
-                                "(git clone, then pip install -e .)")
-    spec = importlib.util.spec_from_file_location("qsimpo_demo_app", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and pickling look their module up here
-    spec.loader.exec_module(module)
-    return module
