@@ -69,11 +69,10 @@ def build_app(chat: SideBySide, votes_path) -> gr.Blocks:
                 left_stats, right_stats, new_state, ""
 
         yield frame()
-        for side in SIDES:  # one after the other: the model (and its adapter switch) serves one side at a time
-            for text in chat.stream(side, context[side], settings):
-                answers[side] = text
-                yield frame()
-        stats = {s: chat.stats(context[s], answers[s]) for s in SIDES}
+        for grown in chat.stream(context, settings):  # both columns from one batched generation
+            answers.update(grown)
+            yield frame()
+        stats = chat.stats(context, answers)
         turn = {s: {"model": chat.sides[s].label, "prompt": context[s], "response": answers[s], **stats[s]} for s in SIDES}
         turn["settings"] = settings.to_dict()
         done = {"history": {s: history[s] + [{"role": "assistant", "content": answers[s]}] for s in SIDES},
@@ -134,11 +133,12 @@ def build_app(chat: SideBySide, votes_path) -> gr.Blocks:
 
         inputs = [message, system, temperature, top_p, max_new, seed, state]
         outputs = [message, bots["left"], bots["right"], stats["left"], stats["right"], state, status]
-        # One concurrency group of size 1 for everything that runs the model; the lock in SideBySide
-        # is what guarantees the serialization, this only keeps requests queued in order.
-        send.click(respond, inputs, outputs, api_name="send", concurrency_id="model", concurrency_limit=1)
+        # Several users' messages run at once: the batcher generates whatever is waiting together, up to
+        # its batch size; more wait in gradio's queue, which tells each user their place.
+        users = max(1, chat.batcher.max_rows // len(SIDES))
+        send.click(respond, inputs, outputs, api_name="send", concurrency_id="model", concurrency_limit=users)
         message.submit(respond, inputs, outputs, api_name="send_enter", api_visibility="undocumented",
-                       concurrency_id="model", concurrency_limit=1)
+                       concurrency_id="model", concurrency_limit=users)
         for choice, button in buttons.items():
             button.click(make_vote(choice), [state], [status, state], api_name=f"vote_{choice}")
         clear_btn.click(clear, None, outputs, api_name="clear")

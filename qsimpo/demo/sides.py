@@ -1,23 +1,24 @@
-"""Two chat models on one base in memory: the model side of `qsimpo demo` (the UI is qsimpo/demo/app.py).
+"""Two chat models on one base in memory: the model side of `qsimpo demo` (the UI is app.py beside it).
 
 One PeftModel holds the 4-bit base and the trained adapter. The *left* side is the SFT model
-(the same weights with the adapter disabled) or, with ``--compare-adapter``, a second adapter
-loaded next to the first; the *right* side is the aligned model (the adapter enabled). Every
-use of the model, a whole generation or a scoring pass, holds ``SideBySide.lock`` and switches
-the adapter inside it, so two requests can never interleave adapter switching.
+(the base with no adapter: peft's "__base__") or, with ``--compare-adapter``, a second adapter
+loaded next to the first; the *right* side is the aligned model (the trained adapter). peft's
+LoRA layers, bitsandbytes' Linear4bit included, take the adapter per batch row
+(``adapter_names``), so one batched ``generate`` answers for both columns at once, and nothing
+is ever switched on the shared model. Requests from several users are batched too (batcher.py).
 
     chat = SideBySide.load("adapters/quickstart/adapter")
-    for text in chat.stream("right", [{"role": "user", "content": "Describe owls."}], Settings(seed=1)):
-        print(text)                      # the growing answer
-    chat.avg_logprob("left", messages, text)   # (average log-prob, |y|) as SimPO scores it
+    user = [{"role": "user", "content": "Describe owls."}]
+    for answers in chat.stream({"left": user, "right": user}, Settings(seed=1)):
+        print(answers["left"], answers["right"])        # both growing answers
+    chat.respond("right", user, Settings())             # one side alone
+    chat.stats({"left": user, "right": user}, answers)  # each answer's avg log-prob under both sides
 """
 
 from __future__ import annotations
 
 import importlib.util
-import queue
 import threading
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -25,9 +26,11 @@ from typing import Iterator
 import torch
 
 from ..errors import InputNotFound, UsageError
-from ..generate import generation_kwargs, render_prompt
+from ..generate import render_prompt
+from .batcher import Batcher, Request
 
 SIDES = ("left", "right")
+BASE = "__base__"  # peft's adapter name, in adapter_names, for "no adapter": the SFT model
 QUICKSTART = Path("adapters/quickstart")
 
 
@@ -59,48 +62,7 @@ class Settings:
 class Side:
     name: str  # short name: "SFT", "compare", "aligned"
     label: str  # what the column is called in the UI and in vote rows
-    adapter: str | None  # the PEFT adapter name to activate; None: adapter disabled (the SFT model)
-
-
-class _TextStreamer:
-    """Token-by-token text for ``generate(streamer=...)``: after each new token, the whole answer so far.
-
-    transformers' TextIteratorStreamer releases text only at spaces; decoding everything after
-    every token shows each token as it comes, holding back only a trailing partial UTF-8 character.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.queue, self.prompt_seen = tokenizer, [], queue.Queue(), False
-
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first puts the prompt
-            self.prompt_seen = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        text = self._text()
-        if not text.endswith("\ufffd"):
-            self.queue.put(text)
-
-    def end(self) -> None:
-        self.queue.put(self._text())
-        self.queue.put(None)
-
-    def __iter__(self) -> Iterator[str]:
-        while (text := self.queue.get()) is not None:
-            yield text
-
-
-class _Stop:
-    """Stopping criterion that ends generation once the reader has gone (the UI cancelled)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+    adapter: str  # the peft adapter this side runs under; BASE: none (the SFT model)
 
 
 def template_takes_system(tokenizer) -> bool:
@@ -117,13 +79,16 @@ def template_takes_system(tokenizer) -> bool:
 
 
 class SideBySide:
-    """The one model + tokenizer, the lock that serializes them, and the two sides."""
+    """The one model + tokenizer, the two sides, and the batcher every generation goes through."""
 
-    def __init__(self, model, tokenizer, sides: dict[str, Side], default_adapter: str = "default",
-                 beta: float | None = None, description: str = ""):
+    def __init__(self, model, tokenizer, sides: dict[str, Side], beta: float | None = None, description: str = "",
+                 max_batch_rows: int = 8):
         self.model, self.tokenizer, self.sides = model, tokenizer, sides
-        self.default_adapter, self.beta, self.description = default_adapter, beta, description
-        self.lock = threading.Lock()  # a plain Lock: gradio may resume a generator on another thread
+        self.beta, self.description = beta, description
+        # One call on the model at a time: peft hands adapter_names to the layers through forward hooks
+        # that live for one call, so a second call running meanwhile would take the first one's rows.
+        self.lock = threading.Lock()
+        self.batcher = Batcher(model, tokenizer, self.lock, max_batch_rows)
         self.takes_system = template_takes_system(tokenizer)
         config = getattr(model, "config", None)
         self.max_context = getattr(config, "max_position_embeddings", None) or 4096
@@ -132,66 +97,39 @@ class SideBySide:
     def load(cls, adapter: str, base: str | None = None, compare_adapter: str | None = None,
              trust_remote_code: bool = False, device: str | None = None) -> "SideBySide":
         """Load the base once (4-bit as the adapter was trained, where bitsandbytes is installed) and the adapter(s)."""
-        from ..data import looks_local
         from ..model import load_trained, read_run_metadata
 
-        meta = read_run_metadata(adapter)
         check_adapter(adapter, "--adapter")
-        base_name = base or meta.get("base_model")
-        if not base_name:
-            raise UsageError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder "
-                             "with --base")
-        if looks_local(base_name) and not Path(base_name).expanduser().exists():
-            where = "given with --base" if base else f"recorded in {adapter}/qsimpo.json"
-            raise InputNotFound(f"the base model {base_name} ({where}) was not found: pass the model the adapter was "
-                                "trained on with --base PATH_OR_HUB_ID")
+        if compare_adapter:
+            check_adapter(compare_adapter, "--compare-adapter")
+        meta = read_run_metadata(adapter)
+        base_name = check_base(base, adapter, meta)
         quantization = meta.get("quantization", "nf4")
         if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
             print(f"bitsandbytes is not installed: loading the base unquantized instead of {quantization}")
             quantization = "none"
-        compare_meta = read_run_metadata(compare_adapter) if compare_adapter else {}
-        if compare_adapter:
-            check_adapter(compare_adapter, "--compare-adapter")
         try:
             model, tokenizer = load_trained(adapter, base, quantization=quantization, device=device,
                                             trust_remote_code=trust_remote_code)
-        except OSError as e:  # a Hub id that does not resolve (offline without a cached copy), a base not there
+        except (OSError, ValueError) as e:  # a Hub id that does not resolve (offline, no cached copy), no adapter files
             raise InputNotFound(f"could not load the adapter {adapter} on the base {base_name}: {e}\n"
                                 "pass a `qsimpo train` output folder with --adapter, and its base with --base") from None
         if compare_adapter:
-            other = compare_meta.get("base_model")
+            other = read_run_metadata(compare_adapter).get("base_model")
             if other and other != base_name:
                 print(f"warning: {compare_adapter} records base {other}, not the base loaded here; its column may be noise")
             try:
                 model.load_adapter(compare_adapter, adapter_name="compare")
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 raise InputNotFound(f"could not load --compare-adapter {compare_adapter}: {e}") from None
             left = Side("compare", f"compare: {compare_adapter}", "compare")
         else:
-            left = Side("SFT", "SFT (adapter off)", None)
+            left = Side("SFT", "SFT (adapter off)", BASE)
         model.set_adapter("default")
         model.eval()
         beta = (meta.get("simpo") or {}).get("beta")
         return cls(model, tokenizer, {"left": left, "right": Side("aligned", f"aligned: {adapter}", "default")}, beta=beta,
                    description=f"base {base_name} ({quantization}), one copy in memory")
-
-    # ------------------------------------------------------------------------------------ switching
-    @contextmanager
-    def use(self, side: str):
-        """Hold the lock with ``side``'s adapter active; restore the default adapter on the way out."""
-        if side not in self.sides:
-            raise ValueError(f"side = {side!r} must be one of {', '.join(self.sides)}")
-        adapter = self.sides[side].adapter
-        with self.lock:
-            if adapter is None:
-                with self.model.disable_adapter():
-                    yield self.model
-            else:
-                self.model.set_adapter(adapter)
-                try:
-                    yield self.model
-                finally:
-                    self.model.set_adapter(self.default_adapter)
 
     # ----------------------------------------------------------------------------------- generation
     def context(self, history: list[dict], settings: Settings) -> list[dict]:
@@ -215,81 +153,82 @@ class SideBySide:
             ids = render_prompt(self.tokenizer, msgs)
         return ids
 
-    def stream(self, side: str, messages: list[dict], settings: Settings) -> Iterator[str]:
-        """Yield the growing answer of ``side`` to ``messages`` (ending in the user's turn), token by token.
+    def stream(self, turns: dict[str, list[dict]], settings: Settings) -> Iterator[dict[str, str]]:
+        """Yield every side's growing answer, {side: text}, as the tokens come; one batched generation.
 
-        The lock is held and the side's adapter active from before the first token until the
-        generation thread has finished, even when the reader stops early (the thread is told to
-        stop and joined), so the other side can never switch adapters under it.
+        ``turns`` maps each side to answer to its messages (ending in the user's turn): both sides
+        for the demo's two columns, one side for that side alone. Leaving early stops the rows.
         """
-        from transformers import StoppingCriteriaList
-
         settings.check()
+        unknown = set(turns) - set(self.sides)
+        if unknown or not turns:
+            raise ValueError(f"sides {sorted(unknown) or '(none)'}: each must be one of {', '.join(self.sides)}")
         max_new = min(settings.max_new_tokens, max(1, self.max_context - 1))
-        ids = torch.tensor([self.prompt_ids(messages, max_new)], device=next(self.model.parameters()).device)
-        streamer = _TextStreamer(self.tokenizer)
-        stop, errors = threading.Event(), []
-        kwargs = dict(generation_kwargs(self.tokenizer, ids, max_new, settings.temperature, settings.top_p),
-                      use_cache=True, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Stop(stop)]))
-
-        def run():
-            try:
-                with torch.no_grad():
-                    self.model.generate(**kwargs)
-            except BaseException as e:  # re-raised in the reader; end() unblocks it
-                errors.append(e)
-                streamer.end()
-
-        with self.use(side):
-            torch.manual_seed(settings.seed)  # under the lock: both sides start from the same RNG state
-            thread = threading.Thread(target=run, name=f"qsimpo-generate-{side}", daemon=True)
-            thread.start()
-            shown = None
-            try:
-                for text in streamer:
-                    if text.strip() != (shown or ""):  # a token can be bare whitespace; show only growth
-                        shown = text.strip()
-                        yield shown
-                if shown is None:
-                    yield ""  # an empty answer (EOS first) is still an answer
-            finally:
-                stop.set()
-                thread.join()
-        if errors:
-            raise errors[0]
+        request = Request(prompts=[self.prompt_ids(messages, max_new) for messages in turns.values()],
+                          adapters=[self.sides[side].adapter for side in turns], temperature=settings.temperature,
+                          top_p=settings.top_p, max_new_tokens=max_new, seed=settings.seed)
+        shown = None
+        for texts in self.batcher.run(request):
+            texts = {side: text.strip() for side, text in zip(turns, texts)}
+            if texts != shown:  # a token can be bare whitespace, or a partial character: show only growth
+                shown = texts
+                yield texts
+        if shown is None:
+            yield dict.fromkeys(turns, "")  # empty answers (EOS first) are still answers
 
     def respond(self, side: str, messages: list[dict], settings: Settings) -> str:
-        """The whole answer (the last value ``stream`` yields)."""
-        return list(self.stream(side, messages, settings))[-1]
+        """``side``'s whole answer to ``messages``, generated alone."""
+        *_, last = self.stream({side: messages}, settings)
+        return last[side]
 
     # ------------------------------------------------------------------------------------- scoring
     @torch.no_grad()
-    def avg_logprob(self, side: str, messages: list[dict], response: str) -> tuple[float, int]:
-        """(average log-prob, |y|) of ``response`` after ``messages`` under ``side``'s model.
+    def score(self, items: list[tuple[str, list[dict], str]]) -> list[tuple[float, int]]:
+        """(average log-prob, |y|) of each (side, messages, response): the response after the messages under that side.
 
         Tokenized exactly as `qsimpo train` tokenizes a pair (qsimpo.data.tokenize_pair: the chat
         template, one BOS, the response closed by EOS) and averaged by qsimpo.logprobs, so β times
-        this number is the SimPO reward the row would get in training.
+        this number is the SimPO reward the row would get in training. One forward pass for all
+        items: left-padded so every response ends in the last column, and only the last
+        max(|y|) + 1 positions' logits are computed.
         """
         from ..data import tokenize_pair
         from ..logprobs import sequence_logps
 
-        triple = {"prompt": list(messages), "chosen": response, "rejected": response, "format": "conversational",
-                  "location": "demo"}
-        enc = tokenize_pair(self.tokenizer, triple, self.max_context, self.max_context // 2)
-        prompt, answer = enc["prompt_ids"], enc["chosen_ids"]
+        pairs = []
+        for _, messages, response in items:
+            triple = {"prompt": list(messages), "chosen": response, "rejected": response, "format": "conversational",
+                      "location": "demo"}
+            enc = tokenize_pair(self.tokenizer, triple, self.max_context, self.max_context // 2)
+            pairs.append((enc["prompt_ids"], enc["chosen_ids"]))
+        width, keep = max(len(p) + len(a) for p, a in pairs), max(len(a) for _, a in pairs) + 1
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         device = next(self.model.parameters()).device
-        ids = torch.tensor([prompt + answer], device=device)
-        mask = torch.tensor([[0] * len(prompt) + [1] * len(answer)], device=device)
-        with self.use(side) as model:
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-        lp = sequence_logps(logits, ids, mask)
-        return float(lp.avg[0]), int(lp.count[0])
+        ids = torch.tensor([[pad] * (width - len(p) - len(a)) + p + a for p, a in pairs], device=device)
+        attention = torch.tensor([[0] * (width - len(p) - len(a)) + [1] * (len(p) + len(a)) for p, a in pairs], device=device)
+        answer = torch.tensor([[0] * (width - len(a)) + [1] * len(a) for _, a in pairs], device=device)
+        with self.lock:
+            logits = self.model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                                use_cache=False, logits_to_keep=keep,
+                                adapter_names=[self.sides[side].adapter for side, _, _ in items]).logits
+        # padding positions' logits are never read, but a NaN there would still poison the masked sum
+        logits = logits.masked_fill(attention[:, -keep:, None] == 0, 0.0)
+        lp = sequence_logps(logits, ids[:, -keep:], answer[:, -keep:])
+        return [(float(avg), int(n)) for avg, n in zip(lp.avg, lp.count)]
 
-    def stats(self, messages: list[dict], response: str) -> dict:
-        """|y| and the average log-prob of ``response`` under each side's model (two scoring passes)."""
-        scores = {side: self.avg_logprob(side, messages, response) for side in SIDES}
-        return {"tokens": scores["right"][1], "avg_logprob": {side: round(s[0], 4) for side, s in scores.items()}}
+    def avg_logprob(self, side: str, messages: list[dict], response: str) -> tuple[float, int]:
+        """(average log-prob, |y|) of ``response`` after ``messages`` under ``side``'s model."""
+        return self.score([(side, messages, response)])[0]
+
+    def stats(self, turns: dict[str, list[dict]], answers: dict[str, str]) -> dict[str, dict]:
+        """For each side's answer: |y| and its average log-prob under every side's model (one forward pass)."""
+        items = [(scorer, turns[side], answers[side]) for side in turns for scorer in SIDES]
+        scores = iter(self.score(items))
+        out = {}
+        for side in turns:
+            mine = {scorer: next(scores) for scorer in SIDES}
+            out[side] = {"tokens": mine[side][1], "avg_logprob": {s: round(v[0], 4) for s, v in mine.items()}}
+        return out
 
 
 def check_adapter(adapter: str, flag: str) -> None:
@@ -306,12 +245,27 @@ def check_adapter(adapter: str, flag: str) -> None:
                             "or a Hub adapter id")
 
 
+def check_base(base: str | None, adapter: str, meta: dict) -> str:
+    """The base model to load (--base, else the one the adapter records), failing early when it cannot be there."""
+    from ..data import looks_local
+
+    name = base or meta.get("base_model")
+    if not name:
+        raise UsageError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder "
+                         "with --base")
+    if looks_local(name) and not Path(name).expanduser().exists():
+        where = "given with --base" if base else f"recorded in {adapter}/qsimpo.json"
+        raise InputNotFound(f"the base model {name} ({where}) was not found: pass the model the adapter was trained on "
+                            "with --base PATH_OR_HUB_ID")
+    return name
+
+
 def resolve_adapter(adapter: str | None, base: str | None) -> tuple[str, str | None]:
     """The adapter (and base) to serve: the given ones, or the quickstart's output when none is given."""
     if adapter:
         return adapter, base
     if not (QUICKSTART / "adapter" / "adapter_config.json").is_file():
         raise InputNotFound(f"no quickstart output at {QUICKSTART / 'adapter'} (working directory {Path.cwd()}): "
-                                "run `qsimpo quickstart` first, or pass --adapter DIR_OR_HUB_ID")
+                            "run `qsimpo quickstart` first, or pass --adapter DIR_OR_HUB_ID")
     return str(QUICKSTART / "adapter"), base or str(QUICKSTART / "base")
 
