@@ -157,6 +157,7 @@ def _wait(condition, timeout: float = 30.0) -> None:
 def test_leaving_early_stops_the_rows(chat, monkeypatch):
     calls = []
     monkeypatch.setattr(chat.model, "generate", spy_generate(chat.model, calls))
+    # left to run, both rows go on to all 400 tokens at these settings (the tiny model never says EOS here)
     stream = chat.stream({"left": USER, "right": USER}, Settings(temperature=1.0, max_new_tokens=400, seed=1))
     next(stream)  # generation running
     stream.close()  # the reader leaves (the UI cancelled): its rows stop at the next step
