@@ -16,7 +16,7 @@ from transformers import Trainer
 
 from .config import SimPOConfig
 from .errors import QsimpoError
-from .logprobs import chunked_head_logps, indexed_logps
+from .logprobs import chunked_token_logps, indexed_logps, per_sequence
 from .loss import simpo_loss
 from .packing import attention_inputs
 
@@ -33,25 +33,32 @@ def attn_implementation(model) -> str:
 
 
 @contextmanager
-def detached_head(model):
-    """Swap the output head for an identity so the forward returns final hidden states.
+def scoring_head(model, score_index, score_labels, chunk_size: int):
+    """For the forward passes inside: the output head returns the scored tokens' log-probs, not logits.
 
-    The forward still goes through every wrapper (DDP, FSDP, PEFT), so gradient sync and LoRA
-    stay as they are. Yields (head, logit soft-cap): Gemma-2's soft-cap is applied by the
-    chunked head instead of to the hidden states.
+    The model still calls its head as ``lm_head(hidden_states)``, inside every wrapper (DDP,
+    FSDP, PEFT), and only the head's ``forward`` is replaced, so the hooks a sharding wrapper
+    puts on the head module run as for any linear layer: FSDP2 (and ZeRO-3) gather the weight
+    before this forward and again before its backward, and the chunked head reads whole
+    weights. ``.logits`` of the output is then ``[T]``, one log-prob per scored token. Gemma-2's
+    soft-cap is applied by the chunked head instead of by the model.
     """
     lm = unwrap(model)
     head = lm.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"train.head_chunk_size needs a plain nn.Linear output head, got {type(head).__name__}: set it to 0")
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    lm.set_output_embeddings(torch.nn.Identity())
+
+    def forward(hidden):
+        return chunked_token_logps(hidden, head.weight, head.bias, score_index, score_labels, chunk_size, softcap)
+
+    head.forward = forward  # an instance attribute: the class's forward and every hook stay as they are
     if softcap is not None:
         lm.config.final_logit_softcapping = None
     try:
-        yield head, softcap
+        yield
     finally:
-        lm.set_output_embeddings(head)
+        del head.forward
         if softcap is not None:
             lm.config.final_logit_softcapping = softcap
 
@@ -72,13 +79,12 @@ def pair_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch.floa
     b = int(inputs["num_pairs"])
     kwargs = {"input_ids": inputs["input_ids"], "use_cache": False,
               **attention_inputs(inputs, attn_implementation(model), compute_dtype)}
-    score = (inputs["score_index"], inputs["score_labels"], inputs["score_seq"], 2 * b)
+    index, labels, seq = inputs["score_index"], inputs["score_labels"], inputs["score_seq"]
     if head_chunk_size:
-        with detached_head(model) as (head, softcap):
-            hidden = model(**kwargs).logits  # the head is an identity: these are the final hidden states
-        logps = chunked_head_logps(hidden, head, *score, chunk_size=head_chunk_size, softcap=softcap)
+        with scoring_head(model, index, labels, head_chunk_size):
+            logps = per_sequence(model(**kwargs).logits, seq, 2 * b)
     else:
-        logps = indexed_logps(model(**kwargs).logits, *score)  # the model applied any soft-cap itself
+        logps = indexed_logps(model(**kwargs).logits, index, labels, seq, 2 * b)  # the model applied any soft-cap itself
     return logps.avg[:b], logps.avg[b:]
 
 
