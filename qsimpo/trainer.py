@@ -100,6 +100,30 @@ def pair_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
     }
 
 
+class GlobalLengthGroupedSampler(torch.utils.data.Sampler):
+    """Shuffled mega-batches, each sorted by length, in units of one optimizer step's pairs on all processes.
+
+    Every process draws the same order (seed + epoch, not the global RNG), and accelerate hands
+    consecutive per-device batches of it to the processes in turn, so an optimizer step sees the
+    same pairs whatever the process count, given the same global batch.
+    """
+
+    def __init__(self, global_batch: int, lengths: list[int], seed: int):
+        self.global_batch, self.lengths, self.seed, self.epoch = global_batch, lengths, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate and the Trainer call it before each epoch
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.global_batch, generator=generator))
+
+
 class SimPOTrainer(Trainer):
     def __init__(self, *args, simpo: SimPOConfig, head_chunk_size: int = 0, compute_dtype=torch.float32,
                  group_by_length: bool = False, **kwargs):
@@ -120,10 +144,9 @@ class SimPOTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length or not hasattr(dataset, "lengths"):
             return super()._get_train_sampler(train_dataset)
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
-        # shuffled mega-batches, each sorted by length: similar lengths share a batch
-        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=dataset.lengths)
+        a = self.args
+        return GlobalLengthGroupedSampler(a.train_batch_size * a.gradient_accumulation_steps * a.world_size,
+                                          dataset.lengths, a.data_seed if a.data_seed is not None else a.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         chosen, rejected = self.pair_logps(model, inputs)
