@@ -8,10 +8,12 @@ which positions to score the same way, so ``pair_logps`` serves them alike.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer
 
 from .config import SimPOConfig
@@ -124,6 +126,28 @@ class GlobalLengthGroupedSampler(torch.utils.data.Sampler):
         return iter(get_length_grouped_indices(self.lengths, self.global_batch, generator=generator))
 
 
+def enable_fsdp_on_cpu(trainer, state) -> None:
+    """FSDP for CPU processes (gloo), which accelerate leaves as plain DDP.
+
+    accelerate turns FSDP on only for accelerator devices and would silently run data-parallel;
+    torch's ``fully_shard`` runs on the CPU too. Set where accelerate would have set it, from the
+    same plugin arguments (train.fsdp) or the same environment (``accelerate launch`` with an FSDP
+    config), so the Trainer takes its FSDP path: wrapping, optimizer, full-state-dict saving.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    args = trainer.args.fsdp_plugin_args
+    plugin = FullyShardedDataParallelPlugin(**args) if args is not None else FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    # AcceleratorState copies distributed_type from PartialState each time one is constructed
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+
+
 class SimPOTrainer(Trainer):
     def __init__(self, *args, simpo: SimPOConfig, head_chunk_size: int = 0, compute_dtype=torch.float32,
                  group_by_length: bool = False, **kwargs):
@@ -139,6 +163,13 @@ class SimPOTrainer(Trainer):
 
     def pair_logps(self, model, inputs):
         return pair_logps(model, inputs, self.head_chunk_size, self.compute_dtype)
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        asked = self.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        if asked and state.distributed_type == DistributedType.MULTI_CPU:
+            enable_fsdp_on_cpu(self, state)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
