@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer
 
-from .config import SimPOConfig
+from .config import ConfigError, SimPOConfig
 from .errors import QsimpoError
 from .logprobs import chunked_token_logps, indexed_logps, per_sequence
 from .loss import simpo_loss
@@ -170,6 +170,9 @@ class SimPOTrainer(Trainer):
         asked = self.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
         if asked and state.distributed_type == DistributedType.MULTI_CPU:
             enable_fsdp_on_cpu(self, state)
+        if self.is_fsdp_enabled and getattr(unwrap(self.model), "is_loaded_in_8bit", False):
+            raise ConfigError(["FSDP cannot shard model.quantization int8 weights (bitsandbytes' int8 parameters lose "
+                               "their quantization state when split): use nf4 or none, or train data-parallel without FSDP"])
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
