@@ -159,6 +159,6 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 def chunked_head_logps(hidden: torch.Tensor, head: torch.nn.Linear, score_index, score_labels, score_seq, n_seqs: int,
                        chunk_size: int = 1024, softcap: float | None = None) -> SequenceLogps:
-    """Response log-probs from final hidden states, applying the output head only where scored (``chunked_token_logps``)."""
+    """Response log-probs from final hidden states, the head applied only where scored (``chunked_token_logps``)."""
     token = chunked_token_logps(hidden, head.weight, head.bias, score_index, score_labels, chunk_size, softcap)
     return per_sequence(token, score_seq, n_seqs)

@@ -8,8 +8,10 @@ the same numbers when sharded. All use LoRA on the NF4 base, length-grouped batc
 one seed; the reference takes batch_size 4 where each process takes 2, with gradient accumulation
 2, so every optimizer step sees the same 8 pairs. With 60 pairs the length-grouped mega-batches
 depend on the batch size they are cut for, so a sampler sized per process would be caught.
-Launches: DDP under torchrun, FSDP2 full shard under torchrun (``--train.fsdp true``) and under
-``accelerate launch`` with the shipped ``configs/accelerate/fsdp-qlora.yaml``.
+Launches: DDP under ``accelerate launch`` with the shipped ``configs/accelerate/ddp.yaml``, FSDP2
+full shard under torchrun (``--train.fsdp true``), and FSDP2 under ``accelerate launch`` with the
+shipped ``configs/accelerate/fsdp-qlora.yaml`` on a model whose output head is tied to its input
+embeddings. (tests/test_train.py runs DDP under torchrun.)
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, make_config
 
-COMMON = ("--data.max_rows", "60", "--train.max_steps", "3", "--train.gradient_accumulation_steps", "2", "--train.head_chunk_size", "16",
-          "--train.save_steps", "1000")
+COMMON = ("--data.max_rows", "60", "--train.max_steps", "3", "--train.gradient_accumulation_steps", "2",
+          "--train.head_chunk_size", "16", "--train.save_steps", "1000")
 # Measured: logged numbers differ by at most 3e-7 and LoRA weights by 2e-6 (fp32 sums in another
 # order, which AdamW's first steps amplify where a gradient is near 0). A step moves the weights by
 # about 1e-2 (lr); a sampler sized per process already fails on step 1's loss.
@@ -73,19 +75,40 @@ def free_port() -> str:
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_base, pref_jsonl, tmp_path_factory):
-    """(config YAML, wrapper script, the one-process reference run's folder)."""
+def tied_base(tiny_base, tmp_path_factory):
+    """tiny_base with its output head tied to the input embeddings (as in SmolLM2, Gemma, small Qwen2.5)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    out = tmp_path_factory.mktemp("tied") / "tiny"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_base, tied_base, pref_jsonl, tmp_path_factory):
+    """(wrapper script, prepare): prepare(base) gives (config YAML, one-process reference folder), made once."""
     from qsimpo.config import dump_yaml
     from qsimpo.train import train
 
     root = tmp_path_factory.mktemp("dist")
-    config = root / "tiny.yaml"
-    config.write_text(dump_yaml(make_config(tiny_base, pref_jsonl, root / "unused", *COMMON)))
     script = root / "train_and_dump.py"
     script.write_text(RANK_DUMP)
-    reference = train(make_config(tiny_base, pref_jsonl, root / "one", *COMMON, "--train.batch_size", "4",
-                                  "--train.packing", "none", "--train.head_chunk_size", "0")).output_dir
-    return config, script, reference
+    bases, made = {"untied": tiny_base, "tied": tied_base}, {}
+
+    def prepare(which: str):
+        if which not in made:
+            config = root / f"{which}.yaml"
+            config.write_text(dump_yaml(make_config(bases[which], pref_jsonl, root / "unused", *COMMON)))
+            plain = ("--train.batch_size", "4", "--train.packing", "none", "--train.head_chunk_size", "0")
+            reference = train(make_config(bases[which], pref_jsonl, root / f"one-{which}", *COMMON, *plain)).output_dir
+            made[which] = config, reference
+        return made[which]
+
+    return script, prepare
 
 
 def launch(launcher: list[str], script, config, out, *extra: str) -> None:
@@ -101,7 +124,8 @@ def torchrun() -> list[str]:
 
 
 def accelerate_launch(config_name: str) -> list[str]:
-    return ["accelerate.commands.accelerate_cli", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / config_name),
+    config = ROOT / "configs" / "accelerate" / config_name
+    return ["accelerate.commands.accelerate_cli", "launch", "--config_file", str(config),
             "--num_processes", "2", "--main_process_port", free_port()]
 
 
@@ -116,9 +140,11 @@ def assert_matches_reference(out, reference) -> dict[str, dict]:
     assert [r["step"] for r in steps] == [r["step"] for r in ref_steps] == [1, 2, 3]
     for row, ref in zip(steps, ref_steps):
         for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"):
-            torch.testing.assert_close(torch.tensor(row[key]), torch.tensor(ref[key]), **LOSS_TOL, msg=f"step {row['step']} {key}")
+            torch.testing.assert_close(torch.tensor(row[key]), torch.tensor(ref[key]), **LOSS_TOL,
+                                       msg=f"step {row['step']} {key}")
         assert row["rewards/accuracies"] == ref["rewards/accuracies"]
-    adapter, ref_adapter = load_file(out / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    adapter = load_file(out / "adapter_model.safetensors")
+    ref_adapter = load_file(reference / "adapter_model.safetensors")
     assert adapter.keys() == ref_adapter.keys() and len(adapter) == 28  # 7 linears x 2 layers x (A, B)
     for k in adapter:
         torch.testing.assert_close(adapter[k], ref_adapter[k], **WEIGHT_TOL, msg=k)
@@ -137,29 +163,41 @@ def assert_matches_reference(out, reference) -> dict[str, dict]:
     return ranks
 
 
-def test_ddp_matches_one_process(setup, tmp_path):
-    config, script, reference = setup
-    launch(torchrun(), script, config, tmp_path / "ddp")
+def assert_sharded_in_two(ranks) -> None:
+    for name, p in ranks[0]["params"].items():
+        # every weight, the packed 4-bit ones and the output head included, is split in two
+        assert p["sharded"] and p["local_numel"] * 2 == p["numel"], name
+        if "lora_" in name:  # rank 0 holds the first half of each LoRA matrix's rows, rank 1 the rest
+            full, half = p["full"], p["full"].shape[0] // 2
+            assert torch.equal(p["local"], full[:half]), name
+            assert torch.equal(ranks[1]["params"][name]["local"], full[half:]), name
+
+
+def test_ddp_under_accelerate_launch_matches_one_process(setup, tmp_path):
+    script, prepare = setup
+    config, reference = prepare("untied")
+    launch(accelerate_launch("ddp.yaml"), script, config, tmp_path / "ddp")
     for d in assert_matches_reference(tmp_path / "ddp", reference):
         assert not any(p["sharded"] for p in d["params"].values())  # every process holds the whole model
 
 
-@pytest.mark.parametrize("how", ["torchrun", "accelerate"])
-def test_fsdp_full_shard_matches_one_process(setup, tmp_path, how):
-    config, script, reference = setup
-    if how == "torchrun":
-        launch(torchrun(), script, config, tmp_path / "fsdp", "--train.fsdp", "true")
-    else:
-        launch(accelerate_launch("fsdp-qlora.yaml"), script, config, tmp_path / "fsdp")
+def test_fsdp_under_torchrun_matches_one_process(setup, tmp_path):
+    script, prepare = setup
+    config, reference = prepare("untied")
+    launch(torchrun(), script, config, tmp_path / "fsdp", "--train.fsdp", "true")
     ranks = assert_matches_reference(tmp_path / "fsdp", reference)
-    for name, p in ranks[0]["params"].items():
-        # every weight, the packed 4-bit ones and the output head included, is split in two
-        assert p["sharded"] and p["local_numel"] * 2 == p["numel"], name
-    for name, p in ranks[0]["params"].items():
-        if "lora_" in name:  # rank r holds rows r/2 .. (r+1)/2 of each LoRA matrix
-            full = p["full"]
-            half = full.shape[0] // 2
-            assert torch.equal(p["local"], full[:half]) and torch.equal(ranks[1]["params"][name]["local"], full[half:]), name
+    assert_sharded_in_two(ranks)
+    assert ranks[0]["params"]["base_model.model.lm_head.weight"]["sharded"]  # the chunked head's weight too
+
+
+def test_fsdp_under_accelerate_launch_with_a_tied_head_matches_one_process(setup, tmp_path):
+    """accelerate puts a tied head in one FSDP unit with the embeddings and the final norm."""
+    script, prepare = setup
+    config, reference = prepare("tied")
+    launch(accelerate_launch("fsdp-qlora.yaml"), script, config, tmp_path / "fsdp")
+    ranks = assert_matches_reference(tmp_path / "fsdp", reference)
+    assert_sharded_in_two(ranks)
+    assert not any("lm_head" in name for name in ranks[0]["params"])  # one shared weight, listed once
 
 
 def test_fsdp_refused_for_one_process(tiny_base, pref_jsonl, tmp_path):
