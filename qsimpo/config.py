@@ -103,6 +103,7 @@ class TrainConfig:
     packing: str = _f("shared_prompt", "Batch layout: shared_prompt (prompt once, then chosen, then rejected, in one row) or none (separate chosen/rejected rows).", choices=("shared_prompt", "none"))
     head_chunk_size: int = _f(1024, "Apply the output head only at response positions, this many at a time, recomputed in backward (0: full logits).")
     group_by_length: bool = _f(True, "Batch pairs of similar length together so little compute goes to padding.")
+    fsdp: bool = _f(False, "Shard the base and LoRA weights, gradients and optimizer state across processes with FSDP2 (full shard; launch with torchrun or accelerate launch).")
     logging_steps: int = _f(1, "Log metrics every N optimizer steps.")
     save_steps: int = _f(100, "Save a resumable checkpoint every N optimizer steps.")
     save_total_limit: int | None = _f(2, "Keep at most this many checkpoints (None: all).")

@@ -143,9 +143,9 @@ def _capped_logits(h, weight, bias, softcap, keep_tanh: bool):
     return tanh * softcap, tanh
 
 
-def chunked_head_logps(hidden: torch.Tensor, head: torch.nn.Linear, score_index, score_labels, score_seq, n_seqs: int,
-                       chunk_size: int = 1024, softcap: float | None = None) -> SequenceLogps:
-    """Response log-probs from final hidden states, applying the output head only where scored.
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, score_index, score_labels,
+                        chunk_size: int = 1024, softcap: float | None = None) -> torch.Tensor:
+    """log p(label) [T] at the scored positions of final hidden states [N, L, H], given the head's weight and bias.
 
     The head runs on ``chunk_size`` positions at a time with an fp32 log-sum-exp, and each
     chunk's logits are recomputed in the backward pass instead of stored (``_ChunkedHead``), so
@@ -153,6 +153,12 @@ def chunked_head_logps(hidden: torch.Tensor, head: torch.nn.Linear, score_index,
     vocabulary. A frozen head gets no weight gradient, only the hidden states do.
     """
     # the head's dtype: under mixed precision an unquantized bf16 head can meet fp32 hidden states
-    h = hidden.reshape(-1, hidden.shape[-1])[score_index].to(head.weight.dtype)
-    return per_sequence(_ChunkedHead.apply(h, head.weight, head.bias, score_labels, softcap, chunk_size),
-                        score_seq, n_seqs)
+    h = hidden.reshape(-1, hidden.shape[-1])[score_index].to(weight.dtype)
+    return _ChunkedHead.apply(h, weight, bias, score_labels, softcap, chunk_size)
+
+
+def chunked_head_logps(hidden: torch.Tensor, head: torch.nn.Linear, score_index, score_labels, score_seq, n_seqs: int,
+                       chunk_size: int = 1024, softcap: float | None = None) -> SequenceLogps:
+    """Response log-probs from final hidden states, the head applied only where scored (``chunked_token_logps``)."""
+    token = chunked_token_logps(hidden, head.weight, head.bias, score_index, score_labels, chunk_size, softcap)
+    return per_sequence(token, score_seq, n_seqs)

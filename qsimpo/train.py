@@ -9,6 +9,7 @@ config → tokenizer → preference pairs (with a summary of what was kept and d
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,9 @@ def training_arguments(cfg: Config, output_dir: Path, has_eval: bool, device: st
     eval_kwargs = {}
     if has_eval and t.eval_every > 0:
         eval_kwargs = {"eval_strategy": "steps", "eval_steps": t.eval_every}
+    fsdp_kwargs = {}
+    if t.fsdp:  # FSDP2 through accelerate, as configs/accelerate/fsdp-qlora.yaml: one unit per decoder layer
+        fsdp_kwargs = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}}
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.batch_size,
@@ -148,6 +152,7 @@ def training_arguments(cfg: Config, output_dir: Path, has_eval: bool, device: st
         dataloader_pin_memory=device != "cpu",
         gradient_checkpointing=False,  # enabled on the model in add_lora (non-reentrant)
         **eval_kwargs,
+        **fsdp_kwargs,
     )
 
 
@@ -196,6 +201,9 @@ def train(cfg: Config) -> TrainRun:
     if cfg.model.attn_implementation == "flex_attention" and torch.device(device).type != "cuda":
         raise ConfigError([f"model.attn_implementation = 'flex_attention' trains only on CUDA (torch has no FlexAttention "
                            f"backward on {torch.device(device).type}): use sdpa here"])
+    if cfg.train.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        raise ConfigError(["train.fsdp = true shards across processes, and this is one: launch with "
+                           "`torchrun --nproc_per_node N -m qsimpo train ...`, or set train.fsdp false"])
 
     sources = read_sources(cfg)  # bad data stops here, before anything loads
     tokenizer = load_tokenizer(cfg.model)
