@@ -101,7 +101,7 @@ class TrainConfig:
     optim: str = _f("adamw_torch", "Optimizer name understood by transformers (adamw_torch, paged_adamw_8bit, ...).")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory.")
     packing: str = _f("shared_prompt", "Batch layout: shared_prompt (prompt once, then chosen, then rejected, in one row) or none (separate chosen/rejected rows).", choices=("shared_prompt", "none"))
-    head_chunk_size: int = _f(1024, "Apply the output head only at response positions, this many at a time, recomputed in backward (0: full logits).")
+    head_chunk_size: int | None = _f(None, "Apply the output head only at response positions, this many at a time, recomputed in backward (null: sized by the vocabulary so the fp32 block stays within 256 MiB; 0: full logits).")
     group_by_length: bool = _f(True, "Batch pairs of similar length together so little compute goes to padding.")
     fsdp: bool = _f(False, "Shard the base and LoRA weights, gradients and optimizer state across processes with FSDP2 (full shard; launch with torchrun or accelerate launch).")
     logging_steps: int = _f(1, "Log metrics every N optimizer steps.")
@@ -340,7 +340,7 @@ def validate(cfg: Config) -> list[str]:
     if t.packing == "shared_prompt" and m.attn_implementation not in PACKED_ATTENTION:
         p.append(f"model.attn_implementation = {m.attn_implementation!r} cannot take the shared-prompt mask (rejected tokens "
                  f"must not see chosen ones): use one of {', '.join(PACKED_ATTENTION)}, or set train.packing none")
-    if t.head_chunk_size < 0:
+    if t.head_chunk_size is not None and t.head_chunk_size < 0:
         p.append(f"train.head_chunk_size = {t.head_chunk_size} must be >= 0 (0 computes full logits)")
     if t.eval_every < 0:
         p.append(f"train.eval_every = {t.eval_every} must be >= 0")

@@ -14,6 +14,18 @@ import torch
 import torch.nn.functional as F
 
 
+HEAD_BLOCK_BYTES = 256 * 2**20  # the chunked head's fp32 [rows, vocab] block, whatever the vocabulary
+
+
+def head_chunk_rows(chunk_size: int | None, vocab_size: int) -> int:
+    """Rows of the chunked head's block: ``train.head_chunk_size`` as given (0: full logits), or for None
+    as many as keep the fp32 block within HEAD_BLOCK_BYTES (2048 rows at 32k tokens, 512 at Llama-3's
+    128k, 256 at Gemma's 256k), so a larger vocabulary never means a larger peak."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(16, HEAD_BLOCK_BYTES // (4 * vocab_size) // 16 * 16)
+
+
 class SequenceLogps(NamedTuple):
     avg: torch.Tensor  # [N] mean log-prob over response tokens
     sum: torch.Tensor  # [N] summed log-prob over response tokens

@@ -20,6 +20,7 @@ from . import __version__
 from .callbacks import FiniteGradGuard, MetricsJsonl, ProgressBar
 from .config import Config, ConfigError, dump_yaml
 from .data import read_source, split_eval, tokenize_source
+from .logprobs import head_chunk_rows
 from .model import add_lora, compute_dtype, load_base, load_tokenizer
 from .packing import make_collator
 from .trainer import SimPOTrainer
@@ -227,7 +228,7 @@ def train(cfg: Config) -> TrainRun:
         processing_class=tokenizer,
         callbacks=[FiniteGradGuard(), MetricsJsonl(metrics_path)],
         simpo=cfg.simpo,
-        head_chunk_size=cfg.train.head_chunk_size,
+        head_chunk_size=head_chunk_rows(cfg.train.head_chunk_size, model.config.vocab_size),
         compute_dtype=compute_dtype(cfg.model.compute_dtype, device),
         group_by_length=cfg.train.group_by_length,
     )

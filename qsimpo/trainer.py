@@ -76,11 +76,16 @@ NON_FINITE_CAUSES = (
 )
 
 
-def pair_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch.float32):
-    """(chosen, rejected) average response log-probs for a batch of either layout (qsimpo.packing)."""
+def pair_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch.float32, **forward_kwargs):
+    """(chosen, rejected) average response log-probs for a batch of either layout (qsimpo.packing).
+
+    The one scoring function: the training loss, in-training evaluation, ``qsimpo eval``, the
+    quickstart and the demo all score responses through it. ``forward_kwargs`` go to the model
+    (the demo passes peft's per-row ``adapter_names``).
+    """
     b = int(inputs["num_pairs"])
     kwargs = {"input_ids": inputs["input_ids"], "use_cache": False,
-              **attention_inputs(inputs, attn_implementation(model), compute_dtype)}
+              **attention_inputs(inputs, attn_implementation(model), compute_dtype), **forward_kwargs}
     index, labels, seq = inputs["score_index"], inputs["score_labels"], inputs["score_seq"]
     if head_chunk_size:
         with scoring_head(model, index, labels, head_chunk_size):

@@ -187,34 +187,23 @@ class SideBySide:
         """(average log-prob, |y|) of each (side, messages, response): the response after the messages under that side.
 
         Tokenized exactly as `qsimpo train` tokenizes a pair (qsimpo.data.tokenize_pair: the chat
-        template, one BOS, the response closed by EOS) and averaged by qsimpo.logprobs, so β times
-        this number is the SimPO reward the row would get in training. One forward pass for all
-        items: left-padded so every response ends in the last column, and only the last
-        max(|y|) + 1 positions' logits are computed.
+        template, one BOS, the response closed by EOS) and scored by qsimpo.scoring.score_pairs, the
+        training path (packed rows, response-only chunked head), each row under its side's adapter:
+        β times this number is the SimPO reward the row would get in training.
         """
         from ..data import tokenize_pair
-        from ..logprobs import sequence_logps
+        from ..scoring import score_pairs
 
         pairs = []
-        for _, messages, response in items:
+        for _, messages, response in items:  # a "pair" of the response with itself: one packed row per item
             triple = {"prompt": list(messages), "chosen": response, "rejected": response, "format": "conversational",
                       "location": "demo"}
-            enc = tokenize_pair(self.tokenizer, triple, self.max_context, self.max_context // 2)
-            pairs.append((enc["prompt_ids"], enc["chosen_ids"]))
-        width, keep = max(len(p) + len(a) for p, a in pairs), max(len(a) for _, a in pairs) + 1
+            pairs.append(tokenize_pair(self.tokenizer, triple, self.max_context, self.max_context // 2))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        device = next(self.model.parameters()).device
-        ids = torch.tensor([[pad] * (width - len(p) - len(a)) + p + a for p, a in pairs], device=device)
-        attention = torch.tensor([[0] * (width - len(p) - len(a)) + [1] * (len(p) + len(a)) for p, a in pairs], device=device)
-        answer = torch.tensor([[0] * (width - len(a)) + [1] * len(a) for _, a in pairs], device=device)
         with self.lock:
-            logits = self.model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
-                                use_cache=False, logits_to_keep=keep,
-                                adapter_names=[self.sides[side].adapter for side, _, _ in items]).logits
-        # padding positions' logits are never read, but a NaN there would still poison the masked sum
-        logits = logits.masked_fill(attention[:, -keep:, None] == 0, 0.0)
-        lp = sequence_logps(logits, ids[:, -keep:], answer[:, -keep:])
-        return [(float(avg), int(n)) for avg, n in zip(lp.avg, lp.count)]
+            scores = score_pairs(self.model, pairs, pad, batch_size=len(pairs),
+                                 adapter_names=[self.sides[side].adapter for side, _, _ in items])
+        return [(float(avg), int(n)) for avg, n in zip(scores.chosen, scores.chosen_len)]
 
     def avg_logprob(self, side: str, messages: list[dict], response: str) -> tuple[float, int]:
         """(average log-prob, |y|) of ``response`` after ``messages`` under ``side``'s model."""
