@@ -49,7 +49,7 @@ def prepare(work: Path, device: str, n_pairs: int) -> dict:
     import torch  # noqa: F401
 
     from qsimpo.data import read_rows, to_triples, tokenize_pair
-    from qsimpo.formats import DataSummary
+    from qsimpo.data import DataSummary
     from qsimpo.toy import build_model, build_tokenizer, save_base
 
     shape = SHAPES[device]

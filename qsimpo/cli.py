@@ -38,14 +38,15 @@ def cmd_inspect_data(argv: list[str]) -> int:
     p.add_argument("--n", type=int, default=3, help="how many pairs to print")
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
-    from .data import build_dataset, format_pair
+    from .data import format_pair, read_source, tokenize_source
     from .model import load_tokenizer
 
+    source = read_source(cfg.data)  # bad rows stop here, before the tokenizer loads
     tok = load_tokenizer(cfg.model)
-    pairs, summary = build_dataset(cfg.data, tok)
+    pairs, summary = tokenize_source(cfg.data, source, tok)
     for pair in pairs[: args.n]:
         print(format_pair(tok, pair))
-    print(summary.line())
+    print(summary.report())
     return 0
 
 
@@ -72,19 +73,16 @@ def cmd_demo(argv: list[str]) -> int:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--trust-remote-code", action="store_true", help="run custom modelling code shipped with the base model")
     args = p.parse_args(argv)
-    from .chat import load_demo_app
-
     try:
-        load_demo_app().launch_demo(args.adapter, args.base, args.compare_adapter, args.votes, args.host, args.port,
-                                    args.share, args.trust_remote_code)
+        from .demo.app import launch_demo
     except ModuleNotFoundError as e:
         if e.name != "gradio":
             raise
-        print('error: the demo needs gradio: pip install -e .', file=sys.stderr)
+        print('error: the demo needs gradio: pip install "gradio>=6,<7"', file=sys.stderr)
         return 2
-    except FileNotFoundError as e:  # no quickstart output / no demo/app.py: the message says what to run
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # a missing quickstart output or adapter, or a port in use, is a QsimpoError that main() prints
+    launch_demo(args.adapter, args.base, args.compare_adapter, args.votes, args.host, args.port, args.share,
+                args.trust_remote_code)
     return 0
 
 

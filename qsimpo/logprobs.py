@@ -14,6 +14,18 @@ import torch
 import torch.nn.functional as F
 
 
+HEAD_BLOCK_BYTES = 256 * 2**20  # the chunked head's fp32 [rows, vocab] block, whatever the vocabulary
+
+
+def head_chunk_rows(chunk_size: int | None, vocab_size: int) -> int:
+    """Rows of the chunked head's block: ``train.head_chunk_size`` as given (0: full logits), or for None
+    as many as keep the fp32 block within HEAD_BLOCK_BYTES (2048 rows at 32k tokens, 512 at Llama-3's
+    128k, 256 at Gemma's 256k), so a larger vocabulary never means a larger peak."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(16, HEAD_BLOCK_BYTES // (4 * vocab_size) // 16 * 16)
+
+
 class SequenceLogps(NamedTuple):
     avg: torch.Tensor  # [N] mean log-prob over response tokens
     sum: torch.Tensor  # [N] summed log-prob over response tokens
@@ -143,9 +155,9 @@ def _capped_logits(h, weight, bias, softcap, keep_tanh: bool):
     return tanh * softcap, tanh
 
 
-def chunked_head_logps(hidden: torch.Tensor, head: torch.nn.Linear, score_index, score_labels, score_seq, n_seqs: int,
-                       chunk_size: int = 1024, softcap: float | None = None) -> SequenceLogps:
-    """Response log-probs from final hidden states, applying the output head only where scored.
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, score_index, score_labels,
+                        chunk_size: int = 1024, softcap: float | None = None) -> torch.Tensor:
+    """log p(label) [T] at the scored positions of final hidden states [N, L, H], given the head's weight and bias.
 
     The head runs on ``chunk_size`` positions at a time with an fp32 log-sum-exp, and each
     chunk's logits are recomputed in the backward pass instead of stored (``_ChunkedHead``), so
@@ -153,6 +165,12 @@ def chunked_head_logps(hidden: torch.Tensor, head: torch.nn.Linear, score_index,
     vocabulary. A frozen head gets no weight gradient, only the hidden states do.
     """
     # the head's dtype: under mixed precision an unquantized bf16 head can meet fp32 hidden states
-    h = hidden.reshape(-1, hidden.shape[-1])[score_index].to(head.weight.dtype)
-    return per_sequence(_ChunkedHead.apply(h, head.weight, head.bias, score_labels, softcap, chunk_size),
-                        score_seq, n_seqs)
+    h = hidden.reshape(-1, hidden.shape[-1])[score_index].to(weight.dtype)
+    return _ChunkedHead.apply(h, weight, bias, score_labels, softcap, chunk_size)
+
+
+def chunked_head_logps(hidden: torch.Tensor, head: torch.nn.Linear, score_index, score_labels, score_seq, n_seqs: int,
+                       chunk_size: int = 1024, softcap: float | None = None) -> SequenceLogps:
+    """Response log-probs from final hidden states, the head applied only where scored (``chunked_token_logps``)."""
+    token = chunked_token_logps(hidden, head.weight, head.bias, score_index, score_labels, chunk_size, softcap)
+    return per_sequence(token, score_seq, n_seqs)

@@ -12,6 +12,7 @@ import os
 import torch
 
 from .config import LoraConfig, ModelConfig
+from .errors import InputNotFound, UsageError
 
 
 def device_for_rank() -> str:
@@ -48,7 +49,12 @@ def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:  # transformers' one error for "not a folder, not a reachable Hub repo, not a model"
+        raise InputNotFound(f"model.name_or_path = {cfg.name_or_path!r} could not be loaded ({e}); point it at a local "
+                            "model folder (config.json, tokenizer and weights) or a Hub model id you can reach (check "
+                            "the name, the network, and HF_TOKEN for gated models)") from None
     if tok.pad_token_id is None:  # Llama-3 and others ship none; padded positions are masked anyway
         tok.pad_token = tok.eos_token
     return tok
@@ -152,7 +158,7 @@ def load_trained(adapter: str, base: str | None = None, quantization: str | None
     meta = read_run_metadata(adapter)
     base = base or meta.get("base_model")
     if not base:
-        raise ValueError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder with --base")
+        raise UsageError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder with --base")
     cfg = ModelConfig(name_or_path=base, revision=meta.get("base_model_revision"),
                       quantization=quantization or meta.get("quantization", "nf4"), trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(cfg)

@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass
 
 from .config import Config
+from .logprobs import head_chunk_rows
 
 GiB = 2**30
 NF4_BITS = 4.127  # 4-bit codes + 8-bit absmax per 64 + fp32 second-level absmax per 256 blocks
@@ -118,8 +119,9 @@ def estimate(cfg: Config, shape: Shape, batch: Batch | None = None) -> dict[str,
     layer_acts = tokens * (6 * h + 4 * inter) * act  # q, k, v, o, norms, residual + gate, up, act, product
     acts = tokens * h * act * shape.layers + 2 * layer_acts if t.gradient_checkpointing else shape.layers * layer_acts
     mask = batch.mask_cells * (act + 1)
-    if t.head_chunk_size:
-        head = (2.5 if shape.softcap else 1.5) * min(t.head_chunk_size, batch.scored) * shape.vocab * 4
+    chunk = head_chunk_rows(t.head_chunk_size, shape.vocab)
+    if chunk:
+        head = (2.5 if shape.softcap else 1.5) * min(chunk, batch.scored) * shape.vocab * 4
     else:
         head = tokens * shape.vocab * (act + 2 * 4)
     return {
@@ -136,8 +138,8 @@ def estimate(cfg: Config, shape: Shape, batch: Batch | None = None) -> dict[str,
 def advice(cfg: Config, parts: dict[str, float], budget: int) -> str:
     """Which knob to turn first: the biggest part that a config field controls."""
     t = cfg.train
-    if parts["output head"] > 0.25 * budget and not t.head_chunk_size:
-        return "set --train.head_chunk_size 1024 (response-only, chunked output head)"
+    if parts["output head"] > 0.25 * budget and t.head_chunk_size == 0:
+        return "set --train.head_chunk_size null (response-only, chunked output head sized by the vocabulary)"
     if not t.gradient_checkpointing:
         return "set --train.gradient_checkpointing true"
     if t.batch_size > 1:
@@ -171,7 +173,7 @@ def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[in
     total = sum(parts.values())
     lines = [f"memory plan for {cfg.model.name_or_path} ({cfg.model.quantization}, batch {cfg.train.batch_size}, "
              f"max_length {cfg.data.max_length}, packing {cfg.train.packing}, {cfg.model.attn_implementation}, "
-             f"head_chunk_size {cfg.train.head_chunk_size})",
+             f"head_chunk_size {head_chunk_rows(cfg.train.head_chunk_size, model_config.vocab_size)})",
              f"  worst micro-batch: {batch.tokens} tokens laid out ({batch.source})"]
     lines += [f"  {name:<30} {value / GiB:8.2f} GiB" for name, value in parts.items()]
     lines.append(f"  {'estimated peak':<30} {total / GiB:8.2f} GiB of {gpu_memory / GiB:.1f} GiB")

@@ -119,12 +119,13 @@ def quickstart_config(out: Path, data: Path, base: Path, heldout: Path):
 
 def probe(model, tokenizer, pairs, prompts) -> dict:
     from .generate import generate
-    from .scoring import reward_accuracy, score_pairs
+    from .metrics import reward_accuracy
+    from .scoring import score_pairs
 
     scores = score_pairs(model, pairs, tokenizer.pad_token_id)
     gens = [generate(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=48) for p in prompts]
     return {
-        "reward_accuracy": reward_accuracy(scores),
+        "reward_accuracy": reward_accuracy(scores.chosen, scores.rejected),
         "mean_margin": float((scores.chosen - scores.rejected).mean()),
         "kind_style_rate": sum(map(is_kind, gens)) / len(gens),
         "generations": [{"prompt": p, "response": g} for p, g in zip(prompts, gens)],

@@ -12,6 +12,7 @@ with 130, printing the command that resumes (``--train.resume_from auto``); a se
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 from contextlib import contextmanager
@@ -24,8 +25,9 @@ from . import __version__
 from .callbacks import (CHECKPOINT_MARKER, CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain,
                         ProgressBar, SkipFinishedRun, StopOnSignal, checkpoints, is_complete, last_complete_checkpoint)
 from .config import Config, ConfigError, dump_yaml
-from .errors import InputNotFound, Interrupted, OutputExists, UsageError
-from .data import build_dataset, split_eval
+from .data import read_source, split_eval, tokenize_source
+from .errors import InputNotFound, Interrupted, OutputExists
+from .logprobs import head_chunk_rows
 from .model import add_lora, compute_dtype, load_base, load_tokenizer
 from .packing import make_collator
 from .trainer import SimPOTrainer
@@ -42,6 +44,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self) -> list[int]:
+        if hasattr(self.pairs, "lengths"):  # qsimpo.data.Pairs: a column of the table, no row decoded
+            return self.pairs.lengths
         return [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in self.pairs]
 
     def __getitem__(self, i):
@@ -126,26 +130,39 @@ def stop_on_signals(output_dir: Path, command: str):
             raise interrupted(what, output_dir, command) from None
 
 
-def load_pairs(cfg: Config, tokenizer):
+def read_sources(cfg: Config) -> dict:
+    """The training source and, when data.eval names one, the held-out source: read and judged, not tokenized.
+
+    Runs before the tokenizer and the model load, so bad data stops a run in seconds.
+    """
+    sources = {"train": read_source(cfg.data)}
+    if cfg.data.eval is not None and _as_fraction(cfg.data.eval) is None:
+        sources["eval"] = read_source(cfg.data, path=cfg.data.eval)
+    return sources
+
+
+def _as_fraction(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def load_pairs(cfg: Config, tokenizer, sources: dict | None = None):
     """Training pairs, held-out pairs (or None), and the data summaries, printed once."""
-    pairs, summary = build_dataset(cfg.data, tokenizer)
+    sources = sources or read_sources(cfg)
+    pairs, summary = tokenize_source(cfg.data, sources["train"], tokenizer)
     summaries = {"train": summary.to_dict()}
     eval_pairs = None
-    if cfg.data.eval is not None:
-        try:
-            fraction = float(cfg.data.eval)
-        except ValueError:
-            eval_pairs, eval_summary = build_dataset(cfg.data, tokenizer, path=cfg.data.eval)
-            summaries["eval"] = eval_summary.to_dict()
-        else:
-            pairs, eval_pairs = split_eval(pairs, fraction, cfg.train.seed)
+    if "eval" in sources:
+        eval_pairs, eval_summary = tokenize_source(cfg.data, sources["eval"], tokenizer)
+        summaries["eval"] = eval_summary.to_dict()
+    elif cfg.data.eval is not None:
+        pairs, eval_pairs = split_eval(pairs, _as_fraction(cfg.data.eval), cfg.train.seed)
     if is_main_process():
-        print(summary.line())
+        print(summary.report())
         if "eval" in summaries:
-            print(eval_summary.line())
-    if not pairs:
-        raise UsageError(f"data.path = {cfg.data.path}: no training pairs left ({summary.line()}); look at the dropped "
-                         "rows with `qsimpo inspect-data CONFIG`, then fix the data or the data.* settings that dropped them")
+            print(eval_summary.report())
     return pairs, eval_pairs, summaries
 
 
@@ -157,6 +174,9 @@ def training_arguments(cfg: Config, output_dir: Path, has_eval: bool, device: st
     eval_kwargs = {}
     if has_eval and t.eval_every > 0:
         eval_kwargs = {"eval_strategy": "steps", "eval_steps": t.eval_every}
+    fsdp_kwargs = {}
+    if t.fsdp:  # FSDP2 through accelerate, as configs/accelerate/fsdp-qlora.yaml: one unit per decoder layer
+        fsdp_kwargs = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}}
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.batch_size,
@@ -185,6 +205,7 @@ def training_arguments(cfg: Config, output_dir: Path, has_eval: bool, device: st
         dataloader_pin_memory=device != "cpu",
         # activation checkpointing stays off here: add_lora enables it on the model (non-reentrant)
         **eval_kwargs,
+        **fsdp_kwargs,
     )
 
 
@@ -237,11 +258,15 @@ def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
     if cfg.model.attn_implementation == "flex_attention" and torch.device(device).type != "cuda":
         raise ConfigError([f"model.attn_implementation = 'flex_attention' trains only on CUDA (torch has no FlexAttention "
                            f"backward on {torch.device(device).type}): use sdpa here"])
+    if cfg.train.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        raise ConfigError(["train.fsdp = true shards across processes, and this is one: launch with "
+                           "`torchrun --nproc_per_node N -m qsimpo train ...`, or set train.fsdp false"])
     resume_hint = resume_command(command, output_dir)
 
     with stop_on_signals(output_dir, resume_hint) as stop:
+        sources = read_sources(cfg)  # bad data stops here, before anything loads
         tokenizer = load_tokenizer(cfg.model)
-        pairs, eval_pairs, summaries = load_pairs(cfg, tokenizer)
+        pairs, eval_pairs, summaries = load_pairs(cfg, tokenizer, sources)
 
         model = load_base(cfg.model, device)
         model = add_lora(model, cfg.lora, cfg.model.quantization != "none", cfg.train.gradient_checkpointing, cfg.train.seed)
@@ -264,7 +289,7 @@ def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
             # StopOnSignal may set should_save in on_step_end: CheckpointMarker must come after it
             callbacks=[FiniteGradGuard(), MetricsJsonl(metrics_path), SkipFinishedRun(), stop, CheckpointMarker()],
             simpo=cfg.simpo,
-            head_chunk_size=cfg.train.head_chunk_size,
+            head_chunk_size=head_chunk_rows(cfg.train.head_chunk_size, model.config.vocab_size),
             compute_dtype=compute_dtype(cfg.model.compute_dtype, device),
             group_by_length=cfg.train.group_by_length,
         )

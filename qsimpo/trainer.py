@@ -8,15 +8,17 @@ which positions to score the same way, so ``pair_logps`` serves them alike.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer
 
-from .config import SimPOConfig
+from .config import ConfigError, SimPOConfig
 from .errors import QsimpoError
-from .logprobs import chunked_head_logps, indexed_logps
+from .logprobs import chunked_token_logps, indexed_logps, per_sequence
 from .loss import simpo_loss
 from .packing import attention_inputs
 
@@ -33,25 +35,32 @@ def attn_implementation(model) -> str:
 
 
 @contextmanager
-def detached_head(model):
-    """Swap the output head for an identity so the forward returns final hidden states.
+def scoring_head(model, score_index, score_labels, chunk_size: int):
+    """For the forward passes inside: the output head returns the scored tokens' log-probs, not logits.
 
-    The forward still goes through every wrapper (DDP, FSDP, PEFT), so gradient sync and LoRA
-    stay as they are. Yields (head, logit soft-cap): Gemma-2's soft-cap is applied by the
-    chunked head instead of to the hidden states.
+    The model still calls its head as ``lm_head(hidden_states)``, inside every wrapper (DDP,
+    FSDP, PEFT), and only the head's ``forward`` is replaced, so the hooks a sharding wrapper
+    puts on the head module run as for any linear layer: FSDP2 (and ZeRO-3) gather the weight
+    before this forward and again before its backward, and the chunked head reads whole
+    weights. ``.logits`` of the output is then ``[T]``, one log-prob per scored token. Gemma-2's
+    soft-cap is applied by the chunked head instead of by the model.
     """
     lm = unwrap(model)
     head = lm.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"train.head_chunk_size needs a plain nn.Linear output head, got {type(head).__name__}: set it to 0")
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    lm.set_output_embeddings(torch.nn.Identity())
+
+    def forward(hidden):
+        return chunked_token_logps(hidden, head.weight, head.bias, score_index, score_labels, chunk_size, softcap)
+
+    head.forward = forward  # an instance attribute: the class's forward and every hook stay as they are
     if softcap is not None:
         lm.config.final_logit_softcapping = None
     try:
-        yield head, softcap
+        yield
     finally:
-        lm.set_output_embeddings(head)
+        del head.forward
         if softcap is not None:
             lm.config.final_logit_softcapping = softcap
 
@@ -67,18 +76,22 @@ NON_FINITE_CAUSES = (
 )
 
 
-def pair_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch.float32):
-    """(chosen, rejected) average response log-probs for a batch of either layout (qsimpo.packing)."""
+def pair_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch.float32, **forward_kwargs):
+    """(chosen, rejected) average response log-probs for a batch of either layout (qsimpo.packing).
+
+    The one scoring function: the training loss, in-training evaluation, ``qsimpo eval``, the
+    quickstart and the demo all score responses through it. ``forward_kwargs`` go to the model
+    (the demo passes peft's per-row ``adapter_names``).
+    """
     b = int(inputs["num_pairs"])
     kwargs = {"input_ids": inputs["input_ids"], "use_cache": False,
-              **attention_inputs(inputs, attn_implementation(model), compute_dtype)}
-    score = (inputs["score_index"], inputs["score_labels"], inputs["score_seq"], 2 * b)
+              **attention_inputs(inputs, attn_implementation(model), compute_dtype), **forward_kwargs}
+    index, labels, seq = inputs["score_index"], inputs["score_labels"], inputs["score_seq"]
     if head_chunk_size:
-        with detached_head(model) as (head, softcap):
-            hidden = model(**kwargs).logits  # the head is an identity: these are the final hidden states
-        logps = chunked_head_logps(hidden, head, *score, chunk_size=head_chunk_size, softcap=softcap)
+        with scoring_head(model, index, labels, head_chunk_size):
+            logps = per_sequence(model(**kwargs).logits, seq, 2 * b)
     else:
-        logps = indexed_logps(model(**kwargs).logits, *score)  # the model applied any soft-cap itself
+        logps = indexed_logps(model(**kwargs).logits, index, labels, seq, 2 * b)  # the model applied any soft-cap itself
     return logps.avg[:b], logps.avg[b:]
 
 
@@ -92,6 +105,52 @@ def pair_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
         "logps/chosen": chosen_logps.detach(),
         "logps/rejected": rejected_logps.detach(),
     }
+
+
+class GlobalLengthGroupedSampler(torch.utils.data.Sampler):
+    """Shuffled mega-batches, each sorted by length, in units of one optimizer step's pairs on all processes.
+
+    Every process draws the same order (seed + epoch, not the global RNG), and accelerate hands
+    consecutive per-device batches of it to the processes in turn, so an optimizer step sees the
+    same pairs whatever the process count, given the same global batch.
+    """
+
+    def __init__(self, global_batch: int, lengths: list[int], seed: int):
+        self.global_batch, self.lengths, self.seed, self.epoch = global_batch, lengths, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate and the Trainer call it before each epoch
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.global_batch, generator=generator))
+
+
+def enable_fsdp_on_cpu(trainer, state) -> None:
+    """FSDP for CPU processes (gloo), which accelerate leaves as plain DDP.
+
+    accelerate turns FSDP on only for accelerator devices and would silently run data-parallel;
+    torch's ``fully_shard`` runs on the CPU too. Set where accelerate would have set it, from the
+    same plugin arguments (train.fsdp) or the same environment (``accelerate launch`` with an FSDP
+    config), so the Trainer takes its FSDP path: wrapping, optimizer, full-state-dict saving.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    args = trainer.args.fsdp_plugin_args
+    plugin = FullyShardedDataParallelPlugin(**args) if args is not None else FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    # AcceleratorState copies distributed_type from PartialState each time one is constructed
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
 
 
 class SimPOTrainer(Trainer):
@@ -110,14 +169,23 @@ class SimPOTrainer(Trainer):
     def pair_logps(self, model, inputs):
         return pair_logps(model, inputs, self.head_chunk_size, self.compute_dtype)
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        asked = self.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        if asked and state.distributed_type == DistributedType.MULTI_CPU:
+            enable_fsdp_on_cpu(self, state)
+        if self.is_fsdp_enabled and getattr(unwrap(self.model), "is_loaded_in_8bit", False):
+            raise ConfigError(["FSDP cannot shard model.quantization int8 weights (bitsandbytes' int8 parameters lose "
+                               "their quantization state when split): use nf4 or none, or train data-parallel without FSDP"])
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length or not hasattr(dataset, "lengths"):
             return super()._get_train_sampler(train_dataset)
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
-        # shuffled mega-batches, each sorted by length: similar lengths share a batch
-        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=dataset.lengths)
+        a = self.args
+        return GlobalLengthGroupedSampler(a.train_batch_size * a.gradient_accumulation_steps * a.world_size,
+                                          dataset.lengths, a.data_seed if a.data_seed is not None else a.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         chosen, rejected = self.pair_logps(model, inputs)

@@ -97,12 +97,17 @@ def test_packed_mask_blocks_chosen_from_rejected():
     assert list(zip(idx, lab)) == [(2, 7), (3, 8), (2, 9), (5, 10), (6, 11)]
 
 
-def test_length_grouping_keeps_every_pair():
-    from transformers.trainer_pt_utils import LengthGroupedSampler
+def test_length_grouping_keeps_every_pair_in_one_order_per_epoch():
+    from qsimpo.trainer import GlobalLengthGroupedSampler
 
     lengths = [random.Random(i).randrange(10, 1000) for i in range(97)]
-    order = list(LengthGroupedSampler(8, lengths=lengths))
-    assert sorted(order) == list(range(97))
+    sampler = GlobalLengthGroupedSampler(8, lengths, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(97))
+    assert list(GlobalLengthGroupedSampler(8, lengths, seed=3)) == first  # every process draws this order
+    sampler.set_epoch(1)
+    again = list(sampler)
+    assert again != first and sorted(again) == list(range(97))
 
 
 def test_one_row_keeps_pairs_apart():

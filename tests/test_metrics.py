@@ -18,13 +18,6 @@ def test_reward_accuracy_three_of_four_and_ties_count_as_misses():
     assert M.reward_accuracy(T([-1.0, -1.0]), T([-2.0, -1.0])) == 0.5
 
 
-def test_reward_accuracy_matches_scoring_helper():
-    from qsimpo.scoring import PairScores, reward_accuracy
-
-    c, r = torch.randn(50), torch.randn(50)
-    assert M.reward_accuracy(c, r) == pytest.approx(reward_accuracy(PairScores(c, r, torch.ones(50), torch.ones(50))))
-
-
 def test_margins_are_beta_times_the_average_logp_difference():
     m = M.reward_margins(T([-0.5, -1.0]), T([-1.0, -0.75]), beta=2.0)
     assert m.tolist() == [1.0, -0.5]  # 2·(−0.5 + 1.0), 2·(−1.0 + 0.75)

@@ -54,7 +54,7 @@ def test_eval_generate_and_merge_on_cpu(wide_base, wide_adapter, pref_jsonl, tmp
     report = json.loads((out / "eval.json").read_text())
     assert report["models"]["aligned"]["n"] == 8
 
-    from qsimpo.chat import Settings, SideBySide
+    from qsimpo.demo.sides import Settings, SideBySide
 
     chat = SideBySide.load(str(wide_adapter), device="cpu")
     assert isinstance(chat.respond("right", USER, Settings(temperature=0, max_new_tokens=6)), str)

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Everything a session lent a GPU should run, in one device call: the gpu-marked tests, the block
-# mask build, and the CUDA benchmark at Llama-3-8B shapes (SDPA, then FlexAttention), with logs
-# and results.jsonl rows written to $OUT. Record what it measured in benchmarks/RESULTS.md.
+# The CUDA checks in one command, for a machine with an NVIDIA GPU: the gpu-marked tests, the block
+# mask build, and the CUDA benchmark at Llama-3-8B shapes (SDPA, then FlexAttention), with logs and
+# results.jsonl rows written to $OUT (default /tmp/qsimpo-gpu-out). Record what it measured in
+# benchmarks/RESULTS.md.
 #
-# Here, first (the GPU image has torch, transformers, peft, accelerate but no bitsandbytes,
-# datasets or trl):   ../shared/device/fetch-wheels.sh trl==1.16.0
-# Then the device tool: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
-# STEPS / ROUNDS override the benchmark's length (defaults 5 / 1, to fit one 10-minute call).
+#     pip install -e '.[bench]' && bash benchmarks/cuda_suite.sh
+#
+# On a machine without network access, put the wheels it lacks (bitsandbytes, datasets, trl and
+# their needs) in .whl/ first: they are installed from there. STEPS / ROUNDS override the
+# benchmark's length (defaults 5 / 1, about ten minutes in all).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
 export PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1
 OUT=${OUT:-/tmp/qsimpo-gpu-out}
 mkdir -p "$OUT"

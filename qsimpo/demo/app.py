@@ -1,13 +1,11 @@
-"""The Gradio demo: the SFT model and the aligned model side by side, one base in memory.
+"""The Gradio UI of `qsimpo demo`: the SFT model and the aligned model side by side, one base in memory.
 
     qsimpo demo                                   # the quickstart's adapters/quickstart/, offline, on a CPU
     qsimpo demo --adapter adapters/run [--base ID_OR_DIR] [--compare-adapter DIR_OR_HUB_ID]
-    python demo/app.py [same flags]               # the same, without the CLI
+    python -m qsimpo.demo [same flags]            # the same, without the console script
 
-This file is the UI only. The model side (one PeftModel, adapter switching under a lock,
-streaming, log-probs) is qsimpo.chat; votes become training rows in qsimpo.votes. `qsimpo demo`
-imports this file by its path (qsimpo.chat.load_demo_app), so the app stays out of the
-installed package and runs from a source checkout.
+This module is the UI only. The model side (one PeftModel, both columns, streaming, log-probs)
+is sides.py beside it; votes become training rows in qsimpo.votes.
 """
 
 from __future__ import annotations
@@ -18,8 +16,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default
 
 import gradio as gr  # noqa: E402
 
-from qsimpo.chat import SIDES, Settings, SideBySide, resolve_adapter  # noqa: E402
-from qsimpo.votes import VOTES, VoteLog, default_votes_path, vote_row  # noqa: E402
+from ..errors import UsageError  # noqa: E402
+from ..votes import VOTES, VoteLog, default_votes_path, vote_row  # noqa: E402
+from .sides import SIDES, Settings, SideBySide, resolve_adapter  # noqa: E402
 
 # System fonts only: the default theme fetches Google Fonts, which an offline machine cannot reach.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -70,11 +69,10 @@ def build_app(chat: SideBySide, votes_path) -> gr.Blocks:
                 left_stats, right_stats, new_state, ""
 
         yield frame()
-        for side in SIDES:  # one after the other: the model (and its adapter switch) serves one side at a time
-            for text in chat.stream(side, context[side], settings):
-                answers[side] = text
-                yield frame()
-        stats = {s: chat.stats(context[s], answers[s]) for s in SIDES}
+        for grown in chat.stream(context, settings):  # both columns from one batched generation
+            answers.update(grown)
+            yield frame()
+        stats = chat.stats(context, answers)
         turn = {s: {"model": chat.sides[s].label, "prompt": context[s], "response": answers[s], **stats[s]} for s in SIDES}
         turn["settings"] = settings.to_dict()
         done = {"history": {s: history[s] + [{"role": "assistant", "content": answers[s]}] for s in SIDES},
@@ -135,11 +133,12 @@ def build_app(chat: SideBySide, votes_path) -> gr.Blocks:
 
         inputs = [message, system, temperature, top_p, max_new, seed, state]
         outputs = [message, bots["left"], bots["right"], stats["left"], stats["right"], state, status]
-        # One concurrency group of size 1 for everything that runs the model; the lock in SideBySide
-        # is what guarantees the serialization, this only keeps requests queued in order.
-        send.click(respond, inputs, outputs, api_name="send", concurrency_id="model", concurrency_limit=1)
+        # Several users' messages run at once: the batcher generates whatever is waiting together, up to
+        # its batch size; more wait in gradio's queue, which tells each user their place.
+        users = max(1, chat.batcher.max_rows // len(SIDES))
+        send.click(respond, inputs, outputs, api_name="send", concurrency_id="model", concurrency_limit=users)
         message.submit(respond, inputs, outputs, api_name="send_enter", api_visibility="undocumented",
-                       concurrency_id="model", concurrency_limit=1)
+                       concurrency_id="model", concurrency_limit=users)
         for choice, button in buttons.items():
             button.click(make_vote(choice), [state], [status, state], api_name=f"vote_{choice}")
         clear_btn.click(clear, None, outputs, api_name="clear")
@@ -157,14 +156,13 @@ def launch_demo(adapter: str | None = None, base: str | None = None, compare_ada
     chat = SideBySide.load(adapter, base, compare_adapter, trust_remote_code=trust_remote_code)
     demo = build_app(chat, votes or default_votes_path(adapter))
     print(f"votes are appended to {demo.votes_path}")
-    demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                        theme=THEME, css=CSS, footer_links=["api"], ssr_mode=False, show_error=True)
+    try:
+        demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                            theme=THEME, css=CSS, footer_links=["api"], ssr_mode=False, show_error=True)
+    except OSError as e:
+        if port is None or "Cannot find empty port" not in str(e):
+            raise
+        raise UsageError(f"port {port} on {host} is in use: pass another --port, or leave it out to take the first "
+                         "free one from 7860") from None
     return demo
 
-
-if __name__ == "__main__":
-    import sys
-
-    from qsimpo.cli import main
-
-    sys.exit(main(["demo", *sys.argv[1:]]))
