@@ -50,7 +50,7 @@ def prepare(work: Path, device: str, n_pairs: int) -> dict:
 
     from qsimpo.data import read_rows, to_triples, tokenize_pair
     from qsimpo.data import DataSummary
-    from qsimpo.toy import build_model, build_tokenizer, save_base
+    from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
 
     shape = SHAPES[device]
     rows = read_rows(str(HH))

@@ -51,13 +51,17 @@ def cmd_inspect_data(argv: list[str]) -> int:
 
 
 def cmd_quickstart(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="qsimpo quickstart", description="Build a tiny model and data set locally, SFT it, then QLoRA-SimPO it (offline, CPU, a few minutes).")
+    p = argparse.ArgumentParser(prog="qsimpo quickstart", description="SimPO on SmolLM2-135M-Instruct's NF4 base with "
+                                "the preference pairs shipped in the package: held-out reward accuracy and greedy "
+                                "answers before and after (offline after the first fetch, CPU, a few minutes).")
     p.add_argument("--out", default="adapters/quickstart", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing quickstart output")
+    p.add_argument("--tiny", action="store_true", help="a tiny model built on the spot instead (seconds; no download)")
+    p.add_argument("--max-steps", type=int, help="train this many optimizer steps instead of the config's")
     args = p.parse_args(argv)
     from .quickstart import run_quickstart
 
-    run_quickstart(args.out, overwrite=args.overwrite)
+    run_quickstart(args.out, overwrite=args.overwrite, tiny=args.tiny, max_steps=args.max_steps)
     return 0
 
 

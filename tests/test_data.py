@@ -11,7 +11,7 @@ import torch
 from qsimpo.config import DataConfig
 from qsimpo.data import (DataError, DataSummary, PairCollator, build_dataset, format_pair, read_rows, render_pair,
                          split_eval, to_triples, tokenize_pair)
-from qsimpo.toy import build_tokenizer
+from qsimpo.quickstart.toy import build_tokenizer
 
 HH_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless/sample.jsonl"
 

@@ -58,7 +58,7 @@ def test_wheel_installs_and_serves_the_demo(tmp_path, tiny_adapters):  # noqa: F
     wheel = next(wheels.glob("qsimpo-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"qsimpo/demo/__init__.py", "qsimpo/demo/__main__.py", "qsimpo/demo/app.py", "qsimpo/demo/sides.py",
-            "qsimpo/demo/batcher.py", "qsimpo/demo/stream.py", "qsimpo/votes.py", "qsimpo/quickstart.yaml"} <= names
+            "qsimpo/demo/batcher.py", "qsimpo/demo/stream.py", "qsimpo/votes.py", "qsimpo/quickstart/tiny.yaml"} <= names
     assert not [n for n in names if n.startswith(("demo/", "tests/"))]
 
     # --without-pip: the system pip (visible through --system-site-packages) installs into the venv

@@ -35,7 +35,7 @@ def tiny_judge(tmp_path_factory, pref_rows):
     """A 1-layer LlamaForSequenceClassification reward model (num_labels=1) with its tokenizer, saved to a folder."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from qsimpo.toy import build_tokenizer
+    from qsimpo.quickstart.toy import build_tokenizer
 
     tok = build_tokenizer([r[k] for r in pref_rows for k in ("prompt", "chosen", "rejected")], vocab_size=300)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -18,7 +18,7 @@ from test_chat import USER, make_adapter
 
 @pytest.fixture(scope="module")
 def wide_base(tmp_path_factory, pref_rows):
-    from qsimpo.toy import build_model, build_tokenizer, save_base
+    from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
 
     tok = build_tokenizer([r[k] for r in pref_rows for k in ("prompt", "chosen", "rejected")], vocab_size=320)
     model = build_model(tok, hidden_size=64, intermediate_size=1376, num_layers=2, max_positions=512)

@@ -196,7 +196,7 @@ def test_non_finite_gradient_guard():
 @pytest.mark.skipif(not HH_SAMPLE.exists(), reason=f"HH-RLHF sample not found at {HH_SAMPLE} (it lives in the shared folder beside the repo)")
 def test_real_hh_rlhf_with_truncation(tmp_path, capsys):
     from qsimpo.data import read_rows
-    from qsimpo.toy import build_model, build_tokenizer, save_base
+    from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
 
     rows = [r for _, r in read_rows(str(HH_SAMPLE), max_rows=120)]
     tok = build_tokenizer([r["chosen"] for r in rows] + [r["rejected"] for r in rows], vocab_size=512)

@@ -158,7 +158,10 @@ def read_source(cfg: DataConfig, path: str | None = None) -> Source:
         raise ValueError(f"data.format = {cfg.format!r} is not one of {', '.join(FORMATS)}")
     source = str(path or cfg.path)
     summary = DataSummary(source)
-    table = source_table(source, cfg.split, cfg.max_rows, cfg.subset, cfg.data_dir, fingerprint_salt=_code_version())
+    local = Path(source).expanduser()
+    guess = local.stat().st_size // 500 if local.is_file() else PARALLEL_FROM  # rows, roughly: bars only for big sources
+    with _progress(guess):
+        table = source_table(source, cfg.split, cfg.max_rows, cfg.subset, cfg.data_dir, fingerprint_salt=_code_version())
     summary.rows_read = len(table)
     if not summary.rows_read:
         raise DataError(f"{source}: no rows: the source is empty; point data.path at a file with one preference pair "

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import OutputExists
+
 TOPICS = [
     "cats", "rivers", "bread", "music", "trains", "gardens", "clocks", "mountains", "bees", "libraries",
     "bicycles", "oceans", "candles", "forests", "kites", "bridges", "apples", "storms", "owls", "maps",
@@ -78,7 +80,7 @@ def supervised_warmup(model, tokenizer, rows: list[dict], steps: int, seed: int,
     """Plain next-token training on prompt + answer, both styles equally often (the 'SFT' model)."""
     from tqdm.auto import tqdm
 
-    from .data import tokenize_pair
+    from ..data import tokenize_pair
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -109,18 +111,18 @@ def supervised_warmup(model, tokenizer, rows: list[dict], steps: int, seed: int,
 
 
 def quickstart_config(out: Path, data: Path, base: Path, heldout: Path):
-    from .config import load_config
+    from ..config import load_config
 
     return load_config(
-        Path(__file__).with_name("quickstart.yaml"),
+        Path(__file__).with_name("tiny.yaml"),
         [f"--model.name_or_path={base}", f"--data.path={data}", f"--data.eval={heldout}", f"--train.output_dir={out}"],
     )
 
 
 def probe(model, tokenizer, pairs, prompts) -> dict:
-    from .generate import generate
-    from .metrics import reward_accuracy
-    from .scoring import score_pairs
+    from ..generate import generate
+    from ..metrics import reward_accuracy
+    from ..scoring import score_pairs
 
     scores = score_pairs(model, pairs, tokenizer.pad_token_id)
     gens = [generate(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=48) for p in prompts]
@@ -133,15 +135,15 @@ def probe(model, tokenizer, pairs, prompts) -> dict:
 
 
 def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = False, seed: int = 0) -> dict:
-    from .data import build_dataset
-    from .model import load_trained
+    from ..data import build_dataset
+    from ..model import load_trained
     from .toy import build_model, build_tokenizer, save_base
-    from .train import train
+    from ..train import train
 
     out = Path(out)
     if out.exists():
         if not overwrite:
-            raise FileExistsError(f"{out} exists: pass --overwrite to rebuild it, or choose another --out")
+            raise OutputExists(f"{out} exists: pass --overwrite to rebuild it, or choose another --out")
         shutil.rmtree(out)
     t0 = time.perf_counter()
     train_topics, held_topics = TOPICS[:-HELDOUT_TOPICS], TOPICS[-HELDOUT_TOPICS:]
