@@ -11,7 +11,7 @@ class _NoKernelsPackageNotice(logging.Filter):
 
     On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch a faster fused 4-bit CPU kernel
     through the ``kernels`` package and logs a warning when that package is missing. The kernel only
-    serves bitsandbytes' repacked inference layout, which qsimpo.model.load_base turns off; every
+    serves bitsandbytes' repacked inference layout, which qsimpo.train.model.load_base turns off; every
     4-bit matmul qsimpo runs uses bitsandbytes' built-in path either way. Any other failure to load
     the kernel (the package installed but broken) still shows.
     """

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UsageError
+from qsimpo.errors import UsageError
 
 
 class ConfigError(UsageError):
@@ -269,7 +269,7 @@ def build(raw: dict, source: str | None = None) -> Config:
     return cfg
 
 
-PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")  # the kernels that take qsimpo.packing's mask
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")  # the kernels that take qsimpo.train.packing's mask
 
 
 def validate(cfg: Config) -> list[str]:

@@ -1,4 +1,4 @@
-"""qsimpo.demo.sides and qsimpo.votes, called directly: batched streaming, exactness, seeds, users at once, log-probs, vote rows."""
+"""qsimpo.demo.sides and qsimpo.demo.votes, called directly: batched streaming, exactness, seeds, users at once, log-probs, vote rows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_config
 from qsimpo.demo.sides import Settings, SideBySide, resolve_adapter
-from qsimpo.votes import VoteLog, vote_row
+from qsimpo.demo.votes import VoteLog, vote_row
 
 USER = [{"role": "user", "content": "Tell me about owls."}]
 
@@ -59,7 +59,7 @@ def spy_generate(model, calls):
 
 def alone(chat, side: str, messages: list[dict], max_new_tokens: int) -> str:
     """``side``'s greedy answer the plain way: one row, the adapter disabled (SFT) or active, no adapter_names."""
-    from qsimpo.generate import generate
+    from qsimpo.eval.generate import generate
 
     adapter = chat.sides[side].adapter
     if adapter == "__base__":
@@ -231,8 +231,8 @@ def _turn(left: str, right: str, left_prompt=USER, right_prompt=USER) -> dict:
 def test_vote_rows_train(tiny_base, tmp_path):
     """Every kind of vote goes to one file; `qsimpo train` keeps left/right votes and counts ties as no_preference."""
     from qsimpo.data import build_dataset
-    from qsimpo.model import load_tokenizer
-    from qsimpo.train import train
+    from qsimpo.train.model import load_tokenizer
+    from qsimpo.train.recipe import train
 
     log = VoteLog(tmp_path / "votes.jsonl")
     second = [*USER, {"role": "assistant", "content": "Owls hoot."}, {"role": "user", "content": "And bees?"}]

@@ -52,7 +52,7 @@ def test_client_both_columns_answer_and_votes_become_training_rows(served, tiny_
     from gradio_client import Client
 
     from qsimpo.data import build_dataset
-    from qsimpo.model import load_tokenizer
+    from qsimpo.train.model import load_tokenizer
 
     url, votes = served
     client = Client(url, verbose=False, analytics_enabled=False, download_files=False)

@@ -58,14 +58,14 @@ def test_wheel_installs_and_serves_the_demo(tmp_path, tiny_adapters):  # noqa: F
     wheel = next(wheels.glob("qsimpo-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"qsimpo/demo/__init__.py", "qsimpo/demo/__main__.py", "qsimpo/demo/app.py", "qsimpo/demo/sides.py",
-            "qsimpo/demo/batcher.py", "qsimpo/demo/stream.py", "qsimpo/votes.py", "qsimpo/quickstart/tiny.yaml"} <= names
+            "qsimpo/demo/batcher.py", "qsimpo/demo/stream.py", "qsimpo/demo/votes.py", "qsimpo/quickstart/tiny.yaml"} <= names
     assert not [n for n in names if n.startswith(("demo/", "tests/"))]
 
     # --without-pip: the system pip (visible through --system-site-packages) installs into the venv
     run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd, env)
     python, qsimpo = venv / "bin" / "python", venv / "bin" / "qsimpo"
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd, env)
-    where = run([python, "-c", "import qsimpo.demo.sides, qsimpo.votes; print(qsimpo.__file__)"], cwd, env).strip()
+    where = run([python, "-c", "import qsimpo.demo.sides, qsimpo.demo.votes; print(qsimpo.__file__)"], cwd, env).strip()
     assert Path(where).resolve().is_relative_to(venv.resolve()), where  # the wheel's copy, not the source tree
     assert "usage: qsimpo demo" in run([python, "-m", "qsimpo.demo", "--help"], cwd, env)
 

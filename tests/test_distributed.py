@@ -40,7 +40,7 @@ WEIGHT_TOL = dict(rtol=0, atol=1e-5)
 RANK_DUMP = textwrap.dedent("""
     import os, sys
     import torch
-    import qsimpo.train as recipe
+    import qsimpo.train.recipe as recipe
     from qsimpo.cli import main
 
     def train_and_dump(cfg, train=recipe.train, **kwargs):
@@ -92,7 +92,7 @@ def tied_base(tiny_base, tmp_path_factory):
 def setup(tiny_base, tied_base, pref_jsonl, tmp_path_factory):
     """(wrapper script, prepare): prepare(base) gives (config YAML, one-process reference folder), made once."""
     from qsimpo.config import dump_yaml
-    from qsimpo.train import train
+    from qsimpo.train.recipe import train
 
     root = tmp_path_factory.mktemp("dist")
     script = root / "train_and_dump.py"
@@ -202,7 +202,7 @@ def test_fsdp_under_accelerate_launch_with_a_tied_head_matches_one_process(setup
 
 def test_fsdp_refused_for_one_process(tiny_base, pref_jsonl, tmp_path):
     from qsimpo.config import ConfigError
-    from qsimpo.train import train
+    from qsimpo.train.recipe import train
 
     with pytest.raises(ConfigError, match="train.fsdp = true shards across processes.*torchrun --nproc_per_node"):
         train(make_config(tiny_base, pref_jsonl, tmp_path / "run", "--train.fsdp", "true"))

@@ -130,8 +130,8 @@ def test_eval_fraction_fallback_uses_the_runs_split(quickstart, tmp_path, capsys
     import yaml
 
     from qsimpo.data import build_dataset, split_eval
-    from qsimpo.evaluate import run_config
-    from qsimpo.model import load_tokenizer
+    from qsimpo.eval.evaluate import run_config
+    from qsimpo.train.model import load_tokenizer
 
     adapter = tmp_path / "adapter"
     shutil.copytree(quickstart / "adapter", adapter, ignore=shutil.ignore_patterns("checkpoint-*", "eval*"))

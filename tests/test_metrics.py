@@ -1,11 +1,11 @@
-"""qsimpo.metrics on hand-built cases whose answers are known, with the arithmetic written out."""
+"""qsimpo.eval.metrics on hand-built cases whose answers are known, with the arithmetic written out."""
 
 import math
 
 import pytest
 import torch
 
-from qsimpo import metrics as M
+from qsimpo.eval import metrics as M
 
 T = torch.tensor
 

@@ -12,7 +12,7 @@ import torch
 
 from qsimpo.cli import main
 from qsimpo.config import ModelConfig
-from qsimpo.model import load_base
+from qsimpo.train.model import load_base
 from test_chat import USER, make_adapter
 
 
@@ -60,7 +60,7 @@ def test_eval_generate_and_merge_on_cpu(wide_base, wide_adapter, pref_jsonl, tmp
     assert isinstance(chat.respond("right", USER, Settings(temperature=0, max_new_tokens=6)), str)
     assert not _repacked(chat.model)
 
-    from qsimpo.merge import merge
+    from qsimpo.export.merge import merge
 
     merged = merge(str(wide_adapter), tmp_path / "merged", dtype="float32", n_probes=2, device="cpu", log=lambda *a: None)
     assert (tmp_path / "merged" / "config.json").exists() and merged.report.passed
@@ -69,7 +69,7 @@ def test_eval_generate_and_merge_on_cpu(wide_base, wide_adapter, pref_jsonl, tmp
 def test_training_with_in_run_eval(wide_base, pref_jsonl, tmp_path):
     """The Trainer's evaluation runs in eval mode without grad too: training continues on the same layers after it."""
     from conftest import make_config
-    from qsimpo.train import train
+    from qsimpo.train.recipe import train
 
     cfg = make_config(wide_base, pref_jsonl, tmp_path / "run", "--train.max_steps", "2", "--data.eval", "'0.25'",
                       "--train.eval_every", "1")

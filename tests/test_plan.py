@@ -4,7 +4,7 @@ import pytest
 from transformers import LlamaConfig
 
 from qsimpo.config import load_config
-from qsimpo.plan import GiB, estimate, parse_size, plan, shape_of, worst_batch
+from qsimpo.train.plan import GiB, estimate, parse_size, plan, shape_of, worst_batch
 
 LLAMA3_8B = LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, vocab_size=128256,
                         num_attention_heads=32, num_key_value_heads=8)

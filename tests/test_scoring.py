@@ -1,4 +1,4 @@
-"""qsimpo.scoring: eval, the quickstart and the demo score through the training path, which equals full logits."""
+"""qsimpo.eval.scoring: eval, the quickstart and the demo score through the training path, which equals full logits."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from conftest import make_config
 
 
 def _reference(model, pairs):
-    """The plain path: full-vocabulary logits of every prompt + response, averaged by qsimpo.logprobs."""
+    """The plain path: full-vocabulary logits of every prompt + response, averaged by qsimpo.train.logprobs."""
     from qsimpo.data import PairCollator
-    from qsimpo.logprobs import sequence_logps
+    from qsimpo.train.logprobs import sequence_logps
 
     batch = PairCollator(0)(pairs)
     with torch.no_grad():
@@ -24,8 +24,8 @@ def _reference(model, pairs):
 @pytest.mark.parametrize("chunk", [None, 0, 3])
 def test_score_pairs_equals_full_logits(tiny_base, pref_jsonl, tmp_path, chunk):
     from qsimpo.data import build_dataset
-    from qsimpo.model import add_lora, load_base, load_tokenizer
-    from qsimpo.scoring import score_pairs
+    from qsimpo.train.model import add_lora, load_base, load_tokenizer
+    from qsimpo.eval.scoring import score_pairs
 
     cfg = make_config(tiny_base, pref_jsonl, tmp_path / "out", "--data.max_rows", "10")
     tok = load_tokenizer(cfg.model)
@@ -47,7 +47,7 @@ def test_score_pairs_equals_full_logits(tiny_base, pref_jsonl, tmp_path, chunk):
 
 
 def test_head_chunk_is_sized_by_the_vocabulary():
-    from qsimpo.logprobs import HEAD_BLOCK_BYTES, head_chunk_rows
+    from qsimpo.train.logprobs import HEAD_BLOCK_BYTES, head_chunk_rows
 
     assert head_chunk_rows(0, 32000) == 0 and head_chunk_rows(64, 256000) == 64  # explicit values stay
     for vocab, rows in ((32000, 2096), (128256, 512), (256000, 256), (262144, 256)):

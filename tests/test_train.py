@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import HH_SAMPLE, ROOT, make_config
-from qsimpo.callbacks import CHECKPOINT_MARKER
+from qsimpo.train.callbacks import CHECKPOINT_MARKER
 from qsimpo.errors import InputNotFound, OutputExists
-from qsimpo.train import resolve_resume, resume_command, train
-from qsimpo.trainer import NonFiniteError
+from qsimpo.train.recipe import resolve_resume, resume_command, train
+from qsimpo.train.trainer import NonFiniteError
 
 REQUIRED = {"adapter_config.json", "adapter_model.safetensors", "config.yaml", "qsimpo.json", "metrics.jsonl"}
 METRIC_KEYS = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -30,7 +30,7 @@ def _initial_adapter(cfg):
     """The adapter weights a run starts from (same seed → same LoRA init), keyed like the saved file."""
     from peft import get_peft_model_state_dict
 
-    from qsimpo.model import add_lora, load_base
+    from qsimpo.train.model import add_lora, load_base
 
     model = add_lora(load_base(cfg.model, "cpu"), cfg.lora, True, False, cfg.train.seed)
     return {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
@@ -43,7 +43,7 @@ def _base_state(model):
 def test_smoke_three_steps(tiny_base, pref_jsonl, tmp_path):
     cfg = make_config(tiny_base, pref_jsonl, tmp_path / "run", "--train.max_steps", "3", "--train.save_steps", "2")
     init = _initial_adapter(cfg)
-    from qsimpo.model import load_base
+    from qsimpo.train.model import load_base
 
     base_before = _base_state(load_base(cfg.model, "cpu"))
     run = train(cfg)
@@ -165,7 +165,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_base, pref_jsonl, tmp_p
     train(make_config(tiny_base, pref_jsonl, out, "--train.max_steps", "2", "--train.save_steps", "2"))
     before = _hashes(out / "checkpoint-2")
 
-    from qsimpo import trainer as trainer_mod
+    from qsimpo.train.recipe import trainer as trainer_mod
 
     real = trainer_mod.simpo_loss
 
@@ -182,7 +182,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_base, pref_jsonl, tmp_p
 
 
 def test_non_finite_gradient_guard():
-    from qsimpo.callbacks import FiniteGradGuard
+    from qsimpo.train.callbacks import FiniteGradGuard
 
     lin = torch.nn.Linear(2, 2)
     lin.weight.grad = torch.tensor([[1.0, float("inf")], [0.0, 0.0]])
@@ -220,7 +220,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {tests!r})
     from conftest import make_config
-    from qsimpo.train import train
+    from qsimpo.train.recipe import train
     cfg = make_config({base!r}, {data!r}, {out!r}, "--train.max_steps", "3", "--lora.dropout", "0.1")
     run = train(cfg)
     lora = {{k: v.detach().cpu() for k, v in run.trainer.model.named_parameters() if "lora_" in k}}

@@ -14,12 +14,12 @@ The prompt and each response are tokenized separately, so the boundary between t
 the response mask covers precisely the tokens the model is scored on.
 """
 
-from .collate import PairCollator
-from .formats import NO_PREFERENCE_VOTES, REASONS, DataError, DataSummary, to_triples
-from .render import render_pair
-from .sources import looks_local, read_rows
-from .dataset import Pairs, Source, build_dataset, read_source, split_eval, tokenize_source
-from .tokenize import format_pair, tokenize_pair
+from qsimpo.data.collate import PairCollator
+from qsimpo.data.formats import NO_PREFERENCE_VOTES, REASONS, DataError, DataSummary, to_triples
+from qsimpo.data.render import render_pair
+from qsimpo.data.sources import looks_local, read_rows
+from qsimpo.data.dataset import Pairs, Source, build_dataset, read_source, split_eval, tokenize_source
+from qsimpo.data.tokenize import format_pair, tokenize_pair
 
 __all__ = ["DataError", "DataSummary", "NO_PREFERENCE_VOTES", "REASONS", "PairCollator", "Pairs", "Source", "build_dataset",
            "format_pair", "looks_local", "read_rows", "read_source", "render_pair", "split_eval", "to_triples",

@@ -1,4 +1,4 @@
-"""Pairs -> the plain padded batch (the packed layouts are qsimpo.packing)."""
+"""Pairs -> the plain padded batch (the packed layouts are qsimpo.train.packing)."""
 
 from __future__ import annotations
 

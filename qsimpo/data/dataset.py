@@ -25,10 +25,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import DataConfig
-from .formats import FORMATS, DataError, DataSummary, _Bad, check_policy, detect_format, normalise_row
-from .sources import source_table
-from .tokenize import tokenize_pair
+from qsimpo.config import DataConfig
+from qsimpo.data.formats import FORMATS, DataError, DataSummary, _Bad, check_policy, detect_format, normalise_row
+from qsimpo.data.sources import source_table
+from qsimpo.data.tokenize import tokenize_pair
 
 PARALLEL_FROM = 4000  # rows; below this one process is faster than starting workers
 _CODE = Path(__file__).parent

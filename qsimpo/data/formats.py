@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ..errors import UsageError
+from qsimpo.errors import UsageError
 
 # Every reason a row can be dropped for, with what it means (the keys of DataSummary.dropped).
 REASONS = {
@@ -62,7 +62,7 @@ FIXES = {
 }
 EXAMPLES_PER_REASON = 3  # locations shown per reason; the count covers them all
 ROLES = ("system", "user", "assistant")
-# Votes of `qsimpo demo` (qsimpo.votes) that record two answers but prefer neither. Such rows are
+# Votes of `qsimpo demo` (qsimpo.demo.votes) that record two answers but prefer neither. Such rows are
 # not malformed, so they are counted under no_preference whatever data.on_bad_row says.
 NO_PREFERENCE_VOTES = ("tie", "both_bad")
 HH_MARKER = "\n\nAssistant:"

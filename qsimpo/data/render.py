@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from .formats import HH_MARKER, DataError
+from qsimpo.data.formats import HH_MARKER, DataError
 
 # "\n\nHuman:" / "\n\nAssistant:" open each turn of an HH-RLHF transcript.
 _TURN = re.compile(r"\n\n(Human|Assistant):")

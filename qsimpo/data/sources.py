@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from .formats import DataError, DataSummary, check_policy, handle_bad_row
+from qsimpo.data.formats import DataError, DataSummary, check_policy, handle_bad_row
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"

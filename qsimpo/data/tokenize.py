@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .formats import DataError
-from .render import render_pair
+from qsimpo.data.formats import DataError
+from qsimpo.data.render import render_pair
 
 
 def _encode(tokenizer, text: str) -> list[int]:

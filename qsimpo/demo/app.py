@@ -5,7 +5,7 @@
     python -m qsimpo.demo [same flags]            # the same, without the console script
 
 This module is the UI only. The model side (one PeftModel, both columns, streaming, log-probs)
-is sides.py beside it; votes become training rows in qsimpo.votes.
+is sides.py beside it; votes become training rows in qsimpo.demo.votes.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default
 
 import gradio as gr  # noqa: E402
 
-from ..errors import UsageError  # noqa: E402
-from ..votes import VOTES, VoteLog, default_votes_path, vote_row  # noqa: E402
-from .sides import SIDES, Settings, SideBySide, resolve_adapter  # noqa: E402
+from qsimpo.errors import UsageError  # noqa: E402
+from qsimpo.demo.votes import VOTES, VoteLog, default_votes_path, vote_row  # noqa: E402
+from qsimpo.demo.sides import SIDES, Settings, SideBySide, resolve_adapter  # noqa: E402
 
 # System fonts only: the default theme fetches Google Fonts, which an offline machine cannot reach.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])

@@ -26,8 +26,8 @@ from typing import Iterator
 
 import torch
 
-from ..generate import generation_kwargs
-from .stream import RowSampler, RowStop, RowStreamer
+from qsimpo.eval.generate import generation_kwargs
+from qsimpo.demo.stream import RowSampler, RowStop, RowStreamer
 
 
 @dataclass

@@ -25,9 +25,9 @@ from typing import Iterator
 
 import torch
 
-from ..errors import InputNotFound, UsageError
-from ..generate import render_prompt
-from .batcher import Batcher, Request
+from qsimpo.errors import InputNotFound, UsageError
+from qsimpo.eval.generate import render_prompt
+from qsimpo.demo.batcher import Batcher, Request
 
 SIDES = ("left", "right")
 BASE = "__base__"  # peft's adapter name, in adapter_names, for "no adapter": the SFT model
@@ -97,7 +97,7 @@ class SideBySide:
     def load(cls, adapter: str, base: str | None = None, compare_adapter: str | None = None,
              trust_remote_code: bool = False, device: str | None = None) -> "SideBySide":
         """Load the base once (4-bit as the adapter was trained, where bitsandbytes is installed) and the adapter(s)."""
-        from ..model import load_trained, read_run_metadata
+        from qsimpo.train.model import load_trained, read_run_metadata
 
         check_adapter(adapter, "--adapter")
         if compare_adapter:
@@ -187,12 +187,12 @@ class SideBySide:
         """(average log-prob, |y|) of each (side, messages, response): the response after the messages under that side.
 
         Tokenized exactly as `qsimpo train` tokenizes a pair (qsimpo.data.tokenize_pair: the chat
-        template, one BOS, the response closed by EOS) and scored by qsimpo.scoring.score_pairs, the
+        template, one BOS, the response closed by EOS) and scored by qsimpo.eval.scoring.score_pairs, the
         training path (packed rows, response-only chunked head), each row under its side's adapter:
         β times this number is the SimPO reward the row would get in training.
         """
-        from ..data import tokenize_pair
-        from ..scoring import score_pairs
+        from qsimpo.data import tokenize_pair
+        from qsimpo.eval.scoring import score_pairs
 
         pairs = []
         for _, messages, response in items:  # a "pair" of the response with itself: one packed row per item
@@ -222,7 +222,7 @@ class SideBySide:
 
 def check_adapter(adapter: str, flag: str) -> None:
     """Fail before any loading when ``adapter`` is neither an adapter folder nor (possibly) a Hub id."""
-    from ..data import looks_local  # the one rule for "a path, not a Hub id"
+    from qsimpo.data import looks_local  # the one rule for "a path, not a Hub id"
 
     local = Path(adapter).expanduser()
     if local.is_dir():
@@ -236,7 +236,7 @@ def check_adapter(adapter: str, flag: str) -> None:
 
 def check_base(base: str | None, adapter: str, meta: dict) -> str:
     """The base model to load (--base, else the one the adapter records), failing early when it cannot be there."""
-    from ..data import looks_local
+    from qsimpo.data import looks_local
 
     name = base or meta.get("base_model")
     if not name:

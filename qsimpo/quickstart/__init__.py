@@ -16,9 +16,9 @@ def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = Fa
                    max_steps: int | None = None) -> dict:
     """Run the quickstart into ``out``; the real model unless ``tiny``. Returns what quickstart.json holds."""
     if tiny:
-        from .tiny import run_quickstart as run_tiny
+        from qsimpo.quickstart.tiny import run_quickstart as run_tiny
 
         return run_tiny(out, overwrite=overwrite)
-    from .real import run
+    from qsimpo.quickstart.real import run
 
     return run(out, overwrite=overwrite, max_steps=max_steps)

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..errors import OutputExists
+from qsimpo.errors import OutputExists
 
 HERE = Path(__file__).parent
 PAIRS = HERE / "data" / "pairs.jsonl"
@@ -42,9 +42,9 @@ def split_pairs(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def probe(model, tokenizer, pairs, prompts: list[str], max_new_tokens: int = 64) -> dict:
-    from ..generate import generate
-    from ..metrics import reward_accuracy
-    from ..scoring import score_pairs
+    from qsimpo.eval.generate import generate
+    from qsimpo.eval.metrics import reward_accuracy
+    from qsimpo.eval.scoring import score_pairs
 
     scores = score_pairs(model, pairs, tokenizer.pad_token_id)
     answers = [generate(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=max_new_tokens) for p in prompts]
@@ -59,11 +59,11 @@ def probe(model, tokenizer, pairs, prompts: list[str], max_new_tokens: int = 64)
 
 def run(out: str | Path = "adapters/quickstart", overwrite: bool = False, max_steps: int | None = None,
         source: str = "auto") -> dict:
-    from ..config import load_config
-    from ..data import build_dataset
-    from ..model import load_trained
-    from ..realmodel import smollm2_path
-    from ..train import train
+    from qsimpo.config import load_config
+    from qsimpo.data import build_dataset
+    from qsimpo.train.model import load_trained
+    from qsimpo.realmodel import smollm2_path
+    from qsimpo.train.recipe import train
 
     out = Path(out)
     if out.exists():

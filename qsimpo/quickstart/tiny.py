@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OutputExists
+from qsimpo.errors import OutputExists
 
 TOPICS = [
     "cats", "rivers", "bread", "music", "trains", "gardens", "clocks", "mountains", "bees", "libraries",
@@ -80,7 +80,7 @@ def supervised_warmup(model, tokenizer, rows: list[dict], steps: int, seed: int,
     """Plain next-token training on prompt + answer, both styles equally often (the 'SFT' model)."""
     from tqdm.auto import tqdm
 
-    from ..data import tokenize_pair
+    from qsimpo.data import tokenize_pair
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -111,7 +111,7 @@ def supervised_warmup(model, tokenizer, rows: list[dict], steps: int, seed: int,
 
 
 def quickstart_config(out: Path, data: Path, base: Path, heldout: Path):
-    from ..config import load_config
+    from qsimpo.config import load_config
 
     return load_config(
         Path(__file__).with_name("tiny.yaml"),
@@ -120,9 +120,9 @@ def quickstart_config(out: Path, data: Path, base: Path, heldout: Path):
 
 
 def probe(model, tokenizer, pairs, prompts) -> dict:
-    from ..generate import generate
-    from ..metrics import reward_accuracy
-    from ..scoring import score_pairs
+    from qsimpo.eval.generate import generate
+    from qsimpo.eval.metrics import reward_accuracy
+    from qsimpo.eval.scoring import score_pairs
 
     scores = score_pairs(model, pairs, tokenizer.pad_token_id)
     gens = [generate(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=48) for p in prompts]
@@ -135,10 +135,10 @@ def probe(model, tokenizer, pairs, prompts) -> dict:
 
 
 def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = False, seed: int = 0) -> dict:
-    from ..data import build_dataset
-    from ..model import load_trained
-    from .toy import build_model, build_tokenizer, save_base
-    from ..train import train
+    from qsimpo.data import build_dataset
+    from qsimpo.train.model import load_trained
+    from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
+    from qsimpo.train.recipe import train
 
     out = Path(out)
     if out.exists():

@@ -11,8 +11,8 @@ import os
 
 import torch
 
-from .config import LoraConfig, ModelConfig
-from .errors import InputNotFound, UsageError
+from qsimpo.config import LoraConfig, ModelConfig
+from qsimpo.errors import InputNotFound, UsageError
 
 
 def device_for_rank() -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .trainer import NON_FINITE_CAUSES, NonFiniteError
+from qsimpo.train.trainer import NON_FINITE_CAUSES, NonFiniteError
 
 
 class MetricsJsonl(TrainerCallback):

@@ -8,7 +8,7 @@ model) and adapter on (the aligned model). Writes ``eval.json`` (every number, s
     qsimpo eval adapters/run --data heldout.jsonl --generate 20 --judge OpenAssistant/reward-model-deberta-v3-large-v2
 
 The pairs are tokenized with the run's own data settings (config.yaml), so the numbers are the
-ones the trainer logs as ``eval_*`` in metrics.jsonl, computed the same way (qsimpo.metrics).
+ones the trainer logs as ``eval_*`` in metrics.jsonl, computed the same way (qsimpo.eval.metrics).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from . import metrics as M
-from .errors import UsageError
-from .data import DataError, build_dataset, looks_local, split_eval
-from .scoring import PairScores, score_pairs
+from qsimpo import __version__
+from qsimpo.eval import metrics as M
+from qsimpo.errors import UsageError
+from qsimpo.data import DataError, build_dataset, looks_local, split_eval
+from qsimpo.eval.scoring import PairScores, score_pairs
 
 SCHEMA_VERSION = 1
 
@@ -45,7 +45,7 @@ def record_dir(adapter: str) -> str:
 
 def run_config(adapter: str):
     """The run's resolved Config from the adapter's config.yaml (folder or Hub repo); None without one."""
-    from .config import ConfigError, load_config
+    from qsimpo.config import ConfigError, load_config
 
     path = Path(adapter) / "config.yaml"
     if not Path(adapter).is_dir():
@@ -65,7 +65,7 @@ def run_config(adapter: str):
 
 def simpo_settings(meta: dict, cfg, beta: float | None, gamma: float | None) -> dict:
     """β, γ and the loss options the run trained with: --beta/--gamma, else qsimpo.json, else config.yaml, else defaults."""
-    from .config import SimPOConfig
+    from qsimpo.config import SimPOConfig
 
     if meta.get("simpo"):
         s, source = dict(meta["simpo"]), "qsimpo.json"
@@ -104,7 +104,7 @@ def check_adapter(adapter: str, base: str | None, meta: dict) -> str:
 
 
 def load(adapter: str, base: str):
-    from .model import load_trained
+    from qsimpo.train.model import load_trained
 
     try:
         return load_trained(adapter, base=base)
@@ -134,7 +134,7 @@ def resolve_data(data: str | None, cfg, adapter: str) -> tuple[str, str | float]
 
 def held_out_pairs(kind: str, where, split: str | None, max_rows: int | None, cfg, tokenizer):
     """(pairs, description, data summary), tokenized with the run's data settings (max_length, template, ...)."""
-    from .config import DataConfig
+    from qsimpo.config import DataConfig
 
     dc = dataclasses.replace(cfg.data, eval=None) if cfg is not None else DataConfig(max_prompt_length=512)
     if split is not None:
@@ -166,7 +166,7 @@ def score(model, pairs: list[dict], pad_token_id: int, batch_size: int, desc: st
 
 def answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float, seed: int):
     """(text, new token count, stopped at EOS) for a prompt already tokenized exactly as in training."""
-    from .generate import new_tokens
+    from qsimpo.eval.generate import new_tokens
 
     # the same seed for both models: differences come from the weights, not the dice
     new = new_tokens(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed)
@@ -255,9 +255,9 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
              batch_size: int = 8, max_new_tokens: int = 64, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,
              beta: float | None = None, gamma: float | None = None) -> dict:
     """Score held-out pairs with the SFT and aligned models; write eval.json and report.html; return eval.json's dict."""
-    from .model import read_run_metadata
-    from .callbacks import read_metrics
-    from .report import summary_lines, write_report
+    from qsimpo.train.model import read_run_metadata
+    from qsimpo.train.callbacks import read_metrics
+    from qsimpo.eval.report import summary_lines, write_report
 
     t0 = time.perf_counter()
     if judge_model and generate <= 0:

@@ -17,7 +17,7 @@ An estimate of peak GPU memory from the model's config alone (nothing is loaded)
   boolean it is built from) under SDPA/eager; nothing under flex_attention (a block mask);
 - the output head: one fp32 [chunk, vocab] block plus its compute-dtype matmul output (×1.5;
   ×2.5 with a logit soft-cap, whose tanh the backward keeps) when ``train.head_chunk_size`` > 0
-  (``qsimpo.logprobs._ChunkedHead`` works in place), else
+  (``qsimpo.train.logprobs._ChunkedHead`` works in place), else
   the full [T, vocab] logits in compute dtype plus fp32 copies;
 - the CUDA context and allocator slack (a fixed 0.75 GiB).
 
@@ -30,8 +30,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .config import Config
-from .logprobs import head_chunk_rows
+from qsimpo.config import Config
+from qsimpo.train.logprobs import head_chunk_rows
 
 GiB = 2**30
 NF4_BITS = 4.127  # 4-bit codes + 8-bit absmax per 64 + fp32 second-level absmax per 256 blocks
@@ -152,8 +152,8 @@ def advice(cfg: Config, parts: dict[str, float], budget: int) -> str:
 
 def data_lengths(cfg: Config) -> list[tuple[int, int, int]]:
     """(prompt, chosen, rejected) token counts of every pair the config's data yields, as training would tokenize it."""
-    from .data import build_dataset
-    from .model import load_tokenizer
+    from qsimpo.data import build_dataset
+    from qsimpo.train.model import load_tokenizer
 
     pairs, summary = build_dataset(cfg.data, load_tokenizer(cfg.model))
     print(summary.line())

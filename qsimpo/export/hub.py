@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import QsimpoError
+from qsimpo.errors import QsimpoError
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
@@ -81,7 +81,7 @@ def final_metrics(adapter: str, meta: dict) -> dict:
     """The last logged training (and held-out) metrics: from qsimpo.json, or the folder's metrics.jsonl."""
     if meta.get("final_metrics"):
         return meta["final_metrics"]
-    from .callbacks import read_metrics
+    from qsimpo.train.callbacks import read_metrics
 
     rows = read_metrics(adapter)
     train = next((r for r in reversed(rows) if "loss" in r), None)
@@ -102,7 +102,7 @@ def _read_config(folder: Path) -> dict:
 
 
 def _is_local(path: str) -> bool:
-    from .data import looks_local  # the rule `data.path` is read by: a leading / . ~, a file suffix, two "/"...
+    from qsimpo.data import looks_local  # the rule `data.path` is read by: a leading / . ~, a file suffix, two "/"...
 
     return looks_local(path) or Path(path).expanduser().exists()
 
@@ -183,7 +183,7 @@ model = PeftModel.from_pretrained(base, "{repo_id}")  # the {quantization} base 
 tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
 ```
 
-or, with qsimpo installed: `from qsimpo.model import load_trained; model, tokenizer = load_trained("{repo_id}")`.'''
+or, with qsimpo installed: `from qsimpo.train.model import load_trained; model, tokenizer = load_trained("{repo_id}")`.'''
 
 
 def _data_section(meta: dict) -> str:
@@ -263,7 +263,7 @@ def hub_metadata(meta: dict, base_model: str, metrics: dict) -> dict:
 def plan_push(folder: str | Path, repo_id: str, base_model: str | None = None, private: bool = False,
               license: str | None = None, datasets: list[str] = (), include: list[str] = ()) -> PushPlan:
     """Everything a push will send, decided locally: the files, the card and the metadata."""
-    from .model import read_run_metadata
+    from qsimpo.train.model import read_run_metadata
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -26,7 +26,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .data.formats import NO_PREFERENCE_VOTES
+from qsimpo.data.formats import NO_PREFERENCE_VOTES
 
 VOTES = {"left": "left better", "right": "right better", "tie": "tie", "both_bad": "both bad"}
 

@@ -1,7 +1,7 @@
 """The thin ``transformers.Trainer`` subclass: batch → log-probs → SimPO loss → metrics.
 
 Everything else (loop, gradient accumulation, checkpoints, resume, DDP/FSDP/DeepSpeed via
-accelerate, report_to) is the stock Trainer. A batch is either layout of ``qsimpo.packing``
+accelerate, report_to) is the stock Trainer. A batch is either layout of ``qsimpo.train.packing``
 (one packed row per pair, or the B chosen rows followed by the B rejected rows); both say
 which positions to score the same way, so ``pair_logps`` serves them alike.
 """
@@ -16,11 +16,11 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer
 
-from .config import ConfigError, SimPOConfig
-from .errors import QsimpoError
-from .logprobs import chunked_token_logps, indexed_logps, per_sequence
-from .loss import simpo_loss
-from .packing import attention_inputs
+from qsimpo.config import ConfigError, SimPOConfig
+from qsimpo.errors import QsimpoError
+from qsimpo.train.logprobs import chunked_token_logps, indexed_logps, per_sequence
+from qsimpo.train.loss import simpo_loss
+from qsimpo.train.packing import attention_inputs
 
 
 def unwrap(model):
@@ -77,7 +77,7 @@ NON_FINITE_CAUSES = (
 
 
 def pair_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch.float32, **forward_kwargs):
-    """(chosen, rejected) average response log-probs for a batch of either layout (qsimpo.packing).
+    """(chosen, rejected) average response log-probs for a batch of either layout (qsimpo.train.packing).
 
     The one scoring function: the training loss, in-training evaluation, ``qsimpo eval``, the
     quickstart and the demo all score responses through it. ``forward_kwargs`` go to the model

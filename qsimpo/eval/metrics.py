@@ -1,8 +1,8 @@
 """The numbers ``qsimpo eval`` reports, as pure functions over tensors and lists.
 
 Preference metrics take per-pair *average* response log-probs (what SimPO's reward is made of,
-see ``qsimpo.scoring.score_pairs``) and are defined exactly as the trainer logs them
-(``qsimpo.trainer.pair_metrics``): reward = β·avg_logp, accuracy counts a tie as a miss,
+see ``qsimpo.eval.scoring.score_pairs``) and are defined exactly as the trainer logs them
+(``qsimpo.train.trainer.pair_metrics``): reward = β·avg_logp, accuracy counts a tie as a miss,
 margin = β·(avg_logp(chosen) − avg_logp(rejected)) without γ.
 
 The length diagnostics are the SimPO paper's (§4.4, Fig. 2): a model that exploits length shows
@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .loss import simpo_loss
+from qsimpo.train.loss import simpo_loss
 
 
 def _check(chosen: torch.Tensor, rejected: torch.Tensor) -> None:

@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 import torch
 
-from .logprobs import head_chunk_rows
-from .packing import make_collator
-from .trainer import attn_implementation, pair_logps, unwrap
+from qsimpo.train.logprobs import head_chunk_rows
+from qsimpo.train.packing import make_collator
+from qsimpo.train.trainer import attn_implementation, pair_logps, unwrap
 
 
 class PairScores(NamedTuple):

@@ -169,7 +169,7 @@ class PlainPairCollator:
     """The plain layout (``qsimpo.data.PairCollator``) plus the score_* tensors."""
 
     def __init__(self, pad_token_id: int):
-        from .data import PairCollator
+        from qsimpo.data import PairCollator
 
         self.collate = PairCollator(pad_token_id)
 

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .callbacks import (CHECKPOINT_MARKER, CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain,
+from qsimpo import __version__
+from qsimpo.train.callbacks import (CHECKPOINT_MARKER, CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain,
                         ProgressBar, SkipFinishedRun, StopOnSignal, checkpoints, is_complete, last_complete_checkpoint)
-from .config import Config, ConfigError, dump_yaml
-from .data import read_source, split_eval, tokenize_source
-from .errors import InputNotFound, Interrupted, OutputExists
-from .logprobs import head_chunk_rows
-from .model import add_lora, compute_dtype, load_base, load_tokenizer
-from .packing import make_collator
-from .trainer import SimPOTrainer
+from qsimpo.config import Config, ConfigError, dump_yaml
+from qsimpo.data import read_source, split_eval, tokenize_source
+from qsimpo.errors import InputNotFound, Interrupted, OutputExists
+from qsimpo.train.logprobs import head_chunk_rows
+from qsimpo.train.model import add_lora, compute_dtype, load_base, load_tokenizer
+from qsimpo.train.packing import make_collator
+from qsimpo.train.trainer import SimPOTrainer
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -249,7 +249,7 @@ def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
     """
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
-    from .model import device_for_rank
+    from qsimpo.train.model import device_for_rank
 
     output_dir = Path(cfg.train.output_dir)
     check_output_dir(cfg, output_dir)

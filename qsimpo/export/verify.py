@@ -96,8 +96,8 @@ def _training_probes(adapter: str, tokenizer, n: int, max_tokens: int) -> list[l
     config = Path(adapter) / "config.yaml"
     if not config.is_file():
         return None
-    from .config import load_config
-    from .data import build_dataset
+    from qsimpo.config import load_config
+    from qsimpo.data import build_dataset
 
     try:
         data = load_config(config).data
@@ -110,7 +110,7 @@ def _training_probes(adapter: str, tokenizer, n: int, max_tokens: int) -> list[l
 
 def _builtin_probes(model, tokenizer, n: int, max_new_tokens: int) -> list[list[int]]:
     """Built-in prompts, each followed by the adapter's own greedy answer (the positions it shaped)."""
-    from .generate import new_tokens, render_prompt
+    from qsimpo.eval.generate import new_tokens, render_prompt
 
     probes = []
     for prompt in BUILTIN_PROMPTS[:n]:

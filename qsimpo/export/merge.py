@@ -11,7 +11,7 @@ as training loaded them) and merges into those, in 16 bits. ``original`` is ther
 trained unquantized, or to measure the difference.
 
 Every merge is written to a hidden sibling folder, reloaded from disk and compared with the
-adapter (qsimpo.verify); only a merge that passes is moved to ``--out``. A failure of any kind
+adapter (qsimpo.export.verify); only a merge that passes is moved to ``--out``. A failure of any kind
 leaves no output folder behind.
 """
 
@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import QsimpoError
+from qsimpo.errors import QsimpoError
 
 BASE_WEIGHTS = ("dequantized", "original")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -46,12 +46,12 @@ class VerifyError(MergeError):
 @dataclass
 class MergeResult:
     out: Path
-    report: object | None  # qsimpo.verify.VerifyReport, or None with --no-verify
+    report: object | None  # qsimpo.export.verify.VerifyReport, or None with --no-verify
 
 
 def check_request(adapter: str, out: Path, base: str | None, overwrite: bool) -> dict:
     """The adapter's metadata, once every reason to refuse has been ruled out."""
-    from .model import read_run_metadata
+    from qsimpo.train.model import read_run_metadata
 
     local = Path(adapter)
     if local.exists() and not (local / "adapter_config.json").is_file():
@@ -79,8 +79,8 @@ def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtyp
     """Merge ``adapter`` (a folder or Hub id) into its base and write a transformers model to ``out``."""
     import torch
 
-    from .model import device_for_rank, load_trained
-    from .verify import VerifyReport, agreement, next_token_logprobs, probe_sequences
+    from qsimpo.train.model import device_for_rank, load_trained
+    from qsimpo.export.verify import VerifyReport, agreement, next_token_logprobs, probe_sequences
 
     if base_weights not in BASE_WEIGHTS:
         raise MergeError(f"--base-weights {base_weights!r} must be one of {', '.join(BASE_WEIGHTS)}")
@@ -139,9 +139,9 @@ def _merge_in_memory(adapter, base, meta, base_weights, dtype, device, probes):
     import torch
     from peft import PeftModel
 
-    from .config import ModelConfig
-    from .model import dequantize_base, load_base
-    from .verify import next_token_logprobs
+    from qsimpo.config import ModelConfig
+    from qsimpo.train.model import dequantize_base, load_base
+    from qsimpo.export.verify import next_token_logprobs
 
     quantization = meta.get("quantization", "nf4")
     revision = meta.get("base_model_revision")
@@ -170,8 +170,8 @@ def _save(merged, folder: Path, adapter: str, base: str, meta: dict, base_weight
     """Model (sharded safetensors) + generation config, the base's own tokenizer and chat template, provenance."""
     from transformers import AutoTokenizer
 
-    from . import __version__
-    from .hub import final_metrics
+    from qsimpo import __version__
+    from qsimpo.export.hub import final_metrics
 
     merged.save_pretrained(folder, max_shard_size=max_shard_size)
     # The base's tokenizer as published (not the training copy, which may have gained a pad token).
