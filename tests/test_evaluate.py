@@ -130,7 +130,7 @@ def test_eval_fraction_fallback_uses_the_runs_split(quickstart, tmp_path, capsys
     import yaml
 
     from qsimpo.data import build_dataset, split_eval
-    from qsimpo.eval.evaluate import run_config
+    from qsimpo.run_dir import read_config as run_config
     from qsimpo.train.model import load_tokenizer
 
     adapter = tmp_path / "adapter"

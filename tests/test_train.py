@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import HH_SAMPLE, ROOT, make_config
-from qsimpo.train.callbacks import CHECKPOINT_MARKER
+from qsimpo.run_dir import CHECKPOINT_MARKER
 from qsimpo.errors import InputNotFound, OutputExists
 from qsimpo.train.recipe import resolve_resume, resume_command, train
 from qsimpo.train.trainer import NonFiniteError

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from qsimpo.train.callbacks import CHECKPOINT_MARKER
+from qsimpo.run_dir import CHECKPOINT_MARKER
 
 # What transformers 5 and bitsandbytes printed on every CPU run before qsimpo silenced or avoided them.
 NOISE = ("Failed to load CPU gemm_4bit_forward", "kernels-community", "FutureWarning", "is deprecated",

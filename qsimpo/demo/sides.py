@@ -97,12 +97,13 @@ class SideBySide:
     def load(cls, adapter: str, base: str | None = None, compare_adapter: str | None = None,
              trust_remote_code: bool = False, device: str | None = None) -> "SideBySide":
         """Load the base once (4-bit as the adapter was trained, where bitsandbytes is installed) and the adapter(s)."""
-        from qsimpo.train.model import load_trained, read_run_metadata
+        from qsimpo.run_dir import read_meta
+        from qsimpo.train.model import load_trained
 
         check_adapter(adapter, "--adapter")
         if compare_adapter:
             check_adapter(compare_adapter, "--compare-adapter")
-        meta = read_run_metadata(adapter)
+        meta = read_meta(adapter)
         base_name = check_base(base, adapter, meta)
         quantization = meta.get("quantization", "nf4")
         if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
@@ -115,7 +116,7 @@ class SideBySide:
             raise InputNotFound(f"could not load the adapter {adapter} on the base {base_name}: {e}\n"
                                 "pass a `qsimpo train` output folder with --adapter, and its base with --base") from None
         if compare_adapter:
-            other = read_run_metadata(compare_adapter).get("base_model")
+            other = read_meta(compare_adapter).get("base_model")
             if other and other != base_name:
                 print(f"warning: {compare_adapter} records base {other}, not the base loaded here; its column may be noise")
             try:

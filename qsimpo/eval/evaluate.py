@@ -35,34 +35,6 @@ class EvalError(UsageError):
 
 
 # ------------------------------------------------------------------------------------- the run's record
-def record_dir(adapter: str) -> str:
-    """Where the run's qsimpo.json, config.yaml and metrics.jsonl are: the adapter, or for checkpoint-N its run folder."""
-    p = Path(adapter)
-    if p.is_dir() and p.name.startswith("checkpoint-") and not (p / "qsimpo.json").exists() and (p.parent / "qsimpo.json").exists():
-        return str(p.parent)
-    return adapter
-
-
-def run_config(adapter: str):
-    """The run's resolved Config from the adapter's config.yaml (folder or Hub repo); None without one."""
-    from qsimpo.config import ConfigError, load_config
-
-    path = Path(adapter) / "config.yaml"
-    if not Path(adapter).is_dir():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(adapter, "config.yaml"))
-        except Exception:  # an adapter made by another tool: the caller falls back to defaults
-            return None
-    if not path.is_file():
-        return None
-    try:
-        return load_config(path)
-    except ConfigError as e:
-        raise EvalError(f"{path} (the run's resolved config) does not load: {e}") from None
-
-
 def simpo_settings(meta: dict, cfg, beta: float | None, gamma: float | None) -> dict:
     """β, γ and the loss options the run trained with: --beta/--gamma, else qsimpo.json, else config.yaml, else defaults."""
     from qsimpo.config import SimPOConfig
@@ -255,17 +227,16 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
              batch_size: int = 8, max_new_tokens: int = 64, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,
              beta: float | None = None, gamma: float | None = None) -> dict:
     """Score held-out pairs with the SFT and aligned models; write eval.json and report.html; return eval.json's dict."""
-    from qsimpo.train.model import read_run_metadata
-    from qsimpo.train.callbacks import read_metrics
+    from qsimpo.run_dir import read_config, read_meta, read_metrics, record_dir
     from qsimpo.eval.report import summary_lines, write_report
 
     t0 = time.perf_counter()
     if judge_model and generate <= 0:
         raise EvalError("--judge compares generated answers: also pass --generate N (e.g. --generate 50)")
     record = record_dir(adapter)
-    meta = read_run_metadata(record)
+    meta = read_meta(record)
     base = check_adapter(adapter, base, meta)
-    cfg = run_config(record)
+    cfg = read_config(record)
     kind, where = resolve_data(data, cfg, adapter)  # fail before loading a model
     simpo = simpo_settings(meta, cfg, beta, gamma)
     out_dir = Path(out) if out else (Path(adapter) / "eval" if Path(adapter).is_dir() else Path("eval") / adapter.replace("/", "--"))

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qsimpo.errors import QsimpoError
+from qsimpo.run_dir import ADAPTER_FILES
 
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
                "model.safetensors.index.json"]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -65,7 +65,7 @@ def folder_kind(folder: Path) -> str:
 
 def select_files(folder: Path, kind: str, include: list[str] = ()) -> list[str]:
     """Files that belong in the repo: the model's own files, plus whatever ``include`` patterns name."""
-    patterns = (ADAPTER_FILES if kind == "adapter" else MODEL_FILES) + TOKENIZER_FILES
+    patterns = list(ADAPTER_FILES if kind == "adapter" else MODEL_FILES) + TOKENIZER_FILES
     chosen = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
@@ -81,7 +81,7 @@ def final_metrics(adapter: str, meta: dict) -> dict:
     """The last logged training (and held-out) metrics: from qsimpo.json, or the folder's metrics.jsonl."""
     if meta.get("final_metrics"):
         return meta["final_metrics"]
-    from qsimpo.train.callbacks import read_metrics
+    from qsimpo.run_dir import read_metrics
 
     rows = read_metrics(adapter)
     train = next((r for r in reversed(rows) if "loss" in r), None)
@@ -263,7 +263,7 @@ def hub_metadata(meta: dict, base_model: str, metrics: dict) -> dict:
 def plan_push(folder: str | Path, repo_id: str, base_model: str | None = None, private: bool = False,
               license: str | None = None, datasets: list[str] = (), include: list[str] = ()) -> PushPlan:
     """Everything a push will send, decided locally: the files, the card and the metadata."""
-    from qsimpo.train.model import read_run_metadata
+    from qsimpo.run_dir import read_meta
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -271,7 +271,7 @@ def plan_push(folder: str | Path, repo_id: str, base_model: str | None = None, p
     if not _REPO_ID.match(repo_id):
         raise PushError(f"--repo {repo_id!r} must be OWNER/NAME, e.g. your-name/llama3-8b-simpo")
     kind = folder_kind(folder)
-    meta = read_run_metadata(str(folder))
+    meta = read_meta(str(folder))
     base = hub_base_model(meta, base_model, folder)
     config = _read_config(folder)
     metrics = final_metrics(str(folder), meta)

@@ -51,14 +51,14 @@ class MergeResult:
 
 def check_request(adapter: str, out: Path, base: str | None, overwrite: bool) -> dict:
     """The adapter's metadata, once every reason to refuse has been ruled out."""
-    from qsimpo.train.model import read_run_metadata
+    from qsimpo.run_dir import read_meta
 
     local = Path(adapter)
     if local.exists() and not (local / "adapter_config.json").is_file():
         merged = " (it holds a merged model: merge the adapter it came from)" if (local / "config.json").is_file() else ""
         raise MergeError(f"{adapter} is not an adapter folder: it has no adapter_config.json{merged}. "
                          "Pass the folder `qsimpo train` wrote (its train.output_dir) or a Hub id")
-    meta = read_run_metadata(adapter)
+    meta = read_meta(adapter)
     if meta.get("merged_from"):
         raise MergeError(f"{adapter} is already a merge of {meta['merged_from']}: merge the adapter itself, not its merge")
     if not (base or meta.get("base_model")):

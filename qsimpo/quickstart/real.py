@@ -60,8 +60,6 @@ def probe(model, tokenizer, pairs, prompts: list[str], max_new_tokens: int = 64)
 def run(out: str | Path = "adapters/quickstart", overwrite: bool = False, max_steps: int | None = None,
         source: str = "auto") -> dict:
     from qsimpo.config import load_config
-    from qsimpo.data import build_dataset
-    from qsimpo.train.model import load_trained
     from qsimpo.realmodel import smollm2_path
     from qsimpo.train.recipe import train
 
@@ -89,6 +87,20 @@ def run(out: str | Path = "adapters/quickstart", overwrite: bool = False, max_st
     cfg = load_config(CONFIG, overrides)
     train(cfg)
 
+    result = {"model": "SmolLM2-135M-Instruct", "base": str(base), "adapter": str(out / "adapter"),
+              "train_pairs": len(train_rows), **compare(out, cfg, held_rows)}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("[4/4] done")
+    show(result, out)
+    return result
+
+
+def compare(out: Path, cfg, held_rows: list[dict]) -> dict:
+    """Step 3: the held-out pairs scored and the held-out questions answered, adapter off (SFT) and on (aligned)."""
+    from qsimpo.data import build_dataset
+    from qsimpo.train.model import load_trained
+
     print(f"[3/4] held-out questions ({len(held_rows)} pairs on {HELDOUT_TOPICS} unseen topics): SFT (adapter off) "
           "vs aligned (adapter on)")
     model, tokenizer = load_trained(str(out / "adapter"))
@@ -97,16 +109,16 @@ def run(out: str | Path = "adapters/quickstart", overwrite: bool = False, max_st
     with model.disable_adapter():
         before = probe(model, tokenizer, pairs, prompts)
     after = probe(model, tokenizer, pairs, prompts)
-    result = {"model": "SmolLM2-135M-Instruct", "base": str(base), "adapter": str(out / "adapter"),
-              "train_pairs": len(train_rows), "held_out_pairs": len(pairs), "before": before, "after": after,
-              "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("[4/4] done")
+    return {"held_out_pairs": len(pairs), "before": before, "after": after}
+
+
+def show(result: dict, out: Path) -> None:
+    before, after = result["before"], result["after"]
+    n = len(before["generations"])
     print(f"held-out reward accuracy: SFT {before['reward_accuracy']:.3f} -> aligned {after['reward_accuracy']:.3f}")
-    print(f"one-sentence answers among {len(prompts)} greedy answers to held-out questions: "
+    print(f"one-sentence answers among {n} greedy answers to held-out questions: "
           f"SFT {before['one_sentence_rate']:.0%} -> aligned {after['one_sentence_rate']:.0%} "
           f"(mean {before['mean_answer_words']:.0f} -> {after['mean_answer_words']:.0f} words)")
     for b, a in list(zip(before["generations"], after["generations"]))[:3]:
         print(f"  {b['prompt']}\n    SFT:     {b['response']}\n    aligned: {a['response']}")
     print(f"wrote {out / 'quickstart.json'} in {result['seconds']} s; chat with both: qsimpo demo --adapter {out / 'adapter'}")
-    return result

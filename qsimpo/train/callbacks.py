@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from qsimpo.run_dir import CHECKPOINT_MARKER, is_complete  # noqa: F401  (re-exported for the recipe)
+
 from qsimpo.train.trainer import NON_FINITE_CAUSES, NonFiniteError
 
 
@@ -30,21 +32,6 @@ class MetricsJsonl(TrainerCallback):
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
-
-
-def read_metrics(run: str) -> list[dict]:
-    """The rows MetricsJsonl wrote: a local run folder, or a Hub repo that carries one; [] without it."""
-    path = Path(run) / "metrics.jsonl"
-    if not Path(run).is_dir():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(run, "metrics.jsonl"))
-        except Exception:  # pushed adapters usually leave their logs behind
-            return []
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class FiniteGradGuard(TrainerCallback):
@@ -95,7 +82,6 @@ class ProgressBar(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------------- checkpoints
-CHECKPOINT_MARKER = "qsimpo_complete.json"  # written into checkpoint-N last, once every process saved its part
 
 
 def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -106,10 +92,6 @@ def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
         if step.isdigit() and path.is_dir():
             found.append((int(step), path))
     return sorted(found)
-
-
-def is_complete(checkpoint: str | Path) -> bool:
-    return (Path(checkpoint) / CHECKPOINT_MARKER).is_file()
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:

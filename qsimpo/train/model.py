@@ -142,29 +142,14 @@ def enable_activation_checkpointing(model, kwargs: dict) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def read_run_metadata(adapter: str) -> dict:
-    """The ``qsimpo.json`` an adapter folder (or Hub repo) carries; {} when it has none."""
-    import json
-    from pathlib import Path
-
-    local = Path(adapter)
-    if local.is_dir():
-        meta = local / "qsimpo.json"
-        return json.loads(meta.read_text()) if meta.is_file() else {}
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(adapter, "qsimpo.json")).read_text())
-    except Exception:  # a Hub adapter made by another tool: no metadata, the caller asks for --base
-        return {}
-
-
 def load_trained(adapter: str, base: str | None = None, quantization: str | None = None, device: str | None = None,
                  trust_remote_code: bool = False):
     """(model, tokenizer): the adapter on its base, quantized as it was trained. ``adapter`` is a folder or a Hub id."""
     from peft import PeftModel
 
-    meta = read_run_metadata(adapter)
+    from qsimpo.run_dir import read_meta
+
+    meta = read_meta(adapter)
     base = base or meta.get("base_model")
     if not base:
         raise UsageError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder with --base")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from qsimpo import __version__
+from qsimpo.run_dir import CONFIG, META, METRICS, has_adapter, write_json
 from qsimpo.train.callbacks import (CHECKPOINT_MARKER, CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain,
                         ProgressBar, SkipFinishedRun, StopOnSignal, checkpoints, is_complete, last_complete_checkpoint)
 from qsimpo.config import Config, ConfigError, dump_yaml
@@ -32,7 +33,6 @@ from qsimpo.train.model import add_lora, compute_dtype, load_base, load_tokenize
 from qsimpo.train.packing import make_collator
 from qsimpo.train.trainer import SimPOTrainer
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -86,8 +86,7 @@ def resolve_resume(resume_from: str | None, output_dir: Path) -> str | None:
 
 
 def check_output_dir(cfg: Config, output_dir: Path) -> None:
-    finished = output_dir / ADAPTER_FILES[1]
-    if finished.exists() and not cfg.train.overwrite and cfg.train.resume_from is None:
+    if has_adapter(output_dir) and not cfg.train.overwrite and cfg.train.resume_from is None:
         raise OutputExists(
             f"train.output_dir = {output_dir} already holds a finished adapter: choose another --train.output_dir, "
             f"pass --train.overwrite true to replace it, or --train.resume_from auto to continue"
@@ -97,7 +96,7 @@ def check_output_dir(cfg: Config, output_dir: Path) -> None:
 def resume_command(command: list[str] | None, output_dir: Path) -> str:
     """``command`` (the argv that started the run, or its saved config) with ``--train.resume_from auto``."""
     if command is None:
-        command = ["qsimpo", "train", str(output_dir / "config.yaml")]
+        command = ["qsimpo", "train", str(output_dir / CONFIG)]
     kept, skip = [], False
     for arg in command:
         if not skip and arg != "--train.resume_from" and not arg.startswith("--train.resume_from="):
@@ -214,7 +213,7 @@ def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict) ->
     import peft
     import transformers
 
-    (output_dir / "config.yaml").write_text(dump_yaml(cfg))
+    (output_dir / CONFIG).write_text(dump_yaml(cfg))
     meta = {
         "qsimpo_version": __version__,
         "base_model": cfg.model.name_or_path,
@@ -233,7 +232,7 @@ def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict) ->
             "bitsandbytes": bitsandbytes.__version__,
         },
     }
-    (output_dir / "qsimpo.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    write_json(output_dir, META, meta)
 
 
 @dataclass
@@ -274,9 +273,9 @@ def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
 
         output_dir.mkdir(parents=True, exist_ok=True)
         if is_main_process():
-            (output_dir / "config.yaml").write_text(dump_yaml(cfg))  # the run folder says what it is while it runs
+            (output_dir / CONFIG).write_text(dump_yaml(cfg))  # the run folder says what it is while it runs
         resume = resolve_resume(cfg.train.resume_from, output_dir)
-        metrics_path = output_dir / "metrics.jsonl"
+        metrics_path = output_dir / METRICS
         if resume is None and is_main_process() and metrics_path.exists():
             metrics_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
         args = training_arguments(cfg, output_dir, eval_pairs is not None, device)
