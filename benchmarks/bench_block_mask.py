@@ -2,7 +2,7 @@
 
     python benchmarks/bench_block_mask.py [--device cpu|cuda] [--pairs 4] [--pair-tokens 4096]
 
-Compares qsimpo.packing.flex_block_mask (a chunk of query blocks at a time) with torch's
+Compares qsimpo.train.packing.flex_block_mask (a chunk of query blocks at a time) with torch's
 create_block_mask on the same pair_mask, each in its own process: peak RSS on the CPU,
 torch.cuda.max_memory_allocated on CUDA. Both masks are checked equal block for block.
 """
@@ -21,7 +21,7 @@ def build(which: str, device: str, pairs: int, pair_tokens: int) -> dict:
     import torch
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from qsimpo.packing import PackedPairCollator, flex_block_mask, pair_mask
+    from qsimpo.train.packing import PackedPairCollator, flex_block_mask, pair_mask
 
     third = pair_tokens // 3
     batch = PackedPairCollator(0, one_row=True)(

@@ -4,8 +4,8 @@
     python benchmarks/bench_merge_dtype.py --steps 40 --lr 1e-3 --record
 
 Trains one adapter with `qsimpo train` (NF4 base, LoRA r=16 on all linear layers, SimPO) on the
-quickstart's short courteous-vs-rude pairs, with a learning rate high enough that the adapter
-visibly moves its base, then merges it with `qsimpo.merge.merge` in bfloat16, float16 and float32
+tiny quickstart's short courteous-vs-rude pairs, with a learning rate high enough that the adapter
+visibly moves its base, then merges it with `qsimpo.export.merge.merge` in bfloat16, float16 and float32
 (dequantized NF4 base weights, verify on). For each it prints the verify report's numbers: mean KL
 and top-1 agreement of the merged model to the adapter on its 4-bit base and to the unmerged adapter
 on the dequantized base, the adapter's own effect (KL adapter on vs off) and the ratio verify gates
@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 def train_adapter(base: str, out: Path, steps: int, lr: float, pairs: int) -> Path:
     from qsimpo.config import load_config
-    from qsimpo.quickstart import TOPICS, make_pairs
-    from qsimpo.train import train
+    from qsimpo.quickstart.tiny import TOPICS, make_pairs
+    from qsimpo.train.recipe import train
 
     data = out / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(TOPICS, pairs, seed=0)))
@@ -63,7 +63,7 @@ def main() -> None:
     import transformers
 
     from qsimpo.config import load_config
-    from qsimpo.merge import VerifyError, merge
+    from qsimpo.export.merge import VerifyError, merge
     from qsimpo.realmodel import smollm2_path
 
     torch.set_num_threads(2)

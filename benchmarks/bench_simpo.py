@@ -49,8 +49,8 @@ def prepare(work: Path, device: str, n_pairs: int) -> dict:
     import torch  # noqa: F401
 
     from qsimpo.data import read_rows, to_triples, tokenize_pair
-    from qsimpo.formats import DataSummary
-    from qsimpo.toy import build_model, build_tokenizer, save_base
+    from qsimpo.data import DataSummary
+    from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
 
     shape = SHAPES[device]
     rows = read_rows(str(HH))
@@ -129,7 +129,7 @@ def _peak(device: str) -> float:
 
 def run_qsimpo(prep: dict, device: str, steps: int, out: Path, attn: str = "sdpa") -> dict:
     from qsimpo.config import load_config
-    from qsimpo.train import train
+    from qsimpo.train.recipe import train
 
     shape = SHAPES[device]
     cfg = load_config(None, [
@@ -141,7 +141,7 @@ def run_qsimpo(prep: dict, device: str, steps: int, out: Path, attn: str = "sdpa
         f"--model.attn_implementation={attn}",
         "--train.group_by_length=false",  # same order as TRL's sampler sees: compare the step, not the sampler
     ])
-    import qsimpo.train as qt
+    import qsimpo.train.recipe as qt
 
     clock = StepClock(cuda=device == "cuda")
     real_init = qt.SimPOTrainer.__init__
@@ -168,7 +168,7 @@ def plan_check(cfg, base: str, trainer, clock) -> list[dict]:
     """
     from transformers import AutoConfig
 
-    from qsimpo.plan import CONTEXT, GiB, estimate, shape_of, worst_batch
+    from qsimpo.train.plan import CONTEXT, GiB, estimate, shape_of, worst_batch
 
     shape = shape_of(AutoConfig.from_pretrained(base))
     rows = []

@@ -7,8 +7,8 @@ import os
 import sys
 import traceback
 
-from .config import help_text, load_config
-from .errors import QsimpoError
+from qsimpo.config import help_text, load_config
+from qsimpo.errors import QsimpoError
 
 
 def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -26,9 +26,9 @@ def cmd_train(argv: list[str]) -> int:
     p = _config_parser("qsimpo train", "Train a LoRA adapter with SimPO on a 4-bit base model.")
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
-    from .train import train
+    from qsimpo.train.recipe import train
 
-    run = train(cfg)
+    run = train(cfg, command=["qsimpo", "train", *argv])  # an interrupted run prints it to resume
     print(f"adapter written to {run.output_dir}")
     return 0
 
@@ -38,25 +38,30 @@ def cmd_inspect_data(argv: list[str]) -> int:
     p.add_argument("--n", type=int, default=3, help="how many pairs to print")
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
-    from .data import build_dataset, format_pair
-    from .model import load_tokenizer
+    from qsimpo.data import format_pair, read_source, tokenize_source
+    from qsimpo.train.model import load_tokenizer
 
+    source = read_source(cfg.data)  # bad rows stop here, before the tokenizer loads
     tok = load_tokenizer(cfg.model)
-    pairs, summary = build_dataset(cfg.data, tok)
+    pairs, summary = tokenize_source(cfg.data, source, tok)
     for pair in pairs[: args.n]:
         print(format_pair(tok, pair))
-    print(summary.line())
+    print(summary.report())
     return 0
 
 
 def cmd_quickstart(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="qsimpo quickstart", description="Build a tiny model and data set locally, SFT it, then QLoRA-SimPO it (offline, CPU, a few minutes).")
+    p = argparse.ArgumentParser(prog="qsimpo quickstart", description="SimPO on SmolLM2-135M-Instruct's NF4 base with "
+                                "the preference pairs shipped in the package: held-out reward accuracy and greedy "
+                                "answers before and after (offline after the first fetch, CPU, a few minutes).")
     p.add_argument("--out", default="adapters/quickstart", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing quickstart output")
+    p.add_argument("--tiny", action="store_true", help="a tiny model built on the spot instead (seconds; no download)")
+    p.add_argument("--max-steps", type=int, help="train this many optimizer steps instead of the config's")
     args = p.parse_args(argv)
-    from .quickstart import run_quickstart
+    from qsimpo.quickstart import run_quickstart
 
-    run_quickstart(args.out, overwrite=args.overwrite)
+    run_quickstart(args.out, overwrite=args.overwrite, tiny=args.tiny, max_steps=args.max_steps)
     return 0
 
 
@@ -72,24 +77,21 @@ def cmd_demo(argv: list[str]) -> int:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--trust-remote-code", action="store_true", help="run custom modelling code shipped with the base model")
     args = p.parse_args(argv)
-    from .chat import load_demo_app
-
     try:
-        load_demo_app().launch_demo(args.adapter, args.base, args.compare_adapter, args.votes, args.host, args.port,
-                                    args.share, args.trust_remote_code)
+        from qsimpo.demo.app import launch_demo
     except ModuleNotFoundError as e:
         if e.name != "gradio":
             raise
-        print('error: the demo needs gradio: pip install -e .', file=sys.stderr)
+        print('error: the demo needs gradio: pip install "gradio>=6,<7"', file=sys.stderr)
         return 2
-    except FileNotFoundError as e:  # no quickstart output / no demo/app.py: the message says what to run
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # a missing quickstart output or adapter, or a port in use, is a QsimpoError that main() prints
+    launch_demo(args.adapter, args.base, args.compare_adapter, args.votes, args.host, args.port, args.share,
+                args.trust_remote_code)
     return 0
 
 
 def cmd_merge(argv: list[str]) -> int:
-    from .merge import BASE_WEIGHTS, DEFAULT_DTYPE, DEFAULT_MAX_KL, DEFAULT_MAX_RATIO, DTYPES
+    from qsimpo.export.merge import BASE_WEIGHTS, DEFAULT_DTYPE, DEFAULT_MAX_KL, DEFAULT_MAX_RATIO, DTYPES
 
     p = argparse.ArgumentParser(prog="qsimpo merge", description="Merge an adapter into its base and save a standalone "
                                 "transformers model, verified against the adapter on its 4-bit base.")
@@ -109,7 +111,7 @@ def cmd_merge(argv: list[str]) -> int:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (larger models are split)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new merge passed)")
     args = p.parse_args(argv)
-    from .merge import merge
+    from qsimpo.export.merge import merge
 
     merge(args.adapter, args.out, args.base_weights, args.dtype, verify=not args.no_verify, max_kl=args.max_kl,
           overwrite=args.overwrite, base=args.base, max_shard_size=args.max_shard_size, n_probes=args.probes,
@@ -129,7 +131,7 @@ def cmd_push(argv: list[str]) -> int:
     p.add_argument("--dataset", action="append", default=[], help="Hub id of a training data set for the card (repeatable)")
     p.add_argument("--include", action="append", default=[], help="also upload files matching this pattern (repeatable)")
     args = p.parse_args(argv)
-    from .hub import push
+    from qsimpo.export.hub import push
 
     push(args.folder, args.repo, args.base_model, args.private, args.dry_run, args.license, args.dataset, args.include)
     return 0
@@ -155,7 +157,7 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--gamma", type=float, help="γ for the loss (default: the run's resolved simpo γ)")
     p.add_argument("--out", help="output folder (default: ADAPTER/eval for a local adapter)")
     args = p.parse_args(argv)
-    from .evaluate import EvalError, evaluate
+    from qsimpo.eval.evaluate import EvalError, evaluate
 
     try:
         evaluate(args.adapter, args.data, args.split, args.max_rows, args.generate, args.out, args.judge, args.base,
@@ -179,7 +181,7 @@ def cmd_plan(argv: list[str]) -> int:
                         "instead of assuming every row fills data.max_length")
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
-    from .plan import data_lengths, parse_size, plan
+    from qsimpo.train.plan import data_lengths, parse_size, plan
 
     text, fits = plan(cfg, parse_size(args.gpu_memory), lengths=data_lengths(cfg) if args.data else None)
     print(text)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UsageError
+from qsimpo.errors import UsageError
 
 
 class ConfigError(UsageError):
@@ -58,6 +58,8 @@ class LoraConfig:
 class DataConfig:
     path: str = _f("", "Training data: a JSONL/JSON/parquet file, a folder saved by datasets, or a Hub dataset id.")
     split: str = _f("train", "Split to read when `path` is a Hub dataset or a DatasetDict folder.")
+    subset: str | None = _f(None, "Configuration (subset) name of a Hub dataset with several, as datasets.load_dataset's `name`.")
+    data_dir: str | None = _f(None, "Folder inside a Hub dataset repo to read, e.g. harmless-base for Anthropic/hh-rlhf.")
     format: str = _f("auto", "Row format: auto (detected), explicit (prompt/chosen/rejected strings), conversational (message lists), implicit (full transcripts, HH-RLHF).", choices=("auto", "explicit", "conversational", "implicit"))
     max_length: int = _f(1024, "Max tokens of prompt + response; longer pairs are truncated (prompt first, from the left).")
     max_prompt_length: int | None = _f(None, "Max prompt tokens kept when a pair must be truncated (must be < max_length; None: max_length // 2).")
@@ -100,8 +102,9 @@ class TrainConfig:
     optim: str = _f("adamw_torch", "Optimizer name understood by transformers (adamw_torch, paged_adamw_8bit, ...).")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory.")
     packing: str = _f("shared_prompt", "Batch layout: shared_prompt (prompt once, then chosen, then rejected, in one row) or none (separate chosen/rejected rows).", choices=("shared_prompt", "none"))
-    head_chunk_size: int = _f(1024, "Apply the output head only at response positions, this many at a time, recomputed in backward (0: full logits).")
+    head_chunk_size: int | None = _f(None, "Apply the output head only at response positions, this many at a time, recomputed in backward (null: sized by the vocabulary so the fp32 block stays within 256 MiB; 0: full logits).")
     group_by_length: bool = _f(True, "Batch pairs of similar length together so little compute goes to padding.")
+    fsdp: bool = _f(False, "Shard the base and LoRA weights, gradients and optimizer state across processes with FSDP2 (full shard; launch with torchrun or accelerate launch).")
     logging_steps: int = _f(1, "Log metrics every N optimizer steps.")
     save_steps: int = _f(100, "Save a resumable checkpoint every N optimizer steps.")
     save_total_limit: int | None = _f(2, "Keep at most this many checkpoints (None: all).")
@@ -267,7 +270,7 @@ def build(raw: dict, source: str | None = None) -> Config:
     return cfg
 
 
-PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")  # the kernels that take qsimpo.packing's mask
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")  # the kernels that take qsimpo.train.packing's mask
 
 
 def validate(cfg: Config) -> list[str]:
@@ -341,7 +344,7 @@ def validate(cfg: Config) -> list[str]:
     if t.packing == "shared_prompt" and m.attn_implementation not in PACKED_ATTENTION:
         p.append(f"model.attn_implementation = {m.attn_implementation!r} cannot take the shared-prompt mask (rejected tokens "
                  f"must not see chosen ones): use one of {', '.join(PACKED_ATTENTION)}, or set train.packing none")
-    if t.head_chunk_size < 0:
+    if t.head_chunk_size is not None and t.head_chunk_size < 0:
         p.append(f"train.head_chunk_size = {t.head_chunk_size} must be >= 0 (0 computes full logits)")
     if t.eval_every < 0:
         p.append(f"train.eval_every = {t.eval_every} must be >= 0")
@@ -390,3 +393,24 @@ def help_text() -> str:
             current = section
         lines.append(f"  --{name} ({tp}, default {default!r})\n      {doc}")
     return "\n".join(lines)
+
+
+def markdown_reference() -> str:
+    """docs/config.md: every field with its type, default and doc, generated from the schema (a test keeps it current)."""
+    lines = ["# Configuration reference", "",
+             "Generated from `qsimpo/config.py` by `python -m qsimpo.config > docs/config.md`; `qsimpo train --help` "
+             "prints the same. Every field can be set in the YAML under its section or on the command line with its "
+             "dotted name (`--data.max_length 256`).", "",
+             "| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, tp, default, doc in field_docs():
+        shown = "(required)" if default == "" and name in REQUIRED else f"`{yaml.safe_dump(default).strip().removesuffix('...').strip()}`"
+        lines.append(f"| `{name}` | {tp.replace(' | ', ' or ')} | {shown} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+REQUIRED = ("model.name_or_path", "data.path")
+
+
+if __name__ == "__main__":
+    print(markdown_reference(), end="")
+

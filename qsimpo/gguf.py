@@ -28,8 +28,8 @@ import uuid
 from pathlib import Path
 from typing import NoReturn
 
-from .config import ModelConfig
-from .errors import InputNotFound, UsageError
+from qsimpo.config import ModelConfig
+from qsimpo.errors import InputNotFound, UsageError
 
 MAGIC = b"GGUF"
 KEY_CHARS = 16  # hex digits of the sha256 that name a conversion: 64 bits, no collisions in one cache
@@ -60,7 +60,7 @@ def locate(cfg: ModelConfig) -> Path:
     elif where.is_dir():
         path = where / cfg.gguf_file
     else:
-        from .data import looks_local
+        from qsimpo.data import looks_local
 
         if looks_local(cfg.name_or_path):
             raise InputNotFound(f"model.name_or_path = {cfg.name_or_path!r}: no such folder (model.gguf_file = "
@@ -213,7 +213,7 @@ def _plain_model(path: Path):
 def _write_record(folder: Path, path: Path, digest: str) -> None:
     from importlib.metadata import version
 
-    from . import __version__
+    from qsimpo import __version__
 
     record = {"gguf_file": path.name, "sha256": digest, "bytes": path.stat().st_size, "dtype": "float32",
               "converted_by": f"qsimpo {__version__}", "transformers": version("transformers"), "gguf": version("gguf")}

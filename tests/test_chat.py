@@ -1,4 +1,4 @@
-"""qsimpo.chat and qsimpo.votes, called directly: streaming, adapter switching, seeds, log-probs, vote rows."""
+"""qsimpo.demo.sides and qsimpo.demo.votes, called directly: batched streaming, exactness, seeds, users at once, log-probs, vote rows."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import make_config
-from qsimpo.chat import Settings, SideBySide, resolve_adapter
-from qsimpo.votes import VoteLog, vote_row
+from qsimpo.demo.sides import Settings, SideBySide, resolve_adapter
+from qsimpo.demo.votes import VoteLog, vote_row
 
 USER = [{"role": "user", "content": "Tell me about owls."}]
 
@@ -44,81 +44,139 @@ def chat(tiny_adapters):
 
 
 def spy_generate(model, calls):
-    """Record, at each generate() call, whether LoRA is disabled and which adapter is active."""
+    """Record, at each generate() call, its per-row adapter names and the model's own adapter state."""
     original = model.generate
 
     def generate(*args, **kwargs):
         lora = next(m for m in model.modules() if hasattr(m, "lora_A"))
-        calls.append((lora.disable_adapters, model.active_adapter))
-        return original(*args, **kwargs)
+        calls.append((kwargs.get("adapter_names"), lora.disable_adapters, model.active_adapter))
+        out = original(*args, **kwargs)
+        calls[-1] += (out.shape[1] - kwargs["input_ids"].shape[1],)  # + how many tokens it generated
+        return out
 
     return generate
 
 
+def alone(chat, side: str, messages: list[dict], max_new_tokens: int) -> str:
+    """``side``'s greedy answer the plain way: one row, the adapter disabled (SFT) or active, no adapter_names."""
+    from qsimpo.eval.generate import generate
+
+    adapter = chat.sides[side].adapter
+    if adapter == "__base__":
+        with chat.model.disable_adapter():
+            return generate(chat.model, chat.tokenizer, messages, max_new_tokens=max_new_tokens)
+    chat.model.set_adapter(adapter)
+    try:
+        return generate(chat.model, chat.tokenizer, messages, max_new_tokens=max_new_tokens)
+    finally:
+        chat.model.set_adapter("default")
+
+
 def test_stream_yields_growing_text(chat):
-    texts = list(chat.stream("right", USER, Settings(temperature=0, max_new_tokens=24)))
+    texts = [t["right"] for t in chat.stream({"right": USER}, Settings(temperature=0, max_new_tokens=24))]
     assert len(texts) >= 2 and texts[-1]
     assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(texts, texts[1:]))
     assert chat.respond("right", USER, Settings(temperature=0, max_new_tokens=24)) == texts[-1]
 
 
-def test_left_is_the_base_right_the_adapter(chat, monkeypatch):
-    from qsimpo.generate import generate
+def test_one_batched_generate_answers_both_sides_exactly(chat, monkeypatch):
+    """Left is the base (adapter off), right the adapter, in one generate call on the 4-bit layers;
+    each column is token for token what that side answers alone, and the model is never switched."""
+    import bitsandbytes as bnb
 
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in chat.model.modules())  # peft's LoRA over bnb NF4 layers
     calls = []
     monkeypatch.setattr(chat.model, "generate", spy_generate(chat.model, calls))
     greedy = Settings(temperature=0, max_new_tokens=16)
-    left, right = chat.respond("left", USER, greedy), chat.respond("right", USER, greedy)
-    assert calls == [(True, "default"), (False, "default")]  # disabled for the SFT side, enabled for the aligned one
+    *frames, both = chat.stream({"left": USER, "right": USER}, greedy)
+    assert [c[:3] for c in calls] == [(["__base__", "default"], False, "default")]  # one call, two rows
+    assert frames and all(set(f) == {"left", "right"} for f in frames)  # the two columns stream together
     monkeypatch.undo()
-    assert not next(m for m in chat.model.modules() if hasattr(m, "lora_A")).disable_adapters  # restored
-    # the same text as generating with the adapter off / on by hand
-    with chat.model.disable_adapter():
-        assert left == generate(chat.model, chat.tokenizer, USER, max_new_tokens=16)
-    assert right == generate(chat.model, chat.tokenizer, USER, max_new_tokens=16)
-    assert left != right
+    assert both == {"left": alone(chat, "left", USER, 16), "right": alone(chat, "right", USER, 16)}
+    assert both["left"] != both["right"]
+
+
+def test_rows_of_different_lengths_match_their_rows_alone(chat):
+    """After the first turn each side has its own history: the shorter prompt is left-padded, and still exact."""
+    left = [*USER, {"role": "assistant", "content": "Owls hoot."}, {"role": "user", "content": "And bees?"}]
+    right = [*USER, {"role": "assistant", "content": "Owls are birds of prey that hunt at night, mostly mice."},
+             {"role": "user", "content": "And bees? Tell me more about their hives and honey."}]
+    both = list(chat.stream({"left": left, "right": right}, Settings(temperature=0, max_new_tokens=20)))[-1]
+    assert both == {"left": alone(chat, "left", left, 20), "right": alone(chat, "right", right, 20)}
 
 
 def test_same_seed_same_output(chat):
     sampled = Settings(temperature=1.0, top_p=0.95, max_new_tokens=16, seed=7)
     first = chat.respond("right", USER, sampled)
     chat.respond("left", USER, Settings(temperature=1.0, seed=123))  # RNG use in between changes nothing
+    torch.rand(5)  # nor does the global RNG: each row samples from its own generator
     assert chat.respond("right", USER, sampled) == first
     others = {chat.respond("right", USER, Settings(temperature=1.0, top_p=0.95, max_new_tokens=16, seed=s)) for s in (8, 9, 10)}
     assert others - {first}, "different seeds should sample differently"
+    # a sampled row does not depend on its batch: both columns together = each side alone
+    both = list(chat.stream({"left": USER, "right": USER}, sampled))[-1]
+    assert both == {"left": chat.respond("left", USER, sampled), "right": first}
 
 
-def test_lock_is_held_for_the_whole_generation(chat):
-    stream = chat.stream("left", USER, Settings(temperature=0, max_new_tokens=24))
-    next(stream)  # generation running, adapter disabled, lock held
-    assert chat.lock.locked()
-    got = []
-    waiter = threading.Thread(target=lambda: got.append(chat.lock.acquire(timeout=0.2)))
-    waiter.start()
-    waiter.join()
-    assert got == [False]  # the other side cannot switch adapters now
-    stream.close()  # the reader leaves early: generation is stopped and joined, the adapter restored
+def test_users_at_once_are_batched_and_each_gets_its_own_answers(chat):
+    """Requests waiting while the model is busy run as one batch, with their own settings; nothing leaks between them."""
+    asks = [({"left": USER, "right": USER}, Settings(temperature=0, max_new_tokens=12)),
+            ({"left": [{"role": "user", "content": "And bees?"}]}, Settings(temperature=0, max_new_tokens=20)),
+            ({"right": [{"role": "user", "content": "Describe the moon, please."}],
+              "left": [{"role": "user", "content": "Hello"}]}, Settings(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=4)),
+            ({"right": USER}, Settings(temperature=0, max_new_tokens=4))]
+    expected = [list(chat.stream(turns, settings))[-1] for turns, settings in asks]
+    got, batches = [None] * len(asks), len(chat.batcher.batches)
+
+    def user(i):
+        got[i] = list(chat.stream(*asks[i]))[-1]
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(len(asks))]
+    _wait(lambda: chat.batcher.worker is None)  # the last batch's worker has gone: the next one starts for thread 0
+    with chat.lock:  # the model is busy: the first request is taken and waits, the others queue behind it
+        threads[0].start()
+        _wait(lambda: chat.batcher.worker is not None and not chat.batcher.waiting)
+        for t in threads[1:]:
+            t.start()
+        _wait(lambda: len(chat.batcher.waiting) == len(asks) - 1)
+    for t in threads:
+        t.join(timeout=120)
+    assert chat.batcher.batches[batches:] == [1, len(asks) - 1]  # the three waiting requests ran as one batch
+    assert got == expected
+
+
+def _wait(condition, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_leaving_early_stops_the_rows(chat, monkeypatch):
+    calls = []
+    monkeypatch.setattr(chat.model, "generate", spy_generate(chat.model, calls))
+    # left to run, both rows go on to all 400 tokens at these settings (the tiny model never says EOS here)
+    stream = chat.stream({"left": USER, "right": USER}, Settings(temperature=1.0, max_new_tokens=400, seed=1))
+    next(stream)  # generation running
+    stream.close()  # the reader leaves (the UI cancelled): its rows stop at the next step
+    _wait(lambda: chat.batcher.worker is None)
     assert not chat.lock.locked()
-    assert not [t for t in threading.enumerate() if t.name.startswith("qsimpo-generate")]
-    assert not next(m for m in chat.model.modules() if hasattr(m, "lora_A")).disable_adapters
+    assert len(calls) == 1 and calls[0][3] < 50, calls
+    assert not [t for t in threading.enumerate() if t.name.startswith("qsimpo-demo")]
 
 
 def test_compare_adapter_on_one_base(tiny_adapters, monkeypatch):
-    from qsimpo.generate import generate
-
     chat2 = SideBySide.load(str(tiny_adapters[0]), compare_adapter=str(tiny_adapters[1]), device="cpu")
     assert set(chat2.model.peft_config) == {"default", "compare"}  # two adapters, one base
     calls = []
     monkeypatch.setattr(chat2.model, "generate", spy_generate(chat2.model, calls))
-    greedy = Settings(temperature=0, max_new_tokens=12)
-    left = chat2.respond("left", USER, greedy)
-    chat2.respond("right", USER, greedy)
-    assert calls == [(False, "compare"), (False, "default")]
+    both = list(chat2.stream({"left": USER, "right": USER}, Settings(temperature=0, max_new_tokens=12)))[-1]
+    assert [c[:3] for c in calls] == [(["compare", "default"], False, "default")]
     monkeypatch.undo()
-    assert chat2.model.active_adapter == "default"
-    chat2.model.set_adapter("compare")
-    assert left == generate(chat2.model, chat2.tokenizer, USER, max_new_tokens=12)
-    chat2.model.set_adapter("default")
+    assert both == {"left": alone(chat2, "left", USER, 12), "right": alone(chat2, "right", USER, 12)}
+    assert both["left"] != both["right"]
 
 
 def test_avg_logprob_is_the_simpo_average(chat):
@@ -134,9 +192,15 @@ def test_avg_logprob_is_the_simpo_average(chat):
     manual = logp[p - 1:, :].gather(-1, ids[0, p:, None]).mean()  # position t predicts token t+1
     assert n == len(enc["chosen_ids"]) and response  # |y| includes the EOS training appends
     assert avg == pytest.approx(float(manual), abs=1e-4)
-    stats = chat.stats(USER, response)
-    assert stats["tokens"] == n and stats["avg_logprob"]["right"] == pytest.approx(avg, abs=1e-4)
-    assert stats["avg_logprob"]["left"] != stats["avg_logprob"]["right"]  # the two models score differently
+    # every answer under every side in one (left-padded) pass: the same numbers as one at a time
+    long_turn = [{"role": "user", "content": "Tell me all about owls and their nests, please, in detail."}]
+    other = chat.respond("right", long_turn, Settings(temperature=0, max_new_tokens=20))
+    stats = chat.stats({"left": USER, "right": long_turn}, {"left": response, "right": other})
+    assert stats["left"]["tokens"] == n and stats["left"]["avg_logprob"]["right"] == pytest.approx(avg, abs=1e-4)
+    for side, (messages, text) in {"left": (USER, response), "right": (long_turn, other)}.items():
+        for scorer in ("left", "right"):
+            assert stats[side]["avg_logprob"][scorer] == pytest.approx(chat.avg_logprob(scorer, messages, text)[0], abs=1e-4)
+    assert stats["left"]["avg_logprob"]["left"] != stats["left"]["avg_logprob"]["right"]  # the two models score differently
 
 
 def test_long_history_keeps_the_newest_turns(chat):
@@ -167,8 +231,8 @@ def _turn(left: str, right: str, left_prompt=USER, right_prompt=USER) -> dict:
 def test_vote_rows_train(tiny_base, tmp_path):
     """Every kind of vote goes to one file; `qsimpo train` keeps left/right votes and counts ties as no_preference."""
     from qsimpo.data import build_dataset
-    from qsimpo.model import load_tokenizer
-    from qsimpo.train import train
+    from qsimpo.train.model import load_tokenizer
+    from qsimpo.train.recipe import train
 
     log = VoteLog(tmp_path / "votes.jsonl")
     second = [*USER, {"role": "assistant", "content": "Owls hoot."}, {"role": "user", "content": "And bees?"}]

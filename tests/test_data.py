@@ -11,7 +11,7 @@ import torch
 from qsimpo.config import DataConfig
 from qsimpo.data import (DataError, DataSummary, PairCollator, build_dataset, format_pair, read_rows, render_pair,
                          split_eval, to_triples, tokenize_pair)
-from qsimpo.toy import build_tokenizer
+from qsimpo.quickstart.toy import build_tokenizer
 
 HH_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless/sample.jsonl"
 
@@ -211,7 +211,7 @@ def test_missing_files_and_hub_ids(tmp_path, monkeypatch):
         read_rows(str(tmp_path / "x.csv"))
     calls = []
 
-    def offline(path, split):
+    def offline(path, name=None, data_dir=None, split=None):
         calls.append((path, split))
         raise ConnectionError(f"Couldn't reach '{path}' on the Hub")
 
@@ -219,6 +219,29 @@ def test_missing_files_and_hub_ids(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="could not load 'someone/pairs' as a local file or a Hub dataset: ConnectionError"):
         read_rows("someone/pairs", split="train_prefs")
     assert calls == [("someone/pairs", "train_prefs")]
+
+
+def test_hub_style_repo_subfolder_is_read_with_data_dir(tmp_path, monkeypatch):
+    """Anthropic/hh-rlhf keeps each subset in a folder (harmless-base/train.jsonl.gz): data.data_dir picks one."""
+    import gzip
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    repo = tmp_path / "hh-rlhf"
+    for folder, text in (("harmless-base", "harmless"), ("helpful-base", "helpful")):
+        (repo / folder).mkdir(parents=True)
+        for split in ("train", "test"):
+            row = {"chosen": HH["chosen"].replace("coat", f"{text} {split}"), "rejected": HH["rejected"]}
+            with gzip.open(repo / folder / f"{split}.jsonl.gz", "wt") as f:
+                f.write(json.dumps(row) + "\n")
+    rows = read_rows(str(repo), split="test", data_dir="harmless-base")
+    assert [(loc, "harmless test" in r["chosen"]) for loc, r in rows] == [(f"{repo}/harmless-base[test] row 0", True)]
+    seen = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, data_dir=None, split=None:
+                        seen.append((path, name, data_dir, split)) or [])
+    read_rows("Anthropic/hh-rlhf", split="test", data_dir="harmless-base", on_bad_row="skip")
+    assert seen == [("Anthropic/hh-rlhf", None, "harmless-base", "test")]
 
 
 # ------------------------------------------------------------------------------------- tokenization
@@ -240,7 +263,7 @@ def test_boundary_is_exact_with_one_bos_and_one_eos(tok, tok_plain, fmt, templat
     triple = CASES[fmt]
     bos, eos = t.bos_token_id, t.eos_token_id
     prompt_text = render_pair(t, triple)[0]
-    if templated and fmt != "implicit":
+    if templated:
         assert prompt_text.startswith("<s>") and t(prompt_text)["input_ids"][:2] == [bos, bos]  # the trap is real
     enc = tokenize_pair(t, triple, max_length=512, max_prompt_length=256)
     p, c = enc["prompt_ids"], enc["chosen_ids"]
@@ -251,8 +274,48 @@ def test_boundary_is_exact_with_one_bos_and_one_eos(tok, tok_plain, fmt, templat
     assert t.decode(p + c) == full
     assert t(full, add_special_tokens=False)["input_ids"] == p + c  # prompt ids are a prefix of the joint tokenization
     assert not enc["prompt_truncated"] and not enc["response_truncated"]
-    if fmt == "implicit":
-        assert prompt_text == HH_PROMPT  # never wrapped in a template
+    if fmt == "implicit":  # the transcript's turns in the template, or the raw transcript for a base model
+        assert prompt_text == ("<s><|user|>\nIs it cold?\n<|assistant|>\nA bit.\n<|user|>\nShould I wear a coat?\n"
+                               "<|assistant|>\n" if templated else HH_PROMPT)
+
+
+def test_transcripts_become_messages_turn_by_turn():
+    from qsimpo.data.render import transcript_messages
+
+    assert transcript_messages(HH_PROMPT) == [msg("user", "Is it cold?"), msg("assistant", "A bit."),
+                                              msg("user", "Should I wear a coat?")]
+    # two Assistant turns in a row (a few real HH-RLHF rows) join: templates want alternation
+    doubled = "\n\nHuman: Hi\n\nAssistant: One.\n\nAssistant: Two.\n\nHuman: And?\n\nAssistant:"
+    assert transcript_messages(doubled) == [msg("user", "Hi"), msg("assistant", "One.\n\nTwo."), msg("user", "And?")]
+    assert transcript_messages("Tell me a joke.\n\nAssistant:") == [msg("user", "Tell me a joke.")]
+
+
+def _template(gen_suffix: str = "", answer_prefix: str = "", system: bool = True) -> str:
+    reject = "" if system else "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    return (reject + "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n"
+            "{% if m['role'] == 'assistant' %}" + answer_prefix + "{% endif %}{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n" + gen_suffix + "{% endif %}")
+
+
+def test_text_the_template_adds_after_the_assistant_header_stays_in_the_prompt():
+    t = build_tokenizer(_corpus()[:50])
+    t.chat_template = _template(gen_suffix="[think][/think]", answer_prefix="[think][/think]")
+    prompt, chosen, rejected = render_pair(t, CASES["implicit"])
+    assert prompt.endswith("<|assistant|>\n[think][/think]") and chosen == "Yes, take a warm coat.\n" and rejected == "Yes, no.\n"
+
+
+def test_templates_that_break_the_boundary_or_reject_system_are_bad_rows_naming_the_fix(tmp_path):
+    t = build_tokenizer(_corpus()[:50])
+    t.chat_template = _template(gen_suffix="[think]")  # the generation prompt is not a prefix of the rendered answer
+    with pytest.raises(DataError, match="chat_template: the chat template is not prefix-stable"):
+        render_pair(t, CASES["implicit"])
+    t.chat_template = _template(system=False)  # Gemma-style: no system role
+    assert render_pair(t, CASES["explicit"])[0].startswith("<s><|user|>")
+    path = write_jsonl(tmp_path / "p.jsonl", [EXPLICIT, {**EXPLICIT, "chosen": "Paris."}])
+    with pytest.raises(DataError) as err:
+        build_dataset(DataConfig(path=str(path), system_prompt="Be brief."), t)
+    assert "chat_template: 2 rows" in str(err.value) and "System role not supported" in str(err.value)
+    assert "data.system_prompt: null" in str(err.value)
 
 
 def test_rendering_without_template_and_with_system_prompt(tok, tok_plain):
@@ -409,6 +472,6 @@ def test_real_hh_rlhf_sample():
         assert len(p["chosen_ids"]) >= 1 and len(p["rejected_ids"]) >= 1
         assert len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) <= 128
         assert p["prompt_ids"][0] == t.bos_token_id and p["prompt_ids"].count(t.bos_token_id) == 1
-        assert t.decode(p["prompt_ids"]).endswith("\n\nAssistant:")
+        assert t.decode(p["prompt_ids"]).endswith("<|assistant|>\n")  # rendered with the chat template
         if not p["prompt_truncated"]:
-            assert t.decode(p["prompt_ids"][1:]) == p["text"]["prompt"]
+            assert t.decode(p["prompt_ids"]) == render_pair(t, {**p["text"], "location": p["location"]})[0]

@@ -6,6 +6,9 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -29,9 +32,8 @@ def free_port() -> int:
 @pytest.fixture
 def served(chat, tmp_path):  # noqa: F811
     """(url, votes file) of the demo app over ``chat``, launched without blocking and closed afterwards."""
-    from qsimpo.chat import load_demo_app
+    from qsimpo.demo import app
 
-    app = load_demo_app()
     demo = app.build_app(chat, tmp_path / "votes.jsonl")
     _, url, _ = demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                                      quiet=True, theme=app.THEME, css=app.CSS, ssr_mode=False)
@@ -50,7 +52,7 @@ def test_client_both_columns_answer_and_votes_become_training_rows(served, tiny_
     from gradio_client import Client
 
     from qsimpo.data import build_dataset
-    from qsimpo.model import load_tokenizer
+    from qsimpo.train.model import load_tokenizer
 
     url, votes = served
     client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
@@ -81,6 +83,54 @@ def test_client_both_columns_answer_and_votes_become_training_rows(served, tiny_
     pairs, summary = build_dataset(cfg.data, load_tokenizer(cfg.model))
     assert summary.kept == 1 and summary.dropped["no_preference"] == 1
     assert pairs[0]["text"]["chosen"] == answers[0]
+
+
+def test_users_at_once_each_get_their_own_answers(served, chat):  # noqa: F811
+    """Several browser sessions at once: their messages are generated together, and every user gets
+    exactly the answers their own conversation gets alone, each column from its own side."""
+    from gradio_client import Client
+
+    from qsimpo.demo.sides import SIDES, Settings
+    from test_chat import _wait
+
+    url, _ = served
+    users = [("Tell me about owls.", 0.0, 12, 0), ("And bees?", 0.0, 16, 0), ("Describe the moon.", 0.9, 10, 5),
+             ("What do foxes eat?", 0.0, 6, 0)]
+    clients = [Client(url, verbose=False, analytics_enabled=False, download_files=False) for _ in users]
+    before = len(chat.batcher.batches)
+    _wait(lambda: chat.batcher.worker is None)
+    with chat.lock:  # the model is busy: the first message is taken and waits, the next three queue behind it
+        jobs = [clients[0].submit(users[0][0], "", users[0][1], 0.9, users[0][2], users[0][3], api_name="/send")]
+        _wait(lambda: chat.batcher.worker is not None and not chat.batcher.waiting)
+        jobs += [c.submit(m, "", t, 0.9, n, seed, api_name="/send") for c, (m, t, n, seed) in zip(clients[1:], users[1:])]
+        _wait(lambda: len(chat.batcher.waiting) == len(users) - 1)
+    first = [job.result(timeout=120) for job in jobs]
+    assert chat.batcher.batches[before:] == [1, len(users) - 1]  # three users' six rows in one generate
+
+    def alone(history, temperature, max_new, seed):
+        return {s: list(chat.stream({s: history[s]}, Settings(temperature, 0.9, max_new, seed)))[-1][s] for s in SIDES}
+
+    for (message, *settings), (_, left, right, *_) in zip(users, first):
+        history = {s: [{"role": "user", "content": message}] for s in SIDES}
+        assert {"left": _text(left[-1]), "right": _text(right[-1])} == alone(history, *settings)
+        assert _text(left[-1]) != _text(right[-1])
+
+    # a second turn for everyone at the same moment (threads), each side now on its own history
+    second = [None] * len(users)
+
+    def turn(i):
+        second[i] = clients[i].predict("Why?", "", 0.0, 0.9, 8, 0, api_name="/send")
+
+    threads = [threading.Thread(target=turn, args=(i,)) for i in range(len(users))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for (message, *_), (_, left1, right1, *_), (_, left, right, *_) in zip(users, first, second):
+        history = {s: [{"role": "user", "content": message}, {"role": "assistant", "content": _text(m[-1])},
+                       {"role": "user", "content": "Why?"}] for s, m in (("left", left1), ("right", right1))}
+        assert len(left) == len(right) == 4
+        assert {"left": _text(left[-1]), "right": _text(right[-1])} == alone(history, 0.0, 8, 0)
 
 
 def _chromium() -> str | None:
@@ -142,3 +192,26 @@ def test_browser_chat_and_vote(served, tmp_path):
     assert row["vote"] == "right" and row["chosen"][0]["content"] == row["right"]["response"]
     assert row["prompt"] == [{"role": "user", "content": PROMPT}]
     assert row["settings"]["max_new_tokens"] == 12
+
+
+def test_demo_errors_are_messages_not_tracebacks(tmp_path, tiny_adapters):  # noqa: F811
+    """What `qsimpo demo` prints for inputs a user gets wrong: exit 2, one line saying what to pass, no traceback."""
+    not_adapter = tmp_path / "empty"
+    not_adapter.mkdir()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cases = [([], "run `qsimpo quickstart` first"),
+             (["--adapter", str(tmp_path / "missing")], "missing: no such folder"),
+             (["--adapter", str(not_adapter)], "holds no adapter_config.json"),
+             (["--adapter", str(tiny_adapters[0]), "--compare-adapter", "./nope"], "--compare-adapter ./nope: no such folder"),
+             (["--adapter", str(tiny_adapters[0]), "--base", str(tmp_path / "no-base")], "no-base (given with --base) was not found"),
+             (["--adapter", str(tiny_adapters[0]), "--port", str(busy.getsockname()[1])], "is in use: pass another --port")]
+    try:
+        for args, expected in cases:
+            done = subprocess.run([sys.executable, "-m", "qsimpo", "demo", *args], cwd=tmp_path, capture_output=True,
+                                  text=True, timeout=300)
+            assert done.returncode == 2, (args, done.stderr[-2000:])
+            assert expected in done.stderr and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
+    finally:
+        busy.close()

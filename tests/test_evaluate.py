@@ -35,7 +35,7 @@ def tiny_judge(tmp_path_factory, pref_rows):
     """A 1-layer LlamaForSequenceClassification reward model (num_labels=1) with its tokenizer, saved to a folder."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from qsimpo.toy import build_tokenizer
+    from qsimpo.quickstart.toy import build_tokenizer
 
     tok = build_tokenizer([r[k] for r in pref_rows for k in ("prompt", "chosen", "rejected")], vocab_size=300)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -130,8 +130,8 @@ def test_eval_fraction_fallback_uses_the_runs_split(quickstart, tmp_path, capsys
     import yaml
 
     from qsimpo.data import build_dataset, split_eval
-    from qsimpo.evaluate import run_config
-    from qsimpo.model import load_tokenizer
+    from qsimpo.run_dir import read_config as run_config
+    from qsimpo.train.model import load_tokenizer
 
     adapter = tmp_path / "adapter"
     shutil.copytree(quickstart / "adapter", adapter, ignore=shutil.ignore_patterns("checkpoint-*", "eval*"))

@@ -1,7 +1,7 @@
 """The fast paths compute the same numbers as the plain path.
 
 Plain: separate chosen and rejected rows (prompt encoded twice), full [N, L, V] logits,
-qsimpo.logprobs.sequence_logps. Fast: the response-only chunked head, shared-prompt packing,
+qsimpo.train.logprobs.sequence_logps. Fast: the response-only chunked head, shared-prompt packing,
 and both together. Per-sequence average log-probs and the LoRA gradients of the SimPO loss
 must match on batches with very different prompt and response lengths.
 """
@@ -13,11 +13,11 @@ import torch
 
 from qsimpo.config import LoraConfig, ModelConfig
 from qsimpo.data import PairCollator
-from qsimpo.logprobs import sequence_logps
-from qsimpo.loss import simpo_loss
-from qsimpo.model import add_lora, load_base
-from qsimpo.packing import PackedPairCollator, PlainPairCollator, attention_inputs
-from qsimpo.trainer import attn_implementation, pair_logps
+from qsimpo.train.logprobs import sequence_logps
+from qsimpo.train.loss import simpo_loss
+from qsimpo.train.model import add_lora, load_base
+from qsimpo.train.packing import PackedPairCollator, PlainPairCollator, attention_inputs
+from qsimpo.train.trainer import attn_implementation, pair_logps
 
 
 def _pairs(vocab, seed=0):
@@ -97,12 +97,17 @@ def test_packed_mask_blocks_chosen_from_rejected():
     assert list(zip(idx, lab)) == [(2, 7), (3, 8), (2, 9), (5, 10), (6, 11)]
 
 
-def test_length_grouping_keeps_every_pair():
-    from transformers.trainer_pt_utils import LengthGroupedSampler
+def test_length_grouping_keeps_every_pair_in_one_order_per_epoch():
+    from qsimpo.train.trainer import GlobalLengthGroupedSampler
 
     lengths = [random.Random(i).randrange(10, 1000) for i in range(97)]
-    order = list(LengthGroupedSampler(8, lengths=lengths))
-    assert sorted(order) == list(range(97))
+    sampler = GlobalLengthGroupedSampler(8, lengths, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(97))
+    assert list(GlobalLengthGroupedSampler(8, lengths, seed=3)) == first  # every process draws this order
+    sampler.set_epoch(1)
+    again = list(sampler)
+    assert again != first and sorted(again) == list(range(97))
 
 
 def test_one_row_keeps_pairs_apart():
@@ -143,7 +148,7 @@ def test_tiled_block_mask_equals_torch_create_block_mask(one_row, query_chunk):
     """Our chunked BlockMask classifies every block exactly as torch's create_block_mask does."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from qsimpo.packing import flex_block_mask, pair_mask
+    from qsimpo.train.packing import flex_block_mask, pair_mask
 
     rng = random.Random(3)
     pairs = [{"prompt_ids": [1] * rng.randrange(1, 200), "chosen_ids": [2] * rng.randrange(1, 150),

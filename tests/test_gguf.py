@@ -162,8 +162,8 @@ def test_an_adapter_finds_its_gguf_base_through_qsimpo_json(tmp_path, monkeypatc
     """qsimpo.json records the base as given (folder + model.gguf_file here); eval, demo and merge load it back."""
     import peft
 
-    from qsimpo import model as model_mod
-    from qsimpo.merge import _base_config
+    from qsimpo.export.merge import _base_config
+    from qsimpo.train import model as model_mod
 
     meta = {"base_model": "models/smol", "base_model_gguf_file": "smol.Q4_1.gguf", "quantization": "nf4"}
     (tmp_path / "qsimpo.json").write_text(json.dumps(meta))

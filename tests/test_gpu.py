@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 def test_nf4_train_on_cuda(tiny_base, pref_jsonl, tmp_path):
     import bitsandbytes as bnb
 
-    from qsimpo.train import train
+    from qsimpo.train.recipe import train
 
     run = train(make_config(tiny_base, pref_jsonl, tmp_path / "run", "--train.max_steps", "3"))
     model = run.trainer.model
@@ -27,9 +27,9 @@ def test_nf4_train_on_cuda(tiny_base, pref_jsonl, tmp_path):
 
 def test_fast_path_matches_plain_on_cuda(tiny_base):
     from qsimpo.config import LoraConfig, ModelConfig
-    from qsimpo.model import add_lora, load_base
-    from qsimpo.packing import PackedPairCollator, PlainPairCollator
-    from qsimpo.trainer import pair_logps
+    from qsimpo.train.model import add_lora, load_base
+    from qsimpo.train.packing import PackedPairCollator, PlainPairCollator
+    from qsimpo.train.trainer import pair_logps
 
     model = add_lora(load_base(ModelConfig(name_or_path=str(tiny_base), compute_dtype="float32"), "cuda:0"),
                      LoraConfig(r=4, alpha=8, dropout=0.0), True, False, 0)
@@ -45,10 +45,10 @@ def test_fast_path_matches_plain_on_cuda(tiny_base):
 def test_flex_attention_training_matches_dense_on_cuda(tiny_base):
     """Padding-free packing under FlexAttention (forward and backward) == the dense-mask SDPA path."""
     from qsimpo.config import LoraConfig, ModelConfig
-    from qsimpo.loss import simpo_loss
-    from qsimpo.model import add_lora, load_base
-    from qsimpo.packing import PackedPairCollator
-    from qsimpo.trainer import pair_logps
+    from qsimpo.train.loss import simpo_loss
+    from qsimpo.train.model import add_lora, load_base
+    from qsimpo.train.packing import PackedPairCollator
+    from qsimpo.train.trainer import pair_logps
 
     model = add_lora(load_base(ModelConfig(name_or_path=str(tiny_base), compute_dtype="float32"), "cuda:0"),
                      LoraConfig(r=4, alpha=8, dropout=0.0), True, True, 0)
@@ -78,7 +78,7 @@ def test_flex_attention_training_matches_dense_on_cuda(tiny_base):
 
 def test_unquantized_bf16_train_with_chunked_head_on_cuda(tiny_base, pref_jsonl, tmp_path):
     """No quantization, bf16 mixed precision: the bf16 head meets fp32 hidden states (accelerate's output cast)."""
-    from qsimpo.train import train
+    from qsimpo.train.recipe import train
 
     run = train(make_config(tiny_base, pref_jsonl, tmp_path / "run", "--train.max_steps", "2", "--model.quantization",
                             "none", "--model.compute_dtype", "bfloat16", "--train.head_chunk_size", "16"))

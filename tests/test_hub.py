@@ -10,10 +10,10 @@ import pytest
 from huggingface_hub import ModelCard
 
 from conftest import make_config
-from qsimpo import hub
+from qsimpo.export import hub
 from qsimpo.cli import main as cli
 from qsimpo.config import dump_yaml
-from qsimpo.hub import PushError, plan_push, push
+from qsimpo.export.hub import PushError, plan_push, push
 
 ADAPTER_UPLOAD = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "chat_template.jinja"}

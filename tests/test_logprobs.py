@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qsimpo.logprobs import sequence_logps
+from qsimpo.train.logprobs import sequence_logps
 
 
 
@@ -70,7 +70,7 @@ def _plain_head_logps(h, weight, bias, labels, softcap):
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_chunked_head_gradcheck(softcap):
     """The hand-written backward is the derivative of the forward (fp64, every input that can need a grad)."""
-    from qsimpo.logprobs import _ChunkedHead
+    from qsimpo.train.logprobs import _ChunkedHead
 
     torch.manual_seed(0)
     h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
@@ -84,7 +84,7 @@ def test_chunked_head_gradcheck(softcap):
                                                    (torch.bfloat16, None, 5), (torch.bfloat16, 30.0, 2)])
 def test_chunked_head_matches_full_logits(dtype, softcap, chunk):
     """Chunked response-only head == full logits + log_softmax, in value and in the hidden-state gradient."""
-    from qsimpo.logprobs import chunked_head_logps
+    from qsimpo.train.logprobs import chunked_head_logps
 
     torch.manual_seed(0)
     n_pos, hidden, vocab = 23, 16, 97
@@ -108,7 +108,7 @@ def test_chunked_head_matches_full_logits(dtype, softcap, chunk):
 
 def test_chunked_head_takes_fp32_hidden_states_with_a_bf16_head():
     """Mixed precision with an unquantized bf16 head: accelerate hands back fp32 hidden states."""
-    from qsimpo.logprobs import chunked_head_logps
+    from qsimpo.train.logprobs import chunked_head_logps
 
     torch.manual_seed(0)
     states = torch.randn(1, 9, 16, requires_grad=True)

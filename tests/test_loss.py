@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from qsimpo.loss import simpo_loss
+from qsimpo.train.loss import simpo_loss
 
 C = torch.tensor([-1.0, -2.0], dtype=torch.float64)
 R = torch.tensor([-1.5, -1.0], dtype=torch.float64)

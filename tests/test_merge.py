@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from conftest import make_config
 from qsimpo.cli import main as cli
-from qsimpo.merge import DEFAULT_MAX_RATIO, MergeError, VerifyError, merge
-from qsimpo.verify import NEGLIGIBLE_KL, Agreement, VerifyReport
+from qsimpo.export.merge import DEFAULT_MAX_RATIO, MergeError, VerifyError, merge
+from qsimpo.export.verify import NEGLIGIBLE_KL, Agreement, VerifyReport
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -40,8 +40,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def adapter(tiny_base, pref_jsonl, tmp_path_factory):
     """An adapter folder as `qsimpo train` writes it, with random lora_B (so B·A is far from 0)."""
-    from qsimpo.model import add_lora, load_base
-    from qsimpo.train import write_provenance
+    from qsimpo.train.model import add_lora, load_base
+    from qsimpo.train.recipe import write_provenance
 
     out = tmp_path_factory.mktemp("adapter") / "run"
     cfg = make_config(tiny_base, pref_jsonl, out)
@@ -84,7 +84,7 @@ def test_dequantized_merge_is_nf4_weights_plus_lora(tiny_base, adapter, merged):
     import bitsandbytes as bnb
 
     from qsimpo.config import ModelConfig
-    from qsimpo.model import load_base
+    from qsimpo.train.model import load_base
 
     out, result = merged
     files = {p.name for p in out.iterdir()}
@@ -123,7 +123,7 @@ def test_merged_logits_match_adapter_on_dequantized_base(tiny_base, adapter, mer
     from transformers import AutoModelForCausalLM
 
     from qsimpo.config import ModelConfig
-    from qsimpo.model import dequantize_base, load_base
+    from qsimpo.train.model import dequantize_base, load_base
 
     out, _ = merged
     ids = torch.tensor([[1, 20, 31, 45, 60, 77, 91, 102]])
@@ -151,7 +151,7 @@ def test_original_merge_uses_unquantized_weights(tiny_base, adapter, merged, tmp
 
 
 def _broken_weight(monkeypatch):
-    from qsimpo import merge as merge_mod
+    from qsimpo.export import merge as merge_mod
 
     real = merge_mod._merge_in_memory
 
@@ -203,7 +203,7 @@ def test_verify_verdict_is_a_ratio_to_the_adapters_effect():
 
 
 def test_failure_message_says_what_to_do(tmp_path):
-    from qsimpo.merge import _failure_message
+    from qsimpo.export.merge import _failure_message
 
     out = tmp_path / "m"
     bf16 = _failure_message(_report(6.7e-3, 4.2e-3), "dequantized", "bfloat16", out)
@@ -257,9 +257,14 @@ def test_refusals(adapter, merged, tmp_path, capsys):
 
 def test_dequantize_refuses_weights_repacked_for_cpu(tiny_base):
     from qsimpo.config import ModelConfig
-    from qsimpo.model import dequantize_base, load_base
+    from qsimpo.train.model import dequantize_base, load_base
 
     model = load_base(ModelConfig(name_or_path=str(tiny_base)), "cpu").eval()
+    import bitsandbytes as bnb
+
+    for m in model.modules():  # undo load_base's keep_training_layout: a base loaded some other way
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = bnb.functional.has_avx512bf16()
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))  # an inference forward: bitsandbytes may repack the 4-bit weights in place
     if not getattr(model.model.layers[0].self_attn.q_proj.weight.quant_state, "packing_format_for_cpu", False):
@@ -270,7 +275,7 @@ def test_dequantize_refuses_weights_repacked_for_cpu(tiny_base):
 
 def test_dequantize_int8_base(tiny_base):
     from qsimpo.config import ModelConfig
-    from qsimpo.model import dequantize_base, load_base
+    from qsimpo.train.model import dequantize_base, load_base
 
     model = dequantize_base(load_base(ModelConfig(name_or_path=str(tiny_base), quantization="int8"), "cpu"), torch.float32)
     original = load_file(tiny_base / "model.safetensors")

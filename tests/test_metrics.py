@@ -1,11 +1,11 @@
-"""qsimpo.metrics on hand-built cases whose answers are known, with the arithmetic written out."""
+"""qsimpo.eval.metrics on hand-built cases whose answers are known, with the arithmetic written out."""
 
 import math
 
 import pytest
 import torch
 
-from qsimpo import metrics as M
+from qsimpo.eval import metrics as M
 
 T = torch.tensor
 
@@ -16,13 +16,6 @@ def test_reward_accuracy_three_of_four_and_ties_count_as_misses():
     assert M.reward_accuracy(chosen, rejected) == 0.75
     # a tie is not a win, as in the trainer's rewards/accuracies: (1 + 0) / 2
     assert M.reward_accuracy(T([-1.0, -1.0]), T([-2.0, -1.0])) == 0.5
-
-
-def test_reward_accuracy_matches_scoring_helper():
-    from qsimpo.scoring import PairScores, reward_accuracy
-
-    c, r = torch.randn(50), torch.randn(50)
-    assert M.reward_accuracy(c, r) == pytest.approx(reward_accuracy(PairScores(c, r, torch.ones(50), torch.ones(50))))
 
 
 def test_margins_are_beta_times_the_average_logp_difference():

@@ -7,7 +7,7 @@ import pytest
 from qsimpo.cli import main
 
 
-def test_quickstart_learns_the_preference(quickstart_run):
+def test_quickstart_learns_the_preference(quickstart_run, capsys):
     out, printed = quickstart_run
     result = json.loads((out / "quickstart.json").read_text())
     before, after = result["before"], result["after"]
@@ -22,8 +22,8 @@ def test_quickstart_learns_the_preference(quickstart_run):
     assert "held-out reward accuracy: SFT" in printed
 
     # a second run refuses to clobber the first
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        main(["quickstart", "--out", str(out)])
+    assert main(["quickstart", "--tiny", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_inspect_data_shows_boundary(tiny_base, pref_jsonl, capsys):

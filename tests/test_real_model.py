@@ -38,8 +38,8 @@ def smollm2(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def short_pairs(tmp_path_factory):
-    """Short courteous-vs-rude pairs (the quickstart's): (training file, held-out file on unseen topics)."""
-    from qsimpo.quickstart import HELDOUT_TOPICS, TOPICS, make_pairs
+    """Short courteous-vs-rude pairs (the tiny quickstart's): (training file, held-out file on unseen topics)."""
+    from qsimpo.quickstart.tiny import HELDOUT_TOPICS, TOPICS, make_pairs
 
     folder = tmp_path_factory.mktemp("smol-data")
     train, heldout = folder / "train.jsonl", folder / "heldout.jsonl"
@@ -53,8 +53,8 @@ def trained(smollm2, smollm2_gguf, short_pairs, tmp_path_factory):
     """`qsimpo train` for a few steps on the .gguf file: (run, base state before, LoRA weights before, config)."""
     from peft import get_peft_model_state_dict
 
-    from qsimpo.model import add_lora, load_base
-    from qsimpo.train import train
+    from qsimpo.train.model import add_lora, load_base
+    from qsimpo.train.recipe import train
 
     out = tmp_path_factory.mktemp("smol-run") / "adapter"
     cfg = make_config(smollm2_gguf, short_pairs[0], out, "--train.max_steps", str(STEPS), "--lora.r", "8",
@@ -106,8 +106,8 @@ def test_conversion_is_the_gguf_exactly(smollm2, smollm2_gguf):
 
 
 def test_converted_model_answers(smollm2, smollm2_gguf):
-    from qsimpo.generate import generate, render_prompt
-    from qsimpo.model import load_base, load_tokenizer
+    from qsimpo.eval.generate import generate, render_prompt
+    from qsimpo.train.model import load_base, load_tokenizer
 
     cfg = ModelConfig(name_or_path=str(smollm2_gguf), quantization="none", compute_dtype="float32")
     tok = load_tokenizer(cfg)
@@ -174,7 +174,7 @@ def test_eval_finds_the_gguf_base(trained, short_pairs):
 def test_merge_keeps_the_adapter_and_the_tied_head(trained, smollm2_gguf, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qsimpo.merge import DEFAULT_DTYPE, merge
+    from qsimpo.export.merge import DEFAULT_DTYPE, merge
 
     run = trained[0]
     out = tmp_path / "merged"
@@ -195,7 +195,7 @@ def test_merge_keeps_the_adapter_and_the_tied_head(trained, smollm2_gguf, tmp_pa
 
 
 def test_push_names_the_hub_model_not_the_gguf_file(trained, smollm2_gguf, tmp_path):
-    from qsimpo.hub import PushError, plan_push
+    from qsimpo.export.hub import PushError, plan_push
 
     with pytest.raises(PushError, match=rf"records the base model as the local path '{smollm2_gguf}'.*--base-model"):
         plan_push(trained[0].output_dir, "me/smol-simpo")

@@ -16,8 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import HH_SAMPLE, ROOT, make_config
-from qsimpo.train import train
-from qsimpo.trainer import NonFiniteError
+from qsimpo.run_dir import CHECKPOINT_MARKER
+from qsimpo.errors import InputNotFound, OutputExists
+from qsimpo.train.recipe import resolve_resume, resume_command, train
+from qsimpo.train.trainer import NonFiniteError
 
 REQUIRED = {"adapter_config.json", "adapter_model.safetensors", "config.yaml", "qsimpo.json", "metrics.jsonl"}
 METRIC_KEYS = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -28,7 +30,7 @@ def _initial_adapter(cfg):
     """The adapter weights a run starts from (same seed → same LoRA init), keyed like the saved file."""
     from peft import get_peft_model_state_dict
 
-    from qsimpo.model import add_lora, load_base
+    from qsimpo.train.model import add_lora, load_base
 
     model = add_lora(load_base(cfg.model, "cpu"), cfg.lora, True, False, cfg.train.seed)
     return {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
@@ -41,7 +43,7 @@ def _base_state(model):
 def test_smoke_three_steps(tiny_base, pref_jsonl, tmp_path):
     cfg = make_config(tiny_base, pref_jsonl, tmp_path / "run", "--train.max_steps", "3", "--train.save_steps", "2")
     init = _initial_adapter(cfg)
-    from qsimpo.model import load_base
+    from qsimpo.train.model import load_base
 
     base_before = _base_state(load_base(cfg.model, "cpu"))
     run = train(cfg)
@@ -87,8 +89,56 @@ def test_refuses_to_overwrite_finished_run(tiny_base, pref_jsonl, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "adapter_model.safetensors").write_bytes(b"x")
-    with pytest.raises(FileExistsError, match="--train.overwrite true"):
+    with pytest.raises(OutputExists, match="train.output_dir = .* already holds a finished adapter.*--train.overwrite true"):
         train(make_config(tiny_base, pref_jsonl, out, "--train.max_steps", "1"))
+
+
+def test_resume_from_picks_the_newest_complete_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    for step, complete in ((2, True), (4, True), (6, False)):  # checkpoint-6: a hard kill while saving
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        if complete:
+            (out / f"checkpoint-{step}" / CHECKPOINT_MARKER).write_text("{}")
+    (out / "checkpoint-final").mkdir()  # not a step number: not a checkpoint
+    assert resolve_resume("auto", out) == str(out / "checkpoint-4")
+    printed = capsys.readouterr().out
+    assert f"skipping {out / 'checkpoint-6'}: incomplete" in printed and f"resuming from {out / 'checkpoint-4'}" in printed
+
+    (out / "checkpoint-4" / CHECKPOINT_MARKER).unlink()
+    (out / "checkpoint-2" / CHECKPOINT_MARKER).unlink()
+    assert resolve_resume("auto", out) is None
+    assert "no complete checkpoint" in capsys.readouterr().out
+    assert resolve_resume(str(out / "checkpoint-6"), out) == str(out / "checkpoint-6")  # asked for by name: allowed
+    assert "has no qsimpo_complete.json" in capsys.readouterr().out
+    assert resolve_resume(None, out) is None
+
+    with pytest.raises(InputNotFound, match=r"train.resume_from = '.*checkpoint-9' does not exist.*--train.resume_from auto"):
+        resolve_resume(str(out / "checkpoint-9"), out)
+    with pytest.raises(InputNotFound, match="checkpoint-final' has no trainer_state.json"):
+        resolve_resume(str(out / "checkpoint-final"), out)
+
+
+def test_resume_command_replaces_any_resume_from(tmp_path):
+    argv = ["qsimpo", "train", "my cfg.yaml", "--train.resume_from", "x/checkpoint-4", "--lora.r", "8",
+            "--train.resume_from=auto"]
+    assert resume_command(argv, tmp_path) == "qsimpo train 'my cfg.yaml' --lora.r 8 --train.resume_from auto"
+    assert resume_command(None, tmp_path) == f"qsimpo train {tmp_path / 'config.yaml'} --train.resume_from auto"
+
+
+def test_resume_from_the_last_step_writes_the_adapter_without_training(tiny_base, pref_jsonl, tmp_path, capsys):
+    """A run stopped after its last step but before the adapter was written: resuming adds no step."""
+    args = ("--train.max_steps", "2", "--train.save_steps", "2")
+    out = train(make_config(tiny_base, pref_jsonl, tmp_path / "run", *args)).output_dir
+    finished = load_file(out / "adapter_model.safetensors")
+    for name in ("adapter_model.safetensors", "qsimpo.json"):
+        (out / name).unlink()
+    train(make_config(tiny_base, pref_jsonl, out, *args, "--train.resume_from", "auto"))
+    assert "holds the last step (2); writing the adapter" in capsys.readouterr().out
+    assert json.loads((out / "qsimpo.json").read_text())["global_step"] == 2
+    resumed = load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(finished[k], resumed[k]) for k in finished)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()].count(3) == 0
 
 
 def test_resume_gives_same_adapter(tiny_base, pref_jsonl, tmp_path):
@@ -115,7 +165,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_base, pref_jsonl, tmp_p
     train(make_config(tiny_base, pref_jsonl, out, "--train.max_steps", "2", "--train.save_steps", "2"))
     before = _hashes(out / "checkpoint-2")
 
-    from qsimpo import trainer as trainer_mod
+    from qsimpo.train.recipe import trainer as trainer_mod
 
     real = trainer_mod.simpo_loss
 
@@ -132,7 +182,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_base, pref_jsonl, tmp_p
 
 
 def test_non_finite_gradient_guard():
-    from qsimpo.callbacks import FiniteGradGuard
+    from qsimpo.train.callbacks import FiniteGradGuard
 
     lin = torch.nn.Linear(2, 2)
     lin.weight.grad = torch.tensor([[1.0, float("inf")], [0.0, 0.0]])
@@ -146,7 +196,7 @@ def test_non_finite_gradient_guard():
 @pytest.mark.skipif(not HH_SAMPLE.exists(), reason=f"HH-RLHF sample not found at {HH_SAMPLE} (it lives in the shared folder beside the repo)")
 def test_real_hh_rlhf_with_truncation(tmp_path, capsys):
     from qsimpo.data import read_rows
-    from qsimpo.toy import build_model, build_tokenizer, save_base
+    from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
 
     rows = [r for _, r in read_rows(str(HH_SAMPLE), max_rows=120)]
     tok = build_tokenizer([r["chosen"] for r in rows] + [r["rejected"] for r in rows], vocab_size=512)
@@ -170,7 +220,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {tests!r})
     from conftest import make_config
-    from qsimpo.train import train
+    from qsimpo.train.recipe import train
     cfg = make_config({base!r}, {data!r}, {out!r}, "--train.max_steps", "3", "--lora.dropout", "0.1")
     run = train(cfg)
     lora = {{k: v.detach().cpu() for k, v in run.trainer.model.named_parameters() if "lora_" in k}}

@@ -1,0 +1,26 @@
+"""Preference data: rows on disk -> (prompt, chosen, rejected) -> chat-formatted text -> token ids -> batches.
+
+    sources.py   read_rows        a .jsonl/.json/.parquet file, a datasets folder or a Hub id -> (location, row)
+    formats.py   to_triples       rows -> normalised texts; bad rows recorded and judged at once, DataSummary
+    render.py    render_pair      texts -> prompt text + response texts in the model's chat format
+    tokenize.py  tokenize_pair    texts -> prompt ids + response ids, exact boundary, one BOS, one EOS, truncation
+    dataset.py   read_source      a whole source through the steps above as cached `datasets` maps; no tokenizer
+                                  needed to judge the rows, so bad data stops before anything loads
+                 tokenize_source  ... then tokenized: Pairs, a sequence over the memory-mapped table
+                 build_dataset    both, for callers that have the tokenizer already
+    collate.py   PairCollator     pairs -> input_ids / attention_mask / response_mask, chosen rows then rejected rows
+
+The prompt and each response are tokenized separately, so the boundary between them is exact:
+the response mask covers precisely the tokens the model is scored on.
+"""
+
+from qsimpo.data.collate import PairCollator
+from qsimpo.data.formats import NO_PREFERENCE_VOTES, REASONS, DataError, DataSummary, to_triples
+from qsimpo.data.render import render_pair
+from qsimpo.data.sources import looks_local, read_rows
+from qsimpo.data.dataset import Pairs, Source, build_dataset, read_source, split_eval, tokenize_source
+from qsimpo.data.tokenize import format_pair, tokenize_pair
+
+__all__ = ["DataError", "DataSummary", "NO_PREFERENCE_VOTES", "REASONS", "PairCollator", "Pairs", "Source", "build_dataset",
+           "format_pair", "looks_local", "read_rows", "read_source", "render_pair", "split_eval", "to_triples",
+           "tokenize_pair", "tokenize_source"]

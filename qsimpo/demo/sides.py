@@ -1,0 +1,261 @@
+"""Two chat models on one base in memory: the model side of `qsimpo demo` (the UI is app.py beside it).
+
+One PeftModel holds the 4-bit base and the trained adapter. The *left* side is the SFT model
+(the base with no adapter: peft's "__base__") or, with ``--compare-adapter``, a second adapter
+loaded next to the first; the *right* side is the aligned model (the trained adapter). peft's
+LoRA layers, bitsandbytes' Linear4bit included, take the adapter per batch row
+(``adapter_names``), so one batched ``generate`` answers for both columns at once, and nothing
+is ever switched on the shared model. Requests from several users are batched too (batcher.py).
+
+    chat = SideBySide.load("adapters/quickstart/adapter")
+    user = [{"role": "user", "content": "Describe owls."}]
+    for answers in chat.stream({"left": user, "right": user}, Settings(seed=1)):
+        print(answers["left"], answers["right"])        # both growing answers
+    chat.respond("right", user, Settings())             # one side alone
+    chat.stats({"left": user, "right": user}, answers)  # each answer's avg log-prob under both sides
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from qsimpo.errors import InputNotFound, UsageError
+from qsimpo.eval.generate import render_prompt
+from qsimpo.demo.batcher import Batcher, Request
+
+SIDES = ("left", "right")
+BASE = "__base__"  # peft's adapter name, in adapter_names, for "no adapter": the SFT model
+QUICKSTART = Path("adapters/quickstart")
+
+
+@dataclass
+class Settings:
+    """Generation settings, shared by both sides so a comparison is fair (same seed on each)."""
+
+    temperature: float = 0.7  # 0: greedy
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    seed: int = 0
+    system_prompt: str = ""  # used only where the chat template renders a system message
+
+    def check(self) -> "Settings":
+        problems = [f"{name} = {value!r} {why}" for name, value, bad, why in (
+            ("temperature", self.temperature, self.temperature < 0, "must be >= 0 (0 is greedy)"),
+            ("top_p", self.top_p, not 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens < 1, "must be >= 1"),
+        ) if bad]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Side:
+    name: str  # short name: "SFT", "compare", "aligned"
+    label: str  # what the column is called in the UI and in vote rows
+    adapter: str  # the peft adapter this side runs under; BASE: none (the SFT model)
+
+
+def template_takes_system(tokenizer) -> bool:
+    """Whether the chat template renders a system message (many do; Gemma's rejects it)."""
+    if not tokenizer.chat_template:
+        return False
+    marker = "\u00a7system\u00a7"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": marker}, {"role": "user", "content": "hi"}],
+                                             tokenize=False, add_generation_prompt=True)
+    except Exception:  # templates that raise on a system role
+        return False
+    return marker in text
+
+
+class SideBySide:
+    """The one model + tokenizer, the two sides, and the batcher every generation goes through."""
+
+    def __init__(self, model, tokenizer, sides: dict[str, Side], beta: float | None = None, description: str = "",
+                 max_batch_rows: int = 8):
+        self.model, self.tokenizer, self.sides = model, tokenizer, sides
+        self.beta, self.description = beta, description
+        # One call on the model at a time: peft hands adapter_names to the layers through forward hooks
+        # that live for one call, so a second call running meanwhile would take the first one's rows.
+        self.lock = threading.Lock()
+        self.batcher = Batcher(model, tokenizer, self.lock, max_batch_rows)
+        self.takes_system = template_takes_system(tokenizer)
+        config = getattr(model, "config", None)
+        self.max_context = getattr(config, "max_position_embeddings", None) or 4096
+
+    @classmethod
+    def load(cls, adapter: str, base: str | None = None, compare_adapter: str | None = None,
+             trust_remote_code: bool = False, device: str | None = None) -> "SideBySide":
+        """Load the base once (4-bit as the adapter was trained, where bitsandbytes is installed) and the adapter(s)."""
+        from qsimpo.run_dir import read_meta
+        from qsimpo.train.model import load_trained
+
+        check_adapter(adapter, "--adapter")
+        if compare_adapter:
+            check_adapter(compare_adapter, "--compare-adapter")
+        meta = read_meta(adapter)
+        base_name = check_base(base, adapter, meta)
+        quantization = meta.get("quantization", "nf4")
+        if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+            print(f"bitsandbytes is not installed: loading the base unquantized instead of {quantization}")
+            quantization = "none"
+        try:
+            model, tokenizer = load_trained(adapter, base, quantization=quantization, device=device,
+                                            trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:  # a Hub id that does not resolve (offline, no cached copy), no adapter files
+            raise InputNotFound(f"could not load the adapter {adapter} on the base {base_name}: {e}\n"
+                                "pass a `qsimpo train` output folder with --adapter, and its base with --base") from None
+        if compare_adapter:
+            other = read_meta(compare_adapter).get("base_model")
+            if other and other != base_name:
+                print(f"warning: {compare_adapter} records base {other}, not the base loaded here; its column may be noise")
+            try:
+                model.load_adapter(compare_adapter, adapter_name="compare")
+            except (OSError, ValueError) as e:
+                raise InputNotFound(f"could not load --compare-adapter {compare_adapter}: {e}") from None
+            left = Side("compare", f"compare: {compare_adapter}", "compare")
+        else:
+            left = Side("SFT", "SFT (adapter off)", BASE)
+        model.set_adapter("default")
+        model.eval()
+        beta = (meta.get("simpo") or {}).get("beta")
+        return cls(model, tokenizer, {"left": left, "right": Side("aligned", f"aligned: {adapter}", "default")}, beta=beta,
+                   description=f"base {base_name} ({quantization}), one copy in memory")
+
+    # ----------------------------------------------------------------------------------- generation
+    def context(self, history: list[dict], settings: Settings) -> list[dict]:
+        """The messages a side is prompted with: its own history, after the system prompt if the template has one."""
+        system = settings.system_prompt.strip()
+        if system and self.takes_system and not (history and history[0]["role"] == "system"):
+            return [{"role": "system", "content": system}] + list(history)
+        return list(history)
+
+    def prompt_ids(self, messages: list[dict], max_new_tokens: int) -> list[int]:
+        """Token ids of the prompt, oldest turns dropped (then the oldest tokens cut) to leave room for the answer."""
+        room = max(1, self.max_context - max_new_tokens)
+        msgs = list(messages)
+        ids = render_prompt(self.tokenizer, msgs)
+        while len(ids) > room:
+            first = 1 if msgs and msgs[0]["role"] == "system" else 0
+            if len(msgs) - first <= 1:
+                bos = ids[:1] if ids and ids[0] == self.tokenizer.bos_token_id else []
+                return bos + ids[len(ids) - (room - len(bos)):]
+            del msgs[first: first + 2]  # one user turn and the answer to it
+            ids = render_prompt(self.tokenizer, msgs)
+        return ids
+
+    def stream(self, turns: dict[str, list[dict]], settings: Settings) -> Iterator[dict[str, str]]:
+        """Yield every side's growing answer, {side: text}, as the tokens come; one batched generation.
+
+        ``turns`` maps each side to answer to its messages (ending in the user's turn): both sides
+        for the demo's two columns, one side for that side alone. Leaving early stops the rows.
+        """
+        settings.check()
+        unknown = set(turns) - set(self.sides)
+        if unknown or not turns:
+            raise ValueError(f"sides {sorted(unknown) or '(none)'}: each must be one of {', '.join(self.sides)}")
+        max_new = min(settings.max_new_tokens, max(1, self.max_context - 1))
+        request = Request(prompts=[self.prompt_ids(messages, max_new) for messages in turns.values()],
+                          adapters=[self.sides[side].adapter for side in turns], temperature=settings.temperature,
+                          top_p=settings.top_p, max_new_tokens=max_new, seed=settings.seed)
+        shown = None
+        for texts in self.batcher.run(request):
+            texts = {side: text.strip() for side, text in zip(turns, texts)}
+            if texts != shown:  # a token can be bare whitespace, or a partial character: show only growth
+                shown = texts
+                yield texts
+        if shown is None:
+            yield dict.fromkeys(turns, "")  # empty answers (EOS first) are still answers
+
+    def respond(self, side: str, messages: list[dict], settings: Settings) -> str:
+        """``side``'s whole answer to ``messages``, generated alone."""
+        *_, last = self.stream({side: messages}, settings)
+        return last[side]
+
+    # ------------------------------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def score(self, items: list[tuple[str, list[dict], str]]) -> list[tuple[float, int]]:
+        """(average log-prob, |y|) of each (side, messages, response): the response after the messages under that side.
+
+        Tokenized exactly as `qsimpo train` tokenizes a pair (qsimpo.data.tokenize_pair: the chat
+        template, one BOS, the response closed by EOS) and scored by qsimpo.eval.scoring.score_pairs, the
+        training path (packed rows, response-only chunked head), each row under its side's adapter:
+        β times this number is the SimPO reward the row would get in training.
+        """
+        from qsimpo.data import tokenize_pair
+        from qsimpo.eval.scoring import score_pairs
+
+        pairs = []
+        for _, messages, response in items:  # a "pair" of the response with itself: one packed row per item
+            triple = {"prompt": list(messages), "chosen": response, "rejected": response, "format": "conversational",
+                      "location": "demo"}
+            pairs.append(tokenize_pair(self.tokenizer, triple, self.max_context, self.max_context // 2))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with self.lock:
+            scores = score_pairs(self.model, pairs, pad, batch_size=len(pairs),
+                                 adapter_names=[self.sides[side].adapter for side, _, _ in items])
+        return [(float(avg), int(n)) for avg, n in zip(scores.chosen, scores.chosen_len)]
+
+    def avg_logprob(self, side: str, messages: list[dict], response: str) -> tuple[float, int]:
+        """(average log-prob, |y|) of ``response`` after ``messages`` under ``side``'s model."""
+        return self.score([(side, messages, response)])[0]
+
+    def stats(self, turns: dict[str, list[dict]], answers: dict[str, str]) -> dict[str, dict]:
+        """For each side's answer: |y| and its average log-prob under every side's model (one forward pass)."""
+        items = [(scorer, turns[side], answers[side]) for side in turns for scorer in SIDES]
+        scores = iter(self.score(items))
+        out = {}
+        for side in turns:
+            mine = {scorer: next(scores) for scorer in SIDES}
+            out[side] = {"tokens": mine[side][1], "avg_logprob": {s: round(v[0], 4) for s, v in mine.items()}}
+        return out
+
+
+def check_adapter(adapter: str, flag: str) -> None:
+    """Fail before any loading when ``adapter`` is neither an adapter folder nor (possibly) a Hub id."""
+    from qsimpo.data import looks_local  # the one rule for "a path, not a Hub id"
+
+    local = Path(adapter).expanduser()
+    if local.is_dir():
+        if not (local / "adapter_config.json").is_file():
+            raise InputNotFound(f"{flag} {adapter} holds no adapter_config.json: pass the train.output_dir of a finished "
+                                "`qsimpo train` run (or a checkpoint-N folder inside it)")
+    elif looks_local(adapter) or local.exists():
+        raise InputNotFound(f"{flag} {adapter}: no such folder; pass the train.output_dir of a `qsimpo train` run "
+                            "or a Hub adapter id")
+
+
+def check_base(base: str | None, adapter: str, meta: dict) -> str:
+    """The base model to load (--base, else the one the adapter records), failing early when it cannot be there."""
+    from qsimpo.data import looks_local
+
+    name = base or meta.get("base_model")
+    if not name:
+        raise UsageError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder "
+                         "with --base")
+    if looks_local(name) and not Path(name).expanduser().exists():
+        where = "given with --base" if base else f"recorded in {adapter}/qsimpo.json"
+        raise InputNotFound(f"the base model {name} ({where}) was not found: pass the model the adapter was trained on "
+                            "with --base PATH_OR_HUB_ID")
+    return name
+
+
+def resolve_adapter(adapter: str | None, base: str | None) -> tuple[str, str | None]:
+    """The adapter (and base) to serve: the given ones, or the quickstart's output when none is given."""
+    if adapter:
+        return adapter, base
+    if not (QUICKSTART / "adapter" / "adapter_config.json").is_file():
+        raise InputNotFound(f"no quickstart output at {QUICKSTART / 'adapter'} (working directory {Path.cwd()}): "
+                            "run `qsimpo quickstart` first, or pass --adapter DIR_OR_HUB_ID")
+    return str(QUICKSTART / "adapter"), base or str(QUICKSTART / "base")
+

@@ -1,0 +1,24 @@
+"""The embedded default, `qsimpo quickstart`: the whole path offline on a CPU.
+
+    real.py     SmolLM2-135M-Instruct, a real pretrained chat model, with the preference pairs shipped
+                in data/pairs.jsonl (smollm2.yaml): what `qsimpo quickstart` runs
+    tiny.py     a tiny Llama-style model and tokenizer built on the spot with synthetic pairs (tiny.yaml):
+                `qsimpo quickstart --tiny`, seconds, for tests and machines that reach no model source
+    toy.py      the tiny model and tokenizer builders (test fixtures use them too)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = False, tiny: bool = False,
+                   max_steps: int | None = None) -> dict:
+    """Run the quickstart into ``out``; the real model unless ``tiny``. Returns what quickstart.json holds."""
+    if tiny:
+        from qsimpo.quickstart.tiny import run_quickstart as run_tiny
+
+        return run_tiny(out, overwrite=overwrite)
+    from qsimpo.quickstart.real import run
+
+    return run(out, overwrite=overwrite, max_steps=max_steps)

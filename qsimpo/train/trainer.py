@@ -1,0 +1,223 @@
+"""The thin ``transformers.Trainer`` subclass: batch → log-probs → SimPO loss → metrics.
+
+Everything else (loop, gradient accumulation, checkpoints, resume, DDP/FSDP/DeepSpeed via
+accelerate, report_to) is the stock Trainer. A batch is either layout of ``qsimpo.train.packing``
+(one packed row per pair, or the B chosen rows followed by the B rejected rows); both say
+which positions to score the same way, so ``pair_logps`` serves them alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+from accelerate.utils import DistributedType
+from transformers import Trainer
+
+from qsimpo.config import ConfigError, SimPOConfig
+from qsimpo.errors import QsimpoError
+from qsimpo.train.logprobs import chunked_token_logps, indexed_logps, per_sequence
+from qsimpo.train.loss import simpo_loss
+from qsimpo.train.packing import attention_inputs
+
+
+def unwrap(model):
+    """The transformers model inside DDP / accelerate / PEFT wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attn_implementation(model) -> str:
+    return unwrap(model).config._attn_implementation
+
+
+@contextmanager
+def scoring_head(model, score_index, score_labels, chunk_size: int):
+    """For the forward passes inside: the output head returns the scored tokens' log-probs, not logits.
+
+    The model still calls its head as ``lm_head(hidden_states)``, inside every wrapper (DDP,
+    FSDP, PEFT), and only the head's ``forward`` is replaced, so the hooks a sharding wrapper
+    puts on the head module run as for any linear layer: FSDP2 (and ZeRO-3) gather the weight
+    before this forward and again before its backward, and the chunked head reads whole
+    weights. ``.logits`` of the output is then ``[T]``, one log-prob per scored token. Gemma-2's
+    soft-cap is applied by the chunked head instead of by the model.
+    """
+    lm = unwrap(model)
+    head = lm.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"train.head_chunk_size needs a plain nn.Linear output head, got {type(head).__name__}: set it to 0")
+    softcap = getattr(lm.config, "final_logit_softcapping", None)
+
+    def forward(hidden):
+        return chunked_token_logps(hidden, head.weight, head.bias, score_index, score_labels, chunk_size, softcap)
+
+    head.forward = forward  # an instance attribute: the class's forward and every hook stay as they are
+    if softcap is not None:
+        lm.config.final_logit_softcapping = None
+    try:
+        yield
+    finally:
+        del head.forward
+        if softcap is not None:
+            lm.config.final_logit_softcapping = softcap
+
+
+class NonFiniteError(QsimpoError, RuntimeError):
+    """Training produced a NaN/inf loss or gradient; raised before the optimizer step."""
+
+
+NON_FINITE_CAUSES = (
+    "likely causes: a learning rate too high for LoRA (try 10x lower), fp16 overflow (use bf16 or fp32 compute), "
+    "or a data row with an extreme response (run `qsimpo inspect-data` on the config). The last saved checkpoint "
+    "in train.output_dir is intact: fix the cause and resume with --train.resume_from auto"
+)
+
+
+def pair_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch.float32, **forward_kwargs):
+    """(chosen, rejected) average response log-probs for a batch of either layout (qsimpo.train.packing).
+
+    The one scoring function: the training loss, in-training evaluation, ``qsimpo eval``, the
+    quickstart and the demo all score responses through it. ``forward_kwargs`` go to the model
+    (the demo passes peft's per-row ``adapter_names``).
+    """
+    b = int(inputs["num_pairs"])
+    kwargs = {"input_ids": inputs["input_ids"], "use_cache": False,
+              **attention_inputs(inputs, attn_implementation(model), compute_dtype), **forward_kwargs}
+    index, labels, seq = inputs["score_index"], inputs["score_labels"], inputs["score_seq"]
+    if head_chunk_size:
+        with scoring_head(model, index, labels, head_chunk_size):
+            logps = per_sequence(model(**kwargs).logits, seq, 2 * b)
+    else:
+        logps = indexed_logps(model(**kwargs).logits, index, labels, seq, 2 * b)  # the model applied any soft-cap itself
+    return logps.avg[:b], logps.avg[b:]
+
+
+def pair_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards) -> dict[str, torch.Tensor]:
+    """The per-pair quantities logged every step (averaged over pairs at logging time)."""
+    return {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": chosen_logps.detach(),
+        "logps/rejected": rejected_logps.detach(),
+    }
+
+
+class GlobalLengthGroupedSampler(torch.utils.data.Sampler):
+    """Shuffled mega-batches, each sorted by length, in units of one optimizer step's pairs on all processes.
+
+    Every process draws the same order (seed + epoch, not the global RNG), and accelerate hands
+    consecutive per-device batches of it to the processes in turn, so an optimizer step sees the
+    same pairs whatever the process count, given the same global batch.
+    """
+
+    def __init__(self, global_batch: int, lengths: list[int], seed: int):
+        self.global_batch, self.lengths, self.seed, self.epoch = global_batch, lengths, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # accelerate and the Trainer call it before each epoch
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.global_batch, generator=generator))
+
+
+def enable_fsdp_on_cpu(trainer, state) -> None:
+    """FSDP for CPU processes (gloo), which accelerate leaves as plain DDP.
+
+    accelerate turns FSDP on only for accelerator devices and would silently run data-parallel;
+    torch's ``fully_shard`` runs on the CPU too. Set where accelerate would have set it, from the
+    same plugin arguments (train.fsdp) or the same environment (``accelerate launch`` with an FSDP
+    config), so the Trainer takes its FSDP path: wrapping, optimizer, full-state-dict saving.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    args = trainer.args.fsdp_plugin_args
+    plugin = FullyShardedDataParallelPlugin(**args) if args is not None else FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    # AcceleratorState copies distributed_type from PartialState each time one is constructed
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+
+
+class SimPOTrainer(Trainer):
+    def __init__(self, *args, simpo: SimPOConfig, head_chunk_size: int = 0, compute_dtype=torch.float32,
+                 group_by_length: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group_by_length = group_by_length
+        self.simpo = simpo
+        self.head_chunk_size = head_chunk_size  # 0: full logits (the plain path)
+        self.compute_dtype = compute_dtype
+        # Our loss is a mean over pairs, not a token-count-normalised LM loss: let the Trainer
+        # divide by the accumulation steps itself.
+        self.model_accepts_loss_kwargs = False
+        self._stash: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def pair_logps(self, model, inputs):
+        return pair_logps(model, inputs, self.head_chunk_size, self.compute_dtype)
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        asked = self.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        if asked and state.distributed_type == DistributedType.MULTI_CPU:
+            enable_fsdp_on_cpu(self, state)
+        if self.is_fsdp_enabled and getattr(unwrap(self.model), "is_loaded_in_8bit", False):
+            raise ConfigError(["FSDP cannot shard model.quantization int8 weights (bitsandbytes' int8 parameters lose "
+                               "their quantization state when split): use nf4 or none, or train data-parallel without FSDP"])
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length or not hasattr(dataset, "lengths"):
+            return super()._get_train_sampler(train_dataset)
+        a = self.args
+        return GlobalLengthGroupedSampler(a.train_batch_size * a.gradient_accumulation_steps * a.world_size,
+                                          dataset.lengths, a.data_seed if a.data_seed is not None else a.seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chosen, rejected = self.pair_logps(model, inputs)
+        s = self.simpo
+        out = simpo_loss(chosen, rejected, s.beta, s.resolved_gamma, s.label_smoothing, s.loss_type, s.sft_weight)
+        loss = out.losses.mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1} "
+                f"(chosen avg log-probs {chosen.tolist()}, rejected {rejected.tolist()}); {NON_FINITE_CAUSES}"
+            )
+        mode = "train" if model.training else "eval"
+        for k, v in pair_metrics(chosen, rejected, out.chosen_rewards, out.rejected_rewards).items():
+            self._stash[mode][k].append(v.detach().float())
+        if mode == "eval":
+            self._stash[mode]["loss"].append(out.losses.detach().float())
+        return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        stash = self._stash[mode]
+        for key, values in stash.items():
+            value = torch.cat(values).mean()
+            if self.args.world_size > 1:  # every rank logs the same, all-pairs average
+                value = self.accelerator.reduce(value.to(self.accelerator.device), reduction="mean")
+            name = f"eval_{key}" if mode == "eval" else key
+            if name not in logs:
+                logs[name] = round(value.item(), 6)
+        stash.clear()
+        super().log(logs, start_time)

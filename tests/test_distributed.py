@@ -1,0 +1,233 @@
+"""Two CPU processes (gloo) train the same adapter as one process on the same global batch.
+
+Each launch runs ``qsimpo train CONFIG`` as users type it, through a wrapper that also saves what
+every rank holds when training ends. The two-process runs take the fast path (chunked head with
+several chunks per batch, shared-prompt packing), the one-process reference the plain path
+(separate chosen and rejected rows, full logits), so a match also shows that the fast path gives
+the same numbers when sharded. All use LoRA on the NF4 base, length-grouped batches, dropout 0 and
+one seed; the reference takes batch_size 4 where each process takes 2, with gradient accumulation
+2, so every optimizer step sees the same 8 pairs. With 60 pairs the length-grouped mega-batches
+depend on the batch size they are cut for, so a sampler sized per process would be caught.
+Launches: DDP under ``accelerate launch`` with the shipped ``configs/accelerate/ddp.yaml``, FSDP2
+full shard under torchrun (``--train.fsdp true``), and FSDP2 under ``accelerate launch`` with the
+shipped ``configs/accelerate/fsdp-qlora.yaml`` on a model whose output head is tied to its input
+embeddings. (tests/test_train.py runs DDP under torchrun.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, make_config
+
+COMMON = ("--data.max_rows", "60", "--train.max_steps", "3", "--train.gradient_accumulation_steps", "2",
+          "--train.head_chunk_size", "16", "--train.save_steps", "1000")
+# Measured: logged numbers differ by at most 3e-7 and LoRA weights by 2e-6 (fp32 sums in another
+# order, which AdamW's first steps amplify where a gradient is near 0). A step moves the weights by
+# about 1e-2 (lr); a sampler sized per process already fails on step 1's loss.
+LOSS_TOL = dict(rtol=0, atol=2e-6)
+WEIGHT_TOL = dict(rtol=0, atol=1e-5)
+
+RANK_DUMP = textwrap.dedent("""
+    import os, sys
+    import torch
+    import qsimpo.train.recipe as recipe
+    from qsimpo.cli import main
+
+    def train_and_dump(cfg, train=recipe.train, **kwargs):
+        import bitsandbytes as bnb
+        from torch.distributed.tensor import DTensor
+
+        run = train(cfg, **kwargs)
+        model = run.trainer.model
+        params = {}
+        for name, p in model.named_parameters():  # full_tensor() is a collective: same order on every rank
+            sharded = isinstance(p, DTensor)
+            local = p.to_local() if sharded else p
+            entry = {"sharded": sharded, "numel": p.numel(), "local_numel": local.numel()}
+            if "lora_" in name:
+                entry["local"] = local.detach().clone()
+                entry["full"] = (p.full_tensor() if sharded else p).detach().clone()
+            params[name] = entry
+        n4bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        torch.save({"params": params, "linear4bit": n4bit, "world_size": int(os.environ["WORLD_SIZE"])},
+                   os.path.join(cfg.train.output_dir, f"rank{os.environ['RANK']}.pt"))
+        return run
+
+    recipe.train = train_and_dump
+    sys.exit(main(["train", *sys.argv[1:]]))
+""")
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def tied_base(tiny_base, tmp_path_factory):
+    """tiny_base with its output head tied to the input embeddings (as in SmolLM2, Gemma, small Qwen2.5)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    out = tmp_path_factory.mktemp("tied") / "tiny"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_base, tied_base, pref_jsonl, tmp_path_factory):
+    """(wrapper script, prepare): prepare(base) gives (config YAML, one-process reference folder), made once."""
+    from qsimpo.config import dump_yaml
+    from qsimpo.train.recipe import train
+
+    root = tmp_path_factory.mktemp("dist")
+    script = root / "train_and_dump.py"
+    script.write_text(RANK_DUMP)
+    bases, made = {"untied": tiny_base, "tied": tied_base}, {}
+
+    def prepare(which: str):
+        if which not in made:
+            config = root / f"{which}.yaml"
+            config.write_text(dump_yaml(make_config(bases[which], pref_jsonl, root / "unused", *COMMON)))
+            plain = ("--train.batch_size", "4", "--train.packing", "none", "--train.head_chunk_size", "0")
+            reference = train(make_config(bases[which], pref_jsonl, root / f"one-{which}", *COMMON, *plain)).output_dir
+            made[which] = config, reference
+        return made[which]
+
+    return script, prepare
+
+
+def launch(launcher: list[str], script, config, out, *extra: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", *launcher, str(script), str(config), "--train.output_dir", str(out),
+           "--train.batch_size", "2", *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, " ".join(cmd) + "\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def torchrun() -> list[str]:
+    return ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
+
+
+def accelerate_launch(config_name: str) -> list[str]:
+    config = ROOT / "configs" / "accelerate" / config_name
+    return ["accelerate.commands.accelerate_cli", "launch", "--config_file", str(config),
+            "--num_processes", "2", "--main_process_port", free_port()]
+
+
+def logged(run_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def assert_matches_reference(out, reference) -> dict[str, dict]:
+    """Logged numbers and the saved adapter agree with the one-process run; returns each rank's dump."""
+    steps, ref_steps = logged(out), logged(reference)
+    assert [r["step"] for r in steps] == [r["step"] for r in ref_steps] == [1, 2, 3]
+    for row, ref in zip(steps, ref_steps):
+        for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"):
+            torch.testing.assert_close(torch.tensor(row[key]), torch.tensor(ref[key]), **LOSS_TOL,
+                                       msg=f"step {row['step']} {key}")
+        assert row["rewards/accuracies"] == ref["rewards/accuracies"]
+    adapter = load_file(out / "adapter_model.safetensors")
+    ref_adapter = load_file(reference / "adapter_model.safetensors")
+    assert adapter.keys() == ref_adapter.keys() and len(adapter) == 28  # 7 linears x 2 layers x (A, B)
+    for k in adapter:
+        torch.testing.assert_close(adapter[k], ref_adapter[k], **WEIGHT_TOL, msg=k)
+        if "lora_B" in k:  # B starts at zero: training moved it
+            assert ref_adapter[k].abs().sum() > 0, k
+    assert json.loads((out / "qsimpo.json").read_text())["global_step"] == 3
+
+    ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+    assert all(d["world_size"] == 2 and d["linear4bit"] == 14 for d in ranks)  # LoRA on the 4-bit base
+    saved = {k.removesuffix(".weight"): v for k, v in adapter.items()}
+    for d in ranks:
+        lora = {k.replace(".default", "").removesuffix(".weight"): v for k, v in d["params"].items() if "lora_" in k}
+        assert lora.keys() == saved.keys()
+        for k, v in lora.items():  # every rank ends with the adapter that was written
+            assert torch.equal(v["full"], saved[k]), f"rank holds another {k} than the saved adapter"
+    return ranks
+
+
+def assert_sharded_in_two(ranks) -> None:
+    for name, p in ranks[0]["params"].items():
+        # every weight, the packed 4-bit ones and the output head included, is split in two
+        assert p["sharded"] and p["local_numel"] * 2 == p["numel"], name
+        if "lora_" in name:  # rank 0 holds the first half of each LoRA matrix's rows, rank 1 the rest
+            full, half = p["full"], p["full"].shape[0] // 2
+            assert torch.equal(p["local"], full[:half]), name
+            assert torch.equal(ranks[1]["params"][name]["local"], full[half:]), name
+
+
+def test_ddp_under_accelerate_launch_matches_one_process(setup, tmp_path):
+    script, prepare = setup
+    config, reference = prepare("untied")
+    launch(accelerate_launch("ddp.yaml"), script, config, tmp_path / "ddp")
+    for d in assert_matches_reference(tmp_path / "ddp", reference):
+        assert not any(p["sharded"] for p in d["params"].values())  # every process holds the whole model
+
+
+def test_fsdp_under_torchrun_matches_one_process(setup, tmp_path):
+    script, prepare = setup
+    config, reference = prepare("untied")
+    launch(torchrun(), script, config, tmp_path / "fsdp", "--train.fsdp", "true")
+    ranks = assert_matches_reference(tmp_path / "fsdp", reference)
+    assert_sharded_in_two(ranks)
+    assert ranks[0]["params"]["base_model.model.lm_head.weight"]["sharded"]  # the chunked head's weight too
+
+
+def test_fsdp_under_accelerate_launch_with_a_tied_head_matches_one_process(setup, tmp_path):
+    """accelerate puts a tied head in one FSDP unit with the embeddings and the final norm."""
+    script, prepare = setup
+    config, reference = prepare("tied")
+    launch(accelerate_launch("fsdp-qlora.yaml"), script, config, tmp_path / "fsdp")
+    ranks = assert_matches_reference(tmp_path / "fsdp", reference)
+    assert_sharded_in_two(ranks)
+    assert not any("lm_head" in name for name in ranks[0]["params"])  # one shared weight, listed once
+
+
+def test_fsdp_refused_for_one_process(tiny_base, pref_jsonl, tmp_path):
+    from qsimpo.config import ConfigError
+    from qsimpo.train.recipe import train
+
+    with pytest.raises(ConfigError, match="train.fsdp = true shards across processes.*torchrun --nproc_per_node"):
+        train(make_config(tiny_base, pref_jsonl, tmp_path / "run", "--train.fsdp", "true"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp-qlora.yaml", "zero3.yaml"])
+def test_shipped_accelerate_configs(name):
+    """accelerate's own loader reads each file, with the settings qsimpo relies on."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    path = ROOT / "configs" / "accelerate" / name
+    assert path.read_text().startswith(f"# accelerate launch --config_file configs/accelerate/{name}")
+    cfg = load_config_from_file(str(path))
+    assert cfg.mixed_precision == "no" and not cfg.use_cpu and cfg.num_machines == 1  # precision is qsimpo's
+    if name == "ddp.yaml":
+        assert cfg.distributed_type == DistributedType.MULTI_GPU and not cfg.fsdp_config and not cfg.deepspeed_config
+    elif name == "fsdp-qlora.yaml":
+        f = cfg.fsdp_config
+        assert cfg.distributed_type == DistributedType.FSDP and f["fsdp_version"] == 2
+        assert f["fsdp_reshard_after_forward"] is True and f["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert f["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # else Trainer.save_model writes no adapter
+        assert f["fsdp_activation_checkpointing"] is False  # layers are checkpointed by qsimpo (add_lora)
+    else:
+        d = cfg.deepspeed_config
+        assert cfg.distributed_type == DistributedType.DEEPSPEED and d["zero_stage"] == 3
+        assert d["zero3_init_flag"] is False and d["zero3_save_16bit_model"] is True
