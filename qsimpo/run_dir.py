@@ -72,9 +72,8 @@ def record_dir(adapter: str) -> str:
 
 
 def has_adapter(folder: str | Path) -> bool:
-    """Whether a local folder holds a finished adapter (its config and weights)."""
-    folder = Path(folder)
-    return (folder / ADAPTER_FILES[0]).is_file() and any((folder / f).is_file() for f in ADAPTER_FILES[1:])
+    """Whether a local folder holds a finished adapter: its weights are written last, by the final save."""
+    return any((Path(folder) / f).is_file() for f in ADAPTER_FILES[1:])
 
 
 def is_complete(checkpoint: str | Path) -> bool:

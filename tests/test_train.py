@@ -165,7 +165,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_base, pref_jsonl, tmp_p
     train(make_config(tiny_base, pref_jsonl, out, "--train.max_steps", "2", "--train.save_steps", "2"))
     before = _hashes(out / "checkpoint-2")
 
-    from qsimpo.train.recipe import trainer as trainer_mod
+    from qsimpo.train import trainer as trainer_mod
 
     real = trainer_mod.simpo_loss
 

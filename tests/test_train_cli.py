@@ -58,7 +58,7 @@ def test_a_normal_run_prints_no_warnings(tiny_base, pref_jsonl, tmp_path):
 # lands in the middle of a step and the test can tell a stop after the step from a stop at once.
 SLOW_TRAIN = textwrap.dedent("""
     import sys, time
-    from qsimpo.train.recipe import trainer
+    from qsimpo.train import trainer
     slow_s, from_step = float(sys.argv.pop(1)), int(sys.argv.pop(1))
     original = trainer.SimPOTrainer.training_step
     def training_step(self, *args, **kwargs):
