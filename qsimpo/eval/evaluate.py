@@ -149,9 +149,11 @@ def answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, tempera
 
 
 def prompt_messages(text: dict):
-    """The prompt as chat messages (explicit, conversational) or raw text (implicit transcripts)."""
+    """The prompt as chat messages; an implicit transcript as its turns, as training renders it (qsimpo.data.render)."""
     if text.get("format") == "implicit":
-        return text["prompt"]
+        from qsimpo.data.render import transcript_messages
+
+        return transcript_messages(text["prompt"])
     return [{"role": "user", "content": text["prompt"]}] if isinstance(text["prompt"], str) else list(text["prompt"])
 
 
