@@ -68,6 +68,14 @@ class DataConfig:
     eval: str | None = _f(None, "Held-out pairs for in-training evaluation: a path like `path`, or a fraction like '0.05' of the training rows.")
     system_prompt: str | None = _f(None, "System message prepended to conversational/explicit prompts when the chat template supports it.")
 
+    @property
+    def eval_fraction(self) -> float | None:
+        """``eval`` as a fraction of the training rows to hold out; None when it names a source (or is unset)."""
+        try:
+            return float(self.eval)
+        except (TypeError, ValueError):
+            return None
+
 
 @dataclass
 class SimPOConfig:
@@ -321,7 +329,7 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"data.max_prompt_length = {d.max_prompt_length} must be < data.max_length = {d.max_length}, or responses get no tokens: lower it or raise max_length")
     if d.max_rows is not None and d.max_rows <= 0:
         p.append(f"data.max_rows = {d.max_rows} must be > 0, or null for all rows")
-    if d.eval is not None and _as_fraction(d.eval) is not None and not 0 < _as_fraction(d.eval) < 1:
+    if d.eval_fraction is not None and not 0 < d.eval_fraction < 1:
         p.append(f"data.eval = {d.eval!r} as a fraction must be in (0, 1)")
     if t.learning_rate <= 0:
         p.append(f"train.learning_rate = {t.learning_rate} must be > 0 (LoRA SimPO: 1e-6 to 1e-4)")
@@ -351,13 +359,6 @@ def validate(cfg: Config) -> list[str]:
     if t.save_total_limit is not None and t.save_total_limit <= 0:
         p.append(f"train.save_total_limit = {t.save_total_limit} must be >= 1, or null to keep all")
     return p
-
-
-def _as_fraction(value: str) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

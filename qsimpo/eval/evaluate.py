@@ -94,10 +94,9 @@ def resolve_data(data: str | None, cfg, adapter: str) -> tuple[str, str | float]
         if held is None:
             raise EvalError(f"--data is required: {adapter} has no config.yaml with data.eval; pass held-out pairs, e.g. "
                             "--data heldout.jsonl (a JSONL/JSON/parquet file, a datasets folder or a Hub dataset id)")
-        try:
-            return "fraction", float(held)
-        except ValueError:
-            data, label = held, f"data.eval in {adapter}/config.yaml"
+        if cfg.data.eval_fraction is not None:
+            return "fraction", cfg.data.eval_fraction
+        data, label = held, f"data.eval in {adapter}/config.yaml"
     if looks_local(data) and not Path(data).expanduser().exists():
         raise EvalError(f"{label} = {data}: no such file or folder; pass held-out pairs with --data: a JSONL/JSON/parquet "
                         "file, a datasets folder or a Hub dataset id")

@@ -9,7 +9,20 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+
+from qsimpo.errors import OutputExists
+
+
+def fresh_output(out: str | Path, overwrite: bool) -> Path:
+    """``out`` as a Path, emptied for a new run when ``overwrite``; an existing one is refused otherwise."""
+    out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise OutputExists(f"{out} exists: pass --overwrite to rebuild it, or choose another --out")
+        shutil.rmtree(out)
+    return out
 
 
 def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = False, tiny: bool = False,

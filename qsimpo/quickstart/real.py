@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
-from qsimpo.errors import OutputExists
+from qsimpo.quickstart import fresh_output
 
 HERE = Path(__file__).parent
 PAIRS = HERE / "data" / "pairs.jsonl"
@@ -63,11 +62,7 @@ def run(out: str | Path = "adapters/quickstart", overwrite: bool = False, max_st
     from qsimpo.realmodel import smollm2_path
     from qsimpo.train.recipe import train
 
-    out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise OutputExists(f"{out} exists: pass --overwrite to rebuild it, or choose another --out")
-        shutil.rmtree(out)
+    out = fresh_output(out, overwrite)
     t0 = time.perf_counter()
     print("[1/4] SmolLM2-135M-Instruct (the SFT model): fetched once, then read from the cache")
     base = smollm2_path(source)

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from qsimpo.errors import OutputExists
+from qsimpo.quickstart import fresh_output
 
 TOPICS = [
     "cats", "rivers", "bread", "music", "trains", "gardens", "clocks", "mountains", "bees", "libraries",
@@ -140,11 +139,7 @@ def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = Fa
     from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
     from qsimpo.train.recipe import train
 
-    out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise OutputExists(f"{out} exists: pass --overwrite to rebuild it, or choose another --out")
-        shutil.rmtree(out)
+    out = fresh_output(out, overwrite)
     t0 = time.perf_counter()
     train_topics, held_topics = TOPICS[:-HELDOUT_TOPICS], TOPICS[-HELDOUT_TOPICS:]
     train_rows = make_pairs(train_topics, 1200, seed)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from qsimpo.run_dir import CHECKPOINT_MARKER, is_complete  # noqa: F401  (re-exported for the recipe)
+from qsimpo.run_dir import CHECKPOINT_MARKER, is_complete
 
 from qsimpo.train.trainer import NON_FINITE_CAUSES, NonFiniteError
 

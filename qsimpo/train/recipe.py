@@ -11,7 +11,6 @@ with 130, printing the command that resumes (``--train.resume_from auto``); a se
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -22,9 +21,9 @@ from pathlib import Path
 import torch
 
 from qsimpo import __version__
-from qsimpo.run_dir import CONFIG, META, METRICS, has_adapter, write_json
-from qsimpo.train.callbacks import (CHECKPOINT_MARKER, CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain,
-                        ProgressBar, SkipFinishedRun, StopOnSignal, checkpoints, is_complete, last_complete_checkpoint)
+from qsimpo.run_dir import CHECKPOINT_MARKER, CONFIG, META, METRICS, has_adapter, is_complete, write_json
+from qsimpo.train.callbacks import (CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain, ProgressBar,
+                                    SkipFinishedRun, StopOnSignal, checkpoints, last_complete_checkpoint)
 from qsimpo.config import Config, ConfigError, dump_yaml
 from qsimpo.data import read_source, split_eval, tokenize_source
 from qsimpo.errors import InputNotFound, Interrupted, OutputExists
@@ -135,16 +134,9 @@ def read_sources(cfg: Config) -> dict:
     Runs before the tokenizer and the model load, so bad data stops a run in seconds.
     """
     sources = {"train": read_source(cfg.data)}
-    if cfg.data.eval is not None and _as_fraction(cfg.data.eval) is None:
+    if cfg.data.eval is not None and cfg.data.eval_fraction is None:
         sources["eval"] = read_source(cfg.data, path=cfg.data.eval)
     return sources
-
-
-def _as_fraction(value: str) -> float | None:
-    try:
-        return float(value)
-    except ValueError:
-        return None
 
 
 def load_pairs(cfg: Config, tokenizer, sources: dict | None = None):
@@ -157,7 +149,7 @@ def load_pairs(cfg: Config, tokenizer, sources: dict | None = None):
         eval_pairs, eval_summary = tokenize_source(cfg.data, sources["eval"], tokenizer)
         summaries["eval"] = eval_summary.to_dict()
     elif cfg.data.eval is not None:
-        pairs, eval_pairs = split_eval(pairs, _as_fraction(cfg.data.eval), cfg.train.seed)
+        pairs, eval_pairs = split_eval(pairs, cfg.data.eval_fraction, cfg.train.seed)
     if is_main_process():
         print(summary.report())
         if "eval" in summaries:
