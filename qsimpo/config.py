@@ -1,8 +1,10 @@
 """The ``qsimpo train`` configuration: schema, field docs, YAML + CLI overrides, validation.
 
-One dataclass per YAML section. Each field's ``doc`` metadata is its one-line description,
-shown by ``qsimpo train --help``. ``load_config`` collects every problem (unknown key, wrong
-type, impossible value) and raises them together in one ``ConfigError``.
+One pydantic dataclass per YAML section. Each field carries its type, its bounds (``gt``, ``ge``,
+``lt``) and its one-line ``description``, shown by ``qsimpo train --help`` and docs/config.md.
+pydantic checks types, choices, bounds and unknown keys; ``validate`` adds the checks that involve
+several fields. ``load_config`` collects every problem and raises them together in one
+``ConfigError``, each naming the key, the value and the fix.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import annotated_types
 import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 from qsimpo.errors import UsageError
 
@@ -29,43 +33,49 @@ class ConfigError(UsageError):
         super().__init__("\n".join([head] + [f"  - {p}" for p in problems]))
 
 
-def _f(default: Any, doc: str, **kw):
+# Unknown keys are errors; numbers given where text is expected become text (--model.revision 20240101).
+SECTION = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+def _f(default: Any, doc: str, hint: str | None = None, **bounds):
+    """A field: its default, its one-line doc, bounds (gt/ge/lt) and a hint that follows a bound's error."""
+    extra = {"hint": hint} if hint else None
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **kw})
-    return field(default=default, metadata={"doc": doc, **kw})
+        return Field(default_factory=lambda d=default: type(d)(d), description=doc, json_schema_extra=extra, **bounds)
+    return Field(default, description=doc, json_schema_extra=extra, **bounds)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class ModelConfig:
     name_or_path: str = _f("", "Hub id or local folder of the base (SFT) model, or a .gguf file (converted once into a cached transformers folder).")
     gguf_file: str | None = _f(None, "Name of the .gguf file inside the folder or Hub repo name_or_path (None: name_or_path is itself the model or the .gguf file).")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
-    quantization: str = _f("nf4", "Base weights: nf4 (4-bit NormalFloat, double quant), int8, or none.", choices=("nf4", "int8", "none"))
-    compute_dtype: str = _f("auto", "Compute dtype: auto (bf16 where supported, else fp32 on CPU / fp16 on GPU), bfloat16, float16, float32.", choices=("auto", "bfloat16", "float16", "float32"))
+    quantization: Literal["nf4", "int8", "none"] = _f("nf4", "Base weights: nf4 (4-bit NormalFloat, double quant), int8, or none.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f("auto", "Compute dtype: auto (bf16 where supported, else fp32 on CPU / fp16 on GPU), bfloat16, float16, float32.")
     attn_implementation: str = _f("sdpa", "Attention kernel passed to from_pretrained: sdpa, eager, flex_attention (CUDA training: block-sparse mask, pairs packed with no padding), flash_attention_2 (needs train.packing none).")
     trust_remote_code: bool = _f(False, "Run custom modelling code shipped with the model (off: only trusted code).")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class LoraConfig:
-    r: int = _f(16, "LoRA rank.")
-    alpha: float = _f(32, "LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    r: int = _f(16, "LoRA rank.", "8 to 64 is typical", gt=0)
+    alpha: float = _f(32, "LoRA scaling numerator (scale = alpha / r).", "often 2 × r", gt=0)
+    dropout: float = _f(0.05, "Dropout on the LoRA input.", ge=0, lt=1)
     target_modules: list[str] | str = _f("all-linear", "Modules to adapt: 'all-linear' (every linear layer but the output head) or a list of names.")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class DataConfig:
     path: str = _f("", "Training data: a JSONL/JSON/parquet file, a folder saved by datasets, or a Hub dataset id.")
     split: str = _f("train", "Split to read when `path` is a Hub dataset or a DatasetDict folder.")
     subset: str | None = _f(None, "Configuration (subset) name of a Hub dataset with several, as datasets.load_dataset's `name`.")
     data_dir: str | None = _f(None, "Folder inside a Hub dataset repo to read, e.g. harmless-base for Anthropic/hh-rlhf.")
-    format: str = _f("auto", "Row format: auto (detected), explicit (prompt/chosen/rejected strings), conversational (message lists), implicit (full transcripts, HH-RLHF).", choices=("auto", "explicit", "conversational", "implicit"))
-    max_length: int = _f(1024, "Max tokens of prompt + response; longer pairs are truncated (prompt first, from the left).")
-    max_prompt_length: int | None = _f(None, "Max prompt tokens kept when a pair must be truncated (must be < max_length; None: max_length // 2).")
-    max_rows: int | None = _f(None, "Read at most this many rows (None: all).")
-    on_bad_row: str = _f("error", "What a malformed row does: error (stop, naming file and row) or skip (count and report).", choices=("error", "skip"))
-    eval: str | None = _f(None, "Held-out pairs for in-training evaluation: a path like `path`, or a fraction like '0.05' of the training rows.")
+    format: Literal["auto", "explicit", "conversational", "implicit"] = _f("auto", "Row format: auto (detected), explicit (prompt/chosen/rejected strings), conversational (message lists), implicit (full transcripts, HH-RLHF).")
+    max_length: int = _f(1024, "Max tokens of prompt + response; longer pairs are truncated (prompt first, from the left).", gt=1)
+    max_prompt_length: int | None = _f(None, "Max prompt tokens kept when a pair must be truncated (must be < max_length; None: max_length // 2).", gt=0)
+    max_rows: int | None = _f(None, "Read at most this many rows (None: all).", "or null for all rows", gt=0)
+    on_bad_row: Literal["error", "skip"] = _f("error", "What a malformed row does: error (stop, naming file and row) or skip (count and report).")
+    eval: str | None = _f(None, "Held-out pairs for in-training evaluation: a path like `path`, or a fraction like 0.05 of the training rows.")
     system_prompt: str | None = _f(None, "System message prepended to conversational/explicit prompts when the chat template supports it.")
 
     @property
@@ -77,14 +87,14 @@ class DataConfig:
             return None
 
 
-@dataclass
+@dataclass(config=SECTION)
 class SimPOConfig:
-    beta: float = _f(2.0, "β: reward scale applied to the length-normalized log-likelihood.")
-    gamma: float | None = _f(None, "γ: absolute target reward margin (TRL's `simpo_gamma`). Give this or gamma_beta_ratio, not both.")
-    gamma_beta_ratio: float | None = _f(None, "γ/β as in the paper's configs (γ = ratio × β). Default 0.5 when neither is given.")
-    label_smoothing: float = _f(0.0, "Conservative smoothing ε in [0, 0.5): mixes in ε of the flipped-preference loss (off by default).")
-    loss_type: str = _f("sigmoid", "sigmoid (the paper's SimPO) or hinge (max(0, 1 - β·Δ + γ)).", choices=("sigmoid", "hinge"))
-    sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen response (CPO-SimPO); 0 is pure SimPO.")
+    beta: float = _f(2.0, "β: reward scale applied to the length-normalized log-likelihood.", "the paper uses 2.0 to 10", gt=0)
+    gamma: float | None = _f(None, "γ: absolute target reward margin (TRL's `simpo_gamma`). Give this or gamma_beta_ratio, not both.", "a target margin", ge=0)
+    gamma_beta_ratio: float | None = _f(None, "γ/β as in the paper's configs (γ = ratio × β). Default 0.5 when neither is given.", ge=0)
+    label_smoothing: float = _f(0.0, "Conservative smoothing ε in [0, 0.5): mixes in ε of the flipped-preference loss (off by default).", ge=0, lt=0.5)
+    loss_type: Literal["sigmoid", "hinge"] = _f("sigmoid", "sigmoid (the paper's SimPO) or hinge (max(0, 1 - β·Δ + γ)).")
+    sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen response (CPO-SimPO); 0 is pure SimPO.", "0 disables the NLL term", ge=0)
 
     @property
     def resolved_gamma(self) -> float:
@@ -95,28 +105,28 @@ class SimPOConfig:
         return float(ratio) * float(self.beta)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class TrainConfig:
     output_dir: str = _f("adapters/run", "Where the adapter, checkpoints, metrics.jsonl and qsimpo.json are written.")
-    learning_rate: float = _f(1e-5, "Peak learning rate of the LoRA weights.")
+    learning_rate: float = _f(1e-5, "Peak learning rate of the LoRA weights.", "LoRA SimPO: 1e-6 to 1e-4", gt=0)
     num_epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0).")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use num_epochs).")
-    batch_size: int = _f(2, "Preference pairs per device per micro-batch.")
-    gradient_accumulation_steps: int = _f(8, "Micro-batches per optimizer step.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use num_epochs).", "or -1 to use num_epochs", ge=-1)
+    batch_size: int = _f(2, "Preference pairs per device per micro-batch.", ge=1)
+    gradient_accumulation_steps: int = _f(8, "Micro-batches per optimizer step.", ge=1)
     lr_scheduler: str = _f("cosine", "Learning-rate schedule (any transformers SchedulerType: cosine, linear, constant, ...).")
-    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up from 0.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up from 0.", ge=0, lt=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", gt=0)
     optim: str = _f("adamw_torch", "Optimizer name understood by transformers (adamw_torch, paged_adamw_8bit, ...).")
     gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory.")
-    packing: str = _f("shared_prompt", "Batch layout: shared_prompt (prompt once, then chosen, then rejected, in one row) or none (separate chosen/rejected rows).", choices=("shared_prompt", "none"))
-    head_chunk_size: int | None = _f(None, "Apply the output head only at response positions, this many at a time, recomputed in backward (null: sized by the vocabulary so the fp32 block stays within 256 MiB; 0: full logits).")
+    packing: Literal["shared_prompt", "none"] = _f("shared_prompt", "Batch layout: shared_prompt (prompt once, then chosen, then rejected, in one row) or none (separate chosen/rejected rows).")
+    head_chunk_size: int | None = _f(None, "Apply the output head only at response positions, this many at a time, recomputed in backward (null: sized by the vocabulary so the fp32 block stays within 256 MiB; 0: full logits).", "0 computes full logits", ge=0)
     group_by_length: bool = _f(True, "Batch pairs of similar length together so little compute goes to padding.")
     fsdp: bool = _f(False, "Shard the base and LoRA weights, gradients and optimizer state across processes with FSDP2 (full shard; launch with torchrun or accelerate launch).")
-    logging_steps: int = _f(1, "Log metrics every N optimizer steps.")
-    save_steps: int = _f(100, "Save a resumable checkpoint every N optimizer steps.")
-    save_total_limit: int | None = _f(2, "Keep at most this many checkpoints (None: all).")
-    eval_every: int = _f(0, "Evaluate reward accuracy on data.eval every N steps (0: only at the end, if data.eval is set).")
+    logging_steps: int = _f(1, "Log metrics every N optimizer steps.", ge=1)
+    save_steps: int = _f(100, "Save a resumable checkpoint every N optimizer steps.", ge=1)
+    save_total_limit: int | None = _f(2, "Keep at most this many checkpoints (None: all).", "or null to keep all", ge=1)
+    eval_every: int = _f(0, "Evaluate reward accuracy on data.eval every N steps (0: only at the end, if data.eval is set).", ge=0)
     resume_from: str | None = _f(None, "Resume from a checkpoint: 'auto' (latest in output_dir) or a checkpoint folder.")
     seed: int = _f(42, "Random seed for LoRA init, shuffling and dropout.")
     report_to: list[str] | str = _f("none", "Loggers besides metrics.jsonl: none, tensorboard, wandb, or a list.")
@@ -124,82 +134,72 @@ class TrainConfig:
     progress: bool = _f(True, "Show a progress bar with loss, reward accuracy and throughput.")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    simpo: SimPOConfig = field(default_factory=SimPOConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    simpo: SimPOConfig = Field(default_factory=SimPOConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "simpo": SimPOConfig, "train": TrainConfig}
+_CONFIG = TypeAdapter(Config)
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+_BOUND_TYPES = {annotated_types.Gt: (">", "gt"), annotated_types.Ge: (">=", "ge"), annotated_types.Lt: ("<", "lt"),
+                annotated_types.Le: ("<=", "le")}
 
 
 def field_docs() -> list[tuple[str, str, Any, str]]:
-    """(dotted name, type name, default, doc) for every field, in schema order."""
+    """(dotted name, type name with its bounds, default, doc) for every field, in schema order."""
     out = []
     for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append((f"{section}.{f.name}", _type_name(_hints(cls)[f.name]), default, f.metadata["doc"]))
+        for name, info in cls.__pydantic_fields__.items():
+            out.append((f"{section}.{name}", _type_name(info.annotation) + _bounds(info), info.get_default(call_default_factory=True),
+                        info.description))
     return out
 
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+def _bounds(info) -> str:
+    marks = [f"{op} {getattr(m, attr)}" for m in info.metadata for cls, (op, attr) in _BOUND_TYPES.items() if isinstance(m, cls)]
+    return f", {', '.join(marks)}" if marks else ""
 
 
 def _type_name(tp) -> str:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in args)
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(map(str, args))
     if typing.get_origin(tp) is list:
         return f"list[{_type_name(args[0])}]"
     return "null" if tp is type(None) else tp.__name__
 
 
-def _coerce(value: Any, tp) -> tuple[bool, Any]:
-    """Return (ok, value converted to ``tp``). Strings from the command line are parsed as YAML scalars."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return True, None
-        for a in args:
-            if a is type(None):
-                continue
-            ok, v = _coerce(value, a)
-            if ok:
-                return True, v
-        return False, value
-    if origin is list:
-        if isinstance(value, str):
-            return False, value
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        conv = [_coerce(v, args[0]) for v in value]
-        return all(ok for ok, _ in conv), [v for _, v in conv]
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return (isinstance(value, int) and not isinstance(value, bool)), value
-    if tp is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    return False, value
+def _problem(loc: tuple, errors: list[dict]) -> str:
+    """One line for everything pydantic found wrong at ``loc`` (a section, or a section's key)."""
+    first = errors[0]
+    if len(loc) == 1:
+        if first["type"] == "unexpected_keyword_argument":
+            return f"unknown section {loc[0]!r}: valid sections are {', '.join(SECTIONS)}"
+        return f"section {loc[0]!r} must be a mapping of key: value, got {first['input']!r}"
+    section, key = loc
+    fields = SECTIONS[section].__pydantic_fields__
+    if first["type"] == "unexpected_keyword_argument":
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+        return f"unknown key {section}.{key}{hint}; valid keys: {', '.join(fields)}"
+    info, value = fields[key], first["input"]
+    if len(errors) == 1 and first["type"] in _BOUNDS:
+        bound = f"{next(iter(first['ctx'].values())):g}"
+        hint = (info.json_schema_extra or {}).get("hint")
+        return f"{section}.{key} = {value!r} must be {_BOUNDS[first['type']]} {bound}" + (f" ({hint})" if hint else "")
+    if len(errors) == 1 and first["type"] == "literal_error":
+        return f"{section}.{key} = {value!r} is not one of {', '.join(map(str, typing.get_args(info.annotation)))}"
+    return f"{section}.{key} = {value!r} has the wrong type: expected {_type_name(info.annotation)}"
 
 
 def parse_overrides(args: list[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
@@ -241,38 +241,29 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def build(raw: dict, source: str | None = None) -> Config:
-    """Turn a nested dict into a validated Config; raise ConfigError listing every problem."""
-    problems: list[str] = []
+    """Turn a nested dict into a validated Config; raise ConfigError listing every problem.
+
+    pydantic judges every key at once; the keys it rejects are dropped and the rest validated
+    again, so the checks across fields (``validate``) still run and report in the same error.
+    """
     if not isinstance(raw, dict):
         raise ConfigError([f"the top level must be a mapping with sections {', '.join(SECTIONS)}, got {type(raw).__name__}"], source)
-    sections = {}
-    for section, values in raw.items():
-        if section not in SECTIONS:
-            problems.append(f"unknown section {section!r}: valid sections are {', '.join(SECTIONS)}")
-            continue
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            problems.append(f"section {section!r} must be a mapping of key: value, got {values!r}")
-            continue
-        cls = SECTIONS[section]
-        hints = _hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        kwargs = {}
-        for key, value in values.items():
-            if key not in hints:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f" (did you mean {section}.{close[0]}?)" if close else ""
-                problems.append(f"unknown key {section}.{key}{hint}; valid keys: {', '.join(names)}")
-                continue
-            ok, conv = _coerce(value, hints[key])
-            if not ok:
-                problems.append(f"{section}.{key} = {value!r} has the wrong type: expected {_type_name(hints[key])}")
-                continue
-            kwargs[key] = conv
-        sections[section] = cls(**kwargs)
-    cfg = Config(**sections)
-    problems += validate(cfg)
+    raw = {section: {} if values is None else values for section, values in raw.items()}
+    try:
+        return _checked(_CONFIG.validate_python(raw), [], source)
+    except ValidationError as e:
+        found: dict[tuple, list[dict]] = {}
+        for err in e.errors():
+            found.setdefault(tuple(err["loc"][:2]), []).append(err)
+    problems = [_problem(loc, errors) for loc, errors in found.items()]
+    kept = {section: dict(values) for section, values in raw.items() if (section,) not in found}
+    for section, key in (loc for loc in found if len(loc) == 2):
+        kept[section].pop(key, None)
+    return _checked(_CONFIG.validate_python(kept), problems, source)
+
+
+def _checked(cfg: Config, problems: list[str], source: str | None) -> Config:
+    problems = problems + validate(cfg)
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -282,16 +273,9 @@ PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")  # the kernels that take 
 
 
 def validate(cfg: Config) -> list[str]:
-    """Value checks that types alone cannot express; each message names key, value and fix."""
+    """The checks that involve several fields (or none fits a bound); each message names key, value and fix."""
     p: list[str] = []
-    for section, cls in SECTIONS.items():
-        obj = getattr(cfg, section)
-        for f in dataclasses.fields(cls):
-            choices = f.metadata.get("choices")
-            v = getattr(obj, f.name)
-            if choices and v not in choices:
-                p.append(f"{section}.{f.name} = {v!r} is not one of {', '.join(choices)}")
-    m, l, d, s, t = cfg.model, cfg.lora, cfg.data, cfg.simpo, cfg.train
+    m, d, s, t = cfg.model, cfg.data, cfg.simpo, cfg.train
     if not m.name_or_path:
         p.append("model.name_or_path is empty: set it to a Hub id (e.g. meta-llama/Meta-Llama-3-8B-Instruct) or a local model folder")
     if m.gguf_file is not None and (not m.gguf_file.lower().endswith(".gguf") or m.name_or_path.lower().endswith(".gguf")):
@@ -299,65 +283,23 @@ def validate(cfg: Config) -> list[str]:
                  "give a file name ending in .gguf, or leave gguf_file unset and point name_or_path at the .gguf file itself")
     if not d.path:
         p.append("data.path is empty: set it to a JSONL/JSON/parquet file, a datasets folder or a Hub dataset id")
-    if s.beta <= 0:
-        p.append(f"simpo.beta = {s.beta} must be > 0 (the paper uses 2.0 to 10)")
     if s.gamma is not None and s.gamma_beta_ratio is not None:
         p.append(f"simpo.gamma = {s.gamma} and simpo.gamma_beta_ratio = {s.gamma_beta_ratio} are both set: choose one (gamma = gamma_beta_ratio × beta)")
-    if s.gamma is not None and s.gamma < 0:
-        p.append(f"simpo.gamma = {s.gamma} must be >= 0 (a target margin)")
-    if s.gamma_beta_ratio is not None and s.gamma_beta_ratio < 0:
-        p.append(f"simpo.gamma_beta_ratio = {s.gamma_beta_ratio} must be >= 0")
-    if not 0 <= s.label_smoothing < 0.5:
-        p.append(f"simpo.label_smoothing = {s.label_smoothing} must be in [0, 0.5)")
-    if s.sft_weight < 0:
-        p.append(f"simpo.sft_weight = {s.sft_weight} must be >= 0 (0 disables the NLL term)")
     if s.loss_type == "hinge" and s.label_smoothing:
         p.append("simpo.label_smoothing applies to the sigmoid loss only: set it to 0 with loss_type hinge")
-    if l.r <= 0:
-        p.append(f"lora.r = {l.r} must be a positive integer (8 to 64 is typical)")
-    if l.alpha <= 0:
-        p.append(f"lora.alpha = {l.alpha} must be > 0 (often 2 × r)")
-    if not 0 <= l.dropout < 1:
-        p.append(f"lora.dropout = {l.dropout} must be in [0, 1)")
-    if d.max_length <= 1:
-        p.append(f"data.max_length = {d.max_length} must be > 1")
     if d.max_prompt_length is None:
         d.max_prompt_length = d.max_length // 2
-    if d.max_prompt_length <= 0:
-        p.append(f"data.max_prompt_length = {d.max_prompt_length} must be > 0")
-    elif d.max_prompt_length >= d.max_length:
+    if d.max_prompt_length >= d.max_length:
         p.append(f"data.max_prompt_length = {d.max_prompt_length} must be < data.max_length = {d.max_length}, or responses get no tokens: lower it or raise max_length")
-    if d.max_rows is not None and d.max_rows <= 0:
-        p.append(f"data.max_rows = {d.max_rows} must be > 0, or null for all rows")
     if d.eval_fraction is not None and not 0 < d.eval_fraction < 1:
         p.append(f"data.eval = {d.eval!r} as a fraction must be in (0, 1)")
-    if t.learning_rate <= 0:
-        p.append(f"train.learning_rate = {t.learning_rate} must be > 0 (LoRA SimPO: 1e-6 to 1e-4)")
-    if t.batch_size <= 0:
-        p.append(f"train.batch_size = {t.batch_size} must be >= 1")
-    if t.gradient_accumulation_steps <= 0:
-        p.append(f"train.gradient_accumulation_steps = {t.gradient_accumulation_steps} must be >= 1")
-    if t.max_steps == 0 or t.max_steps < -1:
-        p.append(f"train.max_steps = {t.max_steps} must be > 0, or -1 to use num_epochs")
+    if t.max_steps == 0:
+        p.append("train.max_steps = 0 must be > 0, or -1 to use num_epochs")
     if t.max_steps == -1 and t.num_epochs <= 0:
         p.append(f"train.num_epochs = {t.num_epochs} must be > 0 (or set train.max_steps)")
-    if not 0 <= t.warmup_ratio < 1:
-        p.append(f"train.warmup_ratio = {t.warmup_ratio} must be in [0, 1)")
-    if t.max_grad_norm <= 0:
-        p.append(f"train.max_grad_norm = {t.max_grad_norm} must be > 0")
-    if t.logging_steps <= 0:
-        p.append(f"train.logging_steps = {t.logging_steps} must be >= 1")
-    if t.save_steps <= 0:
-        p.append(f"train.save_steps = {t.save_steps} must be >= 1")
     if t.packing == "shared_prompt" and m.attn_implementation not in PACKED_ATTENTION:
         p.append(f"model.attn_implementation = {m.attn_implementation!r} cannot take the shared-prompt mask (rejected tokens "
                  f"must not see chosen ones): use one of {', '.join(PACKED_ATTENTION)}, or set train.packing none")
-    if t.head_chunk_size is not None and t.head_chunk_size < 0:
-        p.append(f"train.head_chunk_size = {t.head_chunk_size} must be >= 0 (0 computes full logits)")
-    if t.eval_every < 0:
-        p.append(f"train.eval_every = {t.eval_every} must be >= 0")
-    if t.save_total_limit is not None and t.save_total_limit <= 0:
-        p.append(f"train.save_total_limit = {t.save_total_limit} must be >= 1, or null to keep all")
     return p
 
 

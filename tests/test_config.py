@@ -46,6 +46,24 @@ def test_overrides_are_typed():
     assert cfg.train.gradient_checkpointing is False and cfg.simpo.gamma == 1.0
 
 
+def test_values_are_read_as_their_fields_type():
+    cfg = build({"model": {"name_or_path": "m", "revision": 20240101}, "data": {"path": "d", "eval": 0.05, "max_length": "256"},
+                 "lora": {"alpha": 16}, "train": {"learning_rate": "1e-5"}})  # YAML reads 1e-5 (no dot) as text
+    assert cfg.model.revision == "20240101" and cfg.data.eval_fraction == 0.05 and cfg.data.max_length == 256
+    assert cfg.lora.alpha == 16.0 and isinstance(cfg.lora.alpha, float) and cfg.train.learning_rate == 1e-5
+    with pytest.raises(ConfigError) as e:
+        build({"model": {"name_or_path": "m"}, "data": {"path": "d"}, "lora": {"r": 4.5, "target_modules": {"q": 1}},
+               "train": {"max_steps": 0, "save_total_limit": 0}, "simpo": {"label_smoothing": 0.5}, "model ": 3})
+    assert e.value.problems == [
+        "lora.r = 4.5 has the wrong type: expected int",
+        "lora.target_modules = {'q': 1} has the wrong type: expected list[str] | str",
+        "simpo.label_smoothing = 0.5 must be < 0.5",
+        "train.save_total_limit = 0 must be >= 1 (or null to keep all)",
+        "unknown section 'model ': valid sections are model, lora, data, simpo, train",
+        "train.max_steps = 0 must be > 0, or -1 to use num_epochs",
+    ]
+
+
 def test_gamma_conversion():
     assert build({"model": {"name_or_path": "m"}, "data": {"path": "d"}}).simpo.resolved_gamma == 1.0  # default ratio 0.5 × β 2
     assert build({"model": {"name_or_path": "m"}, "data": {"path": "d"}, "simpo": {"beta": 10, "gamma_beta_ratio": 0.3}}).simpo.resolved_gamma == pytest.approx(3.0)
@@ -66,9 +84,9 @@ def test_all_problems_reported_at_once():
     for needle in [
         "unknown key model.quantisation (did you mean model.quantization?)",
         "data.max_prompt_length = 128 must be < data.max_length = 128",
-        "simpo.beta = 0.0 must be > 0",
+        "simpo.beta = 0 must be > 0 (the paper uses 2.0 to 10)",
         "both set: choose one",
-        "train.learning_rate = -1.0 must be > 0",
+        "train.learning_rate = -1 must be > 0",
         "train.batch_size = 'two' has the wrong type: expected int",
         "unknown section 'optimizer'",
         "x.yaml",
@@ -78,10 +96,10 @@ def test_all_problems_reported_at_once():
 
 
 @pytest.mark.parametrize("override, needle", [
-    (["--simpo.gamma", "-1"], "simpo.gamma = -1.0 must be >= 0"),
+    (["--simpo.gamma", "-1"], "simpo.gamma = -1 must be >= 0 (a target margin)"),
     (["--model.quantization", "nf3"], "model.quantization = 'nf3' is not one of nf4, int8, none"),
     (["--data.on_bad_row", "ignore"], "data.on_bad_row = 'ignore' is not one of error, skip"),
-    (["--lora.r", "0"], "lora.r = 0 must be a positive integer"),
+    (["--lora.r", "0"], "lora.r = 0 must be > 0 (8 to 64 is typical)"),
     (["--data.max_length"], "--data.max_length needs a value"),
     (["oops"], "unexpected argument 'oops'"),
 ])
@@ -96,6 +114,7 @@ def test_help_shows_every_field(capsys):
     out = capsys.readouterr().out
     for name, _, _, doc in field_docs():
         assert f"--{name}" in out and doc[:40] in out
+    assert "--lora.dropout (float, >= 0, < 1, default 0.05)" in out  # bounds come from the schema
 
 
 def test_missing_config_file():
