@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import traceback
@@ -50,33 +51,42 @@ def cmd_inspect_data(argv: list[str]) -> int:
     return 0
 
 
+class _Command:
+    """A command's parser built against the function it calls: each argument is one of its parameters.
+
+    Defaults live in the function's signature only: help shows them from there, an option left
+    out is not passed, and the function is called by keyword (``run``).
+    """
+
+    def __init__(self, prog: str, description: str, fn):
+        self.fn, self.params = fn, inspect.signature(fn).parameters
+        self.parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+
+    def arg(self, *flags: str, help: str, **kw) -> None:
+        action = self.parser.add_argument(*flags, help=help, **kw)
+        default = self.params[action.dest].default  # a flag naming no parameter fails here, at once
+        if action.option_strings and action.nargs != 0 and default not in (None, inspect.Parameter.empty):
+            action.help += f" (default: {default})"
+
+    def run(self, argv: list[str]):
+        return self.fn(**vars(self.parser.parse_args(argv)))
+
+
 def cmd_quickstart(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="qsimpo quickstart", description="SimPO on SmolLM2-135M-Instruct's NF4 base with "
-                                "the preference pairs shipped in the package: held-out reward accuracy and greedy "
-                                "answers before and after (offline after the first fetch, CPU, a few minutes).")
-    p.add_argument("--out", default="adapters/quickstart", help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing quickstart output")
-    p.add_argument("--tiny", action="store_true", help="a tiny model built on the spot instead (seconds; no download)")
-    p.add_argument("--max-steps", type=int, help="train this many optimizer steps instead of the config's")
-    args = p.parse_args(argv)
     from qsimpo.quickstart import run_quickstart
 
-    run_quickstart(args.out, overwrite=args.overwrite, tiny=args.tiny, max_steps=args.max_steps)
+    c = _Command("qsimpo quickstart", "SimPO on SmolLM2-135M-Instruct's NF4 base with the preference pairs shipped in "
+                 "the package: held-out reward accuracy and greedy answers before and after (offline after the first "
+                 "fetch, CPU, a few minutes).", run_quickstart)
+    c.arg("--out", help="output folder")
+    c.arg("--overwrite", action="store_true", help="replace an existing quickstart output")
+    c.arg("--tiny", action="store_true", help="a tiny model built on the spot instead (seconds; no download)")
+    c.arg("--max-steps", type=int, help="train this many optimizer steps instead of the config's")
+    c.run(argv)
     return 0
 
 
 def cmd_demo(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="qsimpo demo", description="Chat with the SFT model (adapter off) and the aligned model "
-                                "(adapter on) side by side, one base in memory; votes are saved as training pairs.")
-    p.add_argument("--adapter", help="adapter folder or Hub id (default: the quickstart's adapters/quickstart/adapter)")
-    p.add_argument("--base", help="base model Hub id or folder (default: the one the adapter's qsimpo.json records)")
-    p.add_argument("--compare-adapter", help="a second adapter (folder or Hub id) for the left column instead of the SFT model")
-    p.add_argument("--votes", help="JSONL file votes are appended to (default: votes.jsonl beside a local adapter folder)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the demo to your network)")
-    p.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
-    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    p.add_argument("--trust-remote-code", action="store_true", help="run custom modelling code shipped with the base model")
-    args = p.parse_args(argv)
     try:
         from qsimpo.demo.app import launch_demo
     except ModuleNotFoundError as e:
@@ -84,92 +94,83 @@ def cmd_demo(argv: list[str]) -> int:
             raise
         print('error: the demo needs gradio: pip install "gradio>=6,<7"', file=sys.stderr)
         return 2
+    c = _Command("qsimpo demo", "Chat with the SFT model (adapter off) and the aligned model (adapter on) side by side, "
+                 "one base in memory; votes are saved as training pairs.", launch_demo)
+    c.arg("--adapter", help="adapter folder or Hub id (default: the quickstart's adapters/quickstart/adapter)")
+    c.arg("--base", help="base model Hub id or folder (default: the one the adapter's qsimpo.json records)")
+    c.arg("--compare-adapter", help="a second adapter (folder or Hub id) for the left column instead of the SFT model")
+    c.arg("--votes", help="JSONL file votes are appended to (default: votes.jsonl beside a local adapter folder)")
+    c.arg("--host", help="address to bind (0.0.0.0 exposes the demo to your network)")
+    c.arg("--port", type=int, help="port (default: the first free one from 7860)")
+    c.arg("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    c.arg("--trust-remote-code", action="store_true", help="run custom modelling code shipped with the base model")
     # a missing quickstart output or adapter, or a port in use, is a QsimpoError that main() prints
-    launch_demo(args.adapter, args.base, args.compare_adapter, args.votes, args.host, args.port, args.share,
-                args.trust_remote_code)
+    c.run(argv)
     return 0
 
 
 def cmd_merge(argv: list[str]) -> int:
-    from qsimpo.export.merge import BASE_WEIGHTS, DEFAULT_DTYPE, DEFAULT_MAX_KL, DEFAULT_MAX_RATIO, DTYPES
+    from qsimpo.export.merge import BASE_WEIGHTS, DTYPES, merge
 
-    p = argparse.ArgumentParser(prog="qsimpo merge", description="Merge an adapter into its base and save a standalone "
-                                "transformers model, verified against the adapter on its 4-bit base.")
-    p.add_argument("adapter", help="adapter folder (qsimpo train's output_dir) or Hub id")
-    p.add_argument("--out", required=True, help="folder to write the merged model to (must not exist)")
-    p.add_argument("--base-weights", choices=BASE_WEIGHTS, default="dequantized",
-                   help="merge into the dequantized NF4 weights the adapter was trained on (default) or the original weights")
-    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
-                   help="dtype of the saved weights (16-bit ones may round the adapter away; verify says)")
-    p.add_argument("--base", help="base model Hub id or folder (default: the one the adapter's qsimpo.json records)")
-    p.add_argument("--max-kl", type=float, default=DEFAULT_MAX_KL,
-                   help="fail when the mean KL (nats/token) to the adapter on its 4-bit base exceeds this")
-    p.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO,
-                   help="fail when that KL exceeds this fraction of the adapter's own effect (its KL, adapter on vs off)")
-    p.add_argument("--probes", type=int, default=8, help="probe sequences to verify on")
-    p.add_argument("--no-verify", action="store_true", help="skip the comparison with the adapter")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (larger models are split)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new merge passed)")
-    args = p.parse_args(argv)
-    from qsimpo.export.merge import merge
-
-    merge(args.adapter, args.out, args.base_weights, args.dtype, verify=not args.no_verify, max_kl=args.max_kl,
-          overwrite=args.overwrite, base=args.base, max_shard_size=args.max_shard_size, n_probes=args.probes,
-          max_ratio=args.max_ratio)
+    c = _Command("qsimpo merge", "Merge an adapter into its base and save a standalone transformers model, verified "
+                 "against the adapter on its 4-bit base.", merge)
+    c.arg("adapter", help="adapter folder (qsimpo train's output_dir) or Hub id")
+    c.arg("--out", required=True, help="folder to write the merged model to (must not exist)")
+    c.arg("--base-weights", choices=BASE_WEIGHTS,
+          help="merge into the dequantized NF4 weights the adapter was trained on, or the original weights")
+    c.arg("--dtype", choices=DTYPES, help="dtype of the saved weights (16-bit ones may round the adapter away; verify says)")
+    c.arg("--base", help="base model Hub id or folder (default: the one the adapter's qsimpo.json records)")
+    c.arg("--max-kl", type=float, help="fail when the mean KL (nats/token) to the adapter on its 4-bit base exceeds this")
+    c.arg("--max-ratio", type=float,
+          help="fail when that KL exceeds this fraction of the adapter's own effect (its KL, adapter on vs off)")
+    c.arg("--probes", dest="n_probes", type=int, help="probe sequences to verify on")
+    c.arg("--no-verify", dest="verify", action="store_false", help="skip the comparison with the adapter")
+    c.arg("--max-shard-size", help="largest safetensors shard (larger models are split)")
+    c.arg("--overwrite", action="store_true", help="replace --out if it exists (only once the new merge passed)")
+    c.run(argv)
     return 0
 
 
 def cmd_push(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="qsimpo push", description="Upload an adapter or merged folder to the Hugging Face "
-                                "Hub with a model card (only the model's files; never checkpoints, logs or tokens).")
-    p.add_argument("folder", help="adapter folder (qsimpo train) or merged folder (qsimpo merge)")
-    p.add_argument("--repo", required=True, help="Hub repo id, OWNER/NAME")
-    p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--dry-run", action="store_true", help="print the files that would go and the card; send nothing")
-    p.add_argument("--base-model", help="Hub id of the base model, required when qsimpo.json records a local path")
-    p.add_argument("--license", help="license for the card (default: the local base's card license, else 'other')")
-    p.add_argument("--dataset", action="append", default=[], help="Hub id of a training data set for the card (repeatable)")
-    p.add_argument("--include", action="append", default=[], help="also upload files matching this pattern (repeatable)")
-    args = p.parse_args(argv)
     from qsimpo.export.hub import push
 
-    push(args.folder, args.repo, args.base_model, args.private, args.dry_run, args.license, args.dataset, args.include)
+    c = _Command("qsimpo push", "Upload an adapter or merged folder to the Hugging Face Hub with a model card (only "
+                 "the model's files; never checkpoints, logs or tokens).", push)
+    c.arg("folder", help="adapter folder (qsimpo train) or merged folder (qsimpo merge)")
+    c.arg("--repo", dest="repo_id", required=True, help="Hub repo id, OWNER/NAME")
+    c.arg("--private", action="store_true", help="create the repo private")
+    c.arg("--dry-run", action="store_true", help="print the files that would go and the card; send nothing")
+    c.arg("--base-model", help="Hub id of the base model, required when qsimpo.json records a local path")
+    c.arg("--license", help="license for the card (default: the local base's card license, else 'other')")
+    c.arg("--dataset", dest="datasets", action="append", help="Hub id of a training data set for the card (repeatable)")
+    c.arg("--include", action="append", help="also upload files matching this pattern (repeatable)")
+    c.run(argv)
     return 0
 
 
 def cmd_eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="qsimpo eval", description="Held-out reward accuracy, margins and length diagnostics "
-                                "of the SFT model (adapter off) and the aligned model (adapter on); writes eval.json and report.html.")
-    p.add_argument("adapter", help="adapter folder (qsimpo train's output_dir) or Hub id")
-    p.add_argument("--data", help="held-out pairs: JSONL/JSON/parquet file, datasets folder or Hub dataset id "
-                   "(default: the run's data.eval from the adapter's config.yaml)")
-    p.add_argument("--split", help="split to read from a Hub dataset or DatasetDict folder (default: the run's data.split)")
-    p.add_argument("--max-rows", type=int, help="score at most this many pairs")
-    p.add_argument("--generate", type=int, default=0, metavar="N", help="also answer N held-out prompts with both models")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="longest generated answer, in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --generate (0: greedy)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling for --generate")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompt i is seed + i, the same for both models")
-    p.add_argument("--judge", metavar="MODEL_ID", help="sequence-classification reward model that scores both answers (needs --generate)")
-    p.add_argument("--base", help="base model Hub id or folder (default: the one the adapter's qsimpo.json records)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass when scoring")
-    p.add_argument("--beta", type=float, help="β for rewards and loss (default: the run's simpo.beta)")
-    p.add_argument("--gamma", type=float, help="γ for the loss (default: the run's resolved simpo γ)")
-    p.add_argument("--out", help="output folder (default: ADAPTER/eval for a local adapter)")
-    args = p.parse_args(argv)
-    from qsimpo.eval.evaluate import EvalError, evaluate
+    from qsimpo.eval.evaluate import evaluate
 
-    try:
-        evaluate(args.adapter, args.data, args.split, args.max_rows, args.generate, args.out, args.judge, args.base,
-                 args.batch_size, args.max_new_tokens, args.temperature, args.top_p, args.seed, args.beta, args.gamma)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as e:
-        if e.name not in ("matplotlib", "scipy"):
-            raise
-        print(f'error: qsimpo eval needs {e.name}: pip install -e .', file=sys.stderr)
-        return 2
+    c = _Command("qsimpo eval", "Held-out reward accuracy, margins and length diagnostics of the SFT model (adapter "
+                 "off) and the aligned model (adapter on); writes eval.json and report.html.", evaluate)
+    c.arg("adapter", help="adapter folder (qsimpo train's output_dir) or Hub id")
+    c.arg("--data", help="held-out pairs: JSONL/JSON/parquet file, datasets folder or Hub dataset id "
+          "(default: the run's data.eval from the adapter's config.yaml)")
+    c.arg("--split", help="split to read from a Hub dataset or DatasetDict folder (default: the run's data.split)")
+    c.arg("--max-rows", type=int, help="score at most this many pairs")
+    c.arg("--generate", type=int, metavar="N", help="also answer N held-out prompts with both models")
+    c.arg("--max-new-tokens", type=int, help="longest generated answer, in tokens")
+    c.arg("--temperature", type=float, help="sampling temperature for --generate (0: greedy)")
+    c.arg("--top-p", type=float, help="nucleus sampling for --generate")
+    c.arg("--seed", type=int, help="seed of prompt i is seed + i, the same for both models")
+    c.arg("--judge", dest="judge_model", metavar="MODEL_ID",
+          help="sequence-classification reward model that scores both answers (needs --generate)")
+    c.arg("--base", help="base model Hub id or folder (default: the one the adapter's qsimpo.json records)")
+    c.arg("--batch-size", type=int, help="pairs per forward pass when scoring")
+    c.arg("--beta", type=float, help="β for rewards and loss (default: the run's simpo.beta)")
+    c.arg("--gamma", type=float, help="γ for the loss (default: the run's resolved simpo γ)")
+    c.arg("--out", help="output folder (default: ADAPTER/eval for a local adapter)")
+    c.run(argv)  # its problems are QsimpoErrors (EvalError) that main() prints
     return 0
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import make_config
 from qsimpo.cli import main as cli
+from qsimpo.errors import InputNotFound, UsageError
 from qsimpo.export.merge import DEFAULT_MAX_RATIO, MergeError, VerifyError, merge
 from qsimpo.export.verify import NEGLIGIBLE_KL, Agreement, VerifyReport
 
@@ -238,7 +239,7 @@ def test_refusals(adapter, merged, tmp_path, capsys):
     out, _ = merged
     with pytest.raises(MergeError, match="already holds a merged model.*--overwrite"):
         merge(str(adapter), out, device="cpu", log=_quiet)  # merging twice into the same folder
-    with pytest.raises(MergeError, match="not an adapter folder.*holds a merged model"):
+    with pytest.raises(InputNotFound, match="holds no adapter_config.json .it holds a merged model"):
         merge(str(out), tmp_path / "again", device="cpu", log=_quiet)  # merging a merge
     with pytest.raises(MergeError, match="would overwrite the adapter"):
         merge(str(adapter), adapter / "merged", device="cpu", log=_quiet)
@@ -247,7 +248,7 @@ def test_refusals(adapter, merged, tmp_path, capsys):
     no_meta = tmp_path / "no_meta"
     no_meta.mkdir()
     (no_meta / "adapter_config.json").write_text("{}")
-    with pytest.raises(MergeError, match="records no base model.*--base"):
+    with pytest.raises(UsageError, match="records no base model.*--base"):
         merge(str(no_meta), tmp_path / "y", log=_quiet)
 
     assert cli(["merge", str(adapter), "--out", str(out)]) == 1  # the CLI prints the reason, returns non-zero

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from qsimpo.errors import InputNotFound, UsageError
+from qsimpo.errors import InputNotFound
 from qsimpo.eval.generate import render_prompt
 from qsimpo.demo.batcher import Batcher, Request
 
@@ -97,14 +97,14 @@ class SideBySide:
     def load(cls, adapter: str, base: str | None = None, compare_adapter: str | None = None,
              trust_remote_code: bool = False, device: str | None = None) -> "SideBySide":
         """Load the base once (4-bit as the adapter was trained, where bitsandbytes is installed) and the adapter(s)."""
-        from qsimpo.run_dir import read_meta
+        from qsimpo.run_dir import base_model, check_adapter, read_meta
         from qsimpo.train.model import load_trained
 
         check_adapter(adapter, "--adapter")
         if compare_adapter:
             check_adapter(compare_adapter, "--compare-adapter")
         meta = read_meta(adapter)
-        base_name = check_base(base, adapter, meta)
+        base_name = base_model(adapter, base, meta)
         quantization = meta.get("quantization", "nf4")
         if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
             print(f"bitsandbytes is not installed: loading the base unquantized instead of {quantization}")
@@ -219,35 +219,6 @@ class SideBySide:
             mine = {scorer: next(scores) for scorer in SIDES}
             out[side] = {"tokens": mine[side][1], "avg_logprob": {s: round(v[0], 4) for s, v in mine.items()}}
         return out
-
-
-def check_adapter(adapter: str, flag: str) -> None:
-    """Fail before any loading when ``adapter`` is neither an adapter folder nor (possibly) a Hub id."""
-    from qsimpo.data import looks_local  # the one rule for "a path, not a Hub id"
-
-    local = Path(adapter).expanduser()
-    if local.is_dir():
-        if not (local / "adapter_config.json").is_file():
-            raise InputNotFound(f"{flag} {adapter} holds no adapter_config.json: pass the train.output_dir of a finished "
-                                "`qsimpo train` run (or a checkpoint-N folder inside it)")
-    elif looks_local(adapter) or local.exists():
-        raise InputNotFound(f"{flag} {adapter}: no such folder; pass the train.output_dir of a `qsimpo train` run "
-                            "or a Hub adapter id")
-
-
-def check_base(base: str | None, adapter: str, meta: dict) -> str:
-    """The base model to load (--base, else the one the adapter records), failing early when it cannot be there."""
-    from qsimpo.data import looks_local
-
-    name = base or meta.get("base_model")
-    if not name:
-        raise UsageError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder "
-                         "with --base")
-    if looks_local(name) and not Path(name).expanduser().exists():
-        where = "given with --base" if base else f"recorded in {adapter}/qsimpo.json"
-        raise InputNotFound(f"the base model {name} ({where}) was not found: pass the model the adapter was trained on "
-                            "with --base PATH_OR_HUB_ID")
-    return name
 
 
 def resolve_adapter(adapter: str | None, base: str | None) -> tuple[str, str | None]:

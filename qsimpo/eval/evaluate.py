@@ -56,25 +56,6 @@ def simpo_settings(meta: dict, cfg, beta: float | None, gamma: float | None) -> 
     return out
 
 
-def check_adapter(adapter: str, base: str | None, meta: dict) -> str:
-    """Fail before any loading when the adapter or its base cannot be there; return the base to load."""
-    if Path(adapter).is_dir():
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise EvalError(f"{adapter} holds no adapter_config.json: pass the train.output_dir of a finished `qsimpo train` "
-                            "run (or a checkpoint-N folder inside it)")
-    elif looks_local(adapter) or (not meta and not base):
-        raise EvalError(f"adapter {adapter}: no such folder (nor a Hub repo with a qsimpo.json); pass the train.output_dir "
-                        "of a `qsimpo train` run, or a Hub adapter id together with --base BASE_MODEL")
-    base = base or meta.get("base_model")
-    if not base:
-        raise EvalError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder with --base")
-    if looks_local(base) and not Path(base).expanduser().exists():
-        where = "given with --base" if meta.get("base_model") != base else f"recorded in {adapter}/qsimpo.json"
-        raise EvalError(f"the base model {base} ({where}) was not found: pass the SFT model the adapter was trained on "
-                        "with --base PATH_OR_HUB_ID")
-    return base
-
-
 def load(adapter: str, base: str):
     from qsimpo.train.model import load_trained
 
@@ -116,7 +97,7 @@ def held_out_pairs(kind: str, where, split: str | None, max_rows: int | None, cf
             _, pairs = split_eval(pairs, where, cfg.train.seed)
             desc = f"{where:g} of {dc.path} held out by the run (data.eval, seed {cfg.train.seed})"
             return (pairs[:max_rows] if max_rows else pairs), desc, summary.to_dict()
-        pairs, summary = build_dataset(dataclasses.replace(dc, path=where, max_rows=max_rows), tokenizer)
+        pairs, summary = build_dataset(dataclasses.replace(dc, path=str(where), max_rows=max_rows), tokenizer)
         return pairs, str(where), summary.to_dict()
     except DataError as e:
         raise EvalError(f"held-out data {where if kind == 'path' else dc.path}: {e}") from None
@@ -228,15 +209,19 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
              batch_size: int = 8, max_new_tokens: int = 64, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,
              beta: float | None = None, gamma: float | None = None) -> dict:
     """Score held-out pairs with the SFT and aligned models; write eval.json and report.html; return eval.json's dict."""
-    from qsimpo.run_dir import read_config, read_meta, read_metrics, record_dir
+    from qsimpo.run_dir import base_model, check_adapter, read_config, read_meta, read_metrics, record_dir
     from qsimpo.eval.report import summary_lines, write_report
 
     t0 = time.perf_counter()
     if judge_model and generate <= 0:
         raise EvalError("--judge compares generated answers: also pass --generate N (e.g. --generate 50)")
+    for flag, value in (("--max-rows", max_rows), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise EvalError(f"{flag} {value}: give a number of pairs >= 1")
+    check_adapter(adapter)
     record = record_dir(adapter)
     meta = read_meta(record)
-    base = check_adapter(adapter, base, meta)
+    base = base_model(adapter, base, meta)
     cfg = read_config(record)
     kind, where = resolve_data(data, cfg, adapter)  # fail before loading a model
     simpo = simpo_settings(meta, cfg, beta, gamma)

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qsimpo.errors import QsimpoError
+from qsimpo.errors import InputNotFound, QsimpoError
 from qsimpo.run_dir import ADAPTER_FILES
 
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
@@ -269,7 +269,7 @@ def plan_push(folder: str | Path, repo_id: str, base_model: str | None = None, p
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise PushError(f"{folder} is not a folder: pass an adapter folder (qsimpo train) or a merged folder (qsimpo merge)")
+        raise InputNotFound(f"{folder}: no such folder; pass an adapter folder (qsimpo train) or a merged folder (qsimpo merge)")
     if not _REPO_ID.match(repo_id):
         raise PushError(f"--repo {repo_id!r} must be OWNER/NAME, e.g. your-name/llama3-8b-simpo")
     kind = folder_kind(folder)

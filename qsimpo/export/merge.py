@@ -66,18 +66,14 @@ class MergeResult:
 
 def check_request(adapter: str, out: Path, base: str | None, overwrite: bool) -> dict:
     """The adapter's metadata, once every reason to refuse has been ruled out."""
-    from qsimpo.run_dir import read_meta
+    from qsimpo.run_dir import base_model, check_adapter, read_meta
 
+    check_adapter(adapter)
     local = Path(adapter)
-    if local.exists() and not (local / "adapter_config.json").is_file():
-        merged = " (it holds a merged model: merge the adapter it came from)" if (local / "config.json").is_file() else ""
-        raise MergeError(f"{adapter} is not an adapter folder: it has no adapter_config.json{merged}. "
-                         "Pass the folder `qsimpo train` wrote (its train.output_dir) or a Hub id")
     meta = read_meta(adapter)
     if meta.get("merged_from"):
         raise MergeError(f"{adapter} is already a merge of {meta['merged_from']}: merge the adapter itself, not its merge")
-    if not (base or meta.get("base_model")):
-        raise MergeError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder with --base")
+    base_model(adapter, base, meta)
     a, o = local.resolve(), out.resolve()
     if local.exists() and (a == o or a in o.parents or o in a.parents):
         raise MergeError(f"--out {out} would overwrite the adapter {adapter}: choose a folder outside it")
