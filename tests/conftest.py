@@ -86,3 +86,37 @@ def quickstart_run(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         assert main(["quickstart", "--tiny", "--out", str(out)]) == 0
     return out, printed.getvalue()
+
+
+USER = [{"role": "user", "content": "Tell me about owls."}]
+
+
+def make_adapter(base, out, seed: int):
+    """A LoRA adapter on ``base`` whose B matrices are random (not the zero init), so it visibly changes outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(out)
+    (out / "qsimpo.json").write_text(json.dumps({"base_model": str(base), "quantization": "nf4", "simpo": {"beta": 2.0}}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return make_adapter(tiny_base, root / "aligned", 1), make_adapter(tiny_base, root / "other", 2)
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_adapters):
+    """The demo's model side on the tiny base with the first of tiny_adapters (qsimpo.demo.sides.SideBySide)."""
+    from qsimpo.demo.sides import SideBySide
+
+    return SideBySide.load(str(tiny_adapters[0]), device="cpu")

@@ -9,7 +9,7 @@ as its own rows are done, and a reader that leaves stops its rows at the next st
 
 What one row produces does not depend on the other rows in its batch: the rows share no
 randomness (RowSampler gives each its own seeded generator), padding is masked, and peft applies
-each row's adapter to that row only. tests/test_demo.py checks that answers under load equal the
+each row's adapter to that row only. tests/demo/test_app.py checks that answers under load equal the
 same prompts answered alone, token for token, on the CPU.
 
 The worker holds ``lock`` for the whole ``generate``: peft passes ``adapter_names`` to the layers

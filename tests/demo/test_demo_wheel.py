@@ -21,8 +21,7 @@ import pytest
 pytest.importorskip("gradio", reason="gradio is not installed: pip install -e .")
 
 from conftest import ROOT  # noqa: E402
-from test_chat import tiny_adapters  # noqa: E402,F401  (the tiny model with a random adapter)
-from test_demo import _text, free_port  # noqa: E402
+from test_app import _text, free_port  # noqa: E402
 
 SKIP = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", "dist", "adapters", ".pytest_cache")
 
@@ -45,7 +44,7 @@ def wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 300
     raise AssertionError(f"the demo did not answer at {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def test_wheel_installs_and_serves_the_demo(tmp_path, tiny_adapters):  # noqa: F811
+def test_wheel_installs_and_serves_the_demo(tmp_path, tiny_adapters):
     from gradio_client import Client
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -13,7 +13,7 @@ import torch
 from qsimpo.cli import main
 from qsimpo.config import ModelConfig
 from qsimpo.train.model import load_base
-from test_chat import USER, make_adapter
+from conftest import USER, make_adapter
 
 
 @pytest.fixture(scope="module")

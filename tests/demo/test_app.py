@@ -16,7 +16,6 @@ import pytest
 pytest.importorskip("gradio", reason="gradio is not installed: pip install -e .")
 
 from conftest import make_config  # noqa: E402
-from test_chat import chat, tiny_adapters  # noqa: E402,F401  (the tiny model with a random adapter)
 
 PROMPT = "Tell me about owls."
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -30,7 +29,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def served(chat, tmp_path):  # noqa: F811
+def served(chat, tmp_path):
     """(url, votes file) of the demo app over ``chat``, launched without blocking and closed afterwards."""
     from qsimpo.demo import app
 
@@ -85,13 +84,13 @@ def test_client_both_columns_answer_and_votes_become_training_rows(served, tiny_
     assert pairs[0]["text"]["chosen"] == answers[0]
 
 
-def test_users_at_once_each_get_their_own_answers(served, chat):  # noqa: F811
+def test_users_at_once_each_get_their_own_answers(served, chat):
     """Several browser sessions at once: their messages are generated together, and every user gets
     exactly the answers their own conversation gets alone, each column from its own side."""
     from gradio_client import Client
 
     from qsimpo.demo.sides import SIDES, Settings
-    from test_chat import _wait
+    from test_sides import _wait
 
     url, _ = served
     users = [("Tell me about owls.", 0.0, 12, 0), ("And bees?", 0.0, 16, 0), ("Describe the moon.", 0.9, 10, 5),
@@ -194,7 +193,7 @@ def test_browser_chat_and_vote(served, tmp_path):
     assert row["settings"]["max_new_tokens"] == 12
 
 
-def test_demo_errors_are_messages_not_tracebacks(tmp_path, tiny_adapters):  # noqa: F811
+def test_demo_errors_are_messages_not_tracebacks(tmp_path, tiny_adapters):
     """What `qsimpo demo` prints for inputs a user gets wrong: exit 2, one line saying what to pass, no traceback."""
     not_adapter = tmp_path / "empty"
     not_adapter.mkdir()

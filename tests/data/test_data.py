@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import HH_SAMPLE
 from qsimpo.config import DataConfig
 from qsimpo.data import (DataError, DataSummary, PairCollator, build_dataset, format_pair, read_rows, render_pair,
                          split_eval, to_triples, tokenize_pair)
 from qsimpo.quickstart.toy import build_tokenizer
 
-HH_SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless/sample.jsonl"
 
 EXPLICIT = {"prompt": "What is the capital of France?", "chosen": "Paris is the capital.", "rejected": "I like trains."}
 TRL = {"prompt": [{"role": "user", "content": "Name a red fruit."}],
