@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     except QsimpoError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        if debug or int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate every rank meets the same
+            print(f"error: {e}", file=sys.stderr)          # config, data and run: rank 0 says it once
         return e.exit_code
     except KeyboardInterrupt:  # outside a training step (loading, tokenizing): nothing to save
         if debug:

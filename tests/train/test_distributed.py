@@ -231,3 +231,15 @@ def test_shipped_accelerate_configs(name):
         d = cfg.deepspeed_config
         assert cfg.distributed_type == DistributedType.DEEPSPEED and d["zero_stage"] == 3
         assert d["zero3_init_flag"] is False and d["zero3_save_16bit_model"] is True
+
+
+def test_an_error_under_torchrun_is_said_once(tmp_path):
+    """Every rank meets the same bad config; the user reads its message once (rank 0), with each rank's exit code 2."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  name_or_path: m\ndata:\n  path: d.jsonl\nlora:\n  alhpa: 8\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", *torchrun(), "-m", "qsimpo", "train", str(config)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: invalid config") == 1, proc.stderr[-3000:]
+    assert "did you mean lora.alpha?" in proc.stderr
