@@ -177,6 +177,9 @@ def cmd_eval(argv: list[str]) -> int:
 def cmd_plan(argv: list[str]) -> int:
     p = _config_parser("qsimpo plan", "Estimate peak GPU memory for a training config; exit 1 if it does not fit.")
     p.add_argument("--gpu-memory", default="24GiB", help="the GPU's memory, e.g. 24GiB (default), 80GB")
+    p.add_argument("--processes", type=int, default=1,
+                   help="processes the run is launched with (torchrun --nproc_per_node): with train.fsdp the "
+                        "weights are split between them")
     p.add_argument("--data", action="store_true",
                    help="size the worst micro-batch from the config's own data (tokenized as training would) "
                         "instead of assuming every row fills data.max_length")
@@ -184,7 +187,8 @@ def cmd_plan(argv: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     from qsimpo.train.plan import data_lengths, parse_size, plan
 
-    text, fits = plan(cfg, parse_size(args.gpu_memory), lengths=data_lengths(cfg) if args.data else None)
+    text, fits = plan(cfg, parse_size(args.gpu_memory), lengths=data_lengths(cfg) if args.data else None,
+                      processes=args.processes)
     print(text)
     return 0 if fits else 1
 

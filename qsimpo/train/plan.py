@@ -21,6 +21,12 @@ An estimate of peak GPU memory from the model's config alone (nothing is loaded)
   the full [T, vocab] logits in compute dtype plus fp32 copies;
 - the CUDA context and allocator slack (a fixed 0.75 GiB).
 
+With ``train.fsdp`` and ``--processes N`` the figures are per process: base weights and the LoRA
+state are split N ways, and FSDP gathers whole units back while it uses them (the largest of a
+decoder layer and the embedding/head, twice: the one in use and the one prefetched). Every
+process still loads the whole 4-bit base before FSDP splits it, so that load is checked too.
+Without FSDP (DDP) every process holds everything, as one GPU does.
+
 It is an estimate: compare it with a measured peak (benchmarks/RESULTS.md) before trusting it
 to the last GiB.
 """
@@ -31,6 +37,7 @@ import re
 from dataclasses import dataclass
 
 from qsimpo.config import Config
+from qsimpo.errors import UsageError
 from qsimpo.train.logprobs import head_chunk_rows
 
 GiB = 2**30
@@ -103,13 +110,10 @@ def worst_batch(cfg: Config, lengths: list[tuple[int, int, int]] | None = None) 
     return Batch(len(worst) * width, len(worst) * width * width, scored, source)
 
 
-def estimate(cfg: Config, shape: Shape, batch: Batch | None = None) -> dict[str, float]:
-    """Bytes by part for ``cfg`` on a model of ``shape`` (see the module docstring)."""
-    act = 2 if cfg.model.compute_dtype in ("auto", "bfloat16", "float16") else 4
+def estimate(cfg: Config, shape: Shape, batch: Batch | None = None, processes: int = 1) -> dict[str, float]:
+    """Bytes by part, per process, for ``cfg`` on a model of ``shape`` (see the module docstring)."""
+    act, bits = _act_bytes(cfg), _weight_bits(cfg, shape)
     per_layer = sum(i * o for i, o in shape.linears)
-    linear_params = per_layer * shape.layers
-    other_params = 2 * shape.vocab * shape.hidden + (2 * shape.layers + 1) * shape.hidden
-    bits = {"nf4": NF4_BITS, "int8": 8 + 32 / shape.hidden, "none": 8 * act}[cfg.model.quantization]
     lora_params = shape.layers * sum(cfg.lora.r * (i + o) for i, o in shape.linears)
 
     t = cfg.train
@@ -124,15 +128,35 @@ def estimate(cfg: Config, shape: Shape, batch: Batch | None = None) -> dict[str,
         head = (2.5 if shape.softcap else 1.5) * min(chunk, batch.scored) * shape.vocab * 4
     else:
         head = tokens * shape.vocab * (act + 2 * 4)
-    return {
-        "base weights": linear_params * bits / 8 + other_params * act,
+    shards = processes if t.fsdp else 1
+    parts = {
+        "base weights": base_weights(cfg, shape) / shards,
         "dequantized linear (transient)": max(i * o for i, o in shape.linears) * act if cfg.model.quantization != "none" else 0,
-        "LoRA weights + grads + AdamW": lora_params * 16,
+        "LoRA weights + grads + AdamW": lora_params * 16 / shards,
         "activations": acts,
         "attention mask": mask,
         "output head": head,
         "CUDA context": CONTEXT,
     }
+    if shards > 1:  # one unit in use + the next prefetched, each gathered whole
+        layer = per_layer * bits / 8 + lora_params / shape.layers * 4
+        parts["FSDP gathered units"] = 2 * max(layer, shape.vocab * shape.hidden * act) * (1 - 1 / shards)
+    return parts
+
+
+def base_weights(cfg: Config, shape: Shape) -> float:
+    """Bytes of the whole base as loaded: quantized linears, embeddings, norms and head in the compute dtype."""
+    other_params = 2 * shape.vocab * shape.hidden + (2 * shape.layers + 1) * shape.hidden
+    return sum(i * o for i, o in shape.linears) * shape.layers * _weight_bits(cfg, shape) / 8 + other_params * _act_bytes(cfg)
+
+
+def _act_bytes(cfg: Config) -> int:
+    return 2 if cfg.model.compute_dtype in ("auto", "bfloat16", "float16") else 4
+
+
+def _weight_bits(cfg: Config, shape: Shape) -> float:
+    """Bits per parameter of a base linear as stored."""
+    return {"nf4": NF4_BITS, "int8": 8 + 32 / shape.hidden, "none": 8 * _act_bytes(cfg)}[cfg.model.quantization]
 
 
 def advice(cfg: Config, parts: dict[str, float], budget: int) -> str:
@@ -160,8 +184,12 @@ def data_lengths(cfg: Config) -> list[tuple[int, int, int]]:
     return [(len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
 
 
-def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[int, int, int]] | None = None) -> tuple[str, bool]:
-    """(report text, fits). ``lengths``: the data's pair lengths (data_lengths) instead of the max_length worst case."""
+def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[int, int, int]] | None = None,
+         processes: int = 1) -> tuple[str, bool]:
+    """(report text, fits). ``lengths``: the data's pair lengths (data_lengths) instead of the max_length worst case;
+    ``processes``: how many processes the run is launched with (each has ``gpu_memory``)."""
+    if processes < 1:
+        raise UsageError(f"--processes {processes}: give the number of processes the run is launched with (1 or more)")
     if model_config is None:
         from transformers import AutoConfig
 
@@ -172,14 +200,30 @@ def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[in
                                                   trust_remote_code=cfg.model.trust_remote_code)
         model_config = getattr(model_config, "text_config", model_config)
     batch = worst_batch(cfg, lengths)
-    parts = estimate(cfg, shape_of(model_config), batch)
+    shape = shape_of(model_config)
+    parts = estimate(cfg, shape, batch, processes)
     total = sum(parts.values())
+    loading = base_weights(cfg, shape) + CONTEXT  # every process loads the whole base before FSDP splits it
     lines = [f"memory plan for {cfg.model.name_or_path} ({cfg.model.quantization}, batch {cfg.train.batch_size}, "
              f"max_length {cfg.data.max_length}, packing {cfg.train.packing}, {cfg.model.attn_implementation}, "
              f"head_chunk_size {head_chunk_rows(cfg.train.head_chunk_size, model_config.vocab_size)})",
              f"  worst micro-batch: {batch.tokens} tokens laid out ({batch.source})"]
+    if processes > 1:
+        lines.append(f"  per process, {processes} processes: " + (
+            f"FSDP splits the base and the LoRA state {processes} ways" if cfg.train.fsdp
+            else "DDP, each holds a whole copy (--train.fsdp true splits the weights)"))
+    elif cfg.train.fsdp:
+        lines.append("  train.fsdp splits across processes: pass --processes N, the number you launch")
     lines += [f"  {name:<30} {value / GiB:8.2f} GiB" for name, value in parts.items()]
     lines.append(f"  {'estimated peak':<30} {total / GiB:8.2f} GiB of {gpu_memory / GiB:.1f} GiB")
-    fits = total <= gpu_memory
-    lines.append("fits" if fits else f"does not fit: {advice(cfg, parts, gpu_memory)}")
+    if cfg.train.fsdp and processes > 1:
+        lines.append(f"  {'while loading (whole base)':<30} {loading / GiB:8.2f} GiB")
+    fits = max(total, loading) <= gpu_memory
+    if fits:
+        lines.append("fits")
+    elif loading > gpu_memory:
+        lines.append("does not fit: every process loads the whole 4-bit base before FSDP splits it; "
+                     "use a device with more memory or a smaller model")
+    else:
+        lines.append(f"does not fit: {advice(cfg, parts, gpu_memory)}")
     return "\n".join(lines), fits

@@ -75,3 +75,32 @@ def test_worst_batch_follows_the_layout():
     # the data's worst batch costs less than the max_length worst case
     cfg = _cfg("--train.batch_size", "2")
     assert sum(estimate(cfg, shape_of(LLAMA3_8B), dense).values()) < sum(estimate(cfg, shape_of(LLAMA3_8B)).values())
+
+
+def test_fsdp_splits_the_weights_per_process_and_checks_the_load():
+    cfg = _cfg("--data.max_length", "2048", "--train.batch_size", "1", "--train.fsdp", "true")
+    one, two = estimate(cfg, shape_of(LLAMA3_8B)), estimate(cfg, shape_of(LLAMA3_8B), processes=2)
+    assert two["base weights"] == pytest.approx(one["base weights"] / 2)
+    assert two["LoRA weights + grads + AdamW"] == pytest.approx(one["LoRA weights + grads + AdamW"] / 2)
+    # the largest unit FSDP gathers is the [128256, 4096] bf16 head/embedding (0.98 GiB), in use + prefetched,
+    # less the half each process already holds
+    assert two["FSDP gathered units"] / GiB == pytest.approx(2 * 0.978 / 2, abs=0.01)
+    assert estimate(_cfg("--data.max_length", "2048", "--train.batch_size", "1"), shape_of(LLAMA3_8B), processes=2) == \
+        estimate(_cfg("--data.max_length", "2048", "--train.batch_size", "1"), shape_of(LLAMA3_8B))  # DDP: whole copies
+    text, fits = plan(cfg, parse_size("24GiB"), LLAMA3_8B, processes=2)
+    assert fits and "FSDP splits the base and the LoRA state 2 ways" in text and "while loading (whole base)" in text
+    text, fits = plan(cfg, parse_size("6GiB"), LLAMA3_8B, processes=8)  # sharded it would fit; the load does not
+    assert not fits and "loads the whole 4-bit base before FSDP splits it" in text
+    assert "pass --processes N" in plan(cfg, parse_size("24GiB"), LLAMA3_8B)[0]
+
+
+def test_plan_processes_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-m", "qsimpo", "plan", str(ROOT / "configs" / "quickstart.yaml"),
+                           "--processes", "0"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2 and "--processes 0" in done.stderr and "Traceback" not in done.stderr
