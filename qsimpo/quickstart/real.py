@@ -59,13 +59,13 @@ def probe(model, tokenizer, pairs, prompts: list[str], max_new_tokens: int = 64)
 def run(out: str | Path = "adapters/quickstart", overwrite: bool = False, max_steps: int | None = None,
         source: str = "auto") -> dict:
     from qsimpo.config import load_config
-    from qsimpo.realmodel import smollm2_path
+    from qsimpo.realmodel import smollm2_source
     from qsimpo.train.recipe import train
 
     out = fresh_output(out, overwrite)
     t0 = time.perf_counter()
     print("[1/4] SmolLM2-135M-Instruct (the SFT model): fetched once, then read from the cache")
-    base = smollm2_path(source)
+    base, revision = smollm2_source(source)  # the Hub copy by its id and commit, so push names the Hub model
 
     rows = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
     train_rows, held_rows = split_pairs(rows)
@@ -77,6 +77,8 @@ def run(out: str | Path = "adapters/quickstart", overwrite: bool = False, max_st
           "model's own answer to the whole answer")
     overrides = [f"--model.name_or_path={base}", f"--data.path={out / 'data' / 'train.jsonl'}",
                  f"--train.output_dir={out / 'adapter'}"]
+    if revision:
+        overrides.append(f"--model.revision={revision}")
     if max_steps is not None:
         overrides.append(f"--train.max_steps={max_steps}")
     cfg = load_config(CONFIG, overrides)
