@@ -125,10 +125,18 @@ def test_real_hh_rlhf_reports_both_empty_responses_in_one_run(config):
     assert err.count(f"{HH_SAMPLE}:line ") == 2
 
 
-@pytest.mark.parametrize("case", ["empty", "blank_lines", "missing", "json_not_utf8", "csv"])
+@pytest.mark.parametrize("case", ["empty", "empty_json_list", "blank_lines", "missing", "json_not_utf8", "json_dict", "csv"])
 def test_whole_source_problems(tmp_path, config, case):
     if case == "empty":
         data, needles = write_lines(tmp_path / "empty.jsonl", []), ["empty.jsonl: no rows: the source is empty"]
+    elif case == "empty_json_list":
+        data = tmp_path / "rows.json"
+        data.write_text("[]")
+        needles = ["rows.json: no rows: the source is empty"]
+    elif case == "json_dict":
+        data = tmp_path / "rows.json"
+        data.write_text('{"train": []}')
+        needles = ["rows.json: expected a JSON list of row objects", "with keys train"]
     elif case == "blank_lines":
         data, needles = write_lines(tmp_path / "blank.jsonl", ["", "  "]), ["blank.jsonl: no rows"]
     elif case == "missing":

@@ -228,12 +228,12 @@ def source_table(path: str, split: str = "train", max_rows: int | None = None, s
 
     p = Path(path).expanduser()
     if p.is_file() and p.suffix.lower() in (".jsonl", ".json"):
-        # The first row: problems with the whole file surface here, and datasets cannot build a table of no rows.
-        if next(iter(_iter_source(str(path), split)), None) is None or max_rows == 0:
-            return datasets.Dataset.from_dict({k: [] for k in RAW_COLUMNS}, features=_raw_features())
+        empty = datasets.Dataset.from_dict({k: [] for k in RAW_COLUMNS}, features=_raw_features())
+        if max_rows == 0:
+            return empty
         st = p.stat()
         stamp = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{max_rows}|{fingerprint_salt}"
-        try:
+        try:  # the file is parsed once, by the generator, and not at all on a cached rerun
             return datasets.Dataset.from_generator(
                 _file_rows, features=_raw_features(), fingerprint=hashlib.sha256(stamp.encode()).hexdigest()[:32],
                 gen_kwargs={"path": str(path), "max_rows": max_rows, "stamp": stamp})
@@ -241,6 +241,8 @@ def source_table(path: str, split: str = "train", max_rows: int | None = None, s
             cause = e
             while cause is not None and not isinstance(cause, DataError):
                 cause = cause.__cause__ or cause.__context__
+            if cause is None and next(iter(_iter_source(str(path), split)), None) is None:
+                return empty  # datasets builds no table from a generator of no rows
             raise (cause or e) from None
     if p.is_file() and p.suffix.lower() == ".parquet":
         ds, name = datasets.Dataset.from_parquet(str(p)), str(path)

@@ -475,3 +475,17 @@ def test_real_hh_rlhf_sample():
         assert t.decode(p["prompt_ids"]).endswith("<|assistant|>\n")  # rendered with the chat template
         if not p["prompt_truncated"]:
             assert t.decode(p["prompt_ids"]) == render_pair(t, {**p["text"], "location": p["location"]})[0]
+
+
+def test_a_json_file_is_parsed_once_and_not_on_a_cached_rerun(tmp_path, monkeypatch):
+    from qsimpo.data import sources
+
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3))
+    parsed = []
+    real = sources._iter_json
+    monkeypatch.setattr(sources, "_iter_json", lambda p, name: parsed.append(name) or real(p, name))
+    first = sources.source_table(str(path), fingerprint_salt="t")
+    assert len(first) == 3 and len(parsed) == 1
+    again = sources.source_table(str(path), fingerprint_salt="t")
+    assert again["raw"] == first["raw"] and len(parsed) == 1  # read from the cache
