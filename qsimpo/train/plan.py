@@ -21,6 +21,11 @@ An estimate of peak GPU memory from the model's config alone (nothing is loaded)
   the full [T, vocab] logits in compute dtype plus fp32 copies;
 - the CUDA context and allocator slack (a fixed 0.75 GiB).
 
+``qsimpo eval`` scores on one device without gradients, in the same packed rows and chunked head:
+base weights, the LoRA weights alone, one layer's activations for ``--batch-size`` pairs, the mask
+and one head block. The plan gives its peak at eval's default batch, and the largest batch that
+fits when that one does not.
+
 With ``train.fsdp`` and ``--processes N`` the figures are per process: base weights and the LoRA
 state are split N ways, and FSDP gathers whole units back while it uses them (the largest of a
 decoder layer and the embedding/head, twice: the one in use and the one prefetched). Every
@@ -33,6 +38,7 @@ to the last GiB.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -123,11 +129,7 @@ def estimate(cfg: Config, shape: Shape, batch: Batch | None = None, processes: i
     layer_acts = tokens * (6 * h + 4 * inter) * act  # q, k, v, o, norms, residual + gate, up, act, product
     acts = tokens * h * act * shape.layers + 2 * layer_acts if t.gradient_checkpointing else shape.layers * layer_acts
     mask = batch.mask_cells * (act + 1)
-    chunk = head_chunk_rows(t.head_chunk_size, shape.vocab)
-    if chunk:
-        head = (2.5 if shape.softcap else 1.5) * min(chunk, batch.scored) * shape.vocab * 4
-    else:
-        head = tokens * shape.vocab * (act + 2 * 4)
+    head = _head_bytes(cfg, shape, batch, grad=True)
     shards = processes if t.fsdp else 1
     parts = {
         "base weights": base_weights(cfg, shape) / shards,
@@ -142,6 +144,27 @@ def estimate(cfg: Config, shape: Shape, batch: Batch | None = None, processes: i
         layer = per_layer * bits / 8 + lora_params / shape.layers * 4
         parts["FSDP gathered units"] = 2 * max(layer, shape.vocab * shape.hidden * act) * (1 - 1 / shards)
     return parts
+
+
+def eval_estimate(cfg: Config, shape: Shape, batch_size: int, lengths: list[tuple[int, int, int]] | None = None) -> float:
+    """Peak bytes of ``qsimpo eval --batch-size batch_size`` on this model: no gradients, nothing kept for a backward."""
+    train = dataclasses.replace(cfg.train, batch_size=batch_size, packing="shared_prompt")
+    batch = worst_batch(dataclasses.replace(cfg, train=train), lengths)
+    act = _act_bytes(cfg)
+    lora_params = shape.layers * sum(cfg.lora.r * (i + o) for i, o in shape.linears)
+    one_layer = batch.tokens * (6 * shape.hidden + 4 * shape.intermediate) * act
+    head = _head_bytes(cfg, shape, batch, grad=False)
+    dequant = max(i * o for i, o in shape.linears) * act if cfg.model.quantization != "none" else 0
+    return base_weights(cfg, shape) + dequant + lora_params * 4 + one_layer + batch.mask_cells * (act + 1) + head + CONTEXT
+
+
+def _head_bytes(cfg: Config, shape: Shape, batch: Batch, grad: bool) -> float:
+    """The output head's peak: one fp32 [chunk, vocab] block and its matmul output (a second fp32 block in a
+    soft-capped backward), or the full [T, vocab] logits with their fp32 copies (two with a backward)."""
+    chunk = head_chunk_rows(cfg.train.head_chunk_size, shape.vocab)
+    if chunk:
+        return (2.5 if shape.softcap and grad else 1.5) * min(chunk, batch.scored) * shape.vocab * 4
+    return batch.tokens * shape.vocab * (_act_bytes(cfg) + (2 if grad else 1) * 4)
 
 
 def base_weights(cfg: Config, shape: Shape) -> float:
@@ -218,6 +241,7 @@ def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[in
     lines.append(f"  {'estimated peak':<30} {total / GiB:8.2f} GiB of {gpu_memory / GiB:.1f} GiB")
     if cfg.train.fsdp and processes > 1:
         lines.append(f"  {'while loading (whole base)':<30} {loading / GiB:8.2f} GiB")
+    lines.append(eval_line(cfg, shape, gpu_memory, lengths))
     fits = max(total, loading) <= gpu_memory
     if fits:
         lines.append("fits")
@@ -227,3 +251,16 @@ def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[in
     else:
         lines.append(f"does not fit: {advice(cfg, parts, gpu_memory)}")
     return "\n".join(lines), fits
+
+
+EVAL_BATCH = 8  # qsimpo eval's default --batch-size
+
+
+def eval_line(cfg: Config, shape: Shape, gpu_memory: int, lengths: list[tuple[int, int, int]] | None = None) -> str:
+    """What `qsimpo eval` needs on one device of ``gpu_memory``, and the largest --batch-size that fits if 8 does not."""
+    need = eval_estimate(cfg, shape, EVAL_BATCH, lengths)
+    head = f"  qsimpo eval, --batch-size {EVAL_BATCH}: {need / GiB:.2f} GiB on one device: "
+    if need <= gpu_memory:
+        return head + "fits"
+    fitting = [b for b in range(EVAL_BATCH - 1, 0, -1) if eval_estimate(cfg, shape, b, lengths) <= gpu_memory]
+    return head + (f"pass --batch-size {fitting[0]}" if fitting else "does not fit at --batch-size 1")

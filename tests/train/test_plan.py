@@ -1,11 +1,14 @@
 """`qsimpo plan`: the memory estimate's parts, the fit verdict and the advice."""
 
+from pathlib import Path
+
 import pytest
 from transformers import LlamaConfig
 
 from qsimpo.config import load_config
-from qsimpo.train.plan import GiB, estimate, parse_size, plan, shape_of, worst_batch
+from qsimpo.train.plan import GiB, estimate, eval_estimate, parse_size, plan, shape_of, worst_batch
 
+ROOT_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 LLAMA3_8B = LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, vocab_size=128256,
                         num_attention_heads=32, num_key_value_heads=8)
 
@@ -104,3 +107,20 @@ def test_plan_processes_on_the_command_line(tmp_path):
                            "--processes", "0"], capture_output=True, text=True, cwd=tmp_path,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2 and "--processes 0" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_plan_says_whether_eval_fits_and_at_which_batch():
+    cfg = load_config(ROOT_CONFIGS / "llama3-8b-instruct.yaml")
+    shape = shape_of(LLAMA3_8B)
+    # no gradients: base 5.31 + dequantized linear 0.11 + LoRA weights alone (4.19e7 × 4 B) 0.16 + one layer's
+    # activations for 8 rows of 4096 tokens (32768 × (6·4096 + 4·14336) × 2 B) 5.0 + the dense mask
+    # (8 × 4096² × 3 B) 0.375 + one head block 0.367 + CUDA context 0.75
+    need = eval_estimate(cfg, shape, 8)
+    assert need / GiB == pytest.approx(5.31 + 0.11 + 0.16 + 5.0 + 0.375 + 0.367 + 0.75, abs=0.03)
+    assert eval_estimate(cfg, shape, 4) < need
+    text, fits = plan(cfg, parse_size("24GiB"), LLAMA3_8B)
+    assert fits and f"qsimpo eval, --batch-size 8: {need / GiB:.2f} GiB on one device: fits" in text
+    tight = (need + sum(estimate(cfg, shape).values())) / 2  # training fits, eval at 8 does not
+    text, fits = plan(cfg, int(tight), LLAMA3_8B)
+    batch = max(b for b in range(1, 8) if eval_estimate(cfg, shape, b) <= tight)
+    assert fits and f"pass --batch-size {batch}" in text
