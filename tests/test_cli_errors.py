@@ -159,8 +159,11 @@ def test_config_problems_are_listed_together(tmp_path, config):
 
 
 def test_missing_model_and_adapters(tmp_path, config, pref_jsonl):
-    assert_clean_error(qsimpo("train", config, "--data.path", pref_jsonl, "--model.name_or_path", tmp_path / "no-model"),
-                       "model.name_or_path", "could not be loaded", "local model folder")
+    for command in ("train", "plan", "inspect-data"):
+        assert_clean_error(qsimpo(command, config, "--data.path", pref_jsonl, "--model.name_or_path", tmp_path / "no-model"),
+                           "model.name_or_path", "could not be loaded", "local model folder")
+    offline = qsimpo("plan", config, "--model.name_or_path", "nobody-has/this-model", env={"HF_HUB_OFFLINE": "1"})
+    assert_clean_error(offline, "'nobody-has/this-model' could not be loaded")  # a Hub id that cannot be reached
     for command in (["eval", tmp_path / "no-adapter"], ["merge", tmp_path / "no-adapter", "--out", tmp_path / "m"],
                     ["push", tmp_path / "no-adapter", "--repo", "me/x", "--dry-run"]):
         assert_clean_error(qsimpo(*command), "no-adapter: no such folder", code=2)  # the same rule for every command

@@ -53,6 +53,25 @@ def pretrained_source(cfg: ModelConfig) -> ModelConfig:
     return resolve(cfg)
 
 
+def _unloadable(cfg: ModelConfig, e: OSError) -> InputNotFound:
+    return InputNotFound(f"model.name_or_path = {cfg.name_or_path!r} could not be loaded ({e}); point it at a local "
+                         "model folder (config.json, tokenizer and weights) or a Hub model id you can reach (check "
+                         "the name, the network, and HF_TOKEN for gated models)")
+
+
+def load_model_config(cfg: ModelConfig):
+    """The base's transformers config (the text model's, for a multimodal one), read without its weights."""
+    from transformers import AutoConfig
+
+    source = pretrained_source(cfg)  # a .gguf base is read through its cached conversion
+    try:
+        config = AutoConfig.from_pretrained(source.name_or_path, revision=source.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise _unloadable(source, e) from None
+    return getattr(config, "text_config", config)
+
+
 def load_tokenizer(cfg: ModelConfig):
     cfg = pretrained_source(cfg)
     from transformers import AutoTokenizer
@@ -60,9 +79,7 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         tok = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:  # transformers' one error for "not a folder, not a reachable Hub repo, not a model"
-        raise InputNotFound(f"model.name_or_path = {cfg.name_or_path!r} could not be loaded ({e}); point it at a local "
-                            "model folder (config.json, tokenizer and weights) or a Hub model id you can reach (check "
-                            "the name, the network, and HF_TOKEN for gated models)") from None
+        raise _unloadable(cfg, e) from None
     if tok.pad_token_id is None:  # Llama-3 and others ship none; padded positions are masked anyway
         tok.pad_token = tok.eos_token
     return tok

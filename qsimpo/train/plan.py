@@ -214,14 +214,9 @@ def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[in
     if processes < 1:
         raise UsageError(f"--processes {processes}: give the number of processes the run is launched with (1 or more)")
     if model_config is None:
-        from transformers import AutoConfig
+        from qsimpo.train.model import load_model_config
 
-        from qsimpo.train.model import pretrained_source
-
-        source = pretrained_source(cfg.model)  # a .gguf base is read through its cached conversion
-        model_config = AutoConfig.from_pretrained(source.name_or_path, revision=source.revision,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
-        model_config = getattr(model_config, "text_config", model_config)
+        model_config = load_model_config(cfg.model)
     batch = worst_batch(cfg, lengths)
     shape = shape_of(model_config)
     parts = estimate(cfg, shape, batch, processes)
