@@ -24,7 +24,7 @@ import torch
 from qsimpo import __version__
 from qsimpo.eval import metrics as M
 from qsimpo.errors import UsageError
-from qsimpo.data import DataError, build_dataset, looks_local, split_eval
+from qsimpo.data import DataError, looks_local, read_source, split_eval, tokenize_source
 from qsimpo.eval.scoring import PairScores, score_pairs
 
 SCHEMA_VERSION = 1
@@ -84,23 +84,32 @@ def resolve_data(data: str | None, cfg, adapter: str) -> tuple[str, str | float]
     return "path", data
 
 
-def held_out_pairs(kind: str, where, split: str | None, max_rows: int | None, cfg, tokenizer):
-    """(pairs, description, data summary), tokenized with the run's data settings (max_length, template, ...)."""
+def read_held_out(kind: str, where, split: str | None, max_rows: int | None, cfg):
+    """The held-out source read and judged with the run's data settings, before any model loads: (settings, source)."""
     from qsimpo.config import DataConfig
 
     dc = dataclasses.replace(cfg.data, eval=None) if cfg is not None else DataConfig(max_prompt_length=512)
     if split is not None:
         dc.split = split
+    if kind == "path":
+        dc = dataclasses.replace(dc, path=str(where), max_rows=max_rows)
     try:
-        if kind == "fraction":  # the same seeded split as `qsimpo train`: pairs the adapter never trained on
-            pairs, summary = build_dataset(dc, tokenizer)
-            _, pairs = split_eval(pairs, where, cfg.train.seed)
-            desc = f"{where:g} of {dc.path} held out by the run (data.eval, seed {cfg.train.seed})"
-            return (pairs[:max_rows] if max_rows else pairs), desc, summary.to_dict()
-        pairs, summary = build_dataset(dataclasses.replace(dc, path=str(where), max_rows=max_rows), tokenizer)
-        return pairs, str(where), summary.to_dict()
+        return dc, read_source(dc)
     except DataError as e:
-        raise EvalError(f"held-out data {where if kind == 'path' else dc.path}: {e}") from None
+        raise EvalError(f"held-out data {dc.path}: {e}") from None
+
+
+def held_out_pairs(kind: str, where, max_rows: int | None, cfg, dc, source, tokenizer):
+    """(pairs, description, data summary): ``source`` tokenized as training tokenizes (max_length, template, ...)."""
+    try:
+        pairs, summary = tokenize_source(dc, source, tokenizer)
+    except DataError as e:
+        raise EvalError(f"held-out data {dc.path}: {e}") from None
+    if kind == "fraction":  # the same seeded split as `qsimpo train`: pairs the adapter never trained on
+        _, pairs = split_eval(pairs, where, cfg.train.seed)
+        desc = f"{where:g} of {dc.path} held out by the run (data.eval, seed {cfg.train.seed})"
+        return (pairs[:max_rows] if max_rows else pairs), desc, summary.to_dict()
+    return pairs, str(where), summary.to_dict()
 
 
 # ---------------------------------------------------------------------------------- scoring, answers
@@ -227,8 +236,9 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
     simpo = simpo_settings(meta, cfg, beta, gamma)
     out_dir = Path(out) if out else (Path(adapter) / "eval" if Path(adapter).is_dir() else Path("eval") / adapter.replace("/", "--"))
 
+    dc, held_out = read_held_out(kind, where, split, max_rows, cfg)  # bad data stops here, before the model loads
     model, tokenizer = load(adapter, base)
-    pairs, source, summary = held_out_pairs(kind, where, split, max_rows, cfg, tokenizer)
+    pairs, source, summary = held_out_pairs(kind, where, max_rows, cfg, dc, held_out, tokenizer)
     with model.disable_adapter():
         sft = score(model, pairs, tokenizer.pad_token_id, batch_size, "scoring SFT (adapter off)")
     aligned = score(model, pairs, tokenizer.pad_token_id, batch_size, "scoring aligned (adapter on)")

@@ -157,6 +157,16 @@ def test_bad_data_path_is_a_clear_error(quickstart, capsys):
     assert "--data" in err and "nope.jsonl: no such file or folder" in err
 
 
+def test_bad_held_out_rows_stop_eval_before_the_model_loads(quickstart, tmp_path, capsys, monkeypatch):
+    import qsimpo.eval.evaluate as ev
+
+    monkeypatch.setattr(ev, "load", lambda *a: pytest.fail("the model was loaded before the data was judged"))
+    bad = tmp_path / "held.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\nnot json\n')
+    err = _eval_error([str(quickstart / "adapter"), "--data", str(bad)], capsys)
+    assert f"held-out data {bad}" in err and f"{bad}:line 2: missing_key" in err and f"{bad}:line 3: malformed_json" in err
+
+
 def test_missing_base_is_a_clear_error(quickstart, tmp_path, capsys):
     adapter = tmp_path / "moved-adapter"
     adapter.mkdir()
