@@ -196,8 +196,8 @@ def cmd_plan(argv: list[str]) -> int:
 COMMANDS = {
     "train": (cmd_train, "train a LoRA adapter with SimPO"),
     "inspect-data": (cmd_inspect_data, "show tokenized pairs and the data summary"),
-    "quickstart": (cmd_quickstart, "the whole path on a tiny local model, offline"),
-    "plan": (cmd_plan, "estimate peak GPU memory for a config and say which knob to turn"),
+    "quickstart": (cmd_quickstart, "align SmolLM2-135M-Instruct on shipped pairs, on the CPU: before and after"),
+    "plan": (cmd_plan, "peak GPU memory of training and eval for a config, and which knob to turn"),
     "eval": (cmd_eval, "held-out reward accuracy, margins and length diagnostics: SFT vs aligned"),
     "demo": (cmd_demo, "chat with the SFT and aligned models side by side; votes become training data"),
     "merge": (cmd_merge, "merge an adapter into its base, verified"),
