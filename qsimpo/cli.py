@@ -174,10 +174,16 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def cmd_plan(argv: list[str]) -> int:
     p = _config_parser("qsimpo plan", "Estimate peak GPU memory for a training config; exit 1 if it does not fit.")
     p.add_argument("--gpu-memory", default="24GiB", help="the GPU's memory, e.g. 24GiB (default), 80GB")
-    p.add_argument("--processes", type=int, default=1,
+    p.add_argument("--processes", type=_positive, default=1,
                    help="processes the run is launched with (torchrun --nproc_per_node): with train.fsdp the "
                         "weights are split between them")
     p.add_argument("--data", action="store_true",
@@ -223,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     except QsimpoError as e:
         if debug:
             traceback.print_exc()
-        if debug or int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate every rank meets the same
-            print(f"error: {e}", file=sys.stderr)          # config, data and run: rank 0 says it once
+        if debug or os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun/accelerate the processes of a machine
+            print(f"error: {e}", file=sys.stderr)                # meet the same config, data and run: one says it
         return e.exit_code
     except KeyboardInterrupt:  # outside a training step (loading, tokenizing): nothing to save
         if debug:

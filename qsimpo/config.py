@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import annotated_types
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from qsimpo.errors import UsageError
@@ -33,8 +34,10 @@ class ConfigError(UsageError):
         super().__init__("\n".join([head] + [f"  - {p}" for p in problems]))
 
 
-# Unknown keys are errors; numbers given where text is expected become text (--model.revision 20240101).
-SECTION = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+SECTION = ConfigDict(extra="forbid")  # an unknown key is an error
+# Values are taken as written, never converted: `true` is no number, 1 or "yes" no boolean, 20240101
+# no text (quote it in YAML; on the command line text fields keep the text as typed).
+Int, Float, Bool, Text = (Annotated[t, Strict()] for t in (int, float, bool, str))
 
 
 def _f(default: Any, doc: str, hint: str | None = None, **bounds):
@@ -47,36 +50,36 @@ def _f(default: Any, doc: str, hint: str | None = None, **bounds):
 
 @dataclass(config=SECTION)
 class ModelConfig:
-    name_or_path: str = _f("", "Hub id or local folder of the base (SFT) model, or a .gguf file (converted once into a cached transformers folder).")
-    gguf_file: str | None = _f(None, "Name of the .gguf file inside the folder or Hub repo name_or_path (None: name_or_path is itself the model or the .gguf file).")
-    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
+    name_or_path: Text = _f("", "Hub id or local folder of the base (SFT) model, or a .gguf file (converted once into a cached transformers folder).")
+    gguf_file: Text | None = _f(None, "Name of the .gguf file inside the folder or Hub repo name_or_path (None: name_or_path is itself the model or the .gguf file).")
+    revision: Text | None = _f(None, "Hub revision (branch, tag or commit) of the base model.")
     quantization: Literal["nf4", "int8", "none"] = _f("nf4", "Base weights: nf4 (4-bit NormalFloat, double quant), int8, or none.")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f("auto", "Compute dtype: auto (bf16 where supported, else fp32 on CPU / fp16 on GPU), bfloat16, float16, float32.")
-    attn_implementation: str = _f("sdpa", "Attention kernel passed to from_pretrained: sdpa, eager, flex_attention (CUDA training: block-sparse mask, pairs packed with no padding), flash_attention_2 (needs train.packing none).")
-    trust_remote_code: bool = _f(False, "Run custom modelling code shipped with the model (off: only trusted code).")
+    attn_implementation: Text = _f("sdpa", "Attention kernel passed to from_pretrained: sdpa, eager, flex_attention (CUDA training: block-sparse mask, pairs packed with no padding), flash_attention_2 (needs train.packing none).")
+    trust_remote_code: Bool = _f(False, "Run custom modelling code shipped with the model (off: only trusted code).")
 
 
 @dataclass(config=SECTION)
 class LoraConfig:
-    r: int = _f(16, "LoRA rank.", "8 to 64 is typical", gt=0)
-    alpha: float = _f(32, "LoRA scaling numerator (scale = alpha / r).", "often 2 × r", gt=0)
-    dropout: float = _f(0.05, "Dropout on the LoRA input.", ge=0, lt=1)
-    target_modules: list[str] | str = _f("all-linear", "Modules to adapt: 'all-linear' (every linear layer but the output head) or a list of names.")
+    r: Int = _f(16, "LoRA rank.", "8 to 64 is typical", gt=0)
+    alpha: Float = _f(32, "LoRA scaling numerator (scale = alpha / r).", "often 2 × r", gt=0)
+    dropout: Float = _f(0.05, "Dropout on the LoRA input.", ge=0, lt=1)
+    target_modules: list[Text] | Text = _f("all-linear", "Modules to adapt: 'all-linear' (every linear layer but the output head) or a list of names.")
 
 
 @dataclass(config=SECTION)
 class DataConfig:
-    path: str = _f("", "Training data: a JSONL/JSON/parquet file, a folder saved by datasets, or a Hub dataset id.")
-    split: str = _f("train", "Split to read when `path` is a Hub dataset or a DatasetDict folder.")
-    subset: str | None = _f(None, "Configuration (subset) name of a Hub dataset with several, as datasets.load_dataset's `name`.")
-    data_dir: str | None = _f(None, "Folder inside a Hub dataset repo to read, e.g. harmless-base for Anthropic/hh-rlhf.")
+    path: Text = _f("", "Training data: a JSONL/JSON/parquet file, a folder saved by datasets, or a Hub dataset id.")
+    split: Text = _f("train", "Split to read when `path` is a Hub dataset or a DatasetDict folder.")
+    subset: Text | None = _f(None, "Configuration (subset) name of a Hub dataset with several, as datasets.load_dataset's `name`.")
+    data_dir: Text | None = _f(None, "Folder inside a Hub dataset repo to read, e.g. harmless-base for Anthropic/hh-rlhf.")
     format: Literal["auto", "explicit", "conversational", "implicit"] = _f("auto", "Row format: auto (detected), explicit (prompt/chosen/rejected strings), conversational (message lists), implicit (full transcripts, HH-RLHF).")
-    max_length: int = _f(1024, "Max tokens of prompt + response; longer pairs are truncated (prompt first, from the left).", gt=1)
-    max_prompt_length: int | None = _f(None, "Max prompt tokens kept when a pair must be truncated (must be < max_length; None: max_length // 2).", gt=0)
-    max_rows: int | None = _f(None, "Read at most this many rows (None: all).", "or null for all rows", gt=0)
+    max_length: Int = _f(1024, "Max tokens of prompt + response; longer pairs are truncated (prompt first, from the left).", gt=1)
+    max_prompt_length: Int | None = _f(None, "Max prompt tokens kept when a pair must be truncated (must be < max_length; None: max_length // 2).", gt=0)
+    max_rows: Int | None = _f(None, "Read at most this many rows (None: all).", "or null for all rows", gt=0)
     on_bad_row: Literal["error", "skip"] = _f("error", "What a malformed row does: error (stop, naming file and row) or skip (count and report).")
-    eval: str | None = _f(None, "Held-out pairs for in-training evaluation: a path like `path`, or a fraction like 0.05 of the training rows.")
-    system_prompt: str | None = _f(None, "System message prepended to conversational/explicit prompts when the chat template supports it.")
+    eval: Float | Text | None = _f(None, "Held-out pairs for in-training evaluation: a path like `path`, or a fraction like 0.05 of the training rows.")
+    system_prompt: Text | None = _f(None, "System message prepended to conversational/explicit prompts when the chat template supports it.")
 
     @property
     def eval_fraction(self) -> float | None:
@@ -89,12 +92,12 @@ class DataConfig:
 
 @dataclass(config=SECTION)
 class SimPOConfig:
-    beta: float = _f(2.0, "β: reward scale applied to the length-normalized log-likelihood.", "the paper uses 2.0 to 10", gt=0)
-    gamma: float | None = _f(None, "γ: absolute target reward margin (TRL's `simpo_gamma`). Give this or gamma_beta_ratio, not both.", "a target margin", ge=0)
-    gamma_beta_ratio: float | None = _f(None, "γ/β as in the paper's configs (γ = ratio × β). Default 0.5 when neither is given.", ge=0)
-    label_smoothing: float = _f(0.0, "Conservative smoothing ε in [0, 0.5): mixes in ε of the flipped-preference loss (off by default).", ge=0, lt=0.5)
+    beta: Float = _f(2.0, "β: reward scale applied to the length-normalized log-likelihood.", "the paper uses 2.0 to 10", gt=0)
+    gamma: Float | None = _f(None, "γ: absolute target reward margin (TRL's `simpo_gamma`). Give this or gamma_beta_ratio, not both.", "a target margin", ge=0)
+    gamma_beta_ratio: Float | None = _f(None, "γ/β as in the paper's configs (γ = ratio × β). Default 0.5 when neither is given.", ge=0)
+    label_smoothing: Float = _f(0.0, "Conservative smoothing ε in [0, 0.5): mixes in ε of the flipped-preference loss (off by default).", ge=0, lt=0.5)
     loss_type: Literal["sigmoid", "hinge"] = _f("sigmoid", "sigmoid (the paper's SimPO) or hinge (max(0, 1 - β·Δ + γ)).")
-    sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen response (CPO-SimPO); 0 is pure SimPO.", "0 disables the NLL term", ge=0)
+    sft_weight: Float = _f(0.0, "Weight of an NLL term on the chosen response (CPO-SimPO); 0 is pure SimPO.", "0 disables the NLL term", ge=0)
 
     @property
     def resolved_gamma(self) -> float:
@@ -107,31 +110,31 @@ class SimPOConfig:
 
 @dataclass(config=SECTION)
 class TrainConfig:
-    output_dir: str = _f("adapters/run", "Where the adapter, checkpoints, metrics.jsonl and qsimpo.json are written.")
-    learning_rate: float = _f(1e-5, "Peak learning rate of the LoRA weights.", "LoRA SimPO: 1e-6 to 1e-4", gt=0)
-    num_epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0).")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: use num_epochs).", "or -1 to use num_epochs", ge=-1)
-    batch_size: int = _f(2, "Preference pairs per device per micro-batch.", ge=1)
-    gradient_accumulation_steps: int = _f(8, "Micro-batches per optimizer step.", ge=1)
-    lr_scheduler: str = _f("cosine", "Learning-rate schedule (any transformers SchedulerType: cosine, linear, constant, ...).")
-    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming the learning rate up from 0.", ge=0, lt=1)
-    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0)
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", gt=0)
-    optim: str = _f("adamw_torch", "Optimizer name understood by transformers (adamw_torch, paged_adamw_8bit, ...).")
-    gradient_checkpointing: bool = _f(True, "Recompute activations in the backward pass to save memory.")
+    output_dir: Text = _f("adapters/run", "Where the adapter, checkpoints, metrics.jsonl and qsimpo.json are written.")
+    learning_rate: Float = _f(1e-5, "Peak learning rate of the LoRA weights.", "LoRA SimPO: 1e-6 to 1e-4", gt=0)
+    num_epochs: Float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0).")
+    max_steps: Int = _f(-1, "Stop after this many optimizer steps (-1: use num_epochs).", "or -1 to use num_epochs", ge=-1)
+    batch_size: Int = _f(2, "Preference pairs per device per micro-batch.", ge=1)
+    gradient_accumulation_steps: Int = _f(8, "Micro-batches per optimizer step.", ge=1)
+    lr_scheduler: Text = _f("cosine", "Learning-rate schedule (any transformers SchedulerType: cosine, linear, constant, ...).")
+    warmup_ratio: Float = _f(0.1, "Fraction of steps spent warming the learning rate up from 0.", ge=0, lt=1)
+    weight_decay: Float = _f(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: Float = _f(1.0, "Gradient clipping norm.", gt=0)
+    optim: Text = _f("adamw_torch", "Optimizer name understood by transformers (adamw_torch, paged_adamw_8bit, ...).")
+    gradient_checkpointing: Bool = _f(True, "Recompute activations in the backward pass to save memory.")
     packing: Literal["shared_prompt", "none"] = _f("shared_prompt", "Batch layout: shared_prompt (prompt once, then chosen, then rejected, in one row) or none (separate chosen/rejected rows).")
-    head_chunk_size: int | None = _f(None, "Apply the output head only at response positions, this many at a time, recomputed in backward (null: sized by the vocabulary so the fp32 block stays within 256 MiB; 0: full logits).", "0 computes full logits", ge=0)
-    group_by_length: bool = _f(True, "Batch pairs of similar length together so little compute goes to padding.")
-    fsdp: bool = _f(False, "Shard the base and LoRA weights, gradients and optimizer state across processes with FSDP2 (full shard; launch with torchrun or accelerate launch).")
-    logging_steps: int = _f(1, "Log metrics every N optimizer steps.", ge=1)
-    save_steps: int = _f(100, "Save a resumable checkpoint every N optimizer steps.", ge=1)
-    save_total_limit: int | None = _f(2, "Keep at most this many checkpoints (None: all).", "or null to keep all", ge=1)
-    eval_every: int = _f(0, "Evaluate reward accuracy on data.eval every N steps (0: only at the end, if data.eval is set).", ge=0)
-    resume_from: str | None = _f(None, "Resume from a checkpoint: 'auto' (latest in output_dir) or a checkpoint folder.")
-    seed: int = _f(42, "Random seed for LoRA init, shuffling and dropout.")
-    report_to: list[str] | str = _f("none", "Loggers besides metrics.jsonl: none, tensorboard, wandb, or a list.")
-    overwrite: bool = _f(False, "Allow writing into an output_dir that already holds a finished adapter.")
-    progress: bool = _f(True, "Show a progress bar with loss, reward accuracy and throughput.")
+    head_chunk_size: Int | None = _f(None, "Apply the output head only at response positions, this many at a time, recomputed in backward (null: sized by the vocabulary so the fp32 block stays within 256 MiB; 0: full logits).", "0 computes full logits", ge=0)
+    group_by_length: Bool = _f(True, "Batch pairs of similar length together so little compute goes to padding.")
+    fsdp: Bool = _f(False, "Shard the base and LoRA weights, gradients and optimizer state across processes with FSDP2 (full shard; launch with torchrun or accelerate launch).")
+    logging_steps: Int = _f(1, "Log metrics every N optimizer steps.", ge=1)
+    save_steps: Int = _f(100, "Save a resumable checkpoint every N optimizer steps.", ge=1)
+    save_total_limit: Int | None = _f(2, "Keep at most this many checkpoints (None: all).", "or null to keep all", ge=1)
+    eval_every: Int = _f(0, "Evaluate reward accuracy on data.eval every N steps (0: only at the end, if data.eval is set).", ge=0)
+    resume_from: Text | None = _f(None, "Resume from a checkpoint: 'auto' (latest in output_dir) or a checkpoint folder.")
+    seed: Int = _f(42, "Random seed for LoRA init, shuffling and dropout.")
+    report_to: list[Text] | Text = _f("none", "Loggers besides metrics.jsonl: none, tensorboard, wandb, or a list.")
+    overwrite: Bool = _f(False, "Allow writing into an output_dir that already holds a finished adapter.")
+    progress: Bool = _f(True, "Show a progress bar with loss, reward accuracy and throughput.")
 
 
 @dataclass(config=SECTION)
@@ -170,6 +173,8 @@ def _bounds(info) -> str:
 
 def _type_name(tp) -> str:
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is Annotated:
+        return _type_name(args[0])
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in args)
     if typing.get_origin(tp) is Literal:
@@ -179,7 +184,7 @@ def _type_name(tp) -> str:
     return "null" if tp is type(None) else tp.__name__
 
 
-def _problem(loc: tuple, errors: list[dict]) -> str:
+def _problem(loc: tuple, errors: list[dict], raw: dict) -> str:
     """One line for everything pydantic found wrong at ``loc`` (a section, or a section's key)."""
     first = errors[0]
     if len(loc) == 1:
@@ -192,18 +197,41 @@ def _problem(loc: tuple, errors: list[dict]) -> str:
         close = difflib.get_close_matches(str(key), list(fields), n=1)
         hint = f" (did you mean {section}.{close[0]}?)" if close else ""
         return f"unknown key {section}.{key}{hint}; valid keys: {', '.join(fields)}"
-    info, value = fields[key], first["input"]
+    info, value = fields[key], raw[section][key]
     if len(errors) == 1 and first["type"] in _BOUNDS:
         bound = f"{next(iter(first['ctx'].values())):g}"
         hint = (info.json_schema_extra or {}).get("hint")
         return f"{section}.{key} = {value!r} must be {_BOUNDS[first['type']]} {bound}" + (f" ({hint})" if hint else "")
     if len(errors) == 1 and first["type"] == "literal_error":
         return f"{section}.{key} = {value!r} is not one of {', '.join(map(str, typing.get_args(info.annotation)))}"
-    return f"{section}.{key} = {value!r} has the wrong type: expected {_type_name(info.annotation)}"
+    expected = _type_name(info.annotation)
+    quote = " (quote it to keep it as text)" if isinstance(value, (int, float)) and "str" in expected.split(" | ") else ""
+    return f"{section}.{key} = {value!r} has the wrong type: expected {expected}{quote}"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as configs are written: ``1e-5`` is a number (YAML 1.1 wants ``1.0e-5``, PyYAML reads text)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d[\d_]*)?\.?\d*[eE][-+]?\d+$"), list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def _text_only(section: str, key: str) -> bool:
+    """Whether the field takes text and no number (name_or_path, revision, output_dir, ...)."""
+    info = getattr(SECTIONS.get(section), "__pydantic_fields__", {}).get(key)
+    names = set(_type_name(info.annotation).split(" | ")) if info else set()
+    return "str" in names and not names & {"int", "float", "bool"}
 
 
 def parse_overrides(args: list[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """``['--data.max_length', '256', '--train.output_dir=x']`` -> nested dict of YAML-parsed values."""
+    """``['--data.max_length', '256', '--train.output_dir=x']`` -> nested dict of YAML-parsed values.
+
+    A text field keeps a number as typed (``--model.revision 0123`` stays "0123")."""
     nested: dict[str, dict[str, Any]] = {}
     problems = []
     i = 0
@@ -223,8 +251,10 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, dict[str, Any]], list[st
         i += 1
         section, _, name = key.partition(".")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _text_only(section, name):
             value = raw
         nested.setdefault(section, {})[name] = value
     return nested, problems
@@ -249,17 +279,33 @@ def build(raw: dict, source: str | None = None) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError([f"the top level must be a mapping with sections {', '.join(SECTIONS)}, got {type(raw).__name__}"], source)
     raw = {section: {} if values is None else values for section, values in raw.items()}
+    problems, raw = _string_keys(raw)
     try:
-        return _checked(_CONFIG.validate_python(raw), [], source)
+        return _checked(_CONFIG.validate_python(raw), problems, source)
     except ValidationError as e:
         found: dict[tuple, list[dict]] = {}
         for err in e.errors():
             found.setdefault(tuple(err["loc"][:2]), []).append(err)
-    problems = [_problem(loc, errors) for loc, errors in found.items()]
+    problems += [_problem(loc, errors, raw) for loc, errors in found.items()]
     kept = {section: dict(values) for section, values in raw.items() if (section,) not in found}
     for section, key in (loc for loc in found if len(loc) == 2):
         kept[section].pop(key, None)
     return _checked(_CONFIG.validate_python(kept), problems, source)
+
+
+def _string_keys(raw: dict) -> tuple[list[str], dict]:
+    """Problems for keys that are not text (YAML reads `1:` or `null:` as a number or None), and raw without them."""
+    problems, kept = [], {}
+    for section, values in raw.items():
+        if not isinstance(section, str):
+            problems.append(f"unknown section {section!r}: valid sections are {', '.join(SECTIONS)}")
+            continue
+        if section in SECTIONS and isinstance(values, dict):
+            for key in [k for k in values if not isinstance(k, str)]:
+                problems.append(f"unknown key {section}.{key!r}: keys are field names (qsimpo train --help lists them)")
+            values = {k: v for k, v in values.items() if isinstance(k, str)}
+        kept[section] = values
+    return problems, kept
 
 
 def _checked(cfg: Config, problems: list[str], source: str | None) -> Config:
@@ -312,7 +358,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError([f"config file {p} does not exist: pass the path of a YAML file (see configs/)"])
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError([f"{p} is not valid YAML: {e}"]) from None
     over, problems = parse_overrides(overrides or [])

@@ -46,22 +46,44 @@ def test_overrides_are_typed():
     assert cfg.train.gradient_checkpointing is False and cfg.simpo.gamma == 1.0
 
 
-def test_values_are_read_as_their_fields_type():
-    cfg = build({"model": {"name_or_path": "m", "revision": 20240101}, "data": {"path": "d", "eval": 0.05, "max_length": "256"},
-                 "lora": {"alpha": 16}, "train": {"learning_rate": "1e-5"}})  # YAML reads 1e-5 (no dot) as text
-    assert cfg.model.revision == "20240101" and cfg.data.eval_fraction == 0.05 and cfg.data.max_length == 256
-    assert cfg.lora.alpha == 16.0 and isinstance(cfg.lora.alpha, float) and cfg.train.learning_rate == 1e-5
+def test_values_are_taken_as_written():
+    cfg = build({"model": {"name_or_path": "m", "revision": "20240101"}, "data": {"path": "d", "eval": 0.05},
+                 "lora": {"alpha": 16}, "train": {"learning_rate": 1e-5}})
+    assert cfg.model.revision == "20240101" and cfg.data.eval_fraction == 0.05
+    assert cfg.lora.alpha == 16 and cfg.train.learning_rate == 1e-5
     with pytest.raises(ConfigError) as e:
-        build({"model": {"name_or_path": "m"}, "data": {"path": "d"}, "lora": {"r": 4.5, "target_modules": {"q": 1}},
-               "train": {"max_steps": 0, "save_total_limit": 0}, "simpo": {"label_smoothing": 0.5}, "model ": 3})
+        build({"model": {"name_or_path": "m", "revision": 1.10, "trust_remote_code": "yes"},
+               "data": {"path": "d", "max_length": "256"}, "lora": {"r": 4.5, "target_modules": {"q": 1}},
+               "train": {"max_steps": 0, "save_total_limit": 0, "batch_size": True, "report_to": ["wandb", None]},
+               "simpo": {"label_smoothing": 0.5, "beta": True}, "model ": 3, 1: {}, "optim": {None: 1}})
     assert e.value.problems == [
+        "unknown section 1: valid sections are model, lora, data, simpo, train",
+        "model.revision = 1.1 has the wrong type: expected str | null (quote it to keep it as text)",
+        "model.trust_remote_code = 'yes' has the wrong type: expected bool",  # a security switch: true or false only
         "lora.r = 4.5 has the wrong type: expected int",
         "lora.target_modules = {'q': 1} has the wrong type: expected list[str] | str",
+        "data.max_length = '256' has the wrong type: expected int",
+        "simpo.beta = True has the wrong type: expected float",
         "simpo.label_smoothing = 0.5 must be < 0.5",
+        "train.batch_size = True has the wrong type: expected int",
         "train.save_total_limit = 0 must be >= 1 (or null to keep all)",
+        "train.report_to = ['wandb', None] has the wrong type: expected list[str] | str",
         "unknown section 'model ': valid sections are model, lora, data, simpo, train",
+        "unknown section 'optim': valid sections are model, lora, data, simpo, train",
         "train.max_steps = 0 must be > 0, or -1 to use num_epochs",
     ]
+    with pytest.raises(ConfigError, match=r"unknown key lora.1: keys are field names"):
+        build({"model": {"name_or_path": "m"}, "data": {"path": "d"}, "lora": {1: 2}})
+
+
+def test_yaml_and_command_line_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name_or_path: m\n  revision: main\ndata:\n  path: d\ntrain:\n  learning_rate: 1e-5\n")
+    assert load_config(path).train.learning_rate == 1e-5  # YAML 1.1 reads 1e-5 as text; configs mean a number
+    cfg = load_config(path, ["--model.revision", "0123", "--train.output_dir", "2024", "--data.eval", "0.05",
+                             "--train.learning_rate", "3e-5"])
+    assert cfg.model.revision == "0123" and cfg.train.output_dir == "2024"  # text fields keep the text as typed
+    assert cfg.data.eval_fraction == 0.05 and cfg.train.learning_rate == 3e-5
 
 
 def test_gamma_conversion():

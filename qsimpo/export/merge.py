@@ -179,8 +179,9 @@ def _base_config(base: str, meta: dict, **kwargs):
     """The base as a ModelConfig: the recorded revision, and the recorded GGUF file when ``base`` is the recorded base."""
     from qsimpo.config import ModelConfig
 
-    gguf_file = meta.get("base_model_gguf_file") if base == meta.get("base_model") else None
-    return ModelConfig(name_or_path=base, revision=meta.get("base_model_revision"), gguf_file=gguf_file, **kwargs)
+    recorded = base == meta.get("base_model")
+    return ModelConfig(name_or_path=base, revision=meta.get("base_model_revision") if recorded else None,
+                       gguf_file=meta.get("base_model_gguf_file") if recorded else None, **kwargs)
 
 
 def _save(merged, folder: Path, adapter: str, base: str, meta: dict, base_weights: str, dtype: str, max_shard_size: str) -> None:

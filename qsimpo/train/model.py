@@ -170,8 +170,9 @@ def load_trained(adapter: str, base: str | None = None, quantization: str | None
     base = base or meta.get("base_model")
     if not base:
         raise UsageError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder with --base")
-    cfg = ModelConfig(name_or_path=base, revision=meta.get("base_model_revision"),
-                      gguf_file=meta.get("base_model_gguf_file") if base == meta.get("base_model") else None,
+    recorded = base == meta.get("base_model")  # the recorded revision and GGUF file belong to the recorded base only
+    cfg = ModelConfig(name_or_path=base, revision=meta.get("base_model_revision") if recorded else None,
+                      gguf_file=meta.get("base_model_gguf_file") if recorded else None,
                       quantization=quantization or meta.get("quantization", "nf4"), trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(cfg)
     model = PeftModel.from_pretrained(load_base(cfg, device), adapter)

@@ -147,9 +147,14 @@ def estimate(cfg: Config, shape: Shape, batch: Batch | None = None, processes: i
 
 
 def eval_estimate(cfg: Config, shape: Shape, batch_size: int, lengths: list[tuple[int, int, int]] | None = None) -> float:
-    """Peak bytes of ``qsimpo eval --batch-size batch_size`` on this model: no gradients, nothing kept for a backward."""
-    train = dataclasses.replace(cfg.train, batch_size=batch_size, packing="shared_prompt")
-    batch = worst_batch(dataclasses.replace(cfg, train=train), lengths)
+    """Peak bytes of ``qsimpo eval --batch-size batch_size`` on this model: no gradients, nothing kept for a backward.
+
+    Eval loads the base as the adapter records it, with the defaults for the rest (SDPA, automatic compute
+    dtype) and the head chunk sized by the vocabulary, whatever the training run chose for those."""
+    model = dataclasses.replace(cfg.model, attn_implementation="sdpa", compute_dtype="auto")
+    train = dataclasses.replace(cfg.train, batch_size=batch_size, packing="shared_prompt", head_chunk_size=None)
+    cfg = dataclasses.replace(cfg, model=model, train=train)
+    batch = worst_batch(cfg, lengths)
     act = _act_bytes(cfg)
     lora_params = shape.layers * sum(cfg.lora.r * (i + o) for i, o in shape.linears)
     one_layer = batch.tokens * (6 * shape.hidden + 4 * shape.intermediate) * act
@@ -241,7 +246,7 @@ def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[in
     if fits:
         lines.append("fits")
     elif loading > gpu_memory:
-        lines.append("does not fit: every process loads the whole 4-bit base before FSDP splits it; "
+        lines.append("does not fit: every process loads the whole base before FSDP splits it; "
                      "use a device with more memory or a smaller model")
     else:
         lines.append(f"does not fit: {advice(cfg, parts, gpu_memory)}")

@@ -77,3 +77,20 @@ def test_training_with_in_run_eval(wide_base, pref_jsonl, tmp_path):
     rows = [json.loads(line) for line in (run.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_loss" in r] == [1, 2]
     assert not _repacked(run.trainer.model)
+
+
+def test_the_recorded_revision_goes_with_the_recorded_base_only(tmp_path, monkeypatch):
+    """An adapter trained on base@commit: its commit (and GGUF file) are asked of that base, never of another --base."""
+    import json
+
+    import qsimpo.train.model as m
+
+    (tmp_path / "qsimpo.json").write_text(json.dumps({"base_model": "org/base", "base_model_revision": "abc123",
+                                                      "base_model_gguf_file": "m.gguf", "quantization": "nf4"}))
+    seen = []
+    monkeypatch.setattr(m, "load_tokenizer", lambda cfg: seen.append(cfg) or (_ for _ in ()).throw(RuntimeError("stop")))
+    for base in (None, "other/base"):
+        with contextlib.suppress(RuntimeError):
+            m.load_trained(str(tmp_path), base)
+    assert (seen[0].name_or_path, seen[0].revision, seen[0].gguf_file) == ("org/base", "abc123", "m.gguf")
+    assert (seen[1].name_or_path, seen[1].revision, seen[1].gguf_file) == ("other/base", None, None)

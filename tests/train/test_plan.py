@@ -93,7 +93,7 @@ def test_fsdp_splits_the_weights_per_process_and_checks_the_load():
     text, fits = plan(cfg, parse_size("24GiB"), LLAMA3_8B, processes=2)
     assert fits and "FSDP splits the base and the LoRA state 2 ways" in text and "while loading (whole base)" in text
     text, fits = plan(cfg, parse_size("6GiB"), LLAMA3_8B, processes=8)  # sharded it would fit; the load does not
-    assert not fits and "loads the whole 4-bit base before FSDP splits it" in text
+    assert not fits and "loads the whole base before FSDP splits it" in text
     assert "pass --processes N" in plan(cfg, parse_size("24GiB"), LLAMA3_8B)[0]
 
 
@@ -103,10 +103,11 @@ def test_plan_processes_on_the_command_line(tmp_path):
 
     from conftest import ROOT
 
-    done = subprocess.run([sys.executable, "-m", "qsimpo", "plan", str(ROOT / "configs" / "quickstart.yaml"),
+    done = subprocess.run([sys.executable, "-m", "qsimpo", "plan", str(ROOT / "configs" / "quickstart.yaml"), "--data",
                            "--processes", "0"], capture_output=True, text=True, cwd=tmp_path,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 2 and "--processes 0" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "--processes: '0' is not a whole number >= 1" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "tokenizing" not in done.stderr  # refused before any data is read
 
 
 def test_plan_says_whether_eval_fits_and_at_which_batch():
@@ -124,3 +125,7 @@ def test_plan_says_whether_eval_fits_and_at_which_batch():
     text, fits = plan(cfg, int(tight), LLAMA3_8B)
     batch = max(b for b in range(1, 8) if eval_estimate(cfg, shape, b) <= tight)
     assert fits and f"pass --batch-size {batch}" in text
+    # eval loads the base with SDPA and the vocabulary-sized head, whatever the run trained with
+    for extra in (["--model.attn_implementation", "flex_attention"], ["--train.head_chunk_size", "0"],
+                  ["--model.compute_dtype", "float32"]):
+        assert eval_estimate(load_config(ROOT_CONFIGS / "llama3-8b-instruct.yaml", extra), shape, 8) == need
