@@ -17,7 +17,6 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import annotated_types
 import yaml
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
@@ -151,9 +150,9 @@ class Config:
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "simpo": SimPOConfig, "train": TrainConfig}
 _CONFIG = TypeAdapter(Config)
-_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-_BOUND_TYPES = {annotated_types.Gt: (">", "gt"), annotated_types.Ge: (">=", "ge"), annotated_types.Lt: ("<", "lt"),
-                annotated_types.Le: ("<=", "le")}
+# A bound by its name: the Field argument, the attribute of its annotated_types marker and the key of
+# pydantic's error context are all "gt", "ge", "lt" or "le".
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
 def field_docs() -> list[tuple[str, str, Any, str]]:
@@ -167,7 +166,7 @@ def field_docs() -> list[tuple[str, str, Any, str]]:
 
 
 def _bounds(info) -> str:
-    marks = [f"{op} {getattr(m, attr)}" for m in info.metadata for cls, (op, attr) in _BOUND_TYPES.items() if isinstance(m, cls)]
+    marks = [f"{op} {getattr(m, name)}" for m in info.metadata for name, op in _BOUNDS.items() if hasattr(m, name)]
     return f", {', '.join(marks)}" if marks else ""
 
 
@@ -189,7 +188,7 @@ def _problem(loc: tuple, errors: list[dict], raw: dict) -> str:
     first = errors[0]
     if len(loc) == 1:
         if first["type"] == "unexpected_keyword_argument":
-            return f"unknown section {loc[0]!r}: valid sections are {', '.join(SECTIONS)}"
+            return _unknown_section(loc[0])
         return f"section {loc[0]!r} must be a mapping of key: value, got {first['input']!r}"
     section, key = loc
     fields = SECTIONS[section].__pydantic_fields__
@@ -198,10 +197,11 @@ def _problem(loc: tuple, errors: list[dict], raw: dict) -> str:
         hint = f" (did you mean {section}.{close[0]}?)" if close else ""
         return f"unknown key {section}.{key}{hint}; valid keys: {', '.join(fields)}"
     info, value = fields[key], raw[section][key]
-    if len(errors) == 1 and first["type"] in _BOUNDS:
-        bound = f"{next(iter(first['ctx'].values())):g}"
+    bounds = [(name, v) for name, v in (first.get("ctx") or {}).items() if name in _BOUNDS]
+    if len(errors) == 1 and bounds:
+        (name, bound), = bounds
         hint = (info.json_schema_extra or {}).get("hint")
-        return f"{section}.{key} = {value!r} must be {_BOUNDS[first['type']]} {bound}" + (f" ({hint})" if hint else "")
+        return f"{section}.{key} = {value!r} must be {_BOUNDS[name]} {bound:g}" + (f" ({hint})" if hint else "")
     if len(errors) == 1 and first["type"] == "literal_error":
         return f"{section}.{key} = {value!r} is not one of {', '.join(map(str, typing.get_args(info.annotation)))}"
     expected = _type_name(info.annotation)
@@ -293,12 +293,16 @@ def build(raw: dict, source: str | None = None) -> Config:
     return _checked(_CONFIG.validate_python(kept), problems, source)
 
 
+def _unknown_section(name) -> str:
+    return f"unknown section {name!r}: valid sections are {', '.join(SECTIONS)}"
+
+
 def _string_keys(raw: dict) -> tuple[list[str], dict]:
     """Problems for keys that are not text (YAML reads `1:` or `null:` as a number or None), and raw without them."""
     problems, kept = [], {}
     for section, values in raw.items():
         if not isinstance(section, str):
-            problems.append(f"unknown section {section!r}: valid sections are {', '.join(SECTIONS)}")
+            problems.append(_unknown_section(section))
             continue
         if section in SECTIONS and isinstance(values, dict):
             for key in [k for k in values if not isinstance(k, str)]:

@@ -64,8 +64,8 @@ class MergeResult:
     report: object | None  # qsimpo.export.verify.VerifyReport, or None with --no-verify
 
 
-def check_request(adapter: str, out: Path, base: str | None, overwrite: bool) -> dict:
-    """The adapter's metadata, once every reason to refuse has been ruled out."""
+def check_request(adapter: str, out: Path, base: str | None, overwrite: bool) -> tuple[dict, str]:
+    """The adapter's metadata and the base to merge into, once every reason to refuse has been ruled out."""
     from qsimpo.run_dir import base_model, check_adapter, read_meta
 
     check_adapter(adapter)
@@ -73,7 +73,7 @@ def check_request(adapter: str, out: Path, base: str | None, overwrite: bool) ->
     meta = read_meta(adapter)
     if meta.get("merged_from"):
         raise MergeError(f"{adapter} is already a merge of {meta['merged_from']}: merge the adapter itself, not its merge")
-    base_model(adapter, base, meta)
+    base = base_model(adapter, base, meta)
     a, o = local.resolve(), out.resolve()
     if local.exists() and (a == o or a in o.parents or o in a.parents):
         raise MergeError(f"--out {out} would overwrite the adapter {adapter}: choose a folder outside it")
@@ -81,7 +81,7 @@ def check_request(adapter: str, out: Path, base: str | None, overwrite: bool) ->
         prev = out / "qsimpo.json"
         what = "already holds a merged model" if prev.is_file() and "merged_from" in json.loads(prev.read_text()) else "already exists"
         raise MergeError(f"{out} {what}: choose another --out, or pass --overwrite to replace it")
-    return meta
+    return meta, base
 
 
 def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtype: str = DEFAULT_DTYPE, verify: bool = True,
@@ -98,8 +98,7 @@ def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtyp
     if dtype not in DTYPES:
         raise MergeError(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)}")
     adapter, out = str(adapter), Path(out)
-    meta = check_request(adapter, out, base, overwrite)
-    base = base or meta["base_model"]
+    meta, base = check_request(adapter, out, base, overwrite)
     device = device or device_for_rank()
     torch_dtype = getattr(torch, dtype)
 

@@ -120,24 +120,21 @@ def estimate(cfg: Config, shape: Shape, batch: Batch | None = None, processes: i
     """Bytes by part, per process, for ``cfg`` on a model of ``shape`` (see the module docstring)."""
     act, bits = _act_bytes(cfg), _weight_bits(cfg, shape)
     per_layer = sum(i * o for i, o in shape.linears)
-    lora_params = shape.layers * sum(cfg.lora.r * (i + o) for i, o in shape.linears)
+    lora_params = _lora_params(cfg, shape)
 
     t = cfg.train
     batch = batch or worst_batch(cfg)
-    tokens = batch.tokens
-    h, inter = shape.hidden, shape.intermediate
-    layer_acts = tokens * (6 * h + 4 * inter) * act  # q, k, v, o, norms, residual + gate, up, act, product
-    acts = tokens * h * act * shape.layers + 2 * layer_acts if t.gradient_checkpointing else shape.layers * layer_acts
-    mask = batch.mask_cells * (act + 1)
-    head = _head_bytes(cfg, shape, batch, grad=True)
+    layer_acts = _layer_acts(cfg, shape, batch)
+    acts = batch.tokens * shape.hidden * act * shape.layers + 2 * layer_acts if t.gradient_checkpointing \
+        else shape.layers * layer_acts
     shards = processes if t.fsdp else 1
     parts = {
         "base weights": base_weights(cfg, shape) / shards,
-        "dequantized linear (transient)": max(i * o for i, o in shape.linears) * act if cfg.model.quantization != "none" else 0,
+        "dequantized linear (transient)": _dequantized_linear(cfg, shape),
         "LoRA weights + grads + AdamW": lora_params * 16 / shards,
         "activations": acts,
-        "attention mask": mask,
-        "output head": head,
+        "attention mask": _mask_bytes(cfg, batch),
+        "output head": _head_bytes(cfg, shape, batch, grad=True),
         "CUDA context": CONTEXT,
     }
     if shards > 1:  # one unit in use + the next prefetched, each gathered whole
@@ -155,12 +152,29 @@ def eval_estimate(cfg: Config, shape: Shape, batch_size: int, lengths: list[tupl
     train = dataclasses.replace(cfg.train, batch_size=batch_size, packing="shared_prompt", head_chunk_size=None)
     cfg = dataclasses.replace(cfg, model=model, train=train)
     batch = worst_batch(cfg, lengths)
-    act = _act_bytes(cfg)
-    lora_params = shape.layers * sum(cfg.lora.r * (i + o) for i, o in shape.linears)
-    one_layer = batch.tokens * (6 * shape.hidden + 4 * shape.intermediate) * act
-    head = _head_bytes(cfg, shape, batch, grad=False)
-    dequant = max(i * o for i, o in shape.linears) * act if cfg.model.quantization != "none" else 0
-    return base_weights(cfg, shape) + dequant + lora_params * 4 + one_layer + batch.mask_cells * (act + 1) + head + CONTEXT
+    return (base_weights(cfg, shape) + _dequantized_linear(cfg, shape) + _lora_params(cfg, shape) * 4
+            + _layer_acts(cfg, shape, batch) + _mask_bytes(cfg, batch) + _head_bytes(cfg, shape, batch, grad=False)
+            + CONTEXT)
+
+
+def _lora_params(cfg: Config, shape: Shape) -> int:
+    """r·(in + out) per adapted linear, every layer."""
+    return shape.layers * sum(cfg.lora.r * (i + o) for i, o in shape.linears)
+
+
+def _layer_acts(cfg: Config, shape: Shape, batch: Batch) -> float:
+    """One decoder layer's intermediates: q, k, v, o, norms, residual + gate, up, act, product."""
+    return batch.tokens * (6 * shape.hidden + 4 * shape.intermediate) * _act_bytes(cfg)
+
+
+def _dequantized_linear(cfg: Config, shape: Shape) -> float:
+    """The largest linear bitsandbytes turns back into the compute dtype for a matmul (none unquantized)."""
+    return max(i * o for i, o in shape.linears) * _act_bytes(cfg) if cfg.model.quantization != "none" else 0
+
+
+def _mask_bytes(cfg: Config, batch: Batch) -> float:
+    """The dense 4-D mask in the compute dtype plus the boolean it is built from."""
+    return batch.mask_cells * (_act_bytes(cfg) + 1)
 
 
 def _head_bytes(cfg: Config, shape: Shape, batch: Batch, grad: bool) -> float:
