@@ -150,20 +150,20 @@ def _merge_in_memory(adapter, base, meta, base_weights, dtype, device, probes):
     from peft import PeftModel
 
     from qsimpo.export.verify import next_token_logprobs
-    from qsimpo.train.model import dequantize_base, load_base
+    from qsimpo.train.model import base_config, dequantize_base, load_base
 
     quantization = meta.get("quantization", "nf4")
     wants_original = base_weights == "original" and quantization != "none"
     model = ref_deq = None
     if probes is not None or not wants_original:
         # The base exactly as training loaded it (same quantization, same compute dtype), then dequantized.
-        trained = _base_config(base, meta, quantization=quantization)
+        trained = base_config(base, meta, quantization=quantization)
         model = PeftModel.from_pretrained(dequantize_base(load_base(trained, device), getattr(torch, dtype)), adapter)
         if probes is not None:
             ref_deq = next_token_logprobs(model.eval(), probes)
     if wants_original:
         model = None  # free the dequantized copy first
-        original = _base_config(base, meta, quantization="none", compute_dtype=dtype)
+        original = base_config(base, meta, quantization="none", compute_dtype=dtype)
         model = PeftModel.from_pretrained(load_base(original, device), adapter)
     try:
         merged = model.merge_and_unload(safe_merge=True)  # raises on NaN/inf before touching the weights
@@ -174,26 +174,17 @@ def _merge_in_memory(adapter, base, meta, base_weights, dtype, device, probes):
     return merged, ref_deq
 
 
-def _base_config(base: str, meta: dict, **kwargs):
-    """The base as a ModelConfig: the recorded revision, and the recorded GGUF file when ``base`` is the recorded base."""
-    from qsimpo.config import ModelConfig
-
-    recorded = base == meta.get("base_model")
-    return ModelConfig(name_or_path=base, revision=meta.get("base_model_revision") if recorded else None,
-                       gguf_file=meta.get("base_model_gguf_file") if recorded else None, **kwargs)
-
-
 def _save(merged, folder: Path, adapter: str, base: str, meta: dict, base_weights: str, dtype: str, max_shard_size: str) -> None:
     """Model (sharded safetensors) + generation config, the base's own tokenizer and chat template, provenance."""
     from transformers import AutoTokenizer
 
     from qsimpo import __version__
     from qsimpo.export.hub import final_metrics
-    from qsimpo.train.model import pretrained_source
+    from qsimpo.train.model import base_config, pretrained_source
 
     merged.save_pretrained(folder, max_shard_size=max_shard_size)
     # The base's tokenizer as published (not the training copy, which may have gained a pad token).
-    source = _base_config(base, meta)
+    source = base_config(base, meta)
     resolved = pretrained_source(source)
     AutoTokenizer.from_pretrained(resolved.name_or_path, revision=resolved.revision).save_pretrained(folder)
     if (Path(adapter) / "config.yaml").is_file():

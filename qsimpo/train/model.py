@@ -159,6 +159,14 @@ def enable_activation_checkpointing(model, kwargs: dict) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def base_config(base: str, meta: dict, **kwargs) -> ModelConfig:
+    """The base an adapter's qsimpo.json (``meta``) records, as a ModelConfig: its revision and GGUF file go with the
+    recorded base only, never with another one given by --base."""
+    recorded = base == meta.get("base_model")
+    return ModelConfig(name_or_path=base, revision=meta.get("base_model_revision") if recorded else None,
+                       gguf_file=meta.get("base_model_gguf_file") if recorded else None, **kwargs)
+
+
 def load_trained(adapter: str, base: str | None = None, quantization: str | None = None, device: str | None = None,
                  trust_remote_code: bool = False):
     """(model, tokenizer): the adapter on its base, quantized as it was trained. ``adapter`` is a folder or a Hub id."""
@@ -170,10 +178,8 @@ def load_trained(adapter: str, base: str | None = None, quantization: str | None
     base = base or meta.get("base_model")
     if not base:
         raise UsageError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder with --base")
-    recorded = base == meta.get("base_model")  # the recorded revision and GGUF file belong to the recorded base only
-    cfg = ModelConfig(name_or_path=base, revision=meta.get("base_model_revision") if recorded else None,
-                      gguf_file=meta.get("base_model_gguf_file") if recorded else None,
-                      quantization=quantization or meta.get("quantization", "nf4"), trust_remote_code=trust_remote_code)
+    cfg = base_config(base, meta, quantization=quantization or meta.get("quantization", "nf4"),
+                      trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(cfg)
     model = PeftModel.from_pretrained(load_base(cfg, device), adapter)
     model.eval()
