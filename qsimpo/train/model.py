@@ -172,12 +172,10 @@ def load_trained(adapter: str, base: str | None = None, quantization: str | None
     """(model, tokenizer): the adapter on its base, quantized as it was trained. ``adapter`` is a folder or a Hub id."""
     from peft import PeftModel
 
-    from qsimpo.run_dir import read_meta
+    from qsimpo.run_dir import base_model, read_meta
 
     meta = read_meta(adapter)
-    base = base or meta.get("base_model")
-    if not base:
-        raise UsageError(f"{adapter} records no base model (no qsimpo.json): pass the base model's Hub id or folder with --base")
+    base = base_model(adapter, base, meta)
     cfg = base_config(base, meta, quantization=quantization or meta.get("quantization", "nf4"),
                       trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(cfg)
