@@ -12,7 +12,7 @@ import os
 import torch
 
 from qsimpo.config import LoraConfig, ModelConfig
-from qsimpo.errors import InputNotFound, UsageError
+from qsimpo.errors import InputNotFound
 
 
 def device_for_rank() -> str:
