@@ -162,8 +162,8 @@ def test_an_adapter_finds_its_gguf_base_through_qsimpo_json(tmp_path, monkeypatc
     """qsimpo.json records the base as given (folder + model.gguf_file here); eval, demo and merge load it back."""
     import peft
 
-    from qsimpo.export.merge import _base_config
     from qsimpo.train import model as model_mod
+    from qsimpo.train.model import base_config
 
     meta = {"base_model": "models/smol", "base_model_gguf_file": "smol.Q4_1.gguf", "quantization": "nf4"}
     (tmp_path / "qsimpo.json").write_text(json.dumps(meta))
@@ -176,5 +176,5 @@ def test_an_adapter_finds_its_gguf_base_through_qsimpo_json(tmp_path, monkeypatc
     seen.clear()
     model_mod.load_trained(str(tmp_path), base="other/model")  # --base replaces the recorded base, file and all
     assert [(c.name_or_path, c.gguf_file) for c in seen] == [("other/model", None)] * 2
-    assert _base_config("models/smol", meta, quantization="none").gguf_file == "smol.Q4_1.gguf"
-    assert _base_config("other/model", meta).gguf_file is None
+    assert base_config("models/smol", meta, quantization="none").gguf_file == "smol.Q4_1.gguf"
+    assert base_config("other/model", meta).gguf_file is None
