@@ -193,7 +193,7 @@ class SideBySide:
         β times this number is the SimPO reward the row would get in training.
         """
         from qsimpo.data import tokenize_pair
-        from qsimpo.eval.scoring import score_pairs
+        from qsimpo.scoring import score_pairs
 
         pairs = []
         for _, messages, response in items:  # a "pair" of the response with itself: one packed row per item

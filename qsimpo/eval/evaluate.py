@@ -25,7 +25,7 @@ from qsimpo import __version__
 from qsimpo.eval import metrics as M
 from qsimpo.errors import UsageError
 from qsimpo.data import DataError, looks_local, read_source, split_eval, tokenize_source
-from qsimpo.eval.scoring import PairScores, score_pairs
+from qsimpo.scoring import PairScores, score_pairs
 
 SCHEMA_VERSION = 1
 

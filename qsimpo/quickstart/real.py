@@ -43,7 +43,7 @@ def split_pairs(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 def probe(model, tokenizer, pairs, prompts: list[str], max_new_tokens: int = 64) -> dict:
     from qsimpo.eval.generate import generate
     from qsimpo.eval.metrics import reward_accuracy
-    from qsimpo.eval.scoring import score_pairs
+    from qsimpo.scoring import score_pairs
 
     scores = score_pairs(model, pairs, tokenizer.pad_token_id)
     answers = [generate(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=max_new_tokens) for p in prompts]

@@ -121,7 +121,7 @@ def quickstart_config(out: Path, data: Path, base: Path, heldout: Path):
 def probe(model, tokenizer, pairs, prompts) -> dict:
     from qsimpo.eval.generate import generate
     from qsimpo.eval.metrics import reward_accuracy
-    from qsimpo.eval.scoring import score_pairs
+    from qsimpo.scoring import score_pairs
 
     scores = score_pairs(model, pairs, tokenizer.pad_token_id)
     gens = [generate(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=48) for p in prompts]

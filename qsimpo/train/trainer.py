@@ -3,14 +3,13 @@
 Everything else (loop, gradient accumulation, checkpoints, resume, DDP/FSDP/DeepSpeed via
 accelerate, report_to) is the stock Trainer. A batch is either layout of ``qsimpo.train.packing``
 (one packed row per pair, or the B chosen rows followed by the B rejected rows); both say
-which positions to score the same way, so ``pair_logps`` serves them alike.
+which positions to score the same way, so ``qsimpo.scoring.pair_logps`` serves them alike.
 """
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 from accelerate.utils import DistributedType
@@ -18,51 +17,8 @@ from transformers import Trainer
 
 from qsimpo.config import ConfigError, SimPOConfig
 from qsimpo.errors import QsimpoError
-from qsimpo.train.logprobs import chunked_token_logps, indexed_logps, per_sequence
+from qsimpo.scoring import pair_logps, unwrap
 from qsimpo.train.loss import simpo_loss
-from qsimpo.train.packing import attention_inputs
-
-
-def unwrap(model):
-    """The transformers model inside DDP / accelerate / PEFT wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def attn_implementation(model) -> str:
-    return unwrap(model).config._attn_implementation
-
-
-@contextmanager
-def scoring_head(model, score_index, score_labels, chunk_size: int):
-    """For the forward passes inside: the output head returns the scored tokens' log-probs, not logits.
-
-    The model still calls its head as ``lm_head(hidden_states)``, inside every wrapper (DDP,
-    FSDP, PEFT), and only the head's ``forward`` is replaced, so the hooks a sharding wrapper
-    puts on the head module run as for any linear layer: FSDP2 (and ZeRO-3) gather the weight
-    before this forward and again before its backward, and the chunked head reads whole
-    weights. ``.logits`` of the output is then ``[T]``, one log-prob per scored token. Gemma-2's
-    soft-cap is applied by the chunked head instead of by the model.
-    """
-    lm = unwrap(model)
-    head = lm.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"train.head_chunk_size needs a plain nn.Linear output head, got {type(head).__name__}: set it to 0")
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
-
-    def forward(hidden):
-        return chunked_token_logps(hidden, head.weight, head.bias, score_index, score_labels, chunk_size, softcap)
-
-    head.forward = forward  # an instance attribute: the class's forward and every hook stay as they are
-    if softcap is not None:
-        lm.config.final_logit_softcapping = None
-    try:
-        yield
-    finally:
-        del head.forward
-        if softcap is not None:
-            lm.config.final_logit_softcapping = softcap
 
 
 class NonFiniteError(QsimpoError, RuntimeError):
@@ -74,25 +30,6 @@ NON_FINITE_CAUSES = (
     "or a data row with an extreme response (run `qsimpo inspect-data` on the config). The last saved checkpoint "
     "in train.output_dir is intact: fix the cause and resume with --train.resume_from auto"
 )
-
-
-def pair_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch.float32, **forward_kwargs):
-    """(chosen, rejected) average response log-probs for a batch of either layout (qsimpo.train.packing).
-
-    The one scoring function: the training loss, in-training evaluation, ``qsimpo eval``, the
-    quickstart and the demo all score responses through it. ``forward_kwargs`` go to the model
-    (the demo passes peft's per-row ``adapter_names``).
-    """
-    b = int(inputs["num_pairs"])
-    kwargs = {"input_ids": inputs["input_ids"], "use_cache": False,
-              **attention_inputs(inputs, attn_implementation(model), compute_dtype), **forward_kwargs}
-    index, labels, seq = inputs["score_index"], inputs["score_labels"], inputs["score_seq"]
-    if head_chunk_size:
-        with scoring_head(model, index, labels, head_chunk_size):
-            logps = per_sequence(model(**kwargs).logits, seq, 2 * b)
-    else:
-        logps = indexed_logps(model(**kwargs).logits, index, labels, seq, 2 * b)  # the model applied any soft-cap itself
-    return logps.avg[:b], logps.avg[b:]
 
 
 def pair_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from qsimpo.train.logprobs import sequence_logps
 from qsimpo.train.loss import simpo_loss
 from qsimpo.train.model import add_lora, load_base
 from qsimpo.train.packing import PackedPairCollator, PlainPairCollator, attention_inputs
-from qsimpo.train.trainer import attn_implementation, pair_logps
+from qsimpo.scoring import attn_implementation, pair_logps
 
 
 def _pairs(vocab, seed=0):
