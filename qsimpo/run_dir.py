@@ -45,6 +45,16 @@ def read_meta(run: str | Path) -> dict:
     return json.loads(path.read_text()) if path else {}
 
 
+def write_meta(folder: str | Path, meta: dict) -> None:
+    """Write ``folder``'s qsimpo.json."""
+    write_json(folder, META, meta)
+
+
+def update_meta(folder: str | Path, **fields) -> None:
+    """Add ``fields`` to the qsimpo.json ``folder`` already holds."""
+    write_meta(folder, {**read_meta(folder), **fields})
+
+
 def read_config(run: str | Path):
     """The run's resolved Config from its config.yaml; None without one. A config.yaml that no longer loads
     is a ConfigError naming the file."""
@@ -57,6 +67,31 @@ def read_config(run: str | Path):
         return load_config(path)
     except ConfigError as e:
         raise ConfigError([f"{path} (the run's resolved config) does not load: {e}"]) from None
+
+
+def read_config_yaml(run: str | Path) -> dict:
+    """The run's config.yaml as written, not validated; {} without one. For what only describes a run (the model
+    card), which a config an older qsimpo wrote must not stop."""
+    import yaml
+
+    path = fetch(run, CONFIG)
+    return (yaml.safe_load(path.read_text()) or {}) if path else {}
+
+
+def write_config(folder: str | Path, cfg) -> None:
+    """Write the resolved Config ``cfg`` as ``folder``'s config.yaml."""
+    from .config import dump_yaml
+
+    (Path(folder) / CONFIG).write_text(dump_yaml(cfg))
+
+
+def copy_config(run: str | Path, folder: str | Path) -> None:
+    """Copy the run's config.yaml, as written, into ``folder`` (nothing when the run has none)."""
+    import shutil
+
+    path = fetch(run, CONFIG)
+    if path is not None:
+        shutil.copy2(path, Path(folder) / CONFIG)
 
 
 def read_metrics(run: str | Path) -> list[dict]:
@@ -113,5 +148,10 @@ def is_complete(checkpoint: str | Path) -> bool:
     return (Path(checkpoint) / CHECKPOINT_MARKER).is_file()
 
 
+def json_text(data: dict) -> str:
+    """How a run's JSON files are written (qsimpo.json, checkpoint markers): indented, anything else as str."""
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
 def write_json(folder: str | Path, name: str, data: dict) -> None:
-    (Path(folder) / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    (Path(folder) / name).write_text(json_text(data))

@@ -12,19 +12,18 @@ Everything up to the upload is local and tested; ``upload`` is the one function 
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qsimpo.errors import InputNotFound, QsimpoError
-from qsimpo.run_dir import ADAPTER_FILES
+from qsimpo.run_dir import ADAPTER_FILES, META
 
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
                "model.safetensors.index.json"]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json"]
-GENERATED = ("README.md", "qsimpo.json")  # written by push itself, never copied from the folder
+GENERATED = ("README.md", META)  # written by push itself, never copied from the folder
 TAGS = ["qsimpo", "simpo", "qlora", "preference-optimization", "alignment", "nf4"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # where we push: always "owner/name"
 
@@ -94,13 +93,6 @@ def final_metrics(adapter: str, meta: dict) -> dict:
     return out
 
 
-def _read_config(folder: Path) -> dict:
-    import yaml
-
-    path = folder / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
-
-
 def _is_local(path: str) -> bool:
     from qsimpo.data import looks_local  # the rule `data.path` is read by: a leading / . ~, a file suffix, two "/"...
 
@@ -119,9 +111,9 @@ def hub_base_model(meta: dict, override: str | None, folder: Path) -> str:
             raise PushError(f"--base-model {override!r} is not a Hub model id: give it as OWNER/NAME, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
         return override
     if not recorded:
-        raise PushError(f"{folder / 'qsimpo.json'} records no base model: name it with --base-model OWNER/NAME")
+        raise PushError(f"{folder / META} records no base model: name it with --base-model OWNER/NAME")
     if _is_local(recorded):
-        raise PushError(f"{folder / 'qsimpo.json'} records the base model as the local path {recorded!r}, and a card "
+        raise PushError(f"{folder / META} records the base model as the local path {recorded!r}, and a card "
                         "must name a Hub id: pass --base-model OWNER/NAME (the Hub model that folder holds)")
     return recorded
 
@@ -265,7 +257,7 @@ def hub_metadata(meta: dict, base_model: str, metrics: dict) -> dict:
 def plan_push(folder: str | Path, repo_id: str, base_model: str | None = None, private: bool = False,
               license: str | None = None, datasets: list[str] = (), include: list[str] = ()) -> PushPlan:
     """Everything a push will send, decided locally: the files, the card and the metadata."""
-    from qsimpo.run_dir import read_meta
+    from qsimpo.run_dir import json_text, read_config_yaml, read_meta
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -275,7 +267,7 @@ def plan_push(folder: str | Path, repo_id: str, base_model: str | None = None, p
     kind = folder_kind(folder)
     meta = read_meta(str(folder))
     base = hub_base_model(meta, base_model, folder)
-    config = _read_config(folder)
+    config = read_config_yaml(folder)
     metrics = final_metrics(str(folder), meta)
     record = hub_metadata(meta, base, metrics)
     license, notes = license or _base_license(meta), []
@@ -287,7 +279,7 @@ def plan_push(folder: str | Path, repo_id: str, base_model: str | None = None, p
     if not hub_datasets:
         notes.append("datasets: none on the Hub recorded (the training data was local): name it with --dataset OWNER/NAME")
     card = build_card(kind, repo_id, base, record, config, license, hub_datasets)
-    generated = {"README.md": str(card), "qsimpo.json": json.dumps(record, indent=2, default=str) + "\n"}
+    generated = {"README.md": str(card), META: json_text(record)}
     return PushPlan(repo_id, folder, kind, select_files(folder, kind, list(include)), generated, private, notes)
 
 

@@ -25,7 +25,6 @@ folder behind.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -78,8 +77,7 @@ def check_request(adapter: str, out: Path, base: str | None, overwrite: bool) ->
     if local.exists() and (a == o or a in o.parents or o in a.parents):
         raise MergeError(f"--out {out} would overwrite the adapter {adapter}: choose a folder outside it")
     if out.exists() and not overwrite:
-        prev = out / "qsimpo.json"
-        what = "already holds a merged model" if prev.is_file() and "merged_from" in json.loads(prev.read_text()) else "already exists"
+        what = "already holds a merged model" if out.is_dir() and "merged_from" in read_meta(out) else "already exists"
         raise MergeError(f"{out} {what}: choose another --out, or pass --overwrite to replace it")
     return meta, base
 
@@ -92,6 +90,7 @@ def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtyp
 
     from qsimpo.train.model import device_for_rank, load_trained
     from qsimpo.export.verify import VerifyReport, agreement, next_token_logprobs, probe_sequences
+    from qsimpo.run_dir import update_meta
 
     if base_weights not in BASE_WEIGHTS:
         raise MergeError(f"--base-weights {base_weights!r} must be one of {', '.join(BASE_WEIGHTS)}")
@@ -127,7 +126,7 @@ def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtyp
             reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch_dtype, device_map={"": device})
             mine = next_token_logprobs(reloaded.eval(), probes)
             report = VerifyReport(agreement(ref4, mine), agreement(ref_deq, mine), effect, max_ratio, max_kl, source)
-            _update_metadata(staging, verify=report.to_dict())
+            update_meta(staging, verify=report.to_dict())
             for line in report.lines():
                 log(line)
             if not report.passed:
@@ -180,6 +179,7 @@ def _save(merged, folder: Path, adapter: str, base: str, meta: dict, base_weight
 
     from qsimpo import __version__
     from qsimpo.export.hub import final_metrics
+    from qsimpo.run_dir import copy_config, write_meta
     from qsimpo.train.model import base_config, pretrained_source
 
     merged.save_pretrained(folder, max_shard_size=max_shard_size)
@@ -187,19 +187,13 @@ def _save(merged, folder: Path, adapter: str, base: str, meta: dict, base_weight
     source = base_config(base, meta)
     resolved = pretrained_source(source)
     AutoTokenizer.from_pretrained(resolved.name_or_path, revision=resolved.revision).save_pretrained(folder)
-    if (Path(adapter) / "config.yaml").is_file():
-        shutil.copy2(Path(adapter) / "config.yaml", folder / "config.yaml")
+    copy_config(adapter, folder)
     local = Path(adapter)
     record = {**meta, "base_model": base, "base_model_gguf_file": source.gguf_file,
               "merged_from": str(local.resolve()) if local.is_dir() else adapter,
               "base_weights": base_weights, "dtype": dtype, "merged_by": f"qsimpo {__version__}",
               "final_metrics": final_metrics(adapter, meta)}
-    (folder / "qsimpo.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-
-def _update_metadata(folder: Path, **fields) -> None:
-    path = folder / "qsimpo.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}, indent=2, default=str) + "\n")
+    write_meta(folder, record)
 
 
 def _failure_message(report, base_weights: str, dtype: str, out: Path) -> str:

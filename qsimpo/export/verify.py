@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -116,14 +115,14 @@ def next_token_logprobs(model, sequences: list[list[int]]) -> list[torch.Tensor]
 
 def _training_probes(adapter: str, tokenizer, n: int, max_tokens: int) -> list[list[int]] | None:
     """Prompt + chosen response of the first ``n`` training pairs, when the adapter folder says where they are."""
-    config = Path(adapter) / "config.yaml"
-    if not config.is_file():
-        return None
-    from qsimpo.config import load_config
     from qsimpo.data import build_dataset
+    from qsimpo.run_dir import read_config
 
     try:
-        data = load_config(config).data
+        config = read_config(adapter)
+        if config is None:
+            return None
+        data = config.data
         data.max_rows, data.on_bad_row = n, "skip"
         pairs, _ = build_dataset(data, tokenizer)
     except Exception:  # moved or unreadable data: the built-in prompts still make a valid check

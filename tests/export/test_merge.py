@@ -95,6 +95,7 @@ def test_dequantized_merge_is_nf4_weights_plus_lora(tiny_base, adapter, merged):
     assert not list(out.parent.glob(".*partial*")), "the staging folder must be gone"
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["use_cache"] is True
+    assert (out / "config.yaml").read_bytes() == (adapter / "config.yaml").read_bytes()  # the run's, as written
 
     # W_merged = dequant(NF4(W)) + α/r·B·A, layer by layer, against bitsandbytes' own dequantization
     nf4 = load_base(ModelConfig(name_or_path=str(tiny_base)), "cpu")
