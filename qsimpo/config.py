@@ -88,6 +88,13 @@ class DataConfig:
         except (TypeError, ValueError):
             return None
 
+    @property
+    def prompt_limit(self) -> int:
+        """The prompt tokens kept when a pair must be cut: ``max_prompt_length``, else ``max_length // 2``.
+
+        Derived here, read by tokenization, so a config is never filled in by validation."""
+        return self.max_prompt_length if self.max_prompt_length is not None else self.max_length // 2
+
 
 @dataclass(config=SECTION)
 class SimPOConfig:
@@ -337,10 +344,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"simpo.gamma = {s.gamma} and simpo.gamma_beta_ratio = {s.gamma_beta_ratio} are both set: choose one (gamma = gamma_beta_ratio × beta)")
     if s.loss_type == "hinge" and s.label_smoothing:
         p.append("simpo.label_smoothing applies to the sigmoid loss only: set it to 0 with loss_type hinge")
-    if d.max_prompt_length is None:
-        d.max_prompt_length = d.max_length // 2
-    if d.max_prompt_length >= d.max_length:
-        p.append(f"data.max_prompt_length = {d.max_prompt_length} must be < data.max_length = {d.max_length}, or responses get no tokens: lower it or raise max_length")
+    if d.prompt_limit >= d.max_length:
+        p.append(f"data.max_prompt_length = {d.prompt_limit} must be < data.max_length = {d.max_length}, or responses get no tokens: lower it or raise max_length")
     if d.eval_fraction is not None and not 0 < d.eval_fraction < 1:
         p.append(f"data.eval = {d.eval!r} as a fraction must be in (0, 1)")
     if t.max_steps == 0:

@@ -159,3 +159,40 @@ def test_packing_needs_an_attention_kernel_that_takes_its_mask():
     cfg = load_config(None, ["--model.name_or_path", "m", "--data.path", "d.jsonl",
                              "--model.attn_implementation", "flash_attention_2", "--train.packing", "none"])
     assert cfg.model.attn_implementation == "flash_attention_2"
+
+
+def test_validation_never_fills_in_the_config():
+    """max_prompt_length None stays None: its default (max_length // 2) is derived where it is read, DataConfig.prompt_limit."""
+    import copy
+
+    from qsimpo.config import validate
+
+    cfg = load_config(None, FILL + ["--data.max_length", "64"])  # load_config validates it
+    assert cfg.data.max_prompt_length is None and cfg.data.prompt_limit == 32
+    before = copy.deepcopy(cfg)
+    assert validate(cfg) == [] and cfg == before
+    assert load_config(None, FILL + ["--data.max_prompt_length", "40"]).data.prompt_limit == 40
+    with pytest.raises(ConfigError, match="data.max_prompt_length = 64 must be < data.max_length = 64"):
+        load_config(None, FILL + ["--data.max_length", "64", "--data.max_prompt_length", "64"])
+
+
+def test_a_data_config_built_in_python_cuts_a_long_pair(tmp_path):
+    """DataConfig(max_length=..) never passes through validate: its max_prompt_length stays None, and a pair
+    that must be cut is cut at max_length // 2 prompt tokens (it once reached the tokenizer as None: a TypeError)."""
+    import json
+
+    from qsimpo.config import DataConfig
+    from qsimpo.data import build_dataset
+    from qsimpo.quickstart.toy import build_tokenizer
+
+    prompt = " ".join(f"The number {i} is a word." for i in range(30))
+    row = {"prompt": prompt, "chosen": "A kind answer of a few words.", "rejected": "No."}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    tok = build_tokenizer([prompt, row["chosen"], row["rejected"]] * 20, chat_template=False)
+    cfg = DataConfig(path=str(path), max_length=32)
+    assert cfg.max_prompt_length is None
+    pairs, summary = build_dataset(cfg, tok)
+    assert summary.kept == 1 and summary.truncated_prompt == 1
+    assert len(pairs[0]["prompt_ids"]) == 16  # max_length // 2
+    assert cfg.max_prompt_length is None

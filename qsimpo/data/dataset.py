@@ -187,7 +187,7 @@ def tokenize_source(cfg: DataConfig, source: Source, tokenizer) -> tuple["Pairs"
     with _progress(len(table)):
         table = table.map(_tokenize_batch, batched=True, num_proc=_workers(len(table)), new_fingerprint=fingerprint,
                           fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.max_length,
-                                     "max_prompt_length": cfg.max_prompt_length, "system_prompt": cfg.system_prompt},
+                                     "max_prompt_length": cfg.prompt_limit, "system_prompt": cfg.system_prompt},
                           remove_columns=["raw", "reason", "detail"], desc=f"tokenizing {summary.source}")
     counted = DataSummary(summary.source)  # the reasons of both steps, counted once from the final table
     kept = _record_reasons(table, counted)
