@@ -83,7 +83,12 @@ def enable_fsdp_on_cpu(trainer, state) -> None:
     plugin = FullyShardedDataParallelPlugin(**args) if args is not None else FullyShardedDataParallelPlugin()
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
-    # AcceleratorState copies distributed_type from PartialState each time one is constructed
+    # accelerate has no public way to this (1.15): AcceleratorState.__init__ turns FSDP on (from a plugin or
+    # ACCELERATE_USE_FSDP) only inside its branch for accelerator devices (MULTI_GPU, MULTI_NPU, ...), and
+    # PartialState picks MULTI_CPU for gloo processes with no option to ask for more. Every AcceleratorState()
+    # built later copies distributed_type from PartialState's shared state, and accelerate's collectives read
+    # PartialState().distributed_type, so it is set there too: private state, which
+    # tests/train/test_distributed.py::test_accelerate_still_keeps_fsdp_on_cpu_where_qsimpo_sets_it watches.
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin

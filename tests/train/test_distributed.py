@@ -243,3 +243,47 @@ def test_an_error_under_torchrun_is_said_once(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("error: invalid config") == 1, proc.stderr[-3000:]
     assert "did you mean lora.alpha?" in proc.stderr
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_accelerate_still_keeps_fsdp_on_cpu_where_qsimpo_sets_it(fresh_accelerate_state):
+    """enable_fsdp_on_cpu writes accelerate's private PartialState._shared_state: this fails when accelerate changes it.
+
+    In one process (distributed_type NO where torchrun gives MULTI_CPU: the same path) it checks what the FSDP
+    launches above rely on: the shared state exists and carries distributed_type; a later AcceleratorState()
+    copies it from there (so the write is needed); the Accelerator's FSDP checks read the state it sets; and
+    AcceleratorState still turns FSDP on for accelerator devices only (when it no longer does, accelerate may
+    do this itself: try the launches without enable_fsdp_on_cpu).
+    """
+    import inspect
+    import types
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    from qsimpo.train.trainer import enable_fsdp_on_cpu
+
+    accelerator = Accelerator(cpu=True)
+    assert PartialState._shared_state["distributed_type"] == accelerator.distributed_type == DistributedType.NO
+    trainer = types.SimpleNamespace(args=types.SimpleNamespace(fsdp_plugin_args={"fsdp_version": 2}), is_fsdp_enabled=False)
+    enable_fsdp_on_cpu(trainer, accelerator.state)
+
+    assert trainer.is_fsdp_enabled and accelerator.state.fsdp_plugin.fsdp_version == 2
+    assert accelerator.distributed_type == DistributedType.FSDP and accelerator.is_fsdp2  # what Accelerator.prepare reads
+    assert AcceleratorState().distributed_type == PartialState().distributed_type == DistributedType.FSDP
+    assert AcceleratorState().fsdp_plugin is accelerator.state.fsdp_plugin
+
+    PartialState._shared_state["distributed_type"] = DistributedType.NO  # without the write to PartialState ...
+    assert AcceleratorState().distributed_type == DistributedType.NO  # ... the next AcceleratorState() drops FSDP
+
+    assert "self.is_fsdp2" in inspect.getsource(Accelerator.prepare_model)
+    assert "DistributedType.MULTI_CPU" not in inspect.getsource(AcceleratorState.__init__)
