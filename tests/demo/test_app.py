@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -13,20 +11,9 @@ import time
 
 import pytest
 
-pytest.importorskip("gradio", reason="gradio is not installed: pip install -e .")
-
-from conftest import make_config  # noqa: E402
+from conftest import CHROMIUM_ARGS, chromium, free_port, make_config, message_text as _text, set_slider
 
 PROMPT = "Tell me about owls."
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def served(chat, tmp_path):
@@ -40,11 +27,6 @@ def served(chat, tmp_path):
         yield url, demo.votes_path
     finally:
         demo.close()
-
-
-def _text(message: dict) -> str:
-    content = message["content"]
-    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
 
 
 def test_client_both_columns_answer_and_votes_become_training_rows(served, tiny_base, tmp_path):
@@ -132,35 +114,10 @@ def test_users_at_once_each_get_their_own_answers(served, chat):
         assert {"left": _text(left[-1]), "right": _text(right[-1])} == alone(history, 0.0, 8, 0)
 
 
-def _chromium() -> str | None:
-    for candidate in (os.environ.get("QSIMPO_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if candidate and (path := shutil.which(candidate)):
-            return path
-    return None
-
-
-def _set_slider(page, elem_id: str, value: str) -> None:
-    """Type into a Gradio slider's number box until the slider holds the value.
-
-    Right after the accordion opens, the page may still be wiring the box up and a first
-    fill can be lost (seen: about 1 run in 5); a user would simply type again.
-    """
-    box, track = f"{elem_id} input[type=number]", f"{elem_id} input[type=range]"
-    for _ in range(5):
-        page.fill(box, value)
-        page.press(box, "Tab")  # the slider commits the number on blur
-        try:
-            page.wait_for_function(f"() => document.querySelector('{track}').value === '{value}'", timeout=2_000)
-            return
-        except Exception:
-            continue
-    raise AssertionError(f"the slider {elem_id} never took the value {value}: "
-                         f"box {page.input_value(box)!r}, slider {page.input_value(track)!r}")
-
-
 def test_browser_chat_and_vote(served, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    executable = _chromium()
+    from playwright import sync_api  # tests/requirements.txt: a missing one is an install error, not a skip
+
+    executable = chromium()
     if executable is None:
         pytest.skip("no Chromium on this machine: apt-get install chromium (.ci/run does), or set QSIMPO_CHROMIUM")
     url, votes = served
@@ -170,7 +127,7 @@ def test_browser_chat_and_vote(served, tmp_path):
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(url, wait_until="domcontentloaded")
             page.get_by_text("Generation settings").click()
-            _set_slider(page, "#max-new-tokens", "12")
+            set_slider(page, "#max-new-tokens", "12")
             page.fill("#message textarea", PROMPT)
             page.press("#message textarea", "Enter")
             both = ("() => ['left', 'right'].every(s => document.querySelector(`#stats-${s}`).innerText.includes('tokens')"

@@ -1,27 +1,22 @@
 """`qsimpo demo` from a regular install: build the wheel, install it into a fresh venv, serve, answer.
 
-The venv sees the system's site-packages (torch and the rest are not installed again), but
-qsimpo itself must come from the wheel: every command runs from an empty folder without
-PYTHONPATH, and the test checks where `import qsimpo` resolves.
+The new venv sees the packages of the interpreter running the tests, whether that is a system
+install or itself a virtual environment (torch and the rest are not installed again), but qsimpo
+itself must come from the wheel: every command runs from an empty folder without PYTHONPATH, and
+the test checks where `import qsimpo` resolves.
 """
 
 from __future__ import annotations
 
 import os
+import site
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("gradio", reason="gradio is not installed: pip install -e .")
-
-from conftest import ROOT  # noqa: E402
-from test_app import _text, free_port  # noqa: E402
+from conftest import ROOT, free_port, message_text as _text, wait_for
 
 SKIP = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", "dist", "adapters", ".pytest_cache")
 
@@ -30,18 +25,6 @@ def run(cmd: list, cwd: Path, env: dict, timeout: float = 600) -> str:
     done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{cmd}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
-
-
-def wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert server.poll() is None, f"the demo exited with {server.returncode}:\n{log.read_text()[-3000:]}"
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"the demo did not answer at {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 def test_wheel_installs_and_serves_the_demo(tmp_path, tiny_adapters):
@@ -60,9 +43,15 @@ def test_wheel_installs_and_serves_the_demo(tmp_path, tiny_adapters):
             "qsimpo/demo/batcher.py", "qsimpo/demo/stream.py", "qsimpo/demo/votes.py", "qsimpo/quickstart/tiny.yaml"} <= names
     assert not [n for n in names if n.startswith(("demo/", "tests/"))]
 
-    # --without-pip: the system pip (visible through --system-site-packages) installs into the venv
-    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd, env)
+    # The venv sees this interpreter's site-packages through a .pth file: `--system-site-packages` would
+    # show the base interpreter's, which lack torch and the rest when the tests run inside a venv. Paths
+    # listed in a .pth are added after the venv's own site-packages, and .pth files inside them are not
+    # run, so an editable install of qsimpo there cannot shadow the wheel's copy.
+    # --without-pip: this interpreter's pip, seen the same way, installs into the venv.
+    run([sys.executable, "-m", "venv", "--without-pip", venv], cwd, env)
     python, qsimpo = venv / "bin" / "python", venv / "bin" / "qsimpo"
+    own_site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd, env).strip())
+    (own_site / "outer-site-packages.pth").write_text("".join(f"{d}\n" for d in site.getsitepackages()))
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel], cwd, env)
     where = run([python, "-c", "import qsimpo.demo.sides, qsimpo.demo.votes; print(qsimpo.__file__)"], cwd, env).strip()
     assert Path(where).resolve().is_relative_to(venv.resolve()), where  # the wheel's copy, not the source tree
