@@ -48,14 +48,12 @@ def prepare(work: Path, device: str, n_pairs: int) -> dict:
     """Base model folder + explicit-format rows that fit max_length without truncation."""
     import torch  # noqa: F401
 
-    from qsimpo.data import read_rows, to_triples, tokenize_pair
-    from qsimpo.data import DataSummary
+    from qsimpo.config import DataConfig
+    from qsimpo.data import read_source, tokenize_pair
     from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
 
     shape = SHAPES[device]
-    rows = read_rows(str(HH))
-    summary = DataSummary(str(HH))
-    triples = to_triples(rows, "implicit", "skip", summary)
+    triples = read_source(DataConfig(path=str(HH), format="implicit", on_bad_row="skip")).texts()
     tok = build_tokenizer([t["prompt"] + t["chosen"] for t in triples] + [t["rejected"] for t in triples], vocab_size=32000,
                           chat_template=False)
     keep = []

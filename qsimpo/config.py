@@ -73,6 +73,7 @@ class DataConfig:
     subset: Text | None = _f(None, "Configuration (subset) name of a Hub dataset with several, as datasets.load_dataset's `name`.")
     data_dir: Text | None = _f(None, "Folder inside a Hub dataset repo to read, e.g. harmless-base for Anthropic/hh-rlhf.")
     format: Literal["auto", "explicit", "conversational", "implicit"] = _f("auto", "Row format: auto (detected), explicit (prompt/chosen/rejected strings), conversational (message lists), implicit (full transcripts, HH-RLHF).")
+    columns: dict[Text, Text] | None = _f(None, "Columns of other names, as role: column with roles prompt, chosen, rejected, system, e.g. {prompt: question, system: system} (Intel/orca_dpo_pairs); unmapped prompt/chosen/rejected are read from columns of their own name, a system column becomes a system message before the prompt.")
     max_length: Int = _f(1024, "Max tokens of prompt + response; longer pairs are truncated (prompt first, from the left).", gt=1)
     max_prompt_length: Int | None = _f(None, "Max prompt tokens kept when a pair must be truncated (must be < max_length; None: max_length // 2).", gt=0)
     max_rows: Int | None = _f(None, "Read at most this many rows (None: all).", "or null for all rows", gt=0)

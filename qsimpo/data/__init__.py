@@ -1,7 +1,12 @@
 """Preference data: rows on disk -> (prompt, chosen, rejected) -> chat-formatted text -> token ids -> batches.
 
-    sources.py   read_rows        a .jsonl/.json/.parquet file, a datasets folder or a Hub id -> (location, row)
-    formats.py   to_triples       rows -> normalised texts; bad rows recorded and judged at once, DataSummary
+One pipeline, the one `qsimpo train`, `eval`, `inspect-data` and `plan` use, driven by a DataConfig:
+
+    sources.py   source_table     a .jsonl/.json/.parquet file, a datasets folder or a Hub id -> one Arrow table
+                                  of rows with their locations ("file.jsonl:line 12", "folder[test] row 5")
+    formats.py   normalise_row    a row -> normalised texts (data.format detected or pinned, data.columns mapped);
+                 DataSummary      every dropped row counted in one place (record), judged at once (check), and
+                                  when none is left, what the rows look like and the setting to change (diagnosis)
     render.py    render_pair      texts -> prompt text + response texts in the model's chat format
     tokenize.py  tokenize_pair    texts -> prompt ids + response ids, exact boundary, one BOS, one EOS, truncation
     dataset.py   read_source      a whole source through the steps above as cached `datasets` maps; no tokenizer
@@ -15,12 +20,11 @@ the response mask covers precisely the tokens the model is scored on.
 """
 
 from qsimpo.data.collate import PairCollator
-from qsimpo.data.formats import NO_PREFERENCE_VOTES, REASONS, DataError, DataSummary, to_triples
+from qsimpo.data.formats import NO_PREFERENCE_VOTES, REASONS, DataError, DataSummary
 from qsimpo.data.render import render_pair
-from qsimpo.data.sources import looks_local, read_rows
+from qsimpo.data.sources import looks_local
 from qsimpo.data.dataset import Pairs, Source, build_dataset, read_source, split_eval, tokenize_source
 from qsimpo.data.tokenize import format_pair, tokenize_pair
 
 __all__ = ["DataError", "DataSummary", "NO_PREFERENCE_VOTES", "REASONS", "PairCollator", "Pairs", "Source", "build_dataset",
-           "format_pair", "looks_local", "read_rows", "read_source", "render_pair", "split_eval", "to_triples",
-           "tokenize_pair", "tokenize_source"]
+           "format_pair", "looks_local", "read_source", "render_pair", "split_eval", "tokenize_pair", "tokenize_source"]

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qsimpo.config import DataConfig
-from qsimpo.data.formats import FORMATS, DataError, DataSummary, _Bad, check_policy, detect_format, normalise_row
+from qsimpo.data.formats import (FORMATS, DataError, DataSummary, _Bad, check_columns, check_policy, detect_format, diagnose,
+                                 normalise_row)
 from qsimpo.data.sources import source_table
 from qsimpo.data.tokenize import tokenize_pair
 
@@ -76,20 +77,20 @@ def _workers(n_rows: int) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ the steps
-def _normalise_batch(batch: dict, fmt: str | None) -> dict:
+def _normalise_batch(batch: dict, fmt: str | None, columns: dict | None) -> dict:
     out = {"reason": [], "detail": [], "text": []}
     for location, raw, reason, detail in zip(batch["location"], batch["raw"], batch["reason"], batch["detail"]):
         text = None
         if reason is None:
             try:
-                triple = normalise_row(json.loads(raw), fmt)
+                triple = normalise_row(json.loads(raw), fmt, columns)
             except _Bad as bad:
                 reason, detail = bad.reason, DataError.bad_row(location, bad.reason, bad.detail).detail_line
             else:
                 if triple is None:
                     reason, detail = "no_preference", ""
                 else:
-                    text = json.dumps({"prompt": triple[0], "chosen": triple[1], "rejected": triple[2], "format": fmt})
+                    text = json.dumps(triple)
         out["reason"].append(reason or "")
         out["detail"].append(detail or "")
         out["text"].append(text)
@@ -123,19 +124,13 @@ def _tokenize_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: 
 
 
 def _record_reasons(table, summary: DataSummary) -> list[int]:
-    """Count every dropped row of ``table`` by reason in ``summary``; return the indices of the kept rows."""
-    reasons = list(table["reason"])
+    """Count every dropped row of ``table`` in ``summary`` (DataSummary.record); return the indices of the kept rows."""
     kept = []
-    for i, reason in enumerate(reasons):
-        if not reason:
+    for i, (reason, detail) in enumerate(zip(table["reason"], table["detail"])):
+        if reason:
+            summary.record(reason, detail)
+        else:
             kept.append(i)
-            continue
-        summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
-        shown = summary.examples.setdefault(reason, [])
-        if reason in ("too_long", "no_preference"):
-            continue
-        if len(shown) < 3:
-            shown.append(table[i]["detail"])
     return kept
 
 
@@ -146,6 +141,12 @@ class Source:
     table: object  # datasets.Dataset: location, raw, reason, detail, text
     summary: DataSummary
 
+    def texts(self) -> list[dict]:
+        """The normalised prompt/chosen/rejected/format of every kept row, with its "location" (no tokenizer needed)."""
+        rows = self.table.select_columns(["location", "reason", "text"])
+        return [{**json.loads(text), "location": location}
+                for location, reason, text in zip(rows["location"], rows["reason"], rows["text"]) if not reason]
+
 
 def read_source(cfg: DataConfig, path: str | None = None) -> Source:
     """Read and normalise ``path`` (default cfg.path), judging every row; no tokenizer needed.
@@ -154,6 +155,7 @@ def read_source(cfg: DataConfig, path: str | None = None) -> Source:
     so a run stops on bad data before any model or tokenizer loads.
     """
     check_policy(cfg.on_bad_row)
+    check_columns(cfg.columns)
     if cfg.format not in FORMATS:
         raise ValueError(f"data.format = {cfg.format!r} is not one of {', '.join(FORMATS)}")
     source = str(path or cfg.path)
@@ -166,17 +168,27 @@ def read_source(cfg: DataConfig, path: str | None = None) -> Source:
     if not summary.rows_read:
         raise DataError(f"{source}: no rows: the source is empty; point data.path at a file with one preference pair "
                         "per row (see the README's data formats)")
-    fmt = cfg.format
+    fmt, columns = cfg.format, cfg.columns or None
     if fmt == "auto":
-        fmt = detect_format(json.loads(row["raw"]) for row in table if row["raw"] is not None)
+        fmt = detect_format(_raw_rows(table), columns)
     with _progress(len(table)):
-        table = table.map(_normalise_batch, batched=True, fn_kwargs={"fmt": fmt}, num_proc=_workers(len(table)),
-                          new_fingerprint=_fingerprint(table._fingerprint, "normalise", fmt, _code_version()),
-                          desc=f"checking {source}")
+        table = table.map(_normalise_batch, batched=True, fn_kwargs={"fmt": fmt, "columns": columns},
+                          num_proc=_workers(len(table)), desc=f"checking {source}",
+                          new_fingerprint=_fingerprint(table._fingerprint, "normalise", fmt,
+                                                       json.dumps(columns, sort_keys=True), _code_version()))
     summary.format = fmt or ""
-    _record_reasons(table, summary)
+    if not _record_reasons(table, summary):  # no row survived: say what the rows look like and what to set
+        if summary.bad_rows:
+            summary.diagnosis = diagnose(_raw_rows(table), cfg.format, fmt, columns)
+        summary.check(cfg.on_bad_row)
+        raise summary.no_pairs()
     summary.check(cfg.on_bad_row)
     return Source(table, summary)
+
+
+def _raw_rows(table):
+    """The rows of a source table that parsed, as Python objects, in order."""
+    return (json.loads(row["raw"]) for row in table.select_columns(["raw"]) if row["raw"] is not None)
 
 
 def tokenize_source(cfg: DataConfig, source: Source, tokenizer) -> tuple["Pairs", DataSummary]:
@@ -199,8 +211,7 @@ def tokenize_source(cfg: DataConfig, source: Source, tokenizer) -> tuple["Pairs"
     summary.truncated_response = sum(flags["response_truncated"])
     summary.check(cfg.on_bad_row)
     if not pairs:
-        raise DataError(f"no usable pairs: {summary.line()}; see the reasons above (too_long: raise data.max_length or "
-                        "lower data.max_prompt_length)")
+        raise summary.no_pairs()
     return pairs, summary
 
 

@@ -12,12 +12,17 @@ Three row shapes are accepted (``data.format``; ``auto`` detects from the first 
                   the last shared "\\n\\nAssistant:", so the response keeps its leading space (rendering
                   turns the transcript into chat messages where the tokenizer has a template).
 
-A row that fits none is a *bad row*. Every bad row of a source is recorded (count per reason, the
-first few locations each), so one run reports them all: with ``data.on_bad_row: error`` the run stops
-before any model loads, with a DataError listing every reason, where and how to fix it; with ``skip``
-the rest is kept and the same table is reported (``DataSummary.report``).
-A `qsimpo demo` vote row of "tie" or "both_bad" is not bad but has no preference: always counted as
-``no_preference``. Nothing is dropped silently.
+Columns with other names are read through ``data.columns`` (``map_columns``): a mapping from
+qsimpo's roles (prompt, chosen, rejected, system) to the data set's columns; a ``system`` column
+becomes a system message in front of the prompt conversation.
+
+A row that fits none is a *bad row*. Every bad row of a source is counted in one place
+(``DataSummary.record``: count per reason, the first few locations each), so one run reports them
+all: with ``data.on_bad_row: error`` the run stops before any model loads, with a DataError listing
+every reason, where and how to fix it; with ``skip`` the rest is kept and the same table is reported
+(``DataSummary.report``). When no row survives, ``diagnose`` says which format the rows look like
+and which setting to change. A `qsimpo demo` vote row of "tie" or "both_bad" is not bad but has no
+preference: always counted as ``no_preference``. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ FIXES = {
     "malformed_json": "each line of a .jsonl file must be one complete JSON object",
     "not_utf8": "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)",
     "not_an_object": 'each row must be an object like {"prompt": ..., "chosen": ..., "rejected": ...}',
-    "missing_key": "every row needs chosen and rejected (explicit rows also prompt); rename the keys if they differ",
+    "missing_key": "every row needs chosen and rejected (explicit rows also prompt); if the data set names them otherwise, "
+                   "map them with data.columns (e.g. data.columns: {prompt: question})",
     "empty_text": "fill in the missing text, or remove the row",
     "identical_pair": "remove the row: equal answers carry no preference",
     "mixed_types": "give every row the same shape (all strings, or all message lists); set data.format if auto picked wrong",
@@ -60,7 +66,15 @@ FIXES = {
     "chat_template": "use a tokenizer whose template renders the prompt as a prefix of prompt + answer, or set "
                      "tokenizer.chat_template; for a template that rejects system messages, set data.system_prompt: null",
 }
+# What to do when rows are dropped for the reasons that are not malformed data (said only when they occurred).
+HINTS = {**FIXES, "too_long": "raise data.max_length or lower data.max_prompt_length",
+         "no_preference": "these are `qsimpo demo` votes of tie or both_bad: they carry no preference to train on"}
 EXAMPLES_PER_REASON = 3  # locations shown per reason; the count covers them all
+# The roles data.columns maps to a data set's columns; prompt, chosen and rejected default to columns of their own name.
+COLUMN_ROLES = ("prompt", "chosen", "rejected", "system")
+# What each row shape is, in the words a person recognises.
+SHAPES = {"explicit": "prompt, chosen and rejected strings", "implicit": "HH transcripts",
+          "conversational": "message lists"}
 ROLES = ("system", "user", "assistant")
 # Votes of `qsimpo demo` (qsimpo.demo.votes) that record two answers but prefer neither. Such rows are
 # not malformed, so they are counted under no_preference whatever data.on_bad_row says.
@@ -98,13 +112,16 @@ class DataSummary:
     truncated_response: int = 0  # kept pairs with at least one response cut (from the right)
     format: str = ""
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first "location: detail" lines
+    diagnosis: str = ""  # when no row survived: the format the rows look like and the setting to change
 
-    def record(self, err: "DataError") -> None:
-        """Count a bad row under its reason, keeping the first few locations to show."""
-        self.dropped[err.reason] = self.dropped.get(err.reason, 0) + 1
-        shown = self.examples.setdefault(err.reason, [])
-        if len(shown) < EXAMPLES_PER_REASON:
-            shown.append(err.detail_line)
+    def record(self, reason: str, detail: str = "") -> None:
+        """Count a dropped row under its reason, keeping the first few "location: detail" lines to show.
+
+        The one place rows are counted: bad rows, too_long and no_preference alike."""
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        shown = self.examples.setdefault(reason, [])
+        if detail and len(shown) < EXAMPLES_PER_REASON:
+            shown.append(detail)
 
     @property
     def bad_rows(self) -> int:
@@ -142,10 +159,19 @@ class DataSummary:
         reason = max((r for r in FIXES), key=lambda r: self.dropped.get(r, 0))
         first = self.examples[reason][0].split(": ", 1)[0]
         good = self.rows_read - n
+        what = (f"{self.diagnosis}\nFix that, or the rows listed" if self.diagnosis else
+                f"Fix the rows listed, or set data.on_bad_row: skip to train on the other {good} and report these")
         raise DataError(f"{self.source}: {n} bad row{'s' * (n != 1)} of {self.rows_read} read; nothing was trained:\n"
-                        f"{self.bad_row_table()}\n"
-                        f"Fix the rows listed, or set data.on_bad_row: skip to train on the other {good} and report these",
-                        reason, first)
+                        f"{self.bad_row_table()}\n{what}", reason, first)
+
+    def no_pairs(self) -> "DataError":
+        """The error for a source of which no pair is left: the summary, the fix of each reason that occurred."""
+        fixes = [f"{r}: {HINTS[r]}" for n, r in sorted(((n, r) for r, n in self.dropped.items() if n), key=lambda x: (-x[0], x[1]))
+                 if r in HINTS]
+        table = self.bad_row_table()
+        return DataError(f"no usable pairs: {self.line()}" + (f"\n{table}" if table else "")
+                         + (f"\n{self.diagnosis}" if self.diagnosis else "")
+                         + (f"\nfix: {'; '.join(fixes)}" if fixes else ""))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,15 +182,19 @@ def check_policy(on_bad_row: str) -> None:
         raise ValueError(f"on_bad_row = {on_bad_row!r} must be 'error' or 'skip'")
 
 
-def handle_bad_row(err: "DataError", summary: DataSummary) -> None:
-    """Record a bad row in ``summary``; a problem with the whole source (no reason) stops at once."""
-    if err.reason is None:
-        raise err
-    summary.record(err)
+def check_columns(columns: dict | None) -> None:
+    """data.columns names qsimpo's roles (keys) and the data set's columns (values); anything else stops at once."""
+    for role, column in (columns or {}).items():
+        if role not in COLUMN_ROLES:
+            raise DataError(f"data.columns: unknown role {role!r}; the keys are qsimpo's roles ({', '.join(COLUMN_ROLES)}) "
+                            f"and the values your data set's columns, e.g. data.columns: {{prompt: {role}}} if {role!r} is "
+                            "the column holding the prompt")
+        if not isinstance(column, str) or not column:
+            raise DataError(f"data.columns.{role} = {column!r} must name a column of the data set")
 
 
 class _Bad(Exception):
-    """Raised inside the normalisers; to_triples adds the row's location and applies on_bad_row."""
+    """Raised inside the normalisers; the caller adds the row's location and counts it."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
@@ -300,11 +330,53 @@ _NORMALISE = {"explicit": _explicit, "implicit": _implicit, "conversational": _c
 FORMATS = ("auto", *_NORMALISE)
 
 
-def normalise_row(row: Any, fmt: str | None) -> tuple[Any, str, str] | None:
-    """(prompt, chosen, rejected) of one row in a dataset of format ``fmt`` (None: none detected yet).
+def map_columns(row: Any, columns: dict | None) -> tuple[Any, Any]:
+    """(row with qsimpo's keys, the system text or None) for a row whose columns ``data.columns`` names.
 
-    None for a `qsimpo demo` vote without a preference; raises _Bad for a bad row.
+    prompt, chosen and rejected are read from the mapped column, else from the column of their own
+    name; system only when mapped. A mapped column the row lacks is a missing_key bad row naming it.
     """
+    if not columns or not isinstance(row, dict):
+        return row, None
+    out = {k: v for k, v in row.items() if k not in COLUMN_ROLES}
+    for role in COLUMN_ROLES:
+        column = columns.get(role, role if role != "system" else None)
+        if column is None:
+            continue
+        if column in row:
+            out[role] = row[column]
+        elif role in columns:
+            raise _Bad("missing_key", f"no column {column!r} for data.columns.{role} (columns: {', '.join(map(str, row)) or 'none'}); "
+                       f"set data.columns.{role} to the column that holds the {role}")
+    system = out.pop("system", None)
+    if system is not None and not isinstance(system, str):
+        raise _Bad("mixed_types", f"system (column {columns['system']!r}) is a {_kind(system)}, expected a string")
+    return out, (system if system and system.strip() else None)
+
+
+def _with_system(triple: dict, system: str) -> dict:
+    """The pair with a system message in front of its prompt conversation (a conversation of its own keeps its own)."""
+    prompt = triple["prompt"]
+    if triple["format"] == "implicit":
+        from qsimpo.data.render import transcript_messages
+
+        messages = transcript_messages(prompt)
+        triple = {**triple, "chosen": triple["chosen"].strip(), "rejected": triple["rejected"].strip()}
+    else:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    return {**triple, "prompt": messages, "format": "conversational"}
+
+
+def normalise_row(row: Any, fmt: str | None, columns: dict | None = None) -> dict | None:
+    """{"prompt", "chosen", "rejected", "format"} of one row in a data set of format ``fmt`` (None: none detected).
+
+    prompt/chosen/rejected are strings (explicit, implicit), or for conversational a list of
+    {"role", "content"} messages and the two final assistant contents. None for a `qsimpo demo`
+    vote without a preference; raises _Bad for a bad row.
+    """
+    row, system = map_columns(row, columns)
     if isinstance(row, dict) and row.get("vote") in NO_PREFERENCE_VOTES:
         return None
     shape = row_format(row)
@@ -314,52 +386,58 @@ def normalise_row(row: Any, fmt: str | None) -> tuple[Any, str, str] | None:
         want = "message lists" if fmt == "conversational" else "strings"
         raise _Bad("mixed_types", f"this row has {'message lists' if shape == 'conversational' else 'strings'} but the "
                    f"dataset is {fmt} ({want}); every row must have the same shape (set data.format if auto picked wrong)")
-    return _NORMALISE[fmt](row)
+    prompt, chosen, rejected = _NORMALISE[fmt](row)
+    triple = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "format": fmt}
+    return _with_system(triple, system) if system else triple
 
 
-def detect_format(rows: Iterable[Any]) -> str | None:
-    """The format of the first usable row (what ``data.format: auto`` means); None if no row has one."""
-    for row in rows:
+def row_shape(row: Any, columns: dict | None = None) -> str | None:
+    """The format one row looks like once its columns are mapped (None: no usable chosen/rejected)."""
+    try:
+        row, _ = map_columns(row, columns)
         if isinstance(row, dict) and row.get("vote") in NO_PREFERENCE_VOTES:
-            continue
-        try:
-            shape = row_format(row)
-        except _Bad:
-            continue
-        if shape is not None:
-            return shape
-    return None
+            return None
+        return row_format(row)
+    except _Bad:
+        return None
 
 
-def to_triples(rows: Iterable[tuple[str, Any]], fmt: str = "auto", on_bad_row: str = "error",
-               summary: DataSummary | None = None) -> list[dict]:
-    """Normalise ``(location, row)`` pairs to {"prompt", "chosen", "rejected", "format", "location"}.
+def detect_format(rows: Iterable[Any], columns: dict | None = None) -> str | None:
+    """The format of the first usable row (what ``data.format: auto`` means); None if no row has one."""
+    return next((shape for shape in (row_shape(row, columns) for row in rows) if shape is not None), None)
 
-    prompt/chosen/rejected are strings (explicit, implicit), or for conversational a list of
-    {"role", "content"} messages and the two final assistant contents. ``format`` is added (beyond
-    the three texts) because rendering depends on it.
-    With ``fmt="auto"`` the first usable row decides; a later row of the other kind (strings vs
-    messages) is a ``mixed_types`` bad row. Sets ``summary.format``. Every bad row is recorded in
-    ``summary``; with ``on_bad_row=error`` a DataError listing them all is raised after the last row.
+
+def diagnose(rows: Iterable[Any], fmt: str, detected: str | None, columns: dict | None = None) -> str:
+    """Why no row of a source survived, in terms of data.format and data.columns: the shape the rows look like.
+
+    ``fmt`` is data.format as set, ``detected`` the format the rows were read as (auto's pick).
     """
-    check_policy(on_bad_row)
-    if fmt not in FORMATS:
-        raise ValueError(f"data.format = {fmt!r} is not one of {', '.join(FORMATS)}")
-    summary = summary if summary is not None else DataSummary("rows")
-    rows = list(rows)
-    detected = detect_format(row for _, row in rows) if fmt == "auto" else fmt
-    out = []
-    for location, row in rows:
-        try:
-            triple = normalise_row(row, detected)
-        except _Bad as bad:
-            handle_bad_row(DataError.bad_row(location, bad.reason, bad.detail), summary)
-            continue
-        if triple is None:
-            summary.dropped["no_preference"] = summary.dropped.get("no_preference", 0) + 1
-            continue
-        prompt, chosen, rejected = triple
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "format": detected, "location": location})
-    summary.format = detected or ""
-    summary.check(on_bad_row)
-    return out
+    shapes: dict[str, int] = {}
+    keys: list[str] = []
+    transcripts = False
+    for row in rows:
+        if not keys and isinstance(row, dict):
+            keys = list(map(str, row))
+        shape = row_shape(row, columns) or "none"
+        shapes[shape] = shapes.get(shape, 0) + 1
+        if shape == "implicit":
+            mapped, _ = map_columns(row, columns)
+            transcripts = transcripts or HH_MARKER in str(mapped.get("chosen"))
+    cols = f" (columns: {', '.join(keys)})" if keys else ""
+    if len(shapes) > 1:
+        looks = ", ".join(f"{n} {shape}" for shape, n in sorted(shapes.items(), key=lambda x: -x[1]))
+        return f"no row was usable as {detected or fmt}; the rows look like: {looks}: give every row one shape, or set data.format"
+    (shape,) = shapes or ["none"]
+    if shape == "none":
+        return (f"no row has chosen and rejected{cols}: map the data set's columns with data.columns, e.g. "
+                "data.columns: {chosen: COLUMN, rejected: COLUMN, prompt: COLUMN}")
+    what = SHAPES[shape] if shape != "implicit" or transcripts else "chosen and rejected strings, no prompt"
+    looks = f"every row looks {shape} ({what})"
+    if fmt != "auto" and shape != fmt:
+        return f"{looks}, but data.format is {fmt}: set data.format: {shape} (or auto)"
+    how = "data.format: auto detected" if fmt == "auto" else "data.format is"
+    fix = "fix the rows as the reasons above say"
+    if shape == "implicit" and not transcripts:
+        fix = (f"if the prompt is in a column of another name, map it with data.columns, e.g. data.columns: {{prompt: COLUMN}}{cols}; "
+               "implicit rows are HH transcripts")
+    return f"{looks} and {how} {shape}, but no row was usable as {shape}: {fix}"

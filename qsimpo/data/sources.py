@@ -1,8 +1,9 @@
 """Where preference rows come from: a .jsonl/.json/.parquet file, a datasets folder or a Hub dataset id.
 
-``read_rows`` yields every row with its location ("file.jsonl:line 12", "file.parquet row 5"), so
-every later message can name the row. Lines that are not JSON or not UTF-8 are bad rows, recorded
-in the DataSummary with every other bad row of the source.
+``source_table`` turns any of them into one Arrow table with every row's location
+("file.jsonl:line 12", "file.parquet row 5", "Anthropic/hh-rlhf/harmless-base[test] row 0"), so every
+later message can name the row. Lines that are not JSON or not UTF-8 are bad rows (their reason is
+in the table), counted by qsimpo.data.dataset with every other bad row of the source.
 """
 
 from __future__ import annotations
@@ -13,39 +14,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from qsimpo.data.formats import DataError, DataSummary, check_policy, handle_bad_row
+from qsimpo.data.formats import DataError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
-
-def read_rows(path: str, split: str = "train", max_rows: int | None = None, on_bad_row: str = "error",
-              summary: DataSummary | None = None, subset: str | None = None, data_dir: str | None = None) -> list[tuple[str, dict]]:
-    """Read raw rows as ``(location, row)``.
-
-    Locations are "file.jsonl:line 12" (1-based, as an editor counts) for JSON lines, and
-    "file.parquet row 5" / "folder[train] row 5" (0-based, as ``ds[5]`` indexes) for tabular sources.
-    Unparseable lines, non-UTF-8 lines and non-object rows are bad rows (malformed_json, not_utf8,
-    not_an_object), recorded in ``summary``; with on_bad_row=error a DataError listing them all is
-    raised after the last row. A path that looks local (a data suffix, a leading / . ~, or more than
-    one "/") and does not exist is "file not found"; any other string is tried as a Hub dataset id.
-    """
-    check_policy(on_bad_row)
-    if summary is None:
-        summary = DataSummary(str(path))
-    rows = []
-    for location, row in _iter_source(str(path), split, subset, data_dir):
-        if max_rows is not None and summary.rows_read >= max_rows:
-            break
-        summary.rows_read += 1
-        if not isinstance(row, (DataError, dict)):
-            row = DataError.bad_row(location, "not_an_object", f"the row is a {type(row).__name__}, expected an object "
-                                    '{"chosen": ..., "rejected": ...}')
-        if isinstance(row, DataError):
-            handle_bad_row(row, summary)
-            continue
-        rows.append((location, row))
-    summary.check(on_bad_row)
-    return rows
 
 
 def looks_local(path: str) -> bool:
@@ -54,23 +26,10 @@ def looks_local(path: str) -> bool:
             or (os.sep != "/" and os.sep in path) or not _HUB_ID.match(path))
 
 
-def _iter_source(path: str, split: str, subset: str | None = None, data_dir: str | None = None) -> Iterator[tuple[str, Any]]:
+def _iter_file(path: str) -> Iterator[tuple[str, Any]]:
+    """(location, row or DataError) of every row of a .jsonl or .json file."""
     p = Path(path).expanduser()
-    if p.is_file():
-        suffix = p.suffix.lower()
-        if suffix == ".jsonl":
-            return _iter_jsonl(p, path)
-        if suffix == ".json":
-            return _iter_json(p, path)
-        if suffix == ".parquet":
-            return _iter_parquet(p, path)
-        raise DataError(f"{path}: unsupported file type {suffix or '(no suffix)'!r}: use .jsonl, .json or .parquet, "
-                        "a folder saved by datasets, or a Hub dataset id")
-    if p.is_dir():
-        return _iter_folder(p, path, split, subset, data_dir)
-    if looks_local(path):
-        raise DataError(f"{path}: file not found (working directory {os.getcwd()}); check data.path")
-    return _iter_hub(path, split, subset, data_dir)
+    return _iter_jsonl(p, path) if p.suffix.lower() == ".jsonl" else _iter_json(p, path)
 
 
 def _iter_jsonl(p: Path, name: str) -> Iterator[tuple[str, Any]]:
@@ -121,21 +80,6 @@ def _iter_json(p: Path, name: str) -> Iterator[tuple[str, Any]]:
         yield f"{name} row {i}", row
 
 
-def _iter_parquet(p: Path, name: str) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq  # a dependency of datasets
-
-    i = 0
-    for batch in pq.ParquetFile(p).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield f"{name} row {i}", row
-            i += 1
-
-
-def _iter_dataset(ds, name: str) -> Iterator[tuple[str, Any]]:
-    for i, row in enumerate(ds):
-        yield f"{name} row {i}", row
-
-
 def _where(name: str, subset: str | None, data_dir: str | None, split: str) -> str:
     """How rows of a datasets source are named: "Anthropic/hh-rlhf/harmless-base[test]"."""
     return f"{name}{f':{subset}' if subset else ''}{f'/{data_dir}' if data_dir else ''}[{split}]"
@@ -163,10 +107,6 @@ def _open_folder(p: Path, name: str, split: str, subset: str | None, data_dir: s
     return ds, name
 
 
-def _iter_folder(p: Path, name: str, split: str, subset: str | None, data_dir: str | None) -> Iterator[tuple[str, Any]]:
-    return _iter_dataset(*_open_folder(p, name, split, subset, data_dir))
-
-
 def _open_hub(path: str, split: str, subset: str | None, data_dir: str | None):
     import datasets
 
@@ -178,10 +118,6 @@ def _open_hub(path: str, split: str, subset: str | None, data_dir: str | None):
                         f"check the name, data.split ({split!r}), data.subset ({subset!r}), data.data_dir ({data_dir!r}), "
                         "the network and HF_TOKEN") from e
     return ds, _where(path, subset, data_dir, split)
-
-
-def _iter_hub(path: str, split: str, subset: str | None, data_dir: str | None) -> Iterator[tuple[str, Any]]:
-    return _iter_dataset(*_open_hub(path, split, subset, data_dir))
 
 
 # ------------------------------------------------------------------------------------ as an Arrow table
@@ -198,7 +134,7 @@ def _raw_features():
 
 def _file_rows(path: str, max_rows: int | None, stamp: str):
     """Generator behind source_table for .jsonl/.json files (``stamp`` only keys the cache)."""
-    for n, (location, row) in enumerate(_iter_source(path, "train")):
+    for n, (location, row) in enumerate(_iter_file(path)):
         if max_rows is not None and n >= max_rows:
             return
         if isinstance(row, DataError):
@@ -241,14 +177,14 @@ def source_table(path: str, split: str = "train", max_rows: int | None = None, s
             cause = e
             while cause is not None and not isinstance(cause, DataError):
                 cause = cause.__cause__ or cause.__context__
-            if cause is None and next(iter(_iter_source(str(path), split)), None) is None:
+            if cause is None and next(iter(_iter_file(str(path))), None) is None:
                 return empty  # datasets builds no table from a generator of no rows
             raise (cause or e) from None
     if p.is_file() and p.suffix.lower() == ".parquet":
         ds, name = datasets.Dataset.from_parquet(str(p)), str(path)
     elif p.is_file():
-        _iter_source(str(path), split)  # raises: unsupported file type
-        raise AssertionError("unreachable")
+        raise DataError(f"{path}: unsupported file type {p.suffix.lower() or '(no suffix)'!r}: use .jsonl, .json or .parquet, "
+                        "a folder saved by datasets, or a Hub dataset id")
     elif p.is_dir():
         ds, name = _open_folder(p, str(path), split, subset, data_dir)
     elif looks_local(str(path)):

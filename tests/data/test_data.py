@@ -10,8 +10,8 @@ import torch
 
 from conftest import HH_SAMPLE
 from qsimpo.config import DataConfig
-from qsimpo.data import (DataError, DataSummary, PairCollator, build_dataset, format_pair, read_rows, render_pair,
-                         split_eval, to_triples, tokenize_pair)
+from qsimpo.data import (DataError, DataSummary, PairCollator, build_dataset, format_pair, read_source, render_pair,
+                         split_eval, tokenize_pair)
 from qsimpo.quickstart.toy import build_tokenizer
 
 
@@ -49,55 +49,55 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def triples(rows, fmt="auto", on_bad_row="error"):
-    summary = DataSummary("test")
-    out = to_triples([(f"t:line {i + 1}", r) for i, r in enumerate(rows)], fmt, on_bad_row, summary)
-    return out, summary
+def triples(tmp_path: Path, rows, **settings):
+    """What `qsimpo train`/`eval`/`inspect-data` read from ``rows`` written as t.jsonl: (kept texts, summary)."""
+    source = read_source(DataConfig(path=str(write_jsonl(tmp_path / "t.jsonl", rows)), **settings))
+    return source.texts(), source.summary
 
 
 # ---------------------------------------------------------------------------------------------- formats
-def test_explicit_rows_are_detected_and_kept_verbatim():
-    (t,), summary = triples([EXPLICIT])
+def test_explicit_rows_are_detected_and_kept_verbatim(tmp_path):
+    (t,), summary = triples(tmp_path, [EXPLICIT])
     assert summary.format == t["format"] == "explicit"
     assert (t["prompt"], t["chosen"], t["rejected"]) == (EXPLICIT["prompt"], EXPLICIT["chosen"], EXPLICIT["rejected"])
-    assert t["location"] == "t:line 1"
+    assert t["location"] == f"{tmp_path / 't.jsonl'}:line 1"
 
 
-def test_conversational_trl_style_prompt_list_and_final_assistant_turns():
-    (t,), summary = triples([TRL])
+def test_conversational_trl_style_prompt_list_and_final_assistant_turns(tmp_path):
+    (t,), summary = triples(tmp_path, [TRL])
     assert summary.format == "conversational"
     assert t["prompt"] == TRL["prompt"]
     assert (t["chosen"], t["rejected"]) == ("A strawberry.", "The sky is blue.")
 
 
-def test_conversational_full_conversations_share_their_prefix_and_ignore_the_string_prompt():
-    (t,), _ = triples([ULTRA])
+def test_conversational_full_conversations_share_their_prefix_and_ignore_the_string_prompt(tmp_path):
+    (t,), _ = triples(tmp_path, [ULTRA])
     assert t["prompt"] == [{"role": "user", "content": "Name a red fruit."}]  # not duplicated by the string prompt
     assert (t["chosen"], t["rejected"]) == ("A cherry.", "Blue.")
     multi = {"chosen": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Fruit?"},
                         {"role": "assistant", "content": "Apple", "extra": 1}]}
     multi["rejected"] = multi["chosen"][:-1] + [{"role": "assistant", "content": "No"}]
-    (t,), _ = triples([multi])
+    (t,), _ = triples(tmp_path, [multi])
     assert [m["content"] for m in t["prompt"]] == ["Be brief.", "Hi", "Hello", "Fruit?"]
     assert (t["chosen"], t["rejected"]) == ("Apple", "No")
 
 
-def test_implicit_prompt_ends_at_last_shared_assistant_marker():
-    (t,), summary = triples([HH])
+def test_implicit_prompt_ends_at_last_shared_assistant_marker(tmp_path):
+    (t,), summary = triples(tmp_path, [HH])
     assert summary.format == "implicit"
     assert t["prompt"] == HH_PROMPT  # the shared "Yes," is cut back: it belongs to the responses
     assert (t["chosen"], t["rejected"]) == (" Yes, take a warm coat.", " Yes, no.")
     assert t["prompt"] + t["chosen"] == HH["chosen"] and t["prompt"] + t["rejected"] == HH["rejected"]
 
 
-def test_forced_format_rejects_the_other_shape():
+def test_forced_format_rejects_the_other_shape(tmp_path):
     with pytest.raises(DataError, match="mixed_types"):
-        triples([EXPLICIT], fmt="conversational")
-    (t,), _ = triples([{**HH, "prompt": "ignored"}], fmt="implicit")
+        triples(tmp_path, [EXPLICIT], format="conversational")
+    (t,), _ = triples(tmp_path, [{**HH, "prompt": "ignored"}], format="implicit")
     assert t["prompt"] == HH_PROMPT
     with pytest.raises(ValueError, match="on_bad_row"):
-        triples([EXPLICIT], on_bad_row="ignore")
+        triples(tmp_path, [EXPLICIT], on_bad_row="ignore")
 
 
 def msg(role, content):
@@ -133,7 +133,7 @@ BAD_ROWS = [
 def test_bad_row_raises_naming_file_line_reason_and_fix(tmp_path, good, bad, reason, needle):
     path = write_jsonl(tmp_path / "bad.jsonl", [good, good, bad, good])
     with pytest.raises(DataError) as err:
-        to_triples(read_rows(str(path)), on_bad_row="error", summary=DataSummary(str(path)))
+        read_source(DataConfig(path=str(path), on_bad_row="error"))
     message = str(err.value)
     assert f"bad.jsonl:line 3: {reason}" in message
     assert needle in message
@@ -144,8 +144,8 @@ def test_bad_row_raises_naming_file_line_reason_and_fix(tmp_path, good, bad, rea
 @pytest.mark.parametrize("good,bad,reason,needle", BAD_ROWS, ids=[f"{r}-{i}" for i, (_, _, r, _) in enumerate(BAD_ROWS)])
 def test_bad_row_is_counted_when_skipped(tmp_path, good, bad, reason, needle):
     path = write_jsonl(tmp_path / "bad.jsonl", [good, good, bad, "", good])  # the blank line is not a row
-    summary = DataSummary(str(path))
-    out = to_triples(read_rows(str(path), on_bad_row="skip", summary=summary), on_bad_row="skip", summary=summary)
+    source = read_source(DataConfig(path=str(path), on_bad_row="skip"))
+    out, summary = source.texts(), source.summary
     assert [t["location"] for t in out] == [f"{path}:line {n}" for n in (1, 2, 5)]
     assert summary.rows_read == 4
     assert {r: n for r, n in summary.dropped.items() if n} == {reason: 1}
@@ -163,6 +163,11 @@ def test_many_bad_rows_are_each_counted_under_their_reason(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- sources
+def read(path, **settings) -> list[dict]:
+    """The kept rows of a source as read_source reads them (train, eval and inspect-data read this way)."""
+    return read_source(DataConfig(path=str(path), **settings)).texts()
+
+
 def test_json_list_json_lines_in_json_and_parquet(tmp_path):
     rows = [EXPLICIT, {**EXPLICIT, "chosen": "Paris."}]
     (tmp_path / "list.json").write_text(json.dumps(rows))
@@ -172,17 +177,18 @@ def test_json_list_json_lines_in_json_and_parquet(tmp_path):
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
     for name in ("list.json", "lines.json", "rows.parquet"):
-        got = read_rows(str(tmp_path / name))
-        assert [r for _, r in got] == rows, name
-    assert read_rows(str(tmp_path / "list.json"))[1][0] == f"{tmp_path / 'list.json'} row 1"
-    assert read_rows(str(tmp_path / "lines.json"))[1][0] == f"{tmp_path / 'lines.json'}:line 2"
-    assert len(read_rows(str(tmp_path / "rows.parquet"), max_rows=1)) == 1
+        got = read(tmp_path / name)
+        assert [{k: t[k] for k in EXPLICIT} for t in got] == rows, name
+    assert read(tmp_path / "list.json")[1]["location"] == f"{tmp_path / 'list.json'} row 1"
+    assert read(tmp_path / "lines.json")[1]["location"] == f"{tmp_path / 'lines.json'}:line 2"
+    assert read(tmp_path / "rows.parquet")[1]["location"] == f"{tmp_path / 'rows.parquet'} row 1"
+    assert len(read(tmp_path / "rows.parquet", max_rows=1)) == 1
     (tmp_path / "obj.json").write_text(json.dumps({"data": rows}))
     with pytest.raises(DataError, match=r"obj.json: expected a JSON list .* keys data"):
-        read_rows(str(tmp_path / "obj.json"))
+        read(tmp_path / "obj.json")
     (tmp_path / "broken.json").write_text('[\n{"prompt": "a",\n')
     with pytest.raises(DataError, match=r"broken.json:line \d+: invalid JSON"):
-        read_rows(str(tmp_path / "broken.json"))
+        read(tmp_path / "broken.json")
 
 
 def test_datasets_folders_dataset_and_datasetdict(tmp_path):
@@ -192,12 +198,12 @@ def test_datasets_folders_dataset_and_datasetdict(tmp_path):
     ds = datasets.Dataset.from_list([EXPLICIT] * 3)
     ds.save_to_disk(str(tmp_path / "plain"))
     datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dict"))
-    assert [loc for loc, _ in read_rows(str(tmp_path / "plain"))] == [f"{tmp_path / 'plain'} row {i}" for i in range(3)]
-    test_rows = read_rows(str(tmp_path / "dict"), split="test")
-    assert [(loc, r) for loc, r in test_rows] == [(f"{tmp_path / 'dict'}[test] row 0", EXPLICIT)]
+    assert [t["location"] for t in read(tmp_path / "plain")] == [f"{tmp_path / 'plain'} row {i}" for i in range(3)]
+    test_rows = read(tmp_path / "dict", split="test")
+    assert [(t["location"], {k: t[k] for k in EXPLICIT}) for t in test_rows] == [(f"{tmp_path / 'dict'}[test] row 0", EXPLICIT)]
     with pytest.raises(DataError, match="no split 'validation'; available splits: train, test; set data.split"):
-        read_rows(str(tmp_path / "dict"), split="validation")
-    assert len(read_rows(str(tmp_path / "dict"), max_rows=2)) == 2
+        read(tmp_path / "dict", split="validation")
+    assert len(read(tmp_path / "dict", max_rows=2)) == 2
 
 
 def test_missing_files_and_hub_ids(tmp_path, monkeypatch):
@@ -205,10 +211,10 @@ def test_missing_files_and_hub_ids(tmp_path, monkeypatch):
 
     for missing in (str(tmp_path / "nope.jsonl"), "pairs.parquet", "./data", "a/b/c"):
         with pytest.raises(DataError, match="file not found"):
-            read_rows(missing)
+            read(missing)
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported file type '.csv'"):
-        read_rows(str(tmp_path / "x.csv"))
+        read(tmp_path / "x.csv")
     calls = []
 
     def offline(path, name=None, data_dir=None, split=None):
@@ -217,7 +223,7 @@ def test_missing_files_and_hub_ids(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="could not load 'someone/pairs' as a local file or a Hub dataset: ConnectionError"):
-        read_rows("someone/pairs", split="train_prefs")
+        read("someone/pairs", split="train_prefs")
     assert calls == [("someone/pairs", "train_prefs")]
 
 
@@ -235,12 +241,14 @@ def test_hub_style_repo_subfolder_is_read_with_data_dir(tmp_path, monkeypatch):
             row = {"chosen": HH["chosen"].replace("coat", f"{text} {split}"), "rejected": HH["rejected"]}
             with gzip.open(repo / folder / f"{split}.jsonl.gz", "wt") as f:
                 f.write(json.dumps(row) + "\n")
-    rows = read_rows(str(repo), split="test", data_dir="harmless-base")
-    assert [(loc, "harmless test" in r["chosen"]) for loc, r in rows] == [(f"{repo}/harmless-base[test] row 0", True)]
+    rows = read(repo, split="test", data_dir="harmless-base")
+    assert [(t["location"], "harmless test" in t["prompt"] + t["chosen"]) for t in rows] == [
+        (f"{repo}/harmless-base[test] row 0", True)]
     seen = []
     monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, data_dir=None, split=None:
-                        seen.append((path, name, data_dir, split)) or [])
-    read_rows("Anthropic/hh-rlhf", split="test", data_dir="harmless-base", on_bad_row="skip")
+                        seen.append((path, name, data_dir, split)) or datasets.Dataset.from_list([HH]))
+    assert [t["location"] for t in read("Anthropic/hh-rlhf", split="test", data_dir="harmless-base", on_bad_row="skip")] == [
+        "Anthropic/hh-rlhf/harmless-base[test] row 0"]
     assert seen == [("Anthropic/hh-rlhf", None, "harmless-base", "test")]
 
 
@@ -252,8 +260,11 @@ def _full_text(tok, triple):
     return ("" if text.startswith(tok.bos_token) else tok.bos_token) + text + tok.eos_token
 
 
-CASES = {"explicit": ({**EXPLICIT, "format": "explicit"}), "conversational": {**triples([ULTRA])[0][0]},
-         "implicit": triples([HH])[0][0]}
+# The normalised texts of EXPLICIT, ULTRA and HH, as the format tests above read them.
+CASES = {"explicit": {**EXPLICIT, "format": "explicit"},
+         "conversational": {"prompt": [msg("user", "Name a red fruit.")], "chosen": "A cherry.", "rejected": "Blue.",
+                            "format": "conversational"},
+         "implicit": {"prompt": HH_PROMPT, "chosen": " Yes, take a warm coat.", "rejected": " Yes, no.", "format": "implicit"}}
 
 
 @pytest.mark.parametrize("templated", [True, False], ids=["template", "no-template"])

@@ -195,11 +195,12 @@ def test_non_finite_gradient_guard():
 
 @pytest.mark.skipif(not HH_SAMPLE.exists(), reason=f"HH-RLHF sample not found at {HH_SAMPLE} (it lives in the shared folder beside the repo)")
 def test_real_hh_rlhf_with_truncation(tmp_path, capsys):
-    from qsimpo.data import read_rows
+    from qsimpo.config import DataConfig
+    from qsimpo.data import read_source
     from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
 
-    rows = [r for _, r in read_rows(str(HH_SAMPLE), max_rows=120)]
-    tok = build_tokenizer([r["chosen"] for r in rows] + [r["rejected"] for r in rows], vocab_size=512)
+    rows = read_source(DataConfig(path=str(HH_SAMPLE), max_rows=120, format="implicit", on_bad_row="skip")).texts()
+    tok = build_tokenizer([r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows], vocab_size=512)
     base = save_base(build_model(tok, hidden_size=32, num_layers=2), tok, tmp_path / "base")
     cfg = make_config(base, HH_SAMPLE, tmp_path / "run", "--data.max_rows", "120", "--data.format", "implicit",
                       "--data.max_length", "64", "--data.max_prompt_length", "40", "--data.on_bad_row", "skip",
