@@ -110,6 +110,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def cmd_merge(argv: list[str]) -> int:
+    from qsimpo.export.gguf_out import TYPES as GGUF_TYPES
     from qsimpo.export.merge import BASE_WEIGHTS, DTYPES, merge
 
     c = _Command("qsimpo merge", "Merge an adapter into its base and save a standalone transformers model, verified "
@@ -127,6 +128,9 @@ def cmd_merge(argv: list[str]) -> int:
     c.arg("--no-verify", dest="verify", action="store_false", help="skip the comparison with the adapter")
     c.arg("--max-shard-size", help="largest safetensors shard (larger models are split)")
     c.arg("--overwrite", action="store_true", help="replace --out if it exists (only once the new merge passed)")
+    c.arg("--gguf", action="append", metavar="TYPE", type=str.lower, choices=list(GGUF_TYPES),
+          help=f"also write OUT/gguf/NAME-TYPE.gguf for llama.cpp and Ollama, read back and checked against the merged "
+               f"model, with an Ollama Modelfile (repeatable; {', '.join(GGUF_TYPES)})")
     c.run(argv)
     return 0
 

@@ -84,8 +84,13 @@ def check_request(adapter: str, out: Path, base: str | None, overwrite: bool) ->
 
 def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtype: str = DEFAULT_DTYPE, verify: bool = True,
           max_kl: float = DEFAULT_MAX_KL, overwrite: bool = False, base: str | None = None, max_shard_size: str = "5GB",
-          n_probes: int = 8, device: str | None = None, log=print, max_ratio: float = DEFAULT_MAX_RATIO) -> MergeResult:
-    """Merge ``adapter`` (a folder or Hub id) into its base and write a transformers model to ``out``."""
+          n_probes: int = 8, device: str | None = None, log=print, max_ratio: float = DEFAULT_MAX_RATIO,
+          gguf: list[str] | None = None) -> MergeResult:
+    """Merge ``adapter`` (a folder or Hub id) into its base and write a transformers model to ``out``.
+
+    ``gguf``: GGUF types (qsimpo.export.gguf_out.TYPES) to also write under ``out/gguf/``, each read back and
+    checked against the merged model; an architecture, tokenizer or type it cannot write is refused first.
+    """
     import torch
 
     from qsimpo.train.model import device_for_rank, load_trained
@@ -98,6 +103,7 @@ def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtyp
         raise MergeError(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)}")
     adapter, out = str(adapter), Path(out)
     meta, base = check_request(adapter, out, base, overwrite)
+    gguf_plan = _gguf_plan(base, meta, gguf) if gguf else None
     device = device or device_for_rank()
     torch_dtype = getattr(torch, dtype)
 
@@ -131,6 +137,12 @@ def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtyp
                 log(line)
             if not report.passed:
                 raise VerifyError(_failure_message(report, base_weights, dtype, out), report)
+        if gguf_plan:
+            from qsimpo.export.gguf_out import export
+
+            records = export(staging, gguf_plan, name=out.name, merged=reloaded if verify and dtype == "float32" else None,
+                             log=log)
+            update_meta(staging, gguf=[r["gguf_file"] for r in records])
         if out.is_dir():  # --overwrite: the old output goes only once the new one is complete and verified
             shutil.rmtree(out)
         elif out.exists():
@@ -141,6 +153,20 @@ def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtyp
             shutil.rmtree(staging)
     log(f"merged model written to {out}")
     return MergeResult(out, report)
+
+
+def _gguf_plan(base: str, meta: dict, types):
+    """The GGUF export of this base, or the reason it cannot be written, before anything is loaded."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from qsimpo.export.gguf_out import parse_types, plan
+    from qsimpo.train.model import base_config, pretrained_source
+
+    parse_types(types)  # a wrong type is reported before the base is read
+    resolved = pretrained_source(base_config(base, meta))
+    config = AutoConfig.from_pretrained(resolved.name_or_path, revision=resolved.revision)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.name_or_path, revision=resolved.revision)
+    return plan(config, tokenizer, types)
 
 
 def _merge_in_memory(adapter, base, meta, base_weights, dtype, device, probes):
