@@ -159,7 +159,7 @@ class DataSummary:
         reason = max((r for r in FIXES), key=lambda r: self.dropped.get(r, 0))
         first = self.examples[reason][0].split(": ", 1)[0]
         good = self.rows_read - n
-        what = (f"{self.diagnosis}\nFix that, or the rows listed" if self.diagnosis else
+        what = (f"{self.diagnosis}\nFix that, or the rows listed above" if self.diagnosis else
                 f"Fix the rows listed, or set data.on_bad_row: skip to train on the other {good} and report these")
         raise DataError(f"{self.source}: {n} bad row{'s' * (n != 1)} of {self.rows_read} read; nothing was trained:\n"
                         f"{self.bad_row_table()}\n{what}", reason, first)
@@ -428,6 +428,10 @@ def diagnose(rows: Iterable[Any], fmt: str, detected: str | None, columns: dict 
         looks = ", ".join(f"{n} {shape}" for shape, n in sorted(shapes.items(), key=lambda x: -x[1]))
         return f"no row was usable as {detected or fmt}; the rows look like: {looks}: give every row one shape, or set data.format"
     (shape,) = shapes or ["none"]
+    absent = [(role, column) for role, column in (columns or {}).items() if keys and column not in keys]
+    if shape == "none" and absent:
+        role, column = absent[0]
+        return f"data.columns.{role} names the column {column!r}, which the rows do not have{cols}: set it to one of them"
     if shape == "none":
         return (f"no row has chosen and rejected{cols}: map the data set's columns with data.columns, e.g. "
                 "data.columns: {chosen: COLUMN, rejected: COLUMN, prompt: COLUMN}")

@@ -500,3 +500,38 @@ def test_a_json_file_is_parsed_once_and_not_on_a_cached_rerun(tmp_path, monkeypa
     assert len(first) == 3 and len(parsed) == 1
     again = sources.source_table(str(path), fingerprint_salt="t")
     assert again["raw"] == first["raw"] and len(parsed) == 1  # read from the cache
+
+
+# ------------------------------------------------------------------------------------------ data.columns
+def test_columns_map_roles_to_the_data_sets_columns_and_system_becomes_a_system_message(tmp_path):
+    rows = [{"system": "Be brief.", "question": "Name a red fruit.", "good": "A cherry.", "bad": "Blue.", "prompt": "unused"},
+            {"system": "", "question": "Name a fruit.", "good": "A plum.", "bad": "A car.", "prompt": "unused"}]
+    (t, u), summary = triples(tmp_path, rows, columns={"prompt": "question", "chosen": "good", "rejected": "bad",
+                                                        "system": "system"})
+    assert summary.format == "explicit" and summary.rows_read == 2 and not summary.bad_rows
+    assert t["prompt"] == [msg("system", "Be brief."), msg("user", "Name a red fruit.")] and t["format"] == "conversational"
+    assert (t["chosen"], t["rejected"]) == ("A cherry.", "Blue.")
+    assert (u["prompt"], u["format"]) == ("Name a fruit.", "explicit")  # an empty system column adds nothing
+    (h,), _ = triples(tmp_path, [{**HH, "sys": "Be kind."}], columns={"system": "sys"})
+    assert h["prompt"] == [msg("system", "Be kind."), msg("user", "Is it cold?"), msg("assistant", "A bit."),
+                           msg("user", "Should I wear a coat?")]
+    assert (h["chosen"], h["rejected"]) == ("Yes, take a warm coat.", "Yes, no.")
+    own = {**ULTRA, "chosen": [msg("system", "Own.")] + ULTRA["chosen"], "rejected": [msg("system", "Own.")] + ULTRA["rejected"]}
+    (c,), _ = triples(tmp_path, [{**own, "sys": "Other."}], columns={"system": "sys"})
+    assert [m["content"] for m in c["prompt"]] == ["Own.", "Name a red fruit."]  # a conversation keeps its own system message
+
+
+def test_columns_are_part_of_the_cache_fingerprint(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [{**EXPLICIT, "question": "Which city is the capital of France?"}])
+    assert read(path)[0]["prompt"] == EXPLICIT["prompt"]
+    assert read(path, columns={"prompt": "question"})[0]["prompt"] == "Which city is the capital of France?"
+    assert read(path)[0]["prompt"] == EXPLICIT["prompt"]
+
+
+def test_a_mapped_column_a_row_lacks_is_a_bad_row_naming_column_row_and_fix(tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "chosen": "a", "rejected": "b"}, {"chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError) as err:
+        read_source(DataConfig(path=str(path), columns={"prompt": "question"}))
+    assert (f"{path}:line 2: missing_key: no column 'question' for data.columns.prompt (columns: chosen, rejected); "
+            "set data.columns.prompt to the column that holds the prompt") in str(err.value)
+    assert err.value.reason == "missing_key"
