@@ -128,7 +128,8 @@ class TrainConfig:
     weight_decay: Float = _f(0.0, "AdamW weight decay.", ge=0)
     max_grad_norm: Float = _f(1.0, "Gradient clipping norm.", gt=0)
     optim: Text = _f("adamw_torch", "Optimizer name understood by transformers (adamw_torch, paged_adamw_8bit, ...).")
-    gradient_checkpointing: Bool = _f(True, "Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: Bool | Literal["auto"] = _f(True, "Recompute activations in the backward pass to save memory: true (every decoder layer), false (none), or auto (only as many layers as train.memory_budget needs; qsimpo plan prints the split).")
+    memory_budget: Text | None = _f(None, "Memory the run may use, like 20GiB, that gradient_checkpointing: auto fits into (null: the GPU's free memory at the start; required on the CPU).")
     packing: Literal["shared_prompt", "none"] = _f("shared_prompt", "Batch layout: shared_prompt (prompt once, then chosen, then rejected, in one row) or none (separate chosen/rejected rows).")
     head_chunk_size: Int | None = _f(None, "Apply the output head only at response positions, this many at a time, recomputed in backward (null: sized by the vocabulary so the fp32 block stays within 256 MiB; 0: full logits).", "0 computes full logits", ge=0)
     group_by_length: Bool = _f(True, "Batch pairs of similar length together so little compute goes to padding.")
@@ -330,6 +331,15 @@ def _checked(cfg: Config, problems: list[str], source: str | None) -> Config:
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")  # the kernels that take qsimpo.train.packing's mask
 
 
+def parse_size(text: str, what: str = "--gpu-memory") -> int:
+    """Bytes of a size written like 24GiB, 80GB or 16384MiB (GiB when no unit is given)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*(GiB|GB|MiB|MB)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"{what} = {text!r}: write a size like 24GiB, 80GB or 16384MiB")
+    unit = (m.group(2) or "GiB").lower()
+    return int(float(m.group(1)) * {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}[unit])
+
+
 def validate(cfg: Config) -> list[str]:
     """The checks that involve several fields (or none fits a bound); each message names key, value and fix."""
     p: list[str] = []
@@ -353,6 +363,11 @@ def validate(cfg: Config) -> list[str]:
         p.append("train.max_steps = 0 must be > 0, or -1 to use num_epochs")
     if t.max_steps == -1 and t.num_epochs <= 0:
         p.append(f"train.num_epochs = {t.num_epochs} must be > 0 (or set train.max_steps)")
+    if t.memory_budget is not None:
+        try:
+            parse_size(t.memory_budget, "train.memory_budget")
+        except ValueError as e:
+            p.append(str(e))
     if t.packing == "shared_prompt" and m.attn_implementation not in PACKED_ATTENTION:
         p.append(f"model.attn_implementation = {m.attn_implementation!r} cannot take the shared-prompt mask (rejected tokens "
                  f"must not see chosen ones): use one of {', '.join(PACKED_ATTENTION)}, or set train.packing none")

@@ -125,16 +125,20 @@ def keep_training_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False  # the flag Linear4bit.forward checks before repacking
 
 
-def add_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bool, seed: int | None = None):
-    """Wrap ``model`` with trainable LoRA adapters; everything else stays frozen."""
+def add_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bool | int, seed: int | None = None):
+    """Wrap ``model`` with trainable LoRA adapters; everything else stays frozen.
+
+    ``gradient_checkpointing``: recompute every decoder layer (True), none (False), or that many of them (an int,
+    train.gradient_checkpointing: auto as qsimpo.train.plan sizes it)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         # checkpointing is enabled below, under transformers' current name (peft calls the deprecated one)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if gradient_checkpointing:
-        enable_activation_checkpointing(model, {"use_reentrant": False})
+    if gradient_checkpointing is not False and gradient_checkpointing != 0:
+        layers = None if gradient_checkpointing is True else int(gradient_checkpointing)
+        enable_activation_checkpointing(model, {"use_reentrant": False}, layers)
     for p in model.parameters():
         p.requires_grad_(False)
     if seed is not None:
@@ -150,13 +154,24 @@ def add_lora(model, cfg: LoraConfig, quantized: bool, gradient_checkpointing: bo
     return get_peft_model(model, peft_cfg)
 
 
-def enable_activation_checkpointing(model, kwargs: dict) -> None:
-    """Recompute activations in the backward pass (transformers 5 renamed this from gradient checkpointing)."""
+def enable_activation_checkpointing(model, kwargs: dict, layers: int | None = None) -> None:
+    """Recompute activations in the backward pass (transformers 5 renamed this from gradient checkpointing):
+    in every decoder layer, or in the first ``layers`` of them only.
+
+    transformers' decoder layers are GradientCheckpointingLayer modules, each recomputed when its own
+    ``gradient_checkpointing`` flag is set (its documented switch); its ``every_n_layers`` can only pick
+    every n-th layer, so a split of k of L layers sets the flags here."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if layers is not None:
+        blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = i < layers
 
 
 def base_config(base: str, meta: dict, **kwargs) -> ModelConfig:

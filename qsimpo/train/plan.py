@@ -11,8 +11,10 @@ An estimate of peak GPU memory from the model's config alone (nothing is loaded)
 - activations per micro-batch of T tokens: the worst micro-batch, either the longest rows the
   layout allows at data.max_length, or (``--data``) the longest pairs of the config's own data
   as the layout would lay them out (padded rows, or one padding-free row under flex_attention):
-  with gradient checkpointing one saved hidden state per layer plus one layer recomputed,
-  without it every layer's intermediates;
+  a recomputed (checkpointed) layer keeps one saved hidden state, plus one layer's intermediates and
+  their gradients while its backward runs; any other layer keeps all its intermediates.
+  ``train.gradient_checkpointing: auto`` recomputes the fewest layers that fit the budget
+  (``train.memory_budget``, else ``--gpu-memory``), and the plan prints the split;
 - the packed layout's dense 4-D attention mask (batch × row² in the compute dtype, plus the
   boolean it is built from) under SDPA/eager; nothing under flex_attention (a block mask);
 - the output head: one fp32 [chunk, vocab] block plus its compute-dtype matmul output (×1.5;
@@ -39,10 +41,9 @@ to the last GiB.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
-from qsimpo.config import Config
+from qsimpo.config import Config, parse_size
 from qsimpo.errors import UsageError
 from qsimpo.train.logprobs import head_chunk_rows
 
@@ -73,14 +74,6 @@ def shape_of(model_config) -> Shape:
     return Shape(c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size, c.num_attention_heads,
                  getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
                  bool(getattr(c, "final_logit_softcapping", None)))
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*(GiB|GB|MiB|MB)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ValueError(f"--gpu-memory {text!r}: write a size like 24GiB, 80GB or 16384MiB")
-    unit = (m.group(2) or "GiB").lower()
-    return int(float(m.group(1)) * {"gib": GiB, "gb": 10**9, "mib": 2**20, "mb": 10**6}[unit])
 
 
 @dataclass
@@ -116,17 +109,44 @@ def worst_batch(cfg: Config, lengths: list[tuple[int, int, int]] | None = None) 
     return Batch(len(worst) * width, len(worst) * width * width, scored, source)
 
 
-def estimate(cfg: Config, shape: Shape, batch: Batch | None = None, processes: int = 1) -> dict[str, float]:
-    """Bytes by part, per process, for ``cfg`` on a model of ``shape`` (see the module docstring)."""
+def activations(cfg: Config, shape: Shape, batch: Batch, checkpointed: int) -> float:
+    """Activations kept for the backward pass with ``checkpointed`` of the decoder layers recomputed: such a layer
+    keeps only its input hidden state, every other layer all its intermediates; while a recomputed layer's backward
+    runs, its intermediates and their gradients are alive too (two layers' worth)."""
+    layer = _layer_acts(cfg, shape, batch)
+    saved = batch.tokens * shape.hidden * _act_bytes(cfg)
+    return checkpointed * saved + (shape.layers - checkpointed) * layer + (2 * layer if checkpointed else 0)
+
+
+def checkpointed_layers(cfg: Config, shape: Shape, batch: Batch, budget: int | None, processes: int = 1) -> int:
+    """How many decoder layers train.gradient_checkpointing recomputes: all (true), none (false), or for auto the
+    fewest that keep the estimated peak within ``budget`` (all when even that does not fit). Every layer that is
+    not recomputed saves its forward pass in the backward: the memory a budget leaves unused is spent on speed."""
+    setting = cfg.train.gradient_checkpointing
+    if setting != "auto":
+        return shape.layers if setting else 0
+    if budget is None:
+        raise UsageError("train.gradient_checkpointing: auto needs a memory budget to size it by: set "
+                         "train.memory_budget (e.g. --train.memory_budget 16GiB), or run on a GPU (its free memory)")
+    rest = sum(estimate(cfg, shape, batch, processes, checkpointed=0).values()) - activations(cfg, shape, batch, 0)
+    return next((k for k in range(shape.layers + 1) if rest + activations(cfg, shape, batch, k) <= budget), shape.layers)
+
+
+def estimate(cfg: Config, shape: Shape, batch: Batch | None = None, processes: int = 1,
+             checkpointed: int | None = None) -> dict[str, float]:
+    """Bytes by part, per process, for ``cfg`` on a model of ``shape`` (see the module docstring), with
+    ``checkpointed`` decoder layers recomputed (None: as train.gradient_checkpointing says, auto sized to
+    train.memory_budget)."""
     act, bits = _act_bytes(cfg), _weight_bits(cfg, shape)
     per_layer = sum(i * o for i, o in shape.linears)
     lora_params = _lora_params(cfg, shape)
 
     t = cfg.train
     batch = batch or worst_batch(cfg)
-    layer_acts = _layer_acts(cfg, shape, batch)
-    acts = batch.tokens * shape.hidden * act * shape.layers + 2 * layer_acts if t.gradient_checkpointing \
-        else shape.layers * layer_acts
+    if checkpointed is None:
+        budget = parse_size(t.memory_budget) if t.memory_budget else None
+        checkpointed = checkpointed_layers(cfg, shape, batch, budget, processes)
+    acts = activations(cfg, shape, batch, checkpointed)
     shards = processes if t.fsdp else 1
     parts = {
         "base weights": base_weights(cfg, shape) / shards,
@@ -206,8 +226,8 @@ def advice(cfg: Config, parts: dict[str, float], budget: int) -> str:
     t = cfg.train
     if parts["output head"] > 0.25 * budget and t.head_chunk_size == 0:
         return "set --train.head_chunk_size null (response-only, chunked output head sized by the vocabulary)"
-    if not t.gradient_checkpointing:
-        return "set --train.gradient_checkpointing true"
+    if t.gradient_checkpointing is False:
+        return "set --train.gradient_checkpointing true (or auto: only the layers the budget needs)"
     if t.batch_size > 1:
         return (f"lower --train.batch_size to {max(1, t.batch_size // 2)} and raise "
                 f"--train.gradient_accumulation_steps to {t.gradient_accumulation_steps * 2} (same effective batch)")
@@ -238,13 +258,16 @@ def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[in
         model_config = load_model_config(cfg.model)
     batch = worst_batch(cfg, lengths)
     shape = shape_of(model_config)
-    parts = estimate(cfg, shape, batch, processes)
+    budget = parse_size(cfg.train.memory_budget) if cfg.train.memory_budget else gpu_memory
+    checkpointed = checkpointed_layers(cfg, shape, batch, budget, processes)
+    parts = estimate(cfg, shape, batch, processes, checkpointed)
     total = sum(parts.values())
     loading = base_weights(cfg, shape) + CONTEXT  # every process loads the whole base before FSDP splits it
     lines = [f"memory plan for {cfg.model.name_or_path} ({cfg.model.quantization}, batch {cfg.train.batch_size}, "
              f"max_length {cfg.data.max_length}, packing {cfg.train.packing}, {cfg.model.attn_implementation}, "
              f"head_chunk_size {head_chunk_rows(cfg.train.head_chunk_size, model_config.vocab_size)})",
-             f"  worst micro-batch: {batch.tokens} tokens laid out ({batch.source})"]
+             f"  worst micro-batch: {batch.tokens} tokens laid out ({batch.source})",
+             f"  activation checkpointing: {split_text(cfg, checkpointed, shape.layers, budget)}"]
     if processes > 1:
         lines.append(f"  per process, {processes} processes: " + (
             f"FSDP splits the base and the LoRA state {processes} ways" if cfg.train.fsdp
@@ -265,6 +288,15 @@ def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[in
     else:
         lines.append(f"does not fit: {advice(cfg, parts, gpu_memory)}")
     return "\n".join(lines), fits
+
+
+def split_text(cfg: Config, checkpointed: int, layers: int, budget: int) -> str:
+    """How many layers are recomputed, and for auto the budget that decided it."""
+    text = f"{checkpointed} of {layers} decoder layers recomputed in the backward pass"
+    if cfg.train.gradient_checkpointing == "auto":
+        source = "train.memory_budget" if cfg.train.memory_budget else "the GPU's memory"
+        text += f" (auto: the fewest that fit {budget / GiB:.1f} GiB, {source})"
+    return text
 
 
 EVAL_BATCH = 8  # qsimpo eval's default --batch-size

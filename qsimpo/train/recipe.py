@@ -200,6 +200,34 @@ def training_arguments(cfg: Config, output_dir: Path, has_eval: bool, device: st
     )
 
 
+def checkpoint_split(cfg: Config, pairs, device: str) -> bool | int:
+    """train.gradient_checkpointing as add_lora takes it: true/false as set, or for auto the number of layers
+    qsimpo plan's estimate says the budget needs, for this data's longest pairs. The budget is
+    train.memory_budget, else the GPU's free memory now (on the CPU auto needs train.memory_budget)."""
+    if cfg.train.gradient_checkpointing != "auto":
+        return cfg.train.gradient_checkpointing
+    from qsimpo.config import parse_size
+    from qsimpo.train.model import load_model_config
+    from qsimpo.train.plan import checkpointed_layers, shape_of, split_text, worst_batch
+
+    if cfg.train.memory_budget:
+        budget = parse_size(cfg.train.memory_budget)
+    elif torch.device(device).type == "cuda":
+        budget = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        raise ConfigError(["train.gradient_checkpointing = 'auto' sizes the split by the GPU's free memory, and this run "
+                           "has no GPU: set train.memory_budget (e.g. --train.memory_budget 16GiB), or true/false"])
+    shape = shape_of(load_model_config(cfg.model))
+    # each pair's total length stands for its prompt, chosen and rejected: the batch is never underestimated
+    batch = worst_batch(cfg, [(0, n, 0) for n in pairs.lengths])
+    processes = int(os.environ.get("WORLD_SIZE", 1))
+    checkpointed = checkpointed_layers(cfg, shape, batch, budget, processes)
+    if is_main_process():
+        print(f"activation checkpointing: {split_text(cfg, checkpointed, shape.layers, budget)}; "
+              f"worst micro-batch {batch.tokens} tokens")
+    return checkpointed
+
+
 def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict) -> None:
     import bitsandbytes
     import peft
@@ -260,8 +288,9 @@ def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
         tokenizer = load_tokenizer(cfg.model)
         pairs, eval_pairs, summaries = load_pairs(cfg, tokenizer, sources)
 
+        checkpointed = checkpoint_split(cfg, pairs, device)
         model = load_base(cfg.model, device)
-        model = add_lora(model, cfg.lora, cfg.model.quantization != "none", cfg.train.gradient_checkpointing, cfg.train.seed)
+        model = add_lora(model, cfg.lora, cfg.model.quantization != "none", checkpointed, cfg.train.seed)
 
         output_dir.mkdir(parents=True, exist_ok=True)
         if is_main_process():
