@@ -26,12 +26,12 @@ from typing import Iterator
 import torch
 
 from qsimpo.errors import InputNotFound
+from qsimpo.quickstart import DEFAULT_OUT
 from qsimpo.eval.generate import render_prompt
 from qsimpo.demo.batcher import Batcher, Request
 
 SIDES = ("left", "right")
 BASE = "__base__"  # peft's adapter name, in adapter_names, for "no adapter": the SFT model
-QUICKSTART = Path("adapters/quickstart")
 
 
 @dataclass
@@ -222,11 +222,14 @@ class SideBySide:
 
 
 def resolve_adapter(adapter: str | None, base: str | None) -> tuple[str, str | None]:
-    """The adapter (and base) to serve: the given ones, or the quickstart's output when none is given."""
+    """The adapter (and base) to serve: the given ones, or the quickstart's output when none is given.
+
+    The base is the one given, else (None) the one the adapter's qsimpo.json records, as for any adapter.
+    """
     if adapter:
         return adapter, base
-    if not (QUICKSTART / "adapter" / "adapter_config.json").is_file():
-        raise InputNotFound(f"no quickstart output at {QUICKSTART / 'adapter'} (working directory {Path.cwd()}): "
+    quickstart = Path(DEFAULT_OUT) / "adapter"
+    if not (quickstart / "adapter_config.json").is_file():
+        raise InputNotFound(f"no quickstart output at {quickstart} (working directory {Path.cwd()}): "
                             "run `qsimpo quickstart` first, or pass --adapter DIR_OR_HUB_ID")
-    return str(QUICKSTART / "adapter"), base or str(QUICKSTART / "base")
-
+    return str(quickstart), base

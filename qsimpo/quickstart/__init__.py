@@ -9,23 +9,57 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
 from qsimpo.errors import OutputExists
+from qsimpo.run_dir import has_adapter
 
 
-def fresh_output(out: str | Path, overwrite: bool) -> Path:
-    """``out`` as a Path, emptied for a new run when ``overwrite``; an existing one is refused otherwise."""
+DEFAULT_OUT = "adapters/quickstart"  # `qsimpo demo` with no --adapter serves what this holds
+OWN = frozenset({"data", "base", "adapter", "quickstart.json"})  # all a quickstart writes into its --out
+
+
+def fingerprint(*files: Path, **settings) -> dict:
+    """What a quickstart's result depends on: the shipped files it reads (by sha256), its settings, qsimpo's version."""
+    from qsimpo import __version__
+
+    return {"qsimpo": __version__, **settings,
+            **{f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}}
+
+
+def prepare_output(out: str | Path, overwrite: bool, inputs: dict) -> tuple[Path, dict | None]:
+    """``(out, earlier result)``: the result of an earlier quickstart in ``out`` made from the same ``inputs``,
+    to show again, or None when there is a run to make, ``out`` then emptied.
+
+    Running the quickstart twice shows its result twice: a finished run of the same inputs is
+    reused; an unfinished one, or one made from other inputs (another qsimpo, --max-steps, --tiny),
+    is rebuilt. A folder holding anything else a quickstart does not write is not ours to delete,
+    and is refused unless ``overwrite``.
+    """
     out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise OutputExists(f"{out} exists: pass --overwrite to rebuild it, or choose another --out")
-        shutil.rmtree(out)
-    return out
+    if not out.exists():
+        return out, None
+    if not overwrite:
+        if not out.is_dir():
+            raise OutputExists(f"{out} exists and is not a folder: choose another --out")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN)
+        if foreign:
+            raise OutputExists(f"{out} exists and holds what a quickstart does not write ({', '.join(foreign)}): choose "
+                               "another --out, or pass --overwrite to replace the folder")
+        try:
+            earlier = json.loads((out / "quickstart.json").read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if isinstance(earlier, dict) and earlier.get("inputs") == inputs and has_adapter(out / "adapter"):
+            return out, earlier
+    shutil.rmtree(out)
+    return out, None
 
 
-def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = False, tiny: bool = False,
+def run_quickstart(out: str | Path = DEFAULT_OUT, overwrite: bool = False, tiny: bool = False,
                    max_steps: int | None = None) -> dict:
     """Run the quickstart into ``out``; the real model unless ``tiny``. Returns what quickstart.json holds."""
     if tiny:

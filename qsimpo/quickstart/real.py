@@ -18,7 +18,7 @@ import re
 import time
 from pathlib import Path
 
-from qsimpo.quickstart import fresh_output
+from qsimpo.quickstart import DEFAULT_OUT, fingerprint, prepare_output
 
 HERE = Path(__file__).parent
 PAIRS = HERE / "data" / "pairs.jsonl"
@@ -40,7 +40,7 @@ def split_pairs(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if r["topic"] not in held], [r for r in rows if r["topic"] in held]
 
 
-def probe(model, tokenizer, pairs, prompts: list[str], max_new_tokens: int = 64) -> dict:
+def probe(model, tokenizer, pairs, prompts: list[str], beta: float, max_new_tokens: int = 64) -> dict:
     from qsimpo.eval.generate import generate
     from qsimpo.eval.metrics import reward_accuracy
     from qsimpo.scoring import score_pairs
@@ -49,23 +49,28 @@ def probe(model, tokenizer, pairs, prompts: list[str], max_new_tokens: int = 64)
     answers = [generate(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=max_new_tokens) for p in prompts]
     return {
         "reward_accuracy": reward_accuracy(scores.chosen, scores.rejected),
-        "mean_margin": float((scores.chosen - scores.rejected).mean()),
+        "mean_margin": beta * float((scores.chosen - scores.rejected).mean()),  # beta * delta, as training logs it
         "one_sentence_rate": sum(sentences(a) == 1 for a in answers) / len(answers),
         "mean_answer_words": sum(len(a.split()) for a in answers) / len(answers),
         "generations": [{"prompt": p, "response": a} for p, a in zip(prompts, answers)],
     }
 
 
-def run(out: str | Path = "adapters/quickstart", overwrite: bool = False, max_steps: int | None = None,
+def run(out: str | Path = DEFAULT_OUT, overwrite: bool = False, max_steps: int | None = None,
         source: str = "auto") -> dict:
     from qsimpo.config import load_config
     from qsimpo.realmodel import smollm2_source
     from qsimpo.train.recipe import train
 
-    out = fresh_output(out, overwrite)
     t0 = time.perf_counter()
     print("[1/4] SmolLM2-135M-Instruct (the SFT model): fetched once, then read from the cache")
     base, revision = smollm2_source(source)  # the Hub copy by its id and commit, so push names the Hub model
+    inputs = fingerprint(PAIRS, CONFIG, model=base, revision=revision, max_steps=max_steps)
+    out, earlier = prepare_output(out, overwrite, inputs)
+    if earlier is not None:
+        print(f"{out} holds this quickstart's finished run: its result again (--overwrite trains anew)")
+        show(earlier, out)
+        return earlier
 
     rows = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
     train_rows, held_rows = split_pairs(rows)
@@ -75,8 +80,9 @@ def run(out: str | Path = "adapters/quickstart", overwrite: bool = False, max_st
 
     print(f"[2/4] SimPO on its NF4 base with LoRA: {len(train_rows)} pairs preferring the first sentence of the "
           "model's own answer to the whole answer")
+    # the held-out pairs are the run's data.eval: scored at the end of training, and what `qsimpo eval` reads
     overrides = [f"--model.name_or_path={base}", f"--data.path={out / 'data' / 'train.jsonl'}",
-                 f"--train.output_dir={out / 'adapter'}"]
+                 f"--data.eval={out / 'data' / 'heldout.jsonl'}", f"--train.output_dir={out / 'adapter'}"]
     if revision:
         overrides.append(f"--model.revision={revision}")
     if max_steps is not None:
@@ -85,7 +91,7 @@ def run(out: str | Path = "adapters/quickstart", overwrite: bool = False, max_st
     train(cfg)
 
     result = {"model": "SmolLM2-135M-Instruct", "base": str(base), "adapter": str(out / "adapter"),
-              "train_pairs": len(train_rows), **compare(out, cfg, held_rows)}
+              "train_pairs": len(train_rows), **compare(out, cfg, held_rows), "inputs": inputs}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n")
     print("[4/4] done")
@@ -104,8 +110,8 @@ def compare(out: Path, cfg, held_rows: list[dict]) -> dict:
     pairs, _ = build_dataset(cfg.data, tokenizer, path=str(out / "data" / "heldout.jsonl"))
     prompts = list(dict.fromkeys(r["prompt"] for r in held_rows))[:SHOWN]
     with model.disable_adapter():
-        before = probe(model, tokenizer, pairs, prompts)
-    after = probe(model, tokenizer, pairs, prompts)
+        before = probe(model, tokenizer, pairs, prompts, cfg.simpo.beta)
+    after = probe(model, tokenizer, pairs, prompts, cfg.simpo.beta)
     return {"held_out_pairs": len(pairs), "before": before, "after": after}
 
 
@@ -118,4 +124,5 @@ def show(result: dict, out: Path) -> None:
           f"(mean {before['mean_answer_words']:.0f} -> {after['mean_answer_words']:.0f} words)")
     for b, a in list(zip(before["generations"], after["generations"]))[:3]:
         print(f"  {b['prompt']}\n    SFT:     {b['response']}\n    aligned: {a['response']}")
-    print(f"wrote {out / 'quickstart.json'} in {result['seconds']} s; chat with both: qsimpo demo --adapter {out / 'adapter'}")
+    where = "" if out == Path(DEFAULT_OUT) else f" --adapter {out / 'adapter'}"
+    print(f"wrote {out / 'quickstart.json'} in {result['seconds']} s; chat with both: qsimpo demo{where}")

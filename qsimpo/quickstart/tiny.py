@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qsimpo.quickstart import fresh_output
+from qsimpo.quickstart import fingerprint, prepare_output
 
 TOPICS = [
     "cats", "rivers", "bread", "music", "trains", "gardens", "clocks", "mountains", "bees", "libraries",
@@ -118,7 +118,7 @@ def quickstart_config(out: Path, data: Path, base: Path, heldout: Path):
     )
 
 
-def probe(model, tokenizer, pairs, prompts) -> dict:
+def probe(model, tokenizer, pairs, prompts, beta: float) -> dict:
     from qsimpo.eval.generate import generate
     from qsimpo.eval.metrics import reward_accuracy
     from qsimpo.scoring import score_pairs
@@ -127,7 +127,7 @@ def probe(model, tokenizer, pairs, prompts) -> dict:
     gens = [generate(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=48) for p in prompts]
     return {
         "reward_accuracy": reward_accuracy(scores.chosen, scores.rejected),
-        "mean_margin": float((scores.chosen - scores.rejected).mean()),
+        "mean_margin": beta * float((scores.chosen - scores.rejected).mean()),  # beta * delta, as training logs it
         "kind_style_rate": sum(map(is_kind, gens)) / len(gens),
         "generations": [{"prompt": p, "response": g} for p, g in zip(prompts, gens)],
     }
@@ -139,7 +139,12 @@ def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = Fa
     from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
     from qsimpo.train.recipe import train
 
-    out = fresh_output(out, overwrite)
+    inputs = fingerprint(Path(__file__).with_name("tiny.yaml"), tiny=True, seed=seed)
+    out, earlier = prepare_output(out, overwrite, inputs)
+    if earlier is not None:
+        print(f"{out} holds this quickstart's finished run: its result again (--overwrite trains anew)")
+        show(earlier, out)
+        return earlier
     t0 = time.perf_counter()
     train_topics, held_topics = TOPICS[:-HELDOUT_TOPICS], TOPICS[-HELDOUT_TOPICS:]
     train_rows = make_pairs(train_topics, 1200, seed)
@@ -163,8 +168,8 @@ def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = Fa
     pairs, _ = build_dataset(cfg.data, tokenizer, path=str(heldout))
     prompts = [PROMPTS[i % len(PROMPTS)].format(t=t) for i, t in enumerate(held_topics)]
     with model.disable_adapter():
-        before = probe(model, tokenizer, pairs, prompts)
-    after = probe(model, tokenizer, pairs, prompts)
+        before = probe(model, tokenizer, pairs, prompts, cfg.simpo.beta)
+    after = probe(model, tokenizer, pairs, prompts, cfg.simpo.beta)
     result = {
         "held_out_pairs": len(pairs),
         "before": before,
@@ -172,13 +177,20 @@ def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = Fa
         "seconds": round(time.perf_counter() - t0, 1),
         "adapter": str(out / "adapter"),
         "base": str(base),
+        "inputs": inputs,
     }
     (out / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n")
     print("[4/4] done")
+    show(result, out)
+    return result
+
+
+def show(result: dict, out: Path) -> None:
+    before, after = result["before"], result["after"]
     print(f"held-out reward accuracy: SFT {before['reward_accuracy']:.3f} -> aligned {after['reward_accuracy']:.3f}")
-    print(f"courteous answers among {len(prompts)} greedy generations: SFT {before['kind_style_rate']:.0%} -> aligned {after['kind_style_rate']:.0%}")
+    print(f"courteous answers among {len(before['generations'])} greedy generations: SFT {before['kind_style_rate']:.0%} "
+          f"-> aligned {after['kind_style_rate']:.0%}")
     pairs_shown = sorted(zip(before["generations"], after["generations"]), key=lambda ba: is_kind(ba[0]["response"]))
     for b, a in pairs_shown[:3]:  # the SFT model's rude answers first: that is what changed
         print(f"  {b['prompt']}\n    SFT:     {b['response']}\n    aligned: {a['response']}")
     print(f"wrote {out / 'quickstart.json'} in {result['seconds']} s")
-    return result
