@@ -135,9 +135,31 @@ def cmd_merge(argv: list[str]) -> int:
     return 0
 
 
+SPACE_USAGE = ("qsimpo push ADAPTER_HUB_ID --space OWNER/NAME [--base ID] [--hardware cpu-basic|zero-a10g|...] "
+               "[--private] [--dry-run]: publish the side-by-side demo of an adapter on the Hub as a Gradio Space "
+               "(demo/ with a qsimpo wheel; --dry-run lists every file and the README header)")
+
+
+def cmd_push_space(argv: list[str]) -> int:
+    from qsimpo.export.space import HARDWARE, push_space
+
+    c = _Command("qsimpo push", "Publish the side-by-side demo of an adapter as a Hugging Face Space (the repository's "
+                 "demo/ folder, configured for the adapter, carrying qsimpo as a wheel).", push_space)
+    c.arg("adapter", help="the adapter's Hub id (push it first with --repo): the Space downloads it")
+    c.arg("--space", dest="space_id", required=True, help="Space id, OWNER/NAME")
+    c.arg("--base", help="base model Hub id (default: the one the adapter's qsimpo.json records)")
+    c.arg("--hardware", choices=HARDWARE, help="the README header's suggested_hardware (zero-a10g: ZeroGPU)")
+    c.arg("--private", action="store_true", help="create the Space private")
+    c.arg("--dry-run", action="store_true", help="print every file and the README header; send nothing")
+    c.run(argv)
+    return 0
+
+
 def cmd_push(argv: list[str]) -> int:
     from qsimpo.export.hub import push
 
+    if any(a == "--space" or a.startswith("--space=") for a in argv):
+        return cmd_push_space(argv)
     c = _Command("qsimpo push", "Upload an adapter or merged folder to the Hugging Face Hub with a model card (only "
                  "the model's files; never checkpoints, logs or tokens).", push)
     c.arg("folder", help="adapter folder (qsimpo train) or merged folder (qsimpo merge)")
@@ -148,6 +170,7 @@ def cmd_push(argv: list[str]) -> int:
     c.arg("--license", help="license for the card (default: the local base's card license, else 'other')")
     c.arg("--dataset", dest="datasets", action="append", help="Hub id of a training data set for the card (repeatable)")
     c.arg("--include", action="append", help="also upload files matching this pattern (repeatable)")
+    c.parser.epilog = "The demo as a Space instead: " + SPACE_USAGE
     c.run(argv)
     return 0
 
