@@ -195,7 +195,7 @@ def tokenize_source(cfg: DataConfig, source: Source, tokenizer) -> tuple["Pairs"
     """Tokenize a read source; return its kept pairs and its summary (now with kept, truncation and too_long counts)."""
     table, summary = source.table, source.summary
     fingerprint = _fingerprint(table._fingerprint, "tokenize", tokenizer_fingerprint(tokenizer), cfg.max_length,
-                               cfg.max_prompt_length, cfg.system_prompt, _code_version())
+                               cfg.prompt_limit, cfg.system_prompt, _code_version())
     with _progress(len(table)):
         table = table.map(_tokenize_batch, batched=True, num_proc=_workers(len(table)), new_fingerprint=fingerprint,
                           fn_kwargs={"tokenizer": tokenizer, "max_length": cfg.max_length,

@@ -188,7 +188,7 @@ class SideBySide:
         """(average log-prob, |y|) of each (side, messages, response): the response after the messages under that side.
 
         Tokenized exactly as `qsimpo train` tokenizes a pair (qsimpo.data.tokenize_pair: the chat
-        template, one BOS, the response closed by EOS) and scored by qsimpo.eval.scoring.score_pairs, the
+        template, one BOS, the response closed by EOS) and scored by qsimpo.scoring.score_pairs, the
         training path (packed rows, response-only chunked head), each row under its side's adapter:
         β times this number is the SimPO reward the row would get in training.
         """

@@ -1,6 +1,5 @@
-"""Evaluation: scoring pairs the way training does, the numbers, the report, and generation.
+"""Evaluation: the numbers, the report, and generation (pairs are scored by qsimpo.scoring, as training scores them).
 
-    scoring.py    per-response average log-probs through the training path (packed rows, chunked head)
     metrics.py    eval's numbers as pure functions: accuracy, margins, Spearman, length splits, win rate
     evaluate.py   `qsimpo eval`: SFT vs aligned on held-out pairs, generations, judge, eval.json
     report.py     eval's printed table and report.html

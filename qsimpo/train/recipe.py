@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from qsimpo import __version__
-from qsimpo.run_dir import CHECKPOINT_MARKER, CONFIG, META, METRICS, has_adapter, is_complete, write_json
+from qsimpo.run_dir import CHECKPOINT_MARKER, CONFIG, METRICS, has_adapter, is_complete, write_config, write_meta
 from qsimpo.train.callbacks import (CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain, ProgressBar,
                                     SkipFinishedRun, StopOnSignal, checkpoints, last_complete_checkpoint)
-from qsimpo.config import Config, ConfigError, dump_yaml
+from qsimpo.config import Config, ConfigError
 from qsimpo.data import read_source, split_eval, tokenize_source
 from qsimpo.errors import InputNotFound, Interrupted, OutputExists
 from qsimpo.train.logprobs import head_chunk_rows
@@ -233,7 +233,7 @@ def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict) ->
     import peft
     import transformers
 
-    (output_dir / CONFIG).write_text(dump_yaml(cfg))
+    write_config(output_dir, cfg)
     meta = {
         "qsimpo_version": __version__,
         "base_model": cfg.model.name_or_path,
@@ -252,7 +252,7 @@ def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict) ->
             "bitsandbytes": bitsandbytes.__version__,
         },
     }
-    write_json(output_dir, META, meta)
+    write_meta(output_dir, meta)
 
 
 @dataclass
@@ -294,7 +294,7 @@ def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
 
         output_dir.mkdir(parents=True, exist_ok=True)
         if is_main_process():
-            (output_dir / CONFIG).write_text(dump_yaml(cfg))  # the run folder says what it is while it runs
+            write_config(output_dir, cfg)  # the run folder says what it is while it runs
         resume = resolve_resume(cfg.train.resume_from, output_dir)
         metrics_path = output_dir / METRICS
         if resume is None and is_main_process() and metrics_path.exists():

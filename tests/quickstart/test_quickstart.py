@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from qsimpo.cli import main
 
 
@@ -21,9 +19,36 @@ def test_quickstart_learns_the_preference(quickstart_run, capsys):
     assert any("eval_rewards/accuracies" in m for m in metrics)  # data.eval is scored during training
     assert "held-out reward accuracy: SFT" in printed
 
-    # a second run refuses to clobber the first
-    assert main(["quickstart", "--tiny", "--out", str(out)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    # run again, it shows its finished result again: nothing retrained, nothing refused
+    weights = out / "adapter" / "adapter_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["quickstart", "--tiny", "--out", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert "finished run: its result again" in again and "[2/4]" not in again
+    assert f"held-out reward accuracy: SFT {before['reward_accuracy']:.3f} -> aligned {after['reward_accuracy']:.3f}" in again
+    assert weights.stat().st_mtime_ns == stamp
+    # a folder holding anything a quickstart does not write is not its to replace
+    (out / "notes.txt").write_text("mine")
+    try:
+        assert main(["quickstart", "--tiny", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "holds what a quickstart does not write (notes.txt)" in err and "--overwrite" in err
+    finally:
+        (out / "notes.txt").unlink()
+
+
+def test_an_earlier_output_of_other_inputs_is_rebuilt(tmp_path):
+    from qsimpo.quickstart import prepare_output
+
+    out = tmp_path / "quickstart"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (out / "quickstart.json").write_text(json.dumps({"inputs": {"qsimpo": "0.0.1"}}))
+    assert prepare_output(out, False, {"qsimpo": "0.0.1"}) == (out, {"inputs": {"qsimpo": "0.0.1"}})  # the same: reused
+    assert prepare_output(out, False, {"qsimpo": "0.1.0"}) == (out, None) and not out.exists()  # other inputs: rebuilt
+    (out / "data").mkdir(parents=True)  # an unfinished run of its own (no quickstart.json): rebuilt
+    assert prepare_output(out, False, {"qsimpo": "0.1.0"}) == (out, None) and not out.exists()
 
 
 def test_inspect_data_shows_boundary(tiny_base, pref_jsonl, capsys):
