@@ -27,7 +27,7 @@ from pathlib import Path
 
 from qsimpo.config import DataConfig
 from qsimpo.data.formats import (FORMATS, DataError, DataSummary, _Bad, check_columns, check_policy, detect_format, diagnose,
-                                 normalise_row)
+                                 normalise_prompt, normalise_row)
 from qsimpo.data.sources import source_table
 from qsimpo.data.tokenize import tokenize_pair
 
@@ -77,13 +77,14 @@ def _workers(n_rows: int) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ the steps
-def _normalise_batch(batch: dict, fmt: str | None, columns: dict | None) -> dict:
+def _normalise_batch(batch: dict, fmt: str | None, columns: dict | None, prompts: bool = False) -> dict:
     out = {"reason": [], "detail": [], "text": []}
     for location, raw, reason, detail in zip(batch["location"], batch["raw"], batch["reason"], batch["detail"]):
         text = None
         if reason is None:
             try:
-                triple = normalise_row(json.loads(raw), fmt, columns)
+                row = json.loads(raw)
+                triple = normalise_prompt(row, fmt, columns) if prompts else normalise_row(row, fmt, columns)
             except _Bad as bad:
                 reason, detail = bad.reason, DataError.bad_row(location, bad.reason, bad.detail).detail_line
             else:
@@ -148,8 +149,11 @@ class Source:
                 for location, reason, text in zip(rows["location"], rows["reason"], rows["text"]) if not reason]
 
 
-def read_source(cfg: DataConfig, path: str | None = None) -> Source:
+def read_source(cfg: DataConfig, path: str | None = None, prompts: bool = False) -> Source:
     """Read and normalise ``path`` (default cfg.path), judging every row; no tokenizer needed.
+
+    ``prompts=True`` reads prompts to answer (`qsimpo pairs`), not pairs: each kept text is
+    {"prompt", "format"}, from a prompt column or a preference row's conversation (formats.normalise_prompt).
 
     Bad rows are recorded at every stage; under ``on_bad_row: error`` one DataError lists them all,
     so a run stops on bad data before any model or tokenizer loads.
@@ -172,9 +176,9 @@ def read_source(cfg: DataConfig, path: str | None = None) -> Source:
     if fmt == "auto":
         fmt = detect_format(_raw_rows(table), columns)
     with _progress(len(table)):
-        table = table.map(_normalise_batch, batched=True, fn_kwargs={"fmt": fmt, "columns": columns},
+        table = table.map(_normalise_batch, batched=True, fn_kwargs={"fmt": fmt, "columns": columns, "prompts": prompts},
                           num_proc=_workers(len(table)), desc=f"checking {source}",
-                          new_fingerprint=_fingerprint(table._fingerprint, "normalise", fmt,
+                          new_fingerprint=_fingerprint(table._fingerprint, "prompts" if prompts else "normalise", fmt,
                                                        json.dumps(columns, sort_keys=True), _code_version()))
     summary.format = fmt or ""
     if not _record_reasons(table, summary):  # no row survived: say what the rows look like and what to set

@@ -49,6 +49,7 @@ REASONS = {
     "chat_template": "the tokenizer's chat template cannot render the row with an exact prompt/response boundary",
     "too_long": "the pair cannot fit in data.max_length even after truncation",
     "no_preference": "a `qsimpo demo` vote of tie or both bad: kept in the file, never trained on",
+    "no_user_turn": "a prompt to answer (`qsimpo pairs`) ends with the assistant's message, not the user's",
 }
 # How to fix each kind of bad row (shown under the reason in the bad-row table).
 FIXES = {
@@ -63,6 +64,7 @@ FIXES = {
     "unknown_role": "rename roles to system/user/assistant (e.g. human -> user, gpt -> assistant)",
     "no_assistant_turn": "end chosen and rejected with the assistant's answer",
     "no_shared_prompt": "chosen and rejected must share the conversation and differ only in the final answer",
+    "no_user_turn": "end the prompt's messages with the user turn to be answered",
     "chat_template": "use a tokenizer whose template renders the prompt as a prefix of prompt + answer, or set "
                      "tokenizer.chat_template; for a template that rejects system messages, set data.system_prompt: null",
 }
@@ -269,16 +271,16 @@ def _messages(row: dict, key: str) -> list[dict]:
     return out
 
 
-def _explicit(row: dict) -> tuple[Any, str, str]:
+def _explicit(row: dict, distinct: bool = True) -> tuple[Any, str, str]:
     prompt, chosen, rejected = _text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected")
-    if chosen == rejected:
+    if distinct and chosen == rejected:
         raise _Bad("identical_pair", "chosen and rejected are identical, so the pair carries no preference")
     return prompt, chosen, rejected
 
 
-def _implicit(row: dict) -> tuple[Any, str, str]:
+def _implicit(row: dict, distinct: bool = True) -> tuple[Any, str, str]:
     chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
-    if chosen == rejected:
+    if distinct and chosen == rejected:
         raise _Bad("identical_pair", "chosen and rejected are identical, so the pair carries no preference")
     shared = os.path.commonprefix([chosen, rejected])
     cut = shared.rfind(HH_MARKER)
@@ -292,7 +294,7 @@ def _implicit(row: dict) -> tuple[Any, str, str]:
     return prompt, chosen[len(prompt):], rejected[len(prompt):]
 
 
-def _conversational(row: dict) -> tuple[Any, str, str]:
+def _conversational(row: dict, distinct: bool = True) -> tuple[Any, str, str]:
     chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
     prompt = row.get("prompt")
     if isinstance(prompt, str):
@@ -321,7 +323,7 @@ def _conversational(row: dict) -> tuple[Any, str, str]:
     if not conversation:
         raise _Bad("empty_text", "no prompt messages: give a 'prompt' key or include the user turn in chosen/rejected")
     c, r = chosen[-1]["content"], rejected[-1]["content"]
-    if c == r:
+    if distinct and c == r:
         raise _Bad("identical_pair", "the chosen and rejected responses are identical, so the pair carries no preference")
     return conversation, c, r
 
@@ -369,15 +371,16 @@ def _with_system(triple: dict, system: str) -> dict:
     return {**triple, "prompt": messages, "format": "conversational"}
 
 
-def normalise_row(row: Any, fmt: str | None, columns: dict | None = None) -> dict | None:
+def normalise_row(row: Any, fmt: str | None, columns: dict | None = None, distinct: bool = True) -> dict | None:
     """{"prompt", "chosen", "rejected", "format"} of one row in a data set of format ``fmt`` (None: none detected).
 
     prompt/chosen/rejected are strings (explicit, implicit), or for conversational a list of
     {"role", "content"} messages and the two final assistant contents. None for a `qsimpo demo`
-    vote without a preference; raises _Bad for a bad row.
+    vote without a preference; raises _Bad for a bad row. ``distinct=False`` reads a row only for its prompt
+    (``normalise_prompt``): chosen and rejected may then be equal, and a vote of no preference is read too.
     """
     row, system = map_columns(row, columns)
-    if isinstance(row, dict) and row.get("vote") in NO_PREFERENCE_VOTES:
+    if distinct and isinstance(row, dict) and row.get("vote") in NO_PREFERENCE_VOTES:
         return None
     shape = row_format(row)
     if shape is None or fmt is None:
@@ -386,9 +389,35 @@ def normalise_row(row: Any, fmt: str | None, columns: dict | None = None) -> dic
         want = "message lists" if fmt == "conversational" else "strings"
         raise _Bad("mixed_types", f"this row has {'message lists' if shape == 'conversational' else 'strings'} but the "
                    f"dataset is {fmt} ({want}); every row must have the same shape (set data.format if auto picked wrong)")
-    prompt, chosen, rejected = _NORMALISE[fmt](row)
+    prompt, chosen, rejected = _NORMALISE[fmt](row, distinct)
     triple = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "format": fmt}
     return _with_system(triple, system) if system else triple
+
+
+def normalise_prompt(row: Any, fmt: str | None, columns: dict | None = None) -> dict:
+    """{"prompt", "format"} of one row of a prompt source (`qsimpo pairs`); raises _Bad for a bad row.
+
+    A row with a prompt and neither chosen nor rejected is a prompt row: a string (format explicit) or
+    messages ending in the user's turn (conversational). A preference row of format ``fmt`` gives its
+    prompt as ``normalise_row`` reads it (the conversation before the last assistant turn), whether or
+    not its two answers differ. A mapped system column becomes a system message, as for pairs.
+    """
+    mapped, system = map_columns(row, columns)
+    if isinstance(mapped, dict) and "chosen" not in mapped and "rejected" not in mapped:
+        if "prompt" not in mapped:
+            raise _Bad("missing_key", f"no 'prompt' key (keys: {', '.join(map(str, mapped)) or 'none'}); a prompt row needs "
+                       "a prompt (a string or messages), or chosen and rejected to take it from")
+        if isinstance(mapped["prompt"], list):
+            prompt, kind = _messages(mapped, "prompt"), "conversational"
+            if prompt[-1]["role"] == "assistant":
+                raise _Bad("no_user_turn", f"the prompt's last message (prompt[{len(prompt) - 1}]) is the assistant's; "
+                           "a prompt to answer ends with the user's turn")
+        else:
+            prompt, kind = _text(mapped, "prompt"), "explicit"
+        triple = {"prompt": prompt, "format": kind}
+        return _with_system(triple, system) if system else triple
+    triple = normalise_row(row, fmt, columns, distinct=False)
+    return {"prompt": triple["prompt"], "format": triple["format"]}
 
 
 def row_shape(row: Any, columns: dict | None = None) -> str | None:
