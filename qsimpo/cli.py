@@ -201,6 +201,35 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_pairs(argv: list[str]) -> int:
+    from qsimpo.pairs import make_pairs
+    from qsimpo.pairs.scorers import SPEC_HELP
+
+    c = _Command("qsimpo pairs", "On-policy preference pairs (the SimPO paper's recipe): sample n answers per prompt "
+                 "from the SFT model, score them, write best as chosen and worst as rejected. Resumes an interrupted "
+                 "run from --out.", make_pairs)
+    c.arg("prompts", help="prompts: JSONL/JSON/parquet file, datasets folder or Hub dataset id, with a prompt column "
+          "(string or messages) or preference rows (their conversation before the answer)")
+    c.arg("--model", required=True, help="the policy: a base model (Hub id, folder or .gguf file) or an adapter "
+          "(folder or Hub id; loaded on its recorded base)")
+    c.arg("--scorer", required=True, help=SPEC_HELP)
+    c.arg("--out", required=True, help="JSONL file the pairs are appended to (rerun the same command to resume)")
+    c.arg("--n", type=int, help="answers sampled per prompt")
+    c.arg("--temperature", type=float, help="sampling temperature")
+    c.arg("--top-p", type=float, help="nucleus sampling")
+    c.arg("--max-new-tokens", type=int, help="longest answer, in tokens")
+    c.arg("--max-prompts", type=int, help="answer at most the first N distinct prompts (default: all)")
+    c.arg("--seed", type=int, help="answer k to a prompt is seeded by (seed, prompt, k), whatever the batch")
+    c.arg("--batch-size", type=int, help="prompts per generate call (each with --n answers)")
+    c.arg("--split", help="split of a Hub dataset or DatasetDict folder")
+    c.arg("--subset", help="configuration (subset) of a Hub dataset")
+    c.arg("--base", help="base model for an adapter (default: the one its qsimpo.json records)")
+    c.arg("--on-bad-row", choices=("error", "skip"), help="a malformed prompt row stops the run, or is skipped and counted")
+    c.arg("--trust-remote-code", action="store_true", help="run custom modelling code shipped with the models")
+    c.run(argv)
+    return 0
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
@@ -235,6 +264,7 @@ COMMANDS = {
     "demo": (cmd_demo, "chat with the SFT and aligned models side by side; votes become training data"),
     "merge": (cmd_merge, "merge an adapter into its base, verified"),
     "push": (cmd_push, "upload an adapter or merged model to the Hub with a model card"),
+    "pairs": (cmd_pairs, "on-policy pairs: sample, score, best vs worst"),
 }
 
 

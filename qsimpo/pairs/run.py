@@ -1,0 +1,116 @@
+"""`qsimpo pairs`: on-policy preference pairs, the SimPO paper's recipe, from top to bottom.
+
+    qsimpo pairs prompts.jsonl --model adapters/sft --scorer my_scorers:helpful --out pairs.jsonl
+
+For each prompt, n answers are sampled from the policy (temperature 0.8, top-p 0.95 by default),
+scored, and the best becomes chosen, the worst rejected. Prompts whose answers are all the same,
+have no text, or tie on score are dropped and counted. ``qsimpo train`` reads the output as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from qsimpo.errors import UsageError
+
+
+def _check(n: int, temperature: float, top_p: float, max_new_tokens: int, max_prompts: int | None, batch_size: int) -> None:
+    problems = []
+    if n < 2:
+        problems.append(f"--n {n}: a pair needs at least 2 answers per prompt (the paper samples 5)")
+    if not temperature > 0:
+        problems.append(f"--temperature {temperature}: answers at temperature 0 are all the same; give a temperature > 0 "
+                        "(the paper uses 0.8)")
+    if not 0 < top_p <= 1:
+        problems.append(f"--top-p {top_p}: give a probability in (0, 1] (the paper uses 0.95)")
+    for flag, value in (("--max-new-tokens", max_new_tokens), ("--max-prompts", max_prompts), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            problems.append(f"{flag} {value}: give a whole number >= 1")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def read_prompts(prompts: str, split: str, subset: str | None, on_bad_row: str):
+    """(prompts as [(prompt_id, messages, location)], the data summary): every row judged as training judges rows."""
+    from qsimpo.config import DataConfig
+    from qsimpo.data import DataError, read_source
+    from qsimpo.eval.evaluate import prompt_messages
+    from qsimpo.pairs.write import prompt_id
+
+    cfg = DataConfig(path=prompts, split=split, subset=subset, on_bad_row=on_bad_row)
+    try:
+        source = read_source(cfg, prompts=True)
+    except DataError as e:  # the data pipeline's message, in this command's words
+        message = (str(e).replace("set data.on_bad_row: skip to train on", "pass --on-bad-row skip to answer")
+                   .replace("data.on_bad_row: skip", "--on-bad-row skip").replace("nothing was trained", "nothing was sampled"))
+        raise DataError(message, e.reason, e.location) from None
+    texts = source.texts()
+    source.summary.kept = len(texts)
+    return [(prompt_id(m), m, t["location"]) for t in texts for m in [prompt_messages(t)]], source.summary
+
+
+def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temperature: float = 0.8, top_p: float = 0.95,
+               max_new_tokens: int = 1024, max_prompts: int | None = None, seed: int = 0, batch_size: int = 4,
+               split: str = "train", subset: str | None = None, base: str | None = None, on_bad_row: str = "error",
+               trust_remote_code: bool = False, device: str | None = None) -> dict:
+    """Sample ``n`` answers per prompt from ``model``, score them with ``scorer``, append best-vs-worst rows to ``out``.
+
+    Returns the summary (``PairsFile.summary``); its line is printed at the end.
+    """
+    from tqdm.auto import tqdm
+
+    from qsimpo.pairs.sample import load_policy, sample
+    from qsimpo.pairs.scorers import load_scorer
+    from qsimpo.pairs.write import PairsFile, pair_row, unusable
+    from qsimpo.train.model import device_for_rank
+
+    _check(n, temperature, top_p, max_new_tokens, max_prompts, batch_size)
+    settings = {"model": model, "base": base, "scorer": scorer, "n": n, "temperature": temperature, "top_p": top_p,
+                "max_new_tokens": max_new_tokens, "seed": seed}
+    items, data = read_prompts(prompts, split, subset, on_bad_row)  # bad data stops here, before any model loads
+    if data.bad_rows:
+        print(data.report())
+    unique, keys = [], set()
+    for item in items:
+        if item[0] not in keys:
+            keys.add(item[0])
+            unique.append(item)
+    repeated = len(items) - len(unique)
+    left = max(0, len(unique) - max_prompts) if max_prompts else 0
+    unique = unique[:max_prompts] if max_prompts else unique
+    file = PairsFile(out, settings)  # an output of other settings stops here
+    device = device or device_for_rank()
+    score = load_scorer(scorer, device, trust_remote_code=trust_remote_code)  # a bad scorer stops before the policy loads
+    todo = [item for item in unique if not file.seen(item[0])]
+    cut = 0
+    if todo:
+        policy, tokenizer, _ = load_policy(model, base, device, trust_remote_code)
+        bar = tqdm(total=len(todo), desc="pairs", unit="prompt", dynamic_ncols=True)
+        t0, n_tokens = time.perf_counter(), 0
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            answers, tokens, batch_cut = sample(policy, tokenizer, [m for _, m, _ in batch], [k for k, _, _ in batch], n,
+                                                temperature, top_p, max_new_tokens, seed)
+            n_tokens, cut = n_tokens + tokens, cut + batch_cut
+            ready = [(item, a) for item, a in zip(batch, answers) if not unusable(a)]
+            flat = [(m, loc, text) for (_, m, loc), a in ready for text in a]
+            scores = score([m for m, _, _ in flat], [t for _, _, t in flat], [loc for _, loc, _ in flat]) if flat else []
+            per_prompt = iter(scores[j * n:(j + 1) * n] for j in range(len(ready)))
+            for (key, messages, location), a in zip(batch, answers):
+                reason = unusable(a)
+                row = None
+                if reason is None:
+                    row, reason = pair_row(messages, a, next(per_prompt))
+                if row is not None:
+                    file.write(row)
+                else:
+                    file.drop(key, reason, location)
+                bar.update(1)
+            bar.set_postfix({"tok/s": f"{n_tokens / (time.perf_counter() - t0):.1f}", "pairs": file.written_now},
+                            refresh=False)
+        bar.close()
+    summary = file.summary(len(items), repeated, left, cut)
+    summary["data"] = dataclasses.asdict(data)
+    print(summary["line"])
+    return summary
