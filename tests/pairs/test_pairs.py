@@ -240,3 +240,22 @@ def test_prompt_rows_read_by_the_data_pipeline(tmp_path):
     pairs.write_text(json.dumps({"chosen": [*user, {"role": "assistant", "content": "A"}],
                                  "rejected": [*user, {"role": "assistant", "content": "A"}]}) + "\n")
     assert [t["prompt"] for t in read_source(DataConfig(path=str(pairs)), prompts=True).texts()] == [user]
+
+
+def test_sampler_keeps_the_nucleus_as_transformers_does():
+    import torch
+    from transformers import TopPLogitsWarper
+
+    from qsimpo.pairs.sample import SeededSampler
+
+    logits = torch.tensor([[10.0, 9.0, 0.0, -5.0]]).repeat(200, 1)
+    for top_p, allowed in ((0.5, {0}), (0.9, {0, 1}), (1.0, {0, 1, 2, 3})):
+        generators = [torch.Generator().manual_seed(i) for i in range(200)]
+        out = SeededSampler(generators, temperature=10.0 if top_p == 1.0 else 1.0, top_p=top_p)(None, logits.clone())
+        picks = out.argmax(-1)
+        assert (out.isfinite().sum(-1) == 1).all()  # exactly one token left per row: greedy decoding emits it
+        assert set(picks.tolist()) == allowed
+        kept = TopPLogitsWarper(top_p)(None, logits[:1].clone()).isfinite()[0].nonzero().flatten().tolist()
+        assert set(kept) == allowed or top_p == 1.0
+    draw = lambda: SeededSampler([torch.Generator().manual_seed(i) for i in range(200)], 1.0, 0.9)(None, logits.clone())
+    assert torch.equal(draw(), draw())  # the same seeds, the same tokens

@@ -102,3 +102,15 @@ def test_a_causal_lm_is_not_a_reward_model(tiny_base):
 
     with pytest.raises(UsageError, match=r"is not a sequence classifier \(its architectures: LlamaForCausalLM\)"):
         load_scorer(str(tiny_base))
+
+
+@pytest.mark.gpu
+def test_sampling_on_the_gpu_does_not_depend_on_the_batch(tiny_base):
+    from qsimpo.pairs.sample import load_policy, sample
+
+    policy, tok, _ = load_policy(str(tiny_base), device="cuda:0")
+    a = [{"role": "user", "content": "Tell me about owls."}]
+    b = [{"role": "user", "content": "What is rain? Answer in one long sentence please."}]
+    together, _, _ = sample(policy, tok, [b, a], ["b", "a"], 4, 0.8, 0.95, 16, seed=1)
+    alone, _, _ = sample(policy, tok, [a], ["a"], 4, 0.8, 0.95, 16, seed=1)
+    assert together[1] == alone[0]
