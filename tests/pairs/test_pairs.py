@@ -259,3 +259,20 @@ def test_sampler_keeps_the_nucleus_as_transformers_does():
         assert set(kept) == allowed or top_p == 1.0
     draw = lambda: SeededSampler([torch.Generator().manual_seed(i) for i in range(200)], 1.0, 0.9)(None, logits.clone())
     assert torch.equal(draw(), draw())  # the same seeds, the same tokens
+
+
+def test_prompts_from_a_preference_data_set_folder(fake_policy, files, tmp_path):
+    """UltraFeedback's layout (a prompt string copied into whole conversations, extra columns) in a DatasetDict
+    folder, read with --split: each row's prompt is the conversation before the answer."""
+    import datasets
+
+    _, scorer, out = files
+    convo = lambda p, a: [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+    rows_ = [{"prompt": p, "prompt_id": str(i), "chosen": convo(p, "A"), "rejected": convo(p, "B"), "score_chosen": 8.0}
+             for i, p in enumerate(PROMPTS[:3])]
+    folder = tmp_path / "ultrafeedback"
+    datasets.DatasetDict({"test_prefs": datasets.Dataset.from_list(rows_)}).save_to_disk(str(folder))
+    summary = make_pairs(str(folder), "fake-model", f"{scorer}:by_length", str(out), n=3, split="test_prefs")
+    assert summary["prompts_read"] == 3 and summary["pairs_written"] == 3
+    assert [r["prompt"] for r in rows(out)] == PROMPTS[:3]
+    assert fake_policy == [PROMPTS[:3]]
