@@ -20,13 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # --gguf TYPE -> (max mean KL nats/token, min top-1 agreement, greedy answer must match). Measured on
-# SmolLM2-135M-Instruct with a trained adapter (docs/merge-and-share.md): F16 1e-5 / 100%, Q8_0 3e-3 / 97%,
+# SmolLM2-135M-Instruct with a trained adapter (docs/merge-and-share.md): F16 6e-6 / 100%, Q8_0 3.5e-3 / 95.1%,
 # Q4_0 ~0.1 / ~85%; the limits leave room for other models without letting a wrong tensor layout through
 # (a missing Q/K permutation or a shuffled vocabulary measures KL > 1).
 LIMITS = {
     "f16": (1e-3, 0.99, True),
-    "bf16": (2e-2, 0.95, True),
-    "q8_0": (2e-2, 0.95, True),
+    "bf16": (2e-2, 0.90, True),
+    "q8_0": (2e-2, 0.90, True),
     "q4_0": (0.3, 0.75, False),
     "q4_1": (0.3, 0.75, False),
 }
