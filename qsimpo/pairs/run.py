@@ -98,14 +98,14 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
             scores = score([m for m, _, _ in flat], [t for _, _, t in flat], [loc for _, loc, _ in flat]) if flat else []
             per_prompt = iter(scores[j * n:(j + 1) * n] for j in range(len(ready)))
             for (key, messages, location), a in zip(batch, answers):
-                reason = unusable(a)
-                row = None
+                reason, row, scored = unusable(a), None, None
                 if reason is None:
-                    row, reason = pair_row(messages, a, next(per_prompt))
+                    scored = next(per_prompt)
+                    row, reason = pair_row(messages, a, scored)
                 if row is not None:
                     file.write(row)
                 else:
-                    file.drop(key, reason, location)
+                    file.drop(key, reason, location, a, scored)
                 bar.update(1)
             bar.set_postfix({"tok/s": f"{n_tokens / (time.perf_counter() - t0):.1f}", "pairs": file.written_now},
                             refresh=False)

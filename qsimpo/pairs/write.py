@@ -1,7 +1,7 @@
 """The output of `qsimpo pairs`: one row per prompt, appended as it is done, and what makes a rerun resume.
 
     FILE.jsonl                  the pairs, in the layout of the SimPO paper's data sets (``pair_row``)
-    FILE.jsonl.dropped.jsonl    the prompts dropped, with why (``DROP_REASONS``): a rerun does not redo them
+    FILE.jsonl.dropped.jsonl    the prompts dropped, with why (``DROP_REASONS``) and their answers: a rerun does not redo them
     FILE.jsonl.settings.json    what the samples and scores depend on (model, scorer, n, sampling, seed)
 
 Every row is flushed and fsync'd before the next prompt is worked on, so a run cut short loses at most
@@ -122,9 +122,11 @@ class PairsFile:
         self.done.add(row["prompt_id"])
         self.written_now += 1
 
-    def drop(self, key: str, reason: str, location: str) -> None:
+    def drop(self, key: str, reason: str, location: str, answers: list[str], scores: list[float] | None = None) -> None:
+        """Record a dropped prompt with its answers (and scores, if it got that far), to see why it was dropped."""
         self._start()
-        _append(self.dropped_path, {"prompt_id": key, "reason": reason, "location": location})
+        _append(self.dropped_path, {"prompt_id": key, "reason": reason, "location": location, "all_generations": answers,
+                                    "all_rm_scores": scores})
         self.dropped[key] = reason
 
     def summary(self, prompts_read: int, repeated: int, left: int, cut: int) -> dict:

@@ -132,6 +132,7 @@ def test_file_spec_writes_pairs_drops_and_counts(fake_policy, files, capsys):
     assert owls["all_rm_scores"] == [19.0, 5.0, 34.0]
     dropped = {r["location"].rsplit(" ", 1)[-1]: r["reason"] for r in rows(out.parent / "pairs.jsonl.dropped.jsonl")}
     assert dropped == {"5": "identical_samples", "6": "empty_samples"}
+    assert rows(out.parent / "pairs.jsonl.dropped.jsonl")[0]["all_generations"] == ["Same."] * 3
     assert summary["dropped"] == {"identical_samples": 1, "empty_samples": 1, "tie": 0}
     gaps = [max(r["all_rm_scores"]) - min(r["all_rm_scores"]) for r in got]
     assert summary["mean_best_minus_worst"] == pytest.approx(sum(gaps) / 4)
