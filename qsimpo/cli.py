@@ -223,6 +223,7 @@ def cmd_pairs(argv: list[str]) -> int:
     c.arg("--batch-size", type=int, help="prompts per generate call (each with --n answers)")
     c.arg("--split", help="split of a Hub dataset or DatasetDict folder")
     c.arg("--subset", help="configuration (subset) of a Hub dataset")
+    c.arg("--prompt-column", help="the column holding the prompt, when it is not called prompt (e.g. instruction)")
     c.arg("--base", help="base model for an adapter (default: the one its qsimpo.json records)")
     c.arg("--on-bad-row", choices=("error", "skip"), help="a malformed prompt row stops the run, or is skipped and counted")
     c.arg("--trust-remote-code", action="store_true", help="run custom modelling code shipped with the models")

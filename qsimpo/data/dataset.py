@@ -182,7 +182,7 @@ def read_source(cfg: DataConfig, path: str | None = None, prompts: bool = False)
                                                        json.dumps(columns, sort_keys=True), _code_version()))
     summary.format = fmt or ""
     if not _record_reasons(table, summary):  # no row survived: say what the rows look like and what to set
-        if summary.bad_rows:
+        if summary.bad_rows and not prompts:  # (the rows' own lines say what a prompt row lacks)
             summary.diagnosis = diagnose(_raw_rows(table), cfg.format, fmt, columns)
         summary.check(cfg.on_bad_row)
         raise summary.no_pairs()

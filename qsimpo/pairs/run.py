@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from qsimpo.data.formats import FIXES
 from qsimpo.errors import UsageError
 
 
@@ -31,19 +32,30 @@ def _check(n: int, temperature: float, top_p: float, max_new_tokens: int, max_pr
         raise UsageError("; ".join(problems))
 
 
-def read_prompts(prompts: str, split: str, subset: str | None, on_bad_row: str):
+# The data pipeline speaks of training pairs and config keys; here they are prompts and flags.
+_WORDS = (("set data.on_bad_row: skip to train on", "pass --on-bad-row skip to answer"),
+          ("data.on_bad_row: skip", "--on-bad-row skip"), ("nothing was trained", "nothing was sampled"),
+          ("no usable pairs", "no usable prompts"), ("check data.path", "check PROMPTS"), ("data.split", "--split"),
+          ("data.subset", "--subset"),
+          (FIXES["missing_key"], "each row needs a prompt, or chosen and rejected to take it from; name a prompt column of "
+                                 "another name with --prompt-column (e.g. --prompt-column instruction)"))
+
+
+def read_prompts(prompts: str, split: str, subset: str | None, on_bad_row: str, prompt_column: str | None = None):
     """(prompts as [(prompt_id, messages, location)], the data summary): every row judged as training judges rows."""
     from qsimpo.config import DataConfig
     from qsimpo.data import DataError, read_source
     from qsimpo.eval.evaluate import prompt_messages
     from qsimpo.pairs.write import prompt_id
 
-    cfg = DataConfig(path=prompts, split=split, subset=subset, on_bad_row=on_bad_row)
+    cfg = DataConfig(path=prompts, split=split, subset=subset, on_bad_row=on_bad_row,
+                     columns={"prompt": prompt_column} if prompt_column else None)
     try:
         source = read_source(cfg, prompts=True)
     except DataError as e:  # the data pipeline's message, in this command's words
-        message = (str(e).replace("set data.on_bad_row: skip to train on", "pass --on-bad-row skip to answer")
-                   .replace("data.on_bad_row: skip", "--on-bad-row skip").replace("nothing was trained", "nothing was sampled"))
+        message = str(e)
+        for theirs, ours in _WORDS:
+            message = message.replace(theirs, ours)
         raise DataError(message, e.reason, e.location) from None
     texts = source.texts()
     source.summary.kept = len(texts)
@@ -52,7 +64,8 @@ def read_prompts(prompts: str, split: str, subset: str | None, on_bad_row: str):
 
 def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temperature: float = 0.8, top_p: float = 0.95,
                max_new_tokens: int = 1024, max_prompts: int | None = None, seed: int = 0, batch_size: int = 4,
-               split: str = "train", subset: str | None = None, base: str | None = None, on_bad_row: str = "error",
+               split: str = "train", subset: str | None = None, prompt_column: str | None = None, base: str | None = None,
+               on_bad_row: str = "error",
                trust_remote_code: bool = False, device: str | None = None) -> dict:
     """Sample ``n`` answers per prompt from ``model``, score them with ``scorer``, append best-vs-worst rows to ``out``.
 
@@ -68,7 +81,7 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
     _check(n, temperature, top_p, max_new_tokens, max_prompts, batch_size)
     settings = {"model": model, "base": base, "scorer": scorer, "n": n, "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "seed": seed}
-    items, data = read_prompts(prompts, split, subset, on_bad_row)  # bad data stops here, before any model loads
+    items, data = read_prompts(prompts, split, subset, on_bad_row, prompt_column)  # bad data stops here, before any model loads
     if data.bad_rows:
         print(data.report())
     unique, keys = [], set()

@@ -277,3 +277,15 @@ def test_prompts_from_a_preference_data_set_folder(fake_policy, files, tmp_path)
     assert summary["prompts_read"] == 3 and summary["pairs_written"] == 3
     assert [r["prompt"] for r in rows(out)] == PROMPTS[:3]
     assert fake_policy == [PROMPTS[:3]]
+
+
+def test_a_prompt_column_of_another_name(fake_policy, files, tmp_path):
+    _, scorer, out = files
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": p, "output": "x"} for p in PROMPTS[:2]]))
+    with pytest.raises(UsageError) as e:
+        make_pairs(str(alpaca), "fake-model", f"{scorer}:by_length", str(out), n=3)
+    assert "no 'prompt' key (keys: instruction, output)" in str(e.value)
+    assert "--prompt-column (e.g. --prompt-column instruction)" in str(e.value) and "data." not in str(e.value)
+    summary = make_pairs(str(alpaca), "fake-model", f"{scorer}:by_length", str(out), n=3, prompt_column="instruction")
+    assert summary["pairs_written"] == 2 and [r["prompt"] for r in rows(out)] == PROMPTS[:2]
