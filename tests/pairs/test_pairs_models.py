@@ -42,17 +42,23 @@ def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_base_policy_with_a_file_scorer_trains_as_written(tiny_base, prompts, tmp_path):
-    from qsimpo.config import DataConfig
+@pytest.fixture(scope="module")
+def base_pairs(tiny_base, prompts, tmp_path_factory):
+    """The tiny base as the policy, a file scorer (the answer's length): (output file, summary)."""
+    folder = tmp_path_factory.mktemp("base-pairs")
+    scorer = folder / "scorer.py"
+    scorer.write_text(SCORER)
+    out = folder / "pairs.jsonl"
+    return out, make_pairs(str(prompts), str(tiny_base), f"{scorer}:by_length", str(out), n=3, max_new_tokens=8,
+                           batch_size=2, device="cpu")
+
+
+def test_base_policy_with_a_file_scorer_reads_back_as_training_data(tiny_base, base_pairs):
+    from qsimpo.config import DataConfig, ModelConfig
     from qsimpo.data import build_dataset, read_source
-    from qsimpo.config import ModelConfig
     from qsimpo.train.model import load_tokenizer
 
-    scorer = tmp_path / "scorer.py"
-    scorer.write_text(SCORER)
-    out = tmp_path / "pairs.jsonl"
-    summary = make_pairs(str(prompts), str(tiny_base), f"{scorer}:by_length", str(out), n=3, max_new_tokens=8,
-                         batch_size=2, device="cpu")
+    out, summary = base_pairs
     got = rows(out)
     assert summary["pairs_written"] == len(got) >= 2
     assert summary["pairs_written"] + sum(summary["dropped"].values()) == 3
@@ -65,6 +71,16 @@ def test_base_policy_with_a_file_scorer_trains_as_written(tiny_base, prompts, tm
     assert [t["prompt"] for t in source.texts()] == [[{"role": "user", "content": r["prompt"]}] for r in got]
     pairs, data = build_dataset(DataConfig(path=str(out), max_length=96), load_tokenizer(ModelConfig(name_or_path=str(tiny_base))))
     assert data.kept == len(got) == len(pairs)
+
+
+def test_qsimpo_train_trains_on_the_pairs(tiny_base, base_pairs, tmp_path):
+    from conftest import make_config
+    from qsimpo.train.recipe import train
+
+    out, summary = base_pairs
+    run = train(make_config(tiny_base, out, tmp_path / "run", "--train.max_steps", "1"))
+    meta = json.loads((run.output_dir / "qsimpo.json").read_text())
+    assert meta["data"]["train"]["kept"] == summary["pairs_written"] and meta["global_step"] == 1
 
 
 def test_answers_do_not_depend_on_the_batch(tiny_base):
