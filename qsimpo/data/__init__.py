@@ -10,7 +10,8 @@ One pipeline, the one `qsimpo train`, `eval`, `inspect-data` and `plan` use, dri
     render.py    render_pair      texts -> prompt text + response texts in the model's chat format
     tokenize.py  tokenize_pair    texts -> prompt ids + response ids, exact boundary, one BOS, one EOS, truncation
     dataset.py   read_source      a whole source through the steps above as cached `datasets` maps; no tokenizer
-                                  needed to judge the rows, so bad data stops before anything loads
+                                  needed to judge the rows, so bad data stops before anything loads (prompts=True:
+                                  the prompts to answer, for `qsimpo pairs`, judged by formats.normalise_prompt)
                  tokenize_source  ... then tokenized: Pairs, a sequence over the memory-mapped table
                  build_dataset    both, for callers that have the tokenizer already
     collate.py   PairCollator     pairs -> input_ids / attention_mask / response_mask, chosen rows then rejected rows

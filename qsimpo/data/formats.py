@@ -16,6 +16,9 @@ Columns with other names are read through ``data.columns`` (``map_columns``): a 
 qsimpo's roles (prompt, chosen, rejected, system) to the data set's columns; a ``system`` column
 becomes a system message in front of the prompt conversation.
 
+`qsimpo pairs` reads prompts to answer with the same rules (``normalise_prompt``): a ``prompt``
+column alone (a string, or messages ending with the user's turn), or a preference row's prompt.
+
 A row that fits none is a *bad row*. Every bad row of a source is counted in one place
 (``DataSummary.record``: count per reason, the first few locations each), so one run reports them
 all: with ``data.on_bad_row: error`` the run stops before any model loads, with a DataError listing
