@@ -194,6 +194,34 @@ def test_merge_keeps_the_adapter_and_the_tied_head(trained, smollm2_gguf, tmp_pa
     assert AutoTokenizer.from_pretrained(out).chat_template.startswith("{% for message in messages %}")
 
 
+@pytest.mark.slow
+def test_gguf_export_answers_like_the_merge(trained, tmp_path):
+    """`merge --gguf f16 --gguf q8_0` on SmolLM2 (tied head, ChatML with a default system message): each file, read
+    back by transformers, keeps the merged model's answers, template and special tokens (about 4 minutes on 2 cores)."""
+    from gguf import GGUFReader
+
+    from qsimpo.export.merge import merge
+
+    out = tmp_path / "smol"
+    merge(str(trained[0].output_dir), out, n_probes=4, device="cpu", log=lambda *_: None, gguf=["f16", "q8_0"])
+    for kind, max_kl in (("F16", 1e-4), ("Q8_0", 2e-2)):
+        record = json.loads((out / "gguf" / f"smol-{kind}.json").read_text())
+        checked = record["check"]
+        assert checked["passed"] and checked["greedy_match"] and checked["chat_template_equal"] and checked["tokens_equal"]
+        assert checked["kl"] < max_kl, checked
+        reader = GGUFReader(out / "gguf" / record["gguf_file"])
+        fields = {k: reader.fields[k].contents() for k in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                                                           "tokenizer.ggml.add_bos_token", "tokenizer.chat_template")}
+        assert fields["tokenizer.ggml.bos_token_id"] == 1 and fields["tokenizer.ggml.eos_token_id"] == 2  # <|im_start|>, <|im_end|>
+        assert fields["tokenizer.ggml.add_bos_token"] is False  # the template writes <|im_start|> itself
+        assert fields["tokenizer.chat_template"].startswith("{% for message in messages %}")
+        assert "output.weight" not in {t.name for t in reader.tensors}  # the tied head reuses token_embd
+    modelfile = (out / "gguf" / "smol-Q8_0.Modelfile").read_text()
+    assert "<|im_start|>system\nYou are a helpful AI assistant named SmolLM" in modelfile  # the default system message
+    assert '{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n{{ .Response }}<|im_end|>' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
 def test_push_names_the_hub_model_not_the_gguf_file(trained, smollm2_gguf, tmp_path):
     from qsimpo.export.hub import PushError, plan_push
 
