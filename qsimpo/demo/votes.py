@@ -28,6 +28,7 @@ from pathlib import Path
 
 from qsimpo.data.formats import NO_PREFERENCE_VOTES
 
+VOTES_FILE = "votes.jsonl"  # the default votes file's name (beside the adapter folder)
 VOTES = {"left": "left better", "right": "right better", "tie": "tie", "both_bad": "both bad"}
 
 
@@ -99,4 +100,4 @@ class VoteLog:
 def default_votes_path(adapter: str) -> Path:
     """Where votes go unless --votes says: beside a local adapter folder (the quickstart's: adapters/quickstart/), else here."""
     local = Path(adapter)
-    return (local.parent if local.is_dir() else Path(".")) / "votes.jsonl"
+    return (local.parent if local.is_dir() else Path(".")) / VOTES_FILE

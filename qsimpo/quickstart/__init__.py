@@ -32,30 +32,40 @@ def fingerprint(*files: Path, **settings) -> dict:
 
 def prepare_output(out: str | Path, overwrite: bool, inputs: dict) -> tuple[Path, dict | None]:
     """``(out, earlier result)``: the result of an earlier quickstart in ``out`` made from the same ``inputs``,
-    to show again, or None when there is a run to make, ``out`` then emptied.
+    to show again, or None when there is a run to make, ``out`` then cleared of a quickstart's own files.
 
     Running the quickstart twice shows its result twice: a finished run of the same inputs is
     reused; an unfinished one, or one made from other inputs (another qsimpo, --max-steps, --tiny),
-    is rebuilt. A folder holding anything else a quickstart does not write is not ours to delete,
-    and is refused unless ``overwrite``.
+    is rebuilt. The votes `qsimpo demo` appends beside the adapter are the user's and are kept. A
+    folder holding anything else a quickstart does not write is not ours to touch, and is refused
+    unless ``overwrite`` (which replaces the whole folder).
     """
+    from qsimpo.demo.votes import VOTES_FILE
+
     out = Path(out)
     if not out.exists():
         return out, None
-    if not overwrite:
-        if not out.is_dir():
-            raise OutputExists(f"{out} exists and is not a folder: choose another --out")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN)
-        if foreign:
-            raise OutputExists(f"{out} exists and holds what a quickstart does not write ({', '.join(foreign)}): choose "
-                               "another --out, or pass --overwrite to replace the folder")
-        try:
-            earlier = json.loads((out / "quickstart.json").read_text())
-        except (OSError, ValueError):
-            earlier = None
-        if isinstance(earlier, dict) and earlier.get("inputs") == inputs and has_adapter(out / "adapter"):
-            return out, earlier
-    shutil.rmtree(out)
+    if overwrite:
+        shutil.rmtree(out)
+        return out, None
+    if not out.is_dir():
+        raise OutputExists(f"{out} exists and is not a folder: choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN and p.name != VOTES_FILE)
+    if foreign:
+        raise OutputExists(f"{out} exists and holds what a quickstart does not write ({', '.join(foreign)}): choose "
+                           "another --out, or pass --overwrite to replace the folder")
+    try:
+        earlier = json.loads((out / "quickstart.json").read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if isinstance(earlier, dict) and earlier.get("inputs") == inputs and has_adapter(out / "adapter"):
+        return out, earlier
+    for name in OWN:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     return out, None
 
 

@@ -38,17 +38,20 @@ def test_quickstart_learns_the_preference(quickstart_run, capsys):
         (out / "notes.txt").unlink()
 
 
-def test_an_earlier_output_of_other_inputs_is_rebuilt(tmp_path):
+def test_an_earlier_output_of_other_inputs_is_rebuilt_and_the_votes_kept(tmp_path):
     from qsimpo.quickstart import prepare_output
 
     out = tmp_path / "quickstart"
     (out / "adapter").mkdir(parents=True)
     (out / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
     (out / "quickstart.json").write_text(json.dumps({"inputs": {"qsimpo": "0.0.1"}}))
+    (out / "votes.jsonl").write_text('{"vote": "right"}\n')  # what `qsimpo demo` appends beside the adapter
     assert prepare_output(out, False, {"qsimpo": "0.0.1"}) == (out, {"inputs": {"qsimpo": "0.0.1"}})  # the same: reused
-    assert prepare_output(out, False, {"qsimpo": "0.1.0"}) == (out, None) and not out.exists()  # other inputs: rebuilt
-    (out / "data").mkdir(parents=True)  # an unfinished run of its own (no quickstart.json): rebuilt
-    assert prepare_output(out, False, {"qsimpo": "0.1.0"}) == (out, None) and not out.exists()
+    assert prepare_output(out, False, {"qsimpo": "0.1.0"}) == (out, None)  # other inputs: rebuilt
+    assert sorted(p.name for p in out.iterdir()) == ["votes.jsonl"]  # the quickstart's files go, the user's votes stay
+    (out / "data").mkdir()  # an unfinished run of its own (no quickstart.json): rebuilt
+    assert prepare_output(out, False, {"qsimpo": "0.1.0"}) == (out, None) and not (out / "data").exists()
+    assert prepare_output(out, True, {"qsimpo": "0.1.0"}) == (out, None) and not out.exists()  # --overwrite: all of it
 
 
 def test_inspect_data_shows_boundary(tiny_base, pref_jsonl, capsys):
