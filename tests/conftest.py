@@ -56,15 +56,29 @@ def pref_jsonl(tmp_path_factory, pref_rows):
     return path
 
 
+def build_tiny_base(folder: Path, rows: list[dict], num_layers: int = 2, max_positions: int = 512) -> Path:
+    """A saved Llama-style model (hidden 64, 4 heads) + BPE tokenizer with a chat template, trained on ``rows``' text."""
+    from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
+
+    texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
+    tok = build_tokenizer(texts, vocab_size=320)
+    model = build_model(tok, hidden_size=64, num_layers=num_layers, num_heads=4, max_positions=max_positions)
+    return save_base(model, tok, folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, pref_rows):
     """A saved 2-layer Llama-style model + BPE tokenizer with a chat template."""
-    from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
+    return build_tiny_base(tmp_path_factory.mktemp("base") / "tiny", pref_rows)
 
-    texts = [r[k] for r in pref_rows for k in ("prompt", "chosen", "rejected")]
-    tok = build_tokenizer(texts, vocab_size=320)
-    model = build_model(tok, hidden_size=64, num_layers=2, num_heads=4, max_positions=512)
-    return save_base(model, tok, tmp_path_factory.mktemp("base") / "tiny")
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster, and on a shared busy CPU much faster (no spinning workers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def make_config(base, data, out, *extra: str):
@@ -102,6 +116,7 @@ def make_adapter(base, out, seed: int):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    torch.manual_seed(seed)  # peft draws A from the global generator: the adapter depends on ``seed`` alone, not test order
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     gen = torch.Generator().manual_seed(seed)
@@ -182,3 +197,36 @@ def set_slider(page, elem_id: str, value: str) -> None:
             continue
     raise AssertionError(f"the slider {elem_id} never took the value {value}: "
                          f"box {page.input_value(box)!r}, slider {page.input_value(track)!r}")
+
+
+def chat_in_browser(url: str, prompt: str, max_new_tokens: int, screenshot: Path, timeout_ms: int = 60_000) -> dict:
+    """In a real headless Chromium: set max new tokens, send ``prompt`` to both columns, wait for both answers and
+    their stats, vote "right better", screenshot the page. Returns what the page showed: the user's message and the
+    two answers (as rendered)."""
+    from playwright import sync_api  # tests/requirements.txt: a missing one is an install error, not a skip
+
+    executable = chromium()
+    if executable is None:
+        pytest.skip("no Chromium on this machine: apt-get install chromium (.ci/run does), or set QSIMPO_CHROMIUM")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(url, wait_until="domcontentloaded")
+            page.get_by_text("Generation settings").click()
+            set_slider(page, "#max-new-tokens", str(max_new_tokens))
+            page.fill("#message textarea", prompt)
+            page.press("#message textarea", "Enter")
+            both = ("() => ['left', 'right'].every(s => document.querySelector(`#stats-${s}`).innerText.includes('tokens')"
+                    " && document.querySelector(`#chat-${s} [data-testid=bot]`)?.innerText.trim())")
+            page.wait_for_function(both, timeout=timeout_ms)
+            shown = {s: page.locator(f"#chat-{s} [data-testid=bot]").inner_text().strip() for s in ("left", "right")}
+            shown["user"] = page.locator("#chat-left [data-testid=user]").inner_text().strip()
+            page.click("#vote-right")
+            page.wait_for_function("() => document.querySelector('#vote-status').innerText.startsWith('Recorded')",
+                                   timeout=30_000)
+            time.sleep(0.3)  # let the status finish rendering for the screenshot
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return shown

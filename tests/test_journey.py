@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHROMIUM_ARGS, ROOT, chromium, message_text, set_slider, wait_for
+from conftest import ROOT, chat_in_browser, message_text, wait_for
 from qsimpo.realmodel import HUB_ID
 
 QUESTION = "What is a lighthouse?"
@@ -66,35 +66,6 @@ def numbers(pattern: str, text: str) -> tuple[float, ...]:
     return tuple(float(g) for g in found.groups())
 
 
-def demo_in_browser(url: str, screenshot: Path) -> list[str]:
-    """Ask both columns in a real Chromium, vote for the right one, screenshot the page: the answers shown."""
-    from playwright import sync_api
-
-    executable = chromium()
-    assert executable, "no Chromium: apt-get install chromium (.ci/run does), or set QSIMPO_CHROMIUM"
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(url, wait_until="domcontentloaded")
-            page.get_by_text("Generation settings").click()
-            set_slider(page, "#max-new-tokens", "40")
-            page.fill("#message textarea", QUESTION)
-            page.press("#message textarea", "Enter")
-            both = ("() => ['left', 'right'].every(s => document.querySelector(`#stats-${s}`).innerText.includes('tokens')"
-                    " && document.querySelector(`#chat-${s} [data-testid=bot]`)?.innerText.trim())")
-            page.wait_for_function(both, timeout=180_000)
-            answers = [page.locator(f"#chat-{s} [data-testid=bot]").inner_text().strip() for s in ("left", "right")]
-            page.click("#vote-right")
-            page.wait_for_function("() => document.querySelector('#vote-status').innerText.startsWith('Recorded')",
-                                   timeout=30_000)
-            time.sleep(0.3)  # let the status finish rendering
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
-    return answers
-
-
 def test_quickstart_demo_train_eval_merge_push_quickstart(tmp_path, smollm2_gguf):
     from gradio_client import Client
 
@@ -132,8 +103,8 @@ def test_quickstart_demo_train_eval_merge_push_quickstart(tmp_path, smollm2_gguf
         assert "tokens" in left_stats and "under SFT" in right_stats
         assert client.predict(api_name="/vote_right").startswith("Recorded **right better**")
         screenshot = Path(os.environ.get("QSIMPO_DEMO_SCREENSHOT") or tmp_path / "demo.png")
-        shown = demo_in_browser(url, screenshot)
-        assert all(shown) and screenshot.stat().st_size > 10_000
+        shown = chat_in_browser(url, QUESTION, 40, screenshot, timeout_ms=180_000)
+        assert shown["user"] == QUESTION and shown["left"] and shown["right"] and screenshot.stat().st_size > 10_000
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -7,11 +7,10 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
-from conftest import CHROMIUM_ARGS, chromium, free_port, make_config, message_text as _text, set_slider
+from conftest import chat_in_browser, free_port, make_config, message_text as _text
 
 PROMPT = "Tell me about owls."
 
@@ -115,33 +114,9 @@ def test_users_at_once_each_get_their_own_answers(served, chat):
 
 
 def test_browser_chat_and_vote(served, tmp_path):
-    from playwright import sync_api  # tests/requirements.txt: a missing one is an install error, not a skip
-
-    executable = chromium()
-    if executable is None:
-        pytest.skip("no Chromium on this machine: apt-get install chromium (.ci/run does), or set QSIMPO_CHROMIUM")
     url, votes = served
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(url, wait_until="domcontentloaded")
-            page.get_by_text("Generation settings").click()
-            set_slider(page, "#max-new-tokens", "12")
-            page.fill("#message textarea", PROMPT)
-            page.press("#message textarea", "Enter")
-            both = ("() => ['left', 'right'].every(s => document.querySelector(`#stats-${s}`).innerText.includes('tokens')"
-                    " && document.querySelector(`#chat-${s} [data-testid=bot]`)?.innerText.trim())")
-            page.wait_for_function(both, timeout=60_000)
-            answers = [page.locator(f"#chat-{s} [data-testid=bot]").inner_text().strip() for s in ("left", "right")]
-            assert all(answers) and page.locator("#chat-left [data-testid=user]").inner_text().strip() == PROMPT
-            page.click("#vote-right")
-            page.wait_for_function("() => document.querySelector('#vote-status').innerText.startsWith('Recorded')",
-                                   timeout=20_000)
-            time.sleep(0.3)  # let the status finish rendering for the screenshot
-            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
-        finally:
-            browser.close()
+    shown = chat_in_browser(url, PROMPT, 12, tmp_path / "demo.png")
+    assert shown["left"] and shown["right"] and shown["user"] == PROMPT
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     row = json.loads(votes.read_text().splitlines()[-1])
     # (the page shows the answers rendered as markdown, so the raw text is compared on the server side)

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from conftest import make_config
+from conftest import build_tiny_base, make_config
 from qsimpo.config import LoraConfig, ModelConfig, load_config
 from qsimpo.errors import UsageError
 from qsimpo.scoring import pair_logps
@@ -28,12 +28,7 @@ PAIRS = [{"prompt_ids": [1, 5, 9, 11, 7], "chosen_ids": [12, 13, 14], "rejected_
 
 @pytest.fixture(scope="module")
 def four_layer_base(tmp_path_factory, pref_rows):
-    from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
-
-    texts = [r[k] for r in pref_rows for k in ("prompt", "chosen", "rejected")]
-    tok = build_tokenizer(texts, vocab_size=320)
-    model = build_model(tok, hidden_size=64, num_layers=4, num_heads=4, max_positions=256)
-    return save_base(model, tok, tmp_path_factory.mktemp("base4") / "tiny4")
+    return build_tiny_base(tmp_path_factory.mktemp("base4") / "tiny4", pref_rows, num_layers=4, max_positions=256)
 
 
 def _grads(base, checkpointing) -> tuple[list[bool], dict[str, torch.Tensor]]:
