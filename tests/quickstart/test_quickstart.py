@@ -1,11 +1,12 @@
 """The embedded default: `qsimpo quickstart` end to end, offline, on the CPU."""
 
 import json
+import shutil
 
 from qsimpo.cli import main
 
 
-def test_quickstart_learns_the_preference(quickstart_run, capsys):
+def test_quickstart_learns_the_preference(quickstart_run, capsys, tmp_path):
     out, printed = quickstart_run
     result = json.loads((out / "quickstart.json").read_text())
     before, after = result["before"], result["after"]
@@ -19,7 +20,12 @@ def test_quickstart_learns_the_preference(quickstart_run, capsys):
     assert any("eval_rewards/accuracies" in m for m in metrics)  # data.eval is scored during training
     assert "held-out reward accuracy: SFT" in printed
 
-    # run again, it shows its finished result again: nothing retrained, nothing refused
+    # run again, it shows its finished result again: nothing retrained, nothing refused. (On a copy of the run's own
+    # files: other tests write their outputs into the shared quickstart folder.)
+    copy = tmp_path / "quickstart"
+    for name in ("data", "base", "adapter", "quickstart.json"):
+        (shutil.copytree if (out / name).is_dir() else shutil.copy2)(out / name, copy / name)
+    out = copy
     weights = out / "adapter" / "adapter_model.safetensors"
     stamp = weights.stat().st_mtime_ns
     capsys.readouterr()
