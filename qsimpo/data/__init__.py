@@ -7,6 +7,7 @@ One pipeline, the one `qsimpo train`, `eval`, `inspect-data` and `plan` use, dri
     formats.py   normalise_row    a row -> normalised texts (data.format detected or pinned, data.columns mapped);
                  DataSummary      every dropped row counted in one place (record), judged at once (check), and
                                   when none is left, what the rows look like and the setting to change (diagnosis)
+    diagnose.py  diagnose         that diagnosis: the shape the rows look like, and the data.format/data.columns fix
     render.py    render_pair      texts -> prompt text + response texts in the model's chat format
     tokenize.py  tokenize_pair    texts -> prompt ids + response ids, exact boundary, one BOS, one EOS, truncation
     dataset.py   read_source      a whole source through the steps above as cached `datasets` maps; no tokenizer

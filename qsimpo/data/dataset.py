@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qsimpo.config import DataConfig
-from qsimpo.data.formats import (FORMATS, DataError, DataSummary, _Bad, check_columns, check_policy, detect_format, diagnose,
+from qsimpo.data.diagnose import diagnose
+from qsimpo.data.formats import (FORMATS, DataError, DataSummary, _Bad, check_columns, check_policy, detect_format,
                                  normalise_prompt, normalise_row)
 from qsimpo.data.sources import source_table
 from qsimpo.data.tokenize import tokenize_pair
