@@ -110,6 +110,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def cmd_merge(argv: list[str]) -> int:
+    from qsimpo.export.gguf_lora import LORA
     from qsimpo.export.gguf_out import TYPES as GGUF_TYPES
     from qsimpo.export.merge import BASE_WEIGHTS, DTYPES, merge
 
@@ -128,9 +129,10 @@ def cmd_merge(argv: list[str]) -> int:
     c.arg("--no-verify", dest="verify", action="store_false", help="skip the comparison with the adapter")
     c.arg("--max-shard-size", help="largest safetensors shard (larger models are split)")
     c.arg("--overwrite", action="store_true", help="replace --out if it exists (only once the new merge passed)")
-    c.arg("--gguf", action="append", metavar="TYPE", type=str.lower, choices=list(GGUF_TYPES),
+    c.arg("--gguf", action="append", metavar="TYPE", type=str.lower, choices=[*GGUF_TYPES, LORA],
           help=f"also write OUT/gguf/NAME-TYPE.gguf for llama.cpp and Ollama, read back and checked against the merged "
-               f"model, with an Ollama Modelfile (repeatable; {', '.join(GGUF_TYPES)})")
+               f"model, with an Ollama Modelfile (repeatable; {', '.join(GGUF_TYPES)}); {LORA}: the adapter alone as "
+               f"OUT/gguf/NAME-LoRA-F32.gguf for llama.cpp's --lora on a GGUF of the base")
     c.run(argv)
     return 0
 

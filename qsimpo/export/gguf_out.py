@@ -106,7 +106,7 @@ def pre_tokenizer(tokenizer) -> str:
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (with the hyphen: it refuses "gpt2"); transformers reads it as plain ByteLevel
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
@@ -202,36 +202,47 @@ def write_metadata(writer, config, tokenizer, generation: dict, name: str, pl: P
 
 
 # ------------------------------------------------------------------------------------------- tensors
-def _permute(w, n_head: int):
-    """HF's rotary layout (halves) -> llama.cpp's (interleaved pairs), per head: convert_hf_to_gguf.py's permute."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def tensor_names(config, arch: str):
+    """transformers tensor name -> llama.cpp's (None for one it has no name for), from gguf-py's map for ``arch``:
+    the one mapping the merged model's file and the adapter's (qsimpo.export.gguf_lora) share."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
+                                     config.num_hidden_layers)
+    return lambda key: names.get_name(key, try_suffixes=(".weight", ".bias"))
+
+
+def llama_rows(key: str, rows, config, permute_qk: bool, inverse: bool = False):
+    """``rows`` (the weight ``key`` of a transformers model, or a LoRA B of it: output rows first) in llama.cpp's
+    order: Q and K rows interleaved per head where the architecture needs it (convert_hf_to_gguf.py's permute:
+    HF keeps each head's rotary halves apart), else unchanged. ``inverse``: back to transformers' order."""
+    if not permute_qk or not key.endswith(("q_proj.weight", "k_proj.weight")):
+        return rows
+    heads = config.num_attention_heads
+    if key.endswith("k_proj.weight"):
+        heads = getattr(config, "num_key_value_heads", None) or heads
+    split = (heads, rows.shape[0] // heads // 2, 2) if inverse else (heads, 2, rows.shape[0] // heads // 2)
+    return rows.reshape(*split, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def _tensors(folder: Path, config, pl: Plan, load: bool = True):
     """(GGUF name, shape, float32 numpy array or None) for every weight of the merged folder, in llama.cpp's
     layout, one at a time (``load=False``: names and shapes only, nothing read)."""
-    import gguf
     from safetensors import safe_open
 
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == pl.arch)
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    gguf_name = tensor_names(config, pl.arch)
     for shard in sorted(folder.glob("model*.safetensors")):
         with safe_open(shard, framework="pt") as f:
             for key in f.keys():
                 if key == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
                     continue  # llama.cpp reuses token_embd for a tied output head
-                new = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                new = gguf_name(key)
                 if new is None:
                     raise GGUFError(f"{shard.name}: no llama.cpp name for the tensor {key}")
                 if not load:
                     yield new, tuple(f.get_slice(key).get_shape()), None
                     continue
-                data = f.get_tensor(key).float().numpy()
-                if pl.permute_qk and key.endswith("q_proj.weight"):
-                    data = _permute(data, heads)
-                elif pl.permute_qk and key.endswith("k_proj.weight"):
-                    data = _permute(data, kv)
+                data = llama_rows(key, f.get_tensor(key).float().numpy(), config, pl.permute_qk)
                 yield new, data.shape, data
 
 

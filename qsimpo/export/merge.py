@@ -89,7 +89,8 @@ def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtyp
     """Merge ``adapter`` (a folder or Hub id) into its base and write a transformers model to ``out``.
 
     ``gguf``: GGUF types (qsimpo.export.gguf_out.TYPES) to also write under ``out/gguf/``, each read back and
-    checked against the merged model; an architecture, tokenizer or type it cannot write is refused first.
+    checked against the merged model, and/or "lora": the adapter alone for llama.cpp's --lora
+    (qsimpo.export.gguf_lora); an architecture, tokenizer, adapter or type it cannot write is refused first.
     """
     import torch
 
@@ -103,7 +104,7 @@ def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtyp
         raise MergeError(f"--dtype {dtype!r} must be one of {', '.join(DTYPES)}")
     adapter, out = str(adapter), Path(out)
     meta, base = check_request(adapter, out, base, overwrite)
-    gguf_plan = _gguf_plan(base, meta, gguf) if gguf else None
+    gguf_plan, lora_plan = _gguf_plan(adapter, base, meta, gguf) if gguf else (None, None)
     device = device or device_for_rank()
     torch_dtype = getattr(torch, dtype)
 
@@ -143,6 +144,11 @@ def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtyp
             records = export(staging, gguf_plan, name=out.name, merged=reloaded if verify and dtype == "float32" else None,
                              log=log)
             update_meta(staging, gguf=[r["gguf_file"] for r in records])
+        if lora_plan:
+            from qsimpo.export.gguf_lora import export_lora
+
+            record = export_lora(adapter, staging / "gguf", lora_plan[0], lora_plan[1], out.name, base, log=log)
+            update_meta(staging, gguf_lora=record["gguf_file"])
         if out.is_dir():  # --overwrite: the old output goes only once the new one is complete and verified
             shutil.rmtree(out)
         elif out.exists():
@@ -155,18 +161,23 @@ def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtyp
     return MergeResult(out, report)
 
 
-def _gguf_plan(base: str, meta: dict, types):
-    """The GGUF export of this base, or the reason it cannot be written, before anything is loaded."""
+def _gguf_plan(adapter: str, base: str, meta: dict, types):
+    """(the merged model's GGUF plan or None, (the adapter GGUF's plan, the base config) or None), or the reason
+    either cannot be written, before anything is loaded."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from qsimpo.export.gguf_lora import LORA, lora_plan
     from qsimpo.export.gguf_out import parse_types, plan
     from qsimpo.train.model import base_config, pretrained_source
 
-    parse_types(types)  # a wrong type is reported before the base is read
+    merged_types = parse_types([t for t in types if t.lower() != LORA])  # a wrong type is reported before the base is read
     resolved = pretrained_source(base_config(base, meta))
     config = AutoConfig.from_pretrained(resolved.name_or_path, revision=resolved.revision)
+    lora = (lora_plan(adapter, config), config) if any(t.lower() == LORA for t in types) else None
+    if not merged_types:
+        return None, lora
     tokenizer = AutoTokenizer.from_pretrained(resolved.name_or_path, revision=resolved.revision)
-    return plan(config, tokenizer, types)
+    return plan(config, tokenizer, merged_types), lora
 
 
 def _merge_in_memory(adapter, base, meta, base_weights, dtype, device, probes):

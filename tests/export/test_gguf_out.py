@@ -61,7 +61,7 @@ def test_merge_writes_gguf_files_that_answer_like_the_merged_model(merged_gguf):
         fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.") or
                   k.split(".")[-1] not in ("tokens", "merges", "token_type")}
         assert fields["general.architecture"] == "llama" and fields["general.type"] == "model"
-        assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+        assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
         assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)  # <s>, </s>
         assert fields["tokenizer.ggml.add_bos_token"] is True  # the tiny tokenizer adds BOS itself
         assert fields["tokenizer.chat_template"].startswith("{{ bos_token }}")
