@@ -57,6 +57,15 @@ class LoraPlan:
     rslora: bool = False
 
 
+def _base_shapes(config) -> dict:
+    """{weight name: shape} of the base model ``config`` describes, from a model on the meta device (nothing allocated)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+
+
 def _adapter_files(adapter: str) -> tuple[dict, Path]:
     from qsimpo.run_dir import ADAPTER_FILES, fetch
 
@@ -72,10 +81,8 @@ def _adapter_files(adapter: str) -> tuple[dict, Path]:
 def lora_plan(adapter: str, config) -> LoraPlan:
     """Refuse an adapter llama.cpp's --lora cannot run as trained, or a base without llama.cpp tensor names; else
     the name, rank and scale of every adapted weight. ``config``: the base model's transformers config."""
-    import torch
     from peft.utils.other import get_pattern_key
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
 
     lcfg, weights = _adapter_files(adapter)
     where = f"{adapter}/adapter_config.json"
@@ -98,8 +105,7 @@ def lora_plan(adapter: str, config) -> LoraPlan:
 
     with safe_open(weights, framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    with torch.device("meta"):  # the base's weight shapes, nothing allocated
-        base_shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    base_shapes = _base_shapes(config)
     modules: dict[str, tuple[str, int, float, str]] = {}
     for key in sorted(shapes):
         if not key.endswith(PAIR):
@@ -197,39 +203,62 @@ def read_lora(path: str | Path) -> tuple[dict, dict]:
     return meta, {k: (v.get("lora_a"), v.get("lora_b")) for k, v in pairs.items()}
 
 
-def check_lora(path: str | Path, adapter: str, lp: LoraPlan, config) -> dict:
-    """Read the written file back and compare it with the adapter: metadata as llama.cpp reads it, every pair
-    present with the shapes llama.cpp validates, and s · B·A (s = alpha / rank from the file, as llama.cpp
-    computes it, B's rows put back in transformers' order) equal to the adapter's own scaled update."""
+def updates(path: str | Path, config) -> dict:
+    """{transformers weight name: s · B·A} of an adapter GGUF, float64 numpy in transformers' layout, s = alpha /
+    rank with the rank read from lora_b: what llama.cpp adds to each weight of the base GGUF it is applied to
+    (``--lora``), so base weights + updates is the model it runs. ``config``: the base's transformers config."""
     import numpy as np
 
     meta, pairs = read_lora(path)
+    if config.model_type not in ARCHITECTURES:
+        raise GGUFError(f"{config.model_type!r} has no llama.cpp tensor names in qsimpo ({', '.join(ARCHITECTURES)})")
+    arch, permute = ARCHITECTURES[config.model_type]
+    gguf_name = tensor_names(config, arch)
+    hf_of = {gguf_name(k): k for k in _base_shapes(config)}
+    alpha = float(meta.get("adapter.lora.alpha", 0.0))
+    out = {}
+    for gname, (a, b) in pairs.items():
+        if a is None or b is None or gname not in hf_of or a.shape[0] != b.shape[1]:
+            what = ("has no lora_a or no lora_b" if a is None or b is None else "is no weight of this base"
+                    if gname not in hf_of else f"has lora_a {a.shape} and lora_b {b.shape} of different ranks")
+            raise GGUFError(f"{Path(path).name}: {gname} {what}")
+        hf = hf_of[gname]
+        s = alpha / b.shape[1] if alpha else 1.0  # llama.cpp: alpha / b->ne[0] (the rank); no alpha, no scaling
+        out[hf] = s * llama_rows(hf, b.astype(np.float64), config, permute, inverse=True) @ a.astype(np.float64)
+    return out
+
+
+def check_lora(path: str | Path, adapter: str, lp: LoraPlan, config) -> dict:
+    """Read the written file back and compare it with the adapter: the metadata llama.cpp checks, and what llama.cpp
+    adds to each weight (``updates``: the file's pairs, scaled by its alpha over the rank of its lora_b, in
+    transformers' row order) equal to the adapter's own s · B·A, for every adapted weight and no other."""
+    import numpy as np
+
+    meta = read_lora(path)[0]
     problems = []
     for key, want in (("general.type", "adapter"), ("adapter.type", LORA), ("general.architecture", lp.arch)):
         if meta.get(key) != want:
             problems.append(f"{key} is {meta.get(key)!r}, not {want!r}")
-    alpha = float(meta.get("adapter.lora.alpha", 0.0))
+    try:
+        got = updates(path, config)
+    except GGUFError as e:
+        problems.append(str(e))
+        got = {}
     _, weights = _adapter_files(adapter)
     worst = 0.0
     for hf, a, b in _pairs(weights, lp):
-        gname, _, scale, _ = lp.modules[hf]
-        got_a, got_b = pairs.pop(gname, (None, None))
-        if got_a is None or got_b is None:
-            problems.append(f"{gname}: lora_a or lora_b missing")
+        want = lp.modules[hf][2] * b.astype(np.float64) @ a
+        if hf not in got or got[hf].shape != want.shape:
+            problems.append(f"{lp.modules[hf][0]}: {'missing' if hf not in got else f'shape {got[hf].shape}'}, "
+                            f"expected an update of shape {want.shape}")
             continue
-        if got_a.shape != a.shape or got_b.shape != b.shape or got_a.shape[0] != got_b.shape[1]:
-            problems.append(f"{gname}: shapes {got_a.shape} / {got_b.shape}, expected {a.shape} / {b.shape}")
-            continue
-        file_scale = alpha / got_b.shape[1]  # llama.cpp: alpha / b->ne[0], the rank
-        got = file_scale * llama_rows(hf, got_b.astype(np.float64), config, lp.permute_qk, inverse=True) @ got_a
-        want = scale * b.astype(np.float64) @ a
-        worst = max(worst, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12)))
-    if pairs:
-        problems.append(f"tensors the adapter does not have: {', '.join(sorted(pairs))}")
+        worst = max(worst, float(np.abs(got.pop(hf) - want).max() / max(np.abs(want).max(), 1e-12)))
+    if got:
+        problems.append(f"weights the adapter does not adapt: {', '.join(sorted(got))}")
     if not worst <= 1e-5:
         problems.append(f"s·B·A read back differs from the adapter's by up to {worst:.3g} of its largest entry")
-    return {"passed": not problems, "problems": problems, "alpha": alpha, "pairs": len(lp.modules),
-            "max_relative_error": worst}
+    return {"passed": not problems, "problems": problems, "alpha": float(meta.get("adapter.lora.alpha", 0.0)),
+            "pairs": len(lp.modules), "max_relative_error": worst}
 
 
 def export_lora(adapter: str, out_dir: str | Path, lp: LoraPlan, config, name: str, base: str | None = None,
