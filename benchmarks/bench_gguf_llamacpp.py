@@ -78,14 +78,16 @@ def llama_cpp(modules: Path, model: Path, prompts: list[str], max_new: int, thre
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def transformers_greedy(folder: Path, prompts: list[str], max_new: int) -> list[dict]:
+def transformers_greedy(folder: Path, prompts: list[str], max_new: int, gguf_file: str | None = None) -> list[dict]:
+    """transformers' greedy answers (float32) from a model folder, or from the GGUF file ``gguf_file`` in it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qsimpo.eval.generate import new_tokens, render_prompt
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"}).eval()
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"}, **kwargs).eval()
     out = []
     for prompt in prompts:
         ids = render_prompt(tokenizer, [{"role": "user", "content": prompt}])
@@ -179,6 +181,13 @@ def main() -> None:
         if with_lora:
             used[lora.name] = sizes["lora"]
         runs.append(compare(name, got, reference, used))
+        if with_lora:  # the adapter on the base's 16-bit weights vs the default merge (into dequantized NF4)
+            runs[-1]["equal_to_default_merge"] = sum(a["answer_ids"] == b["answer_ids"]
+                                                     for a, b in zip(got["answers"], ref_merged))
+        if name == "merged Q8_0":  # llama.cpp or the 8-bit rounding? transformers on the same dequantized Q8_0 weights
+            same = transformers_greedy(model.parent, prompts, args.max_new_tokens, gguf_file=model.name)
+            runs[-1]["equal_to_transformers_on_the_same_file"] = sum(a["answer_ids"] == b["answer_ids"]
+                                                                     for a, b in zip(got["answers"], same))
 
     changed = sum(a["answer_ids"] != b["answer_ids"] for a, b in zip(ref_original, ref_base))
     print(f"\nllama.cpp {info['llama_cpp']['release']} (node-llama-cpp {info['node_llama_cpp']}, {info['build']}); "
@@ -187,6 +196,11 @@ def main() -> None:
     for r in runs:
         print(f"{r['run']:<26} answers equal {r['matched']}/{r['prompts']}, prompt ids equal: {r['prompt_ids_equal']}, "
               f"files: {', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in r['files'].items())}")
+        if "equal_to_default_merge" in r:
+            print(f"{'':<26} equal to the default merge's (dequantized NF4 base): {r['equal_to_default_merge']}/{r['prompts']}")
+        if "equal_to_transformers_on_the_same_file" in r:
+            print(f"{'':<26} equal to transformers reading the same file: "
+                  f"{r['equal_to_transformers_on_the_same_file']}/{r['prompts']}")
         for a in r["answers"]:
             mark = "=" if a["answer_equal"] else f"≠ (first {a['tokens_agreeing']} tokens agree)"
             print(f"    {a['prompt']!r} {mark}\n      llama.cpp:    {a['llama_cpp']!r}\n      transformers: {a['transformers']!r}")

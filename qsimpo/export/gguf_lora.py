@@ -10,7 +10,7 @@ model it is applied to. Each adapted weight W, under llama.cpp's name for it (``
 qsimpo.export.gguf_out uses for the merged model), becomes two F32 tensors: ``W.lora_a`` = A (rank × in, ggml
 shape [in, rank]) and ``W.lora_b`` = B (out × rank, ggml shape [rank, out]), B's rows in llama.cpp's order where
 the base weight's are permuted (Llama's Q and K). llama.cpp computes W·x + s · B·(A·x) with s = alpha / rank,
-the rank read from lora_b, times the adapter's scale (``--lora-scaled FILE S``; 1 for ``--lora``).
+the rank read from lora_b, times the adapter's scale (``--lora-scaled FILE:S``; 1 for ``--lora``).
 
 That formula has one alpha for the whole file, so a per-module scaling is written only where it comes out as
 one number: rsLoRA's alpha / sqrt(r) is alpha · sqrt(r) / r, so a rsLoRA adapter is written with alpha · sqrt(r)
