@@ -178,24 +178,36 @@ def cmd_push(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from qsimpo.eval.evaluate import evaluate
+    from qsimpo.eval.evaluate import EvalError, evaluate
+    from qsimpo.pairs.scorers import SPEC_HELP
 
+    judge = next((a for a in argv if a == "--judge" or a.startswith("--judge=")), None)
+    if judge is not None:  # retired: one scorer option for pairs and eval
+        given = judge.partition("=")[2] or next(iter(argv[argv.index(judge) + 1:]), "MODEL_ID")
+        raise EvalError(f"--judge was replaced by --scorer, which takes the same reward models and Python scorers as "
+                        f"qsimpo pairs: pass --scorer {given}")
     c = _Command("qsimpo eval", "Held-out reward accuracy, margins and length diagnostics of the SFT model (adapter "
-                 "off) and the aligned model (adapter on); writes eval.json and report.html.", evaluate)
+                 "off) and the aligned model (adapter on); with --scorer, both models' answers judged (win rate, "
+                 "length-controlled win rate). Writes eval.json and report.html.", evaluate)
     c.arg("adapter", help="adapter folder (qsimpo train's output_dir) or Hub id")
     c.arg("--data", help="held-out pairs: JSONL/JSON/parquet file, datasets folder or Hub dataset id "
-          "(default: the run's data.eval from the adapter's config.yaml)")
+          "(default: the run's data.eval from the adapter's config.yaml); with --scorer or --generate, prompts "
+          "alone will do (a prompt column; the preference metrics are then skipped)")
     c.arg("--split", help="split to read from a Hub dataset or DatasetDict folder (default: the run's data.split)")
-    c.arg("--max-rows", type=int, help="score at most this many pairs")
-    c.arg("--generate", type=int, metavar="N", help="also answer N held-out prompts with both models")
+    c.arg("--max-rows", type=int, help="read at most this many rows (pairs or prompts)")
+    c.arg("--generate", type=int, metavar="N", help="also answer N held-out prompts with both models "
+          "(default: none; with --scorer, every held-out prompt)")
     c.arg("--max-new-tokens", type=int, help="longest generated answer, in tokens")
-    c.arg("--temperature", type=float, help="sampling temperature for --generate (0: greedy)")
-    c.arg("--top-p", type=float, help="nucleus sampling for --generate")
-    c.arg("--seed", type=int, help="seed of prompt i is seed + i, the same for both models")
-    c.arg("--judge", dest="judge_model", metavar="MODEL_ID",
-          help="sequence-classification reward model that scores both answers (needs --generate)")
+    c.arg("--temperature", type=float, help="sampling temperature of the answers (default: 0.7; with --scorer 0, greedy)")
+    c.arg("--top-p", type=float, help="nucleus sampling of the answers (at temperature > 0)")
+    c.arg("--seed", type=int, help="seed of prompt i is seed + i, the same for both models; also seeds --scorer's "
+          "bootstrap")
+    c.arg("--scorer", metavar="SCORER", help=f"judge both models' answers to the held-out prompts with {SPEC_HELP}, "
+          "as in qsimpo pairs: mean score of each, the aligned model's win rate against SFT (ties count half) and its "
+          "length-controlled win rate, with 95%% bootstrap intervals; answers every held-out prompt greedily unless "
+          "--generate/--temperature say otherwise")
     c.arg("--base", help="base model Hub id or folder (default: the one the adapter's qsimpo.json records)")
-    c.arg("--batch-size", type=int, help="pairs per forward pass when scoring")
+    c.arg("--batch-size", type=int, help="pairs per forward pass when scoring (and answers per reward-model batch)")
     c.arg("--beta", type=float, help="β for rewards and loss (default: the run's simpo.beta)")
     c.arg("--gamma", type=float, help="γ for the loss (default: the run's resolved simpo γ)")
     c.arg("--out", help="output folder (default: ADAPTER/eval for a local adapter)")
@@ -263,7 +275,7 @@ COMMANDS = {
     "inspect-data": (cmd_inspect_data, "show tokenized pairs and the data summary"),
     "quickstart": (cmd_quickstart, "align SmolLM2-135M-Instruct on shipped pairs, on the CPU: before and after"),
     "plan": (cmd_plan, "peak GPU memory of training and eval for a config, and which knob to turn"),
-    "eval": (cmd_eval, "held-out reward accuracy, margins and length diagnostics: SFT vs aligned"),
+    "eval": (cmd_eval, "held-out reward accuracy, margins, length diagnostics, judged answers: SFT vs aligned"),
     "demo": (cmd_demo, "chat with the SFT and aligned models side by side; votes become training data"),
     "merge": (cmd_merge, "merge an adapter into its base, verified"),
     "push": (cmd_push, "upload an adapter or merged model to the Hub with a model card"),

@@ -1,7 +1,8 @@
 """Evaluation: the numbers, the report, and generation (pairs are scored by qsimpo.scoring, as training scores them).
 
-    metrics.py    eval's numbers as pure functions: accuracy, margins, Spearman, length splits, win rate
-    evaluate.py   `qsimpo eval`: SFT vs aligned on held-out pairs, generations, judge, eval.json
+    metrics.py    eval's numbers as pure functions: accuracy, margins, Spearman, length splits, win rates, bootstrap
+    evaluate.py   `qsimpo eval`: SFT vs aligned on held-out pairs, generations, eval.json
+    judged.py     --scorer: both models' answers judged by a `qsimpo pairs` scorer; prompts-only held-out sources
     report.py     eval's printed table and report.html
     generate.py   the model.generate setup shared by eval, the quickstart, merge's probes and the demo
 """

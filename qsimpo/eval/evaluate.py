@@ -1,11 +1,14 @@
 """`qsimpo eval`: did alignment work, and did it exploit length?
 
 One base model in memory, scored twice on held-out preference pairs: adapter off (the SFT
-model) and adapter on (the aligned model). Writes ``eval.json`` (every number, see the README's
-"Evaluate" section) and ``report.html`` (training curves, margin histogram, length scatter).
+model) and adapter on (the aligned model). Writes ``eval.json`` (every number, see
+docs/evaluate.md) and ``report.html`` (training curves, margin histogram, length scatter).
 
     qsimpo eval adapters/quickstart/adapter                      # data: the run's data.eval
-    qsimpo eval adapters/run --data heldout.jsonl --generate 20 --judge OpenAssistant/reward-model-deberta-v3-large-v2
+    qsimpo eval adapters/run --data heldout.jsonl --scorer my_scorers:helpful   # + both models' answers, judged
+
+With ``--scorer`` both models answer the held-out prompts (greedy by default) and the scorer of
+`qsimpo pairs` judges them (qsimpo.eval.judged); a source of prompts alone works then too.
 
 The pairs are tokenized with the run's own data settings (config.yaml), so the numbers are the
 ones the trainer logs as ``eval_*`` in metrics.jsonl, computed the same way (qsimpo.eval.metrics).
@@ -27,7 +30,7 @@ from qsimpo.errors import UsageError
 from qsimpo.data import DataError, looks_local, read_source, split_eval, tokenize_source
 from qsimpo.scoring import PairScores, score_pairs
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: "judge" became "scorer"; data.kind, preference_skipped; samples carry token counts
 
 
 class EvalError(UsageError):
@@ -85,8 +88,10 @@ def resolve_data(data: str | None, cfg, adapter: str) -> tuple[str, str | float]
 
 
 def read_held_out(kind: str, where, split: str | None, max_rows: int | None, cfg):
-    """The held-out source read and judged with the run's data settings, before any model loads: (settings, source)."""
+    """(settings, source, prompts only): the held-out source read and judged with the run's data settings, before any
+    model loads. A file of prompts alone (no row with chosen or rejected) is read as prompts (qsimpo.eval.judged)."""
     from qsimpo.config import DataConfig
+    from qsimpo.eval.judged import prompt_source
 
     dc = dataclasses.replace(cfg.data, eval=None) if cfg is not None else DataConfig(max_prompt_length=512)
     if split is not None:
@@ -94,7 +99,13 @@ def read_held_out(kind: str, where, split: str | None, max_rows: int | None, cfg
     if kind == "path":
         dc = dataclasses.replace(dc, path=str(where), max_rows=max_rows)
     try:
-        return dc, read_source(dc)
+        return dc, read_source(dc), False
+    except DataError as e:
+        pairs_error = e
+    try:
+        if kind != "path":  # a fraction of the training data: pairs
+            raise pairs_error
+        return dc, prompt_source(dc, pairs_error), True
     except DataError as e:
         raise EvalError(f"held-out data {dc.path}: {e}") from None
 
@@ -151,7 +162,9 @@ def prompt_display(text: dict) -> str:
     return p if isinstance(p, str) else "\n".join(f"{m['role']}: {m['content']}" for m in p) if len(p) > 1 else p[0]["content"]
 
 
-def generations(model, tokenizer, pairs, n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int) -> dict:
+def generations(model, tokenizer, pairs, n: int | None, max_new_tokens: int, temperature: float, top_p: float,
+                seed: int) -> dict:
+    """Both models' answers to the first ``n`` distinct prompts of ``pairs`` (None: all), with their token counts."""
     from tqdm.auto import tqdm
 
     seen, chosen = set(), []
@@ -178,55 +191,51 @@ def generations(model, tokenizer, pairs, n: int, max_new_tokens: int, temperatur
     result = {"n": len(chosen), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     for name, got in answers.items():
         result[name] = M.generation_metrics([a[0] for a in got], [a[1] for a in got], [a[2] for a in got])
-    result["samples"] = [{"location": p["location"], "prompt": prompt_display(p["text"]), "sft": s[0], "aligned": a[0]}
+    result["samples"] = [{"location": p["location"], "prompt": prompt_display(p["text"]), "sft": s[0], "aligned": a[0],
+                          "sft_tokens": s[1], "aligned_tokens": a[1]}
                          for p, s, a in zip(chosen, answers["sft"], answers["aligned"])]
-    result["_prompts"] = [prompt_messages(p["text"]) for p in chosen]  # for the judge; not written
+    result["_prompts"] = [prompt_messages(p["text"]) for p in chosen]  # for the scorer; not written
     return result
 
 
-@torch.no_grad()
-def judge(judge_id: str, prompts: list, responses: list[str], device) -> list[float]:
-    """Scores of a sequence-classification reward model (one output) for each prompt + response."""
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(judge_id)
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-        rm = AutoModelForSequenceClassification.from_pretrained(judge_id, dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as e:
-        raise EvalError(f"--judge {judge_id}: could not load a sequence-classification reward model: {e}") from None
-    if rm.config.num_labels != 1:
-        raise EvalError(f"--judge {judge_id} has {rm.config.num_labels} outputs: a reward model has one (num_labels=1)")
-    tok.truncation_side = "left"  # keep the end of the answer, which the score is read at
-    limit = getattr(rm.config, "max_position_embeddings", None) or 2048
-    scores = []
-    for prompt, response in tqdm(list(zip(prompts, responses)), desc="judging", unit="answer", dynamic_ncols=True):
-        if isinstance(prompt, list) and tok.chat_template:
-            text = tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-            enc = tok(text, add_special_tokens=False, truncation=True, max_length=limit, return_tensors="pt")
-        else:
-            text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-            enc = tok(f"{text}\n{response}", truncation=True, max_length=limit, return_tensors="pt")
-        scores.append(float(rm(**{k: v.to(device) for k, v in enc.items()}).logits[0, 0]))
-    return scores
-
-
 # ---------------------------------------------------------------------------------------- the command
+def check_args(generate: int | None, scorer: str | None, max_rows: int | None, batch_size: int, max_new_tokens: int,
+               temperature: float | None, top_p: float) -> None:
+    problems = []
+    if generate is not None and generate < 0:
+        problems.append(f"--generate {generate}: give a number of prompts >= 1 (or 0 for no answers)")
+    elif generate == 0 and scorer:
+        problems.append("--generate 0 leaves --scorer no answers to score: give --generate N >= 1, or leave --generate "
+                        "out to answer every held-out prompt")
+    for flag, value in (("--max-rows", max_rows), ("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens)):
+        if value is not None and value < 1:
+            problems.append(f"{flag} {value}: give a whole number >= 1")
+    if temperature is not None and temperature < 0:
+        problems.append(f"--temperature {temperature}: give 0 (greedy) or more")
+    if not 0 < top_p <= 1:
+        problems.append(f"--top-p {top_p}: give a probability in (0, 1]")
+    if problems:
+        raise EvalError("; ".join(problems))
+
+
 def evaluate(adapter: str, data: str | None = None, split: str | None = None, max_rows: int | None = None,
-             generate: int = 0, out: str | None = None, judge_model: str | None = None, base: str | None = None,
-             batch_size: int = 8, max_new_tokens: int = 64, temperature: float = 0.7, top_p: float = 0.95, seed: int = 0,
-             beta: float | None = None, gamma: float | None = None) -> dict:
-    """Score held-out pairs with the SFT and aligned models; write eval.json and report.html; return eval.json's dict."""
+             generate: int | None = None, out: str | None = None, scorer: str | None = None, base: str | None = None,
+             batch_size: int = 8, max_new_tokens: int = 64, temperature: float | None = None, top_p: float = 0.95,
+             seed: int = 0, beta: float | None = None, gamma: float | None = None) -> dict:
+    """Score held-out pairs with the SFT and aligned models; write eval.json and report.html; return eval.json's dict.
+
+    ``generate`` answers that many held-out prompts with both models (None: none, or with ``scorer`` every
+    prompt); ``scorer`` (a qsimpo.pairs.scorers spec) judges the answers; ``temperature`` None is 0.7, or 0
+    (greedy) with ``scorer``. A prompts-only ``data`` source skips the preference metrics and says why.
+    """
+    from qsimpo.eval.judged import PROMPTS_ONLY, prompt_items, score_answers
     from qsimpo.run_dir import base_model, check_adapter, read_config, read_meta, read_metrics, record_dir
     from qsimpo.eval.report import summary_lines, write_report
 
     t0 = time.perf_counter()
-    if judge_model and generate <= 0:
-        raise EvalError("--judge compares generated answers: also pass --generate N (e.g. --generate 50)")
-    for flag, value in (("--max-rows", max_rows), ("--batch-size", batch_size)):
-        if value is not None and value < 1:
-            raise EvalError(f"{flag} {value}: give a number of pairs >= 1")
+    check_args(generate, scorer, max_rows, batch_size, max_new_tokens, temperature, top_p)
+    n_answers = generate if generate is not None else (None if scorer else 0)  # None: every held-out prompt
+    temperature = temperature if temperature is not None else 0.0 if scorer else 0.7
     check_adapter(adapter)
     record = record_dir(adapter)
     meta = read_meta(record)
@@ -236,50 +245,63 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
     simpo = simpo_settings(meta, cfg, beta, gamma)
     out_dir = Path(out) if out else (Path(adapter) / "eval" if Path(adapter).is_dir() else Path("eval") / adapter.replace("/", "--"))
 
-    dc, held_out = read_held_out(kind, where, split, max_rows, cfg)  # bad data stops here, before the model loads
+    dc, held_out, prompts_only = read_held_out(kind, where, split, max_rows, cfg)  # bad data stops here, before the model loads
+    if prompts_only and n_answers == 0:
+        raise EvalError(f"held-out data {dc.path} has prompts only (no chosen/rejected): there are no pairs to score; pass "
+                        "--scorer SPEC to compare the two models' answers to them (or --generate N to read the answers), "
+                        "or --data with preference pairs")
+    judge = None
+    if scorer:
+        from qsimpo.pairs.scorers import load_scorer
+        from qsimpo.train.model import device_for_rank
+
+        judge = load_scorer(scorer, device_for_rank(), batch_size)  # a bad scorer stops here, before the model loads
     model, tokenizer = load(adapter, base)
-    pairs, source, summary = held_out_pairs(kind, where, max_rows, cfg, dc, held_out, tokenizer)
-    with model.disable_adapter():
-        sft = score(model, pairs, tokenizer.pad_token_id, batch_size, "scoring SFT (adapter off)")
-    aligned = score(model, pairs, tokenizer.pad_token_id, batch_size, "scoring aligned (adapter on)")
     loss_kw = {k: simpo[k] for k in ("beta", "gamma", "label_smoothing", "loss_type", "sft_weight")}
+    if prompts_only:
+        try:
+            items, summary = prompt_items(dc, held_out, tokenizer)
+        except DataError as e:
+            raise EvalError(f"held-out data {dc.path}: {e}") from None
+        pairs, source, models, skipped, per_pair = [], str(where), None, PROMPTS_ONLY, None
+    else:
+        pairs, source, summary = held_out_pairs(kind, where, max_rows, cfg, dc, held_out, tokenizer)
+        with model.disable_adapter():
+            sft = score(model, pairs, tokenizer.pad_token_id, batch_size, "scoring SFT (adapter off)")
+        aligned = score(model, pairs, tokenizer.pad_token_id, batch_size, "scoring aligned (adapter on)")
+        items, skipped = pairs, None
+        models = {name: M.preference_metrics(s.chosen, s.rejected, s.chosen_len, s.rejected_len, **loss_kw)
+                  for name, s in (("sft", sft), ("aligned", aligned))}
+        per_pair = {
+            "location": [p["location"] for p in pairs],
+            "chosen_len": sft.chosen_len.tolist(), "rejected_len": sft.rejected_len.tolist(),
+            **{f"{name}_logp_{side}": [round(float(v), 6) for v in getattr(s, side)]
+               for name, s in (("sft", sft), ("aligned", aligned)) for side in ("chosen", "rejected")},
+        }
     result = {
         "schema_version": SCHEMA_VERSION,
         "adapter": str(adapter),
         "base_model": base,
-        "data": {"source": source, "pairs": len(pairs), "summary": summary},
+        "data": {"source": source, "kind": "prompts" if prompts_only else "pairs", "pairs": len(pairs), "summary": summary},
         "simpo": simpo,
-        "models": {name: M.preference_metrics(s.chosen, s.rejected, s.chosen_len, s.rejected_len, **loss_kw)
-                   for name, s in (("sft", sft), ("aligned", aligned))},
+        "models": models,
+        "preference_skipped": skipped,
         "generation": None,
-        "judge": None,
+        "scorer": None,
         "training": None,
     }
-    if generate > 0:
-        gen = generations(model, tokenizer, pairs, generate, max_new_tokens, temperature, top_p, seed)
+    if n_answers != 0:
+        gen = generations(model, tokenizer, items, n_answers, max_new_tokens, temperature, top_p, seed)
         prompts = gen.pop("_prompts")
-        if judge_model:
-            samples = gen["samples"]
-            scores = judge(judge_model, prompts * 2, [s["sft"] for s in samples] + [s["aligned"] for s in samples],
-                           next(model.parameters()).device)
-            sft_scores, aligned_scores = scores[:len(samples)], scores[len(samples):]
-            for s, a, b in zip(samples, sft_scores, aligned_scores):
-                s["judge_sft"], s["judge_aligned"] = a, b
-            result["judge"] = {"model": judge_model, **M.win_rate(aligned_scores, sft_scores),
-                               "mean_score_sft": sum(sft_scores) / len(sft_scores),
-                               "mean_score_aligned": sum(aligned_scores) / len(aligned_scores)}
+        if judge is not None:
+            result["scorer"] = score_answers(judge, gen, prompts, seed)
         result["generation"] = gen
     rows = read_metrics(record)
     if rows:
         evals = [r for r in rows if "eval_rewards/accuracies" in r]
         result["training"] = {"logged_rows": len(rows), "last_step": max(r.get("step", 0) for r in rows),
                               "last_eval": evals[-1] if evals else None}
-    result["per_pair"] = {
-        "location": [p["location"] for p in pairs],
-        "chosen_len": sft.chosen_len.tolist(), "rejected_len": sft.rejected_len.tolist(),
-        **{f"{name}_logp_{side}": [round(float(v), 6) for v in getattr(s, side)]
-           for name, s in (("sft", sft), ("aligned", aligned)) for side in ("chosen", "rejected")},
-    }
+    result["per_pair"] = per_pair
     import bitsandbytes
     import peft
     import transformers

@@ -8,16 +8,17 @@ margin = β·(avg_logp(chosen) − avg_logp(rejected)) without γ.
 The length diagnostics are the SimPO paper's (§4.4, Fig. 2): a model that exploits length shows
 a positive Spearman correlation between response length and average log-likelihood, and wins
 mostly the pairs whose chosen answer is the longer one. Generation metrics are word-level
-(whitespace tokens), so they compare across tokenizers; the judge's win rate carries a Wilson
-interval. No devices, no models: everything here is testable with hand-made numbers.
+(whitespace tokens), so they compare across tokenizers. Answers scored by ``--scorer`` get mean
+scores, a win rate and a length-controlled win rate, each with a seeded percentile bootstrap
+interval (``scored_answers``). No devices, no models: everything here is testable with hand-made numbers.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from qsimpo.train.loss import simpo_loss
@@ -160,29 +161,133 @@ def generation_metrics(texts: Sequence[str], token_counts: Sequence[int], stoppe
     }
 
 
-# --------------------------------------------------------------------------------------------- judge
-def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a proportion; ``successes`` may be fractional (ties counted as half)."""
-    from scipy.stats import norm
-
-    if n <= 0:
-        raise ValueError(f"wilson_interval: n = {n} must be > 0")
-    if not 0 <= successes <= n:
-        raise ValueError(f"wilson_interval: successes = {successes} must be in [0, n = {n}]")
-    z = float(norm.ppf(0.5 + confidence / 2))
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+# ------------------------------------------------------------------------------- scored answers (--scorer)
+BOOTSTRAP_RESAMPLES = 2000
+LC_SLOPE_L2 = 0.1  # λ of the weak ridge penalty (λ/2)·b² on the length slope of the LC fit (a N(0, 1/λ) prior)
 
 
-def win_rate(a_scores: Sequence[float], b_scores: Sequence[float], confidence: float = 0.95) -> dict:
+def outcomes(a_scores: Sequence[float], b_scores: Sequence[float]) -> np.ndarray:
+    """Per prompt, A's answer against B's: 1.0 where A scores higher, 0.0 where lower, 0.5 on a tie."""
+    a, b = np.asarray(a_scores, dtype=float), np.asarray(b_scores, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or not a.size:
+        raise ValueError(f"need two equally long, non-empty score lists, got {a.size} and {b.size}")
+    return np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
+
+
+def win_rate(a_scores: Sequence[float], b_scores: Sequence[float]) -> dict:
     """How often A's answer out-scores B's on the same prompt; a tie counts as half a win."""
-    if len(a_scores) != len(b_scores) or not len(a_scores):
-        raise ValueError(f"win_rate: need two equally long, non-empty score lists, got {len(a_scores)} and {len(b_scores)}")
-    outcome = Counter("win" if a > b else "loss" if a < b else "tie" for a, b in zip(a_scores, b_scores))
-    n = len(a_scores)
-    wins = outcome["win"] + 0.5 * outcome["tie"]
-    low, high = wilson_interval(wins, n, confidence)
-    return {"n": n, "wins": outcome["win"], "losses": outcome["loss"], "ties": outcome["tie"],
-            "win_rate": wins / n, "ci_low": low, "ci_high": high, "confidence": confidence}
+    y = outcomes(a_scores, b_scores)
+    return {"n": int(y.size), "wins": int((y == 1).sum()), "losses": int((y == 0).sum()), "ties": int((y == 0.5).sum()),
+            "win_rate": float(y.mean())}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -500, 500)))
+
+
+def _lc_fit(y: np.ndarray, d: np.ndarray, l2: float, steps: int = 50) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(LC win rate, slope, fell back) of each row of ``y`` (outcomes) and ``d`` (length differences), shape (..., n).
+
+    Newton's method on the ridge-penalised soft-label log-likelihood (IRLS), every row at once; the
+    2x2 Newton system is solved in closed form. See ``lc_win_rate`` for the model and the fallbacks.
+    """
+    sd = d.std(axis=-1, keepdims=True)
+    constant_y = np.ptp(y, axis=-1) == 0
+    fallback = constant_y | (sd[..., 0] == 0)
+    z = d / np.where(sd > 0, sd, 1.0)  # scaled, not centred: z = 0 is "same length"
+    y_fit = np.where(fallback[..., None], 0.5, y)  # the fallback rows converge at once (and are replaced below)
+    a, b = np.zeros(y.shape[:-1]), np.zeros(y.shape[:-1])
+    for _ in range(steps):
+        p = _sigmoid(a[..., None] + b[..., None] * z)
+        r, w = y_fit - p, p * (1 - p)
+        ga, gb = r.sum(-1), (r * z).sum(-1) - l2 * b  # gradient of the penalised log-likelihood
+        haa, hab, hbb = w.sum(-1) + 1e-12, (w * z).sum(-1), (w * z * z).sum(-1) + l2 + 1e-12  # minus its Hessian
+        det = haa * hbb - hab * hab
+        da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
+        big = np.maximum(np.abs(da), np.abs(db))
+        scale = np.minimum(1.0, 4.0 / np.maximum(big, 1e-300))  # at most 4 logits a step: no overshoot from far away
+        a, b = a + scale * da, b + scale * db
+        if big.max(initial=0.0) < 1e-10:
+            break
+    lc = np.where(fallback, y.mean(-1), _sigmoid(a))
+    return lc, np.where(fallback, 0.0, b), fallback
+
+
+def lc_win_rate(a_scores: Sequence[float], b_scores: Sequence[float], a_lengths: Sequence[float],
+                b_lengths: Sequence[float], l2: float = LC_SLOPE_L2) -> dict:
+    """Length-controlled win rate of A over B: the win rate the outcomes predict at equal answer lengths.
+
+    AlpacaEval 2's idea in its simplest form. Per prompt i, the outcome y_i is 1 (A's answer scores
+    higher), 0 (lower) or 0.5 (a tie, as a soft label), and d_i = len(A_i) − len(B_i) in tokens.
+    With z_i = d_i / sd(d) (the population standard deviation; scaled, not centred, so z = 0 means
+    equal lengths) a logistic regression P(A wins | z) = σ(a + b·z) is fitted by maximising
+    Σ y_i·log σ(a + b·z_i) + (1 − y_i)·log(1 − σ(a + b·z_i)) − (λ/2)·b², with λ = ``l2`` (0.1: a weak
+    ridge on the slope alone, so that wins and losses perfectly separated by length still give a
+    finite fit), by Newton's method from (0, 0). The LC win rate is σ(a), the fitted win rate at a
+    length difference of zero; ``slope`` is b, the change in log-odds of winning per standard
+    deviation of length difference (positive: the longer answer tends to win).
+
+    Fallbacks, reported in ``fallback`` (else None): when every outcome is the same (all wins, all
+    losses or all ties) there is nothing for length to explain and the MLE does not exist, and when
+    the length difference does not vary (sd = 0, e.g. equal lengths everywhere) length's effect
+    cannot be told apart from the intercept: either way the LC win rate is the plain win rate and
+    the slope 0.
+    """
+    y = outcomes(a_scores, b_scores)
+    d = np.asarray(a_lengths, dtype=float) - np.asarray(b_lengths, dtype=float)
+    if d.shape != y.shape:
+        raise ValueError(f"lc_win_rate: {y.size} outcomes but {d.size} length differences")
+    lc, slope, fell_back = _lc_fit(y, d, l2)
+    reason = None
+    if fell_back:
+        reason = ("every prompt has the same outcome" if np.ptp(y) == 0 else
+                  "the answers' length difference is the same on every prompt")
+        reason += ": the plain win rate is reported"
+    return {"lc_win_rate": float(lc), "slope": float(slope), "fallback": reason}
+
+
+def percentile_interval(stats: np.ndarray, confidence: float = 0.95) -> list[float]:
+    """[low, high]: the (1 − confidence)/2 and (1 + confidence)/2 quantiles of bootstrap statistics."""
+    low, high = np.quantile(stats, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return [float(low), float(high)]
+
+
+def resample_indices(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> np.ndarray:
+    """(resamples, n) prompt indices drawn with replacement from a seeded generator: the same seed, the same draws."""
+    if n < 1 or resamples < 1:
+        raise ValueError(f"bootstrap: need n >= 1 and resamples >= 1, got n = {n}, resamples = {resamples}")
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def scored_answers(sft_scores: Sequence[float], aligned_scores: Sequence[float], sft_lengths: Sequence[float],
+                   aligned_lengths: Sequence[float], confidence: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                   seed: int = 0) -> dict:
+    """Every number of eval.json's ``scorer`` section from per-prompt scores and answer lengths (tokens).
+
+    Mean score of each model, the aligned model's win rate against SFT (ties count half) and its
+    length-controlled win rate (``lc_win_rate``), each with a percentile bootstrap interval: the
+    prompts are resampled with replacement ``resamples`` times (seeded), the same draws for every
+    statistic (a paired bootstrap), and the interval is the middle ``confidence`` of the statistic
+    recomputed on them.
+    """
+    s, a = np.asarray(sft_scores, dtype=float), np.asarray(aligned_scores, dtype=float)
+    ls, la = np.asarray(sft_lengths, dtype=float), np.asarray(aligned_lengths, dtype=float)
+    if not (s.shape == a.shape == ls.shape == la.shape) or s.ndim != 1 or not s.size:
+        raise ValueError(f"scored_answers: need equally long, non-empty lists, got {s.size}, {a.size}, {ls.size}, {la.size}")
+    wins = win_rate(a, s)
+    lc = lc_win_rate(a, s, la, ls)
+    idx = resample_indices(s.size, resamples, seed)
+    y, d = outcomes(a, s), la - ls
+    step = max(1, 2_000_000 // s.size)  # resamples per fit: a few (step, n) arrays at a time, whatever n
+    lc_boot = np.concatenate([_lc_fit(y[part], d[part], LC_SLOPE_L2)[0] for part in np.split(idx, range(step, resamples, step))])
+    return {
+        "n": int(s.size), "confidence": confidence, "resamples": resamples, "seed": seed,
+        "mean_score": {"sft": float(s.mean()), "aligned": float(a.mean())},
+        "mean_score_ci": {"sft": percentile_interval(s[idx].mean(-1), confidence),
+                          "aligned": percentile_interval(a[idx].mean(-1), confidence)},
+        "wins": wins["wins"], "losses": wins["losses"], "ties": wins["ties"],
+        "win_rate": wins["win_rate"], "win_rate_ci": percentile_interval(y[idx].mean(-1), confidence),
+        "lc_win_rate": lc["lc_win_rate"], "lc_win_rate_ci": percentile_interval(lc_boot, confidence),
+        "lc_slope": lc["slope"], "lc_fallback": lc["fallback"],
+        "mean_length_tokens": {"sft": float(ls.mean()), "aligned": float(la.mean())},
+    }

@@ -2,8 +2,9 @@
 
 The report is built from eval.json's dict and the adapter's metrics.jsonl alone (plots are
 matplotlib PNGs embedded as base64, so the one file can be mailed or attached to a PR):
-training curves, the reward-margin histogram of SFT vs aligned, and response length vs
-average log-likelihood for both models.
+training curves, the reward-margin histogram of SFT vs aligned, response length vs average
+log-likelihood for both models, and with --scorer the per-prompt outcomes against the answers'
+length difference with the fitted length-controlled win-rate curve.
 """
 
 from __future__ import annotations
@@ -46,23 +47,51 @@ def length_rows(result: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _ci(ci: list[float], digits: int = 3) -> str:
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _score(v: float) -> str:
+    return f"{v:.4g}"  # a scorer's scale is its own: a reward logit, a word count, ...
+
+
+def sampling(g: dict) -> str:
+    return "greedy" if g["temperature"] == 0 else f"temperature {g['temperature']:g}, top-p {g['top_p']:g}"
+
+
+def scorer_lines(j: dict) -> list[str]:
+    """The scorer's verdict in two lines (a third when the length-controlled win rate fell back)."""
+    m, ci, length = j["mean_score"], j["mean_score_ci"], j["mean_length_tokens"]
+    ci_score = {k: f"[{_score(v[0])}, {_score(v[1])}]" for k, v in ci.items()}
+    lines = [f"scorer {j['spec']}, {j['n']} prompts: mean score SFT {_score(m['sft'])} {ci_score['sft']}, aligned "
+             f"{_score(m['aligned'])} {ci_score['aligned']}; mean answer length SFT {length['sft']:.1f}, aligned "
+             f"{length['aligned']:.1f} tokens",
+             f"  aligned vs SFT: win rate {j['win_rate']:.3f} {_ci(j['win_rate_ci'])} ({j['wins']} wins, {j['losses']} "
+             f"losses, {j['ties']} ties), length-controlled {j['lc_win_rate']:.3f} {_ci(j['lc_win_rate_ci'])} "
+             f"({j['confidence']:.0%} bootstrap intervals)"]
+    if j["lc_fallback"]:
+        lines.append(f"  length-controlled: {j['lc_fallback']}")
+    return lines
+
+
 def summary_lines(result: dict) -> list[str]:
     """The table ``qsimpo eval`` prints: SFT vs aligned, side by side."""
     s, d = result["simpo"], result["data"]
-    sft, al = result["models"]["sft"], result["models"]["aligned"]
-    lines = [f"held-out pairs: {d['pairs']} ({d['source']}); β = {s['beta']:g}, γ = {s['gamma']:g} (from {s['source']})",
-             f"{'':<50}{'SFT':>10}{'aligned':>10}"]
-    lines += [f"{label:<50}{_fmt(sft[k], n):>10}{_fmt(al[k], n):>10}" for label, k, n in ROWS]
-    lines += [f"{label:<50}{a:>10}{b:>10}" for label, a, b in length_rows(result)]
+    if result["models"] is None:
+        lines = [f"held-out prompts: {d['summary']['kept']} ({d['source']}); preference metrics skipped: "
+                 f"{result['preference_skipped']}"]
+    else:
+        sft, al = result["models"]["sft"], result["models"]["aligned"]
+        lines = [f"held-out pairs: {d['pairs']} ({d['source']}); β = {s['beta']:g}, γ = {s['gamma']:g} (from {s['source']})",
+                 f"{'':<50}{'SFT':>10}{'aligned':>10}"]
+        lines += [f"{label:<50}{_fmt(sft[k], n):>10}{_fmt(al[k], n):>10}" for label, k, n in ROWS]
+        lines += [f"{label:<50}{a:>10}{b:>10}" for label, a, b in length_rows(result)]
     g = result.get("generation")
     if g:
-        lines.append(f"generation: {g['n']} prompts, same seed for both models (temperature {g['temperature']:g})")
+        lines.append(f"generation: {g['n']} prompts, same seed for both models ({sampling(g)})")
         lines += [f"  {label:<48}{_fmt(g['sft'][k], n):>10}{_fmt(g['aligned'][k], n):>10}" for label, k, n in GEN_ROWS]
-    j = result.get("judge")
-    if j:
-        lines.append(f"judge {j['model']}: aligned beats SFT {j['win_rate']:.3f} "
-                     f"[{j['ci_low']:.3f}, {j['ci_high']:.3f}] ({j['confidence']:.0%} Wilson; {j['wins']} wins, "
-                     f"{j['losses']} losses, {j['ties']} ties of {j['n']})")
+    if result.get("scorer"):
+        lines += scorer_lines(result["scorer"])
     return lines
 
 
@@ -150,6 +179,34 @@ def length_scatter(result: dict) -> str:
     return _png(fig)
 
 
+def outcome_plot(result: dict) -> str | None:
+    """Each prompt's outcome (aligned vs SFT) against the answers' length difference, with the LC fit's curve."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    j, samples = result["scorer"], result["generation"]["samples"]
+    d = np.array([x["aligned_tokens"] - x["sft_tokens"] for x in samples], dtype=float)
+    y = np.array([1.0 if x["aligned_score"] > x["sft_score"] else 0.0 if x["aligned_score"] < x["sft_score"] else 0.5
+                  for x in samples])
+    jitter = np.random.default_rng(0).uniform(-0.03, 0.03, y.size)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    ax.scatter(d, y + jitter, s=14, alpha=0.6, color="C0", label="prompts (1 win, ½ tie, 0 loss)")
+    ax.axhline(j["win_rate"], color="C1", lw=1, ls="--", label=f"win rate {j['win_rate']:.3f}")
+    if not j["lc_fallback"] and d.std() > 0:
+        lc = min(max(j["lc_win_rate"], 1e-12), 1 - 1e-12)
+        grid = np.linspace(min(d.min(), 0), max(d.max(), 0), 200)
+        ax.plot(grid, 1 / (1 + np.exp(-(np.log(lc / (1 - lc)) + j["lc_slope"] * grid / d.std()))), color="C2", lw=1.5,
+                label="fitted P(win | length difference)")
+    ax.plot([0], [j["lc_win_rate"]], "o", color="C2", ms=7, label=f"length-controlled {j['lc_win_rate']:.3f} (at 0)")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("answer length difference, aligned − SFT (tokens)")
+    ax.set_ylabel("aligned beats SFT")
+    ax.set_ylim(-0.1, 1.1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _png(fig)
+
+
 # -------------------------------------------------------------------------------------------- HTML
 def _table(header: list[str], rows: list[list[str]]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -166,39 +223,69 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;c
        "vertical-align:top}td{white-space:pre-wrap}img{max-width:100%}.note{color:#555;font-size:.92em}")
 
 
+def preference_parts(result: dict) -> list[str]:
+    s, d = result["simpo"], result["data"]
+    if result["models"] is None:
+        return [f"<p>{d['summary']['kept']} held-out prompts from {html.escape(d['source'])}</p>",
+                f"<h2>Preference metrics</h2><p><i>skipped: {html.escape(result['preference_skipped'])}</i></p>"]
+    sft, al = result["models"]["sft"], result["models"]["aligned"]
+    return [f"<p>{d['pairs']} held-out pairs from {html.escape(d['source'])} · "
+            f"β = {s['beta']:g}, γ = {s['gamma']:g} (from {html.escape(s['source'])})</p>",
+            "<h2>Preference metrics</h2>",
+            _table(["", "SFT (adapter off)", "aligned (adapter on)"],
+                   [[label, _fmt(sft[k], n), _fmt(al[k], n)] for label, k, n in ROWS]),
+            "<h2>Length diagnostics</h2>",
+            _table(["", "SFT", "aligned"], [list(r) for r in length_rows(result)]),
+            "<p class=note>Length exploitation shows as the aligned column moving away from SFT towards length: a higher "
+            "ρ, accuracy on 'chosen is longer' far above 'chosen is shorter', and a higher share preferring the longer "
+            "response. SimPO's length normalisation is meant to keep these close to the SFT model's.</p>",
+            _img(margin_histogram(result), "reward-margin histogram"),
+            _img(length_scatter(result), "length vs average log-likelihood")]
+
+
+def scorer_parts(result: dict) -> list[str]:
+    j = result["scorer"]
+    what = "a reward model" if j["kind"] == "reward_model" else "a Python function"
+    m, ci, length = j["mean_score"], j["mean_score_ci"], j["mean_length_tokens"]
+    conf = f"{j['confidence']:.0%}"
+    lc = f"{j['lc_win_rate']:.3f} {_ci(j['lc_win_rate_ci'])}" + (f" ({j['lc_fallback']})" if j["lc_fallback"] else
+                                                                 f" (length slope {j['lc_slope']:+.3f})")
+    return [f"<h2>Answers judged by the scorer</h2><p><b>{html.escape(j['spec'])}</b> ({what}) on both models' answers to "
+            f"{j['n']} held-out prompts ({sampling(result['generation'])}); {conf} percentile bootstrap intervals over "
+            f"the prompts ({j['resamples']} resamples, seed {j['seed']})</p>",
+            _table(["", "SFT (adapter off)", "aligned (adapter on)"],
+                   [[f"mean score [{conf} interval]", f"{_score(m['sft'])} [{_score(ci['sft'][0])}, {_score(ci['sft'][1])}]",
+                     f"{_score(m['aligned'])} [{_score(ci['aligned'][0])}, {_score(ci['aligned'][1])}]"],
+                    ["mean answer length (tokens)", f"{length['sft']:.1f}", f"{length['aligned']:.1f}"]]),
+            _table(["aligned vs SFT", "estimate"],
+                   [["win rate (a tie counts half)", f"{j['win_rate']:.3f} {_ci(j['win_rate_ci'])}"],
+                    ["wins / losses / ties", f"{j['wins']} / {j['losses']} / {j['ties']}"],
+                    ["length-controlled win rate", lc]]),
+            "<p class=note>The length-controlled win rate is the win rate a logistic regression of each prompt's outcome "
+            "on the answers' length difference predicts at equal lengths (AlpacaEval 2's idea): a win rate that falls "
+            "there was bought with longer answers.</p>",
+            _img(outcome_plot(result), "outcome vs length difference")]
+
+
 def write_report(result: dict, rows: list[dict], path: str | Path) -> Path:
     """Render report.html next to eval.json; every image is inline."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed (CI, servers)
-    sft, al = result["models"]["sft"], result["models"]["aligned"]
-    s, d = result["simpo"], result["data"]
     parts = [f"<h1>qsimpo eval: {html.escape(result['adapter'])}</h1>",
-             f"<p>base {html.escape(result['base_model'])} · {d['pairs']} held-out pairs from {html.escape(d['source'])} · "
-             f"β = {s['beta']:g}, γ = {s['gamma']:g} (from {html.escape(s['source'])})</p>",
-             "<h2>Preference metrics</h2>",
-             _table(["", "SFT (adapter off)", "aligned (adapter on)"],
-                    [[label, _fmt(sft[k], n), _fmt(al[k], n)] for label, k, n in ROWS]),
-             "<h2>Length diagnostics</h2>",
-             _table(["", "SFT", "aligned"], [list(r) for r in length_rows(result)]),
-             "<p class=note>Length exploitation shows as the aligned column moving away from SFT towards length: a higher "
-             "ρ, accuracy on 'chosen is longer' far above 'chosen is shorter', and a higher share preferring the longer "
-             "response. SimPO's length normalisation is meant to keep these close to the SFT model's.</p>",
-             _img(margin_histogram(result), "reward-margin histogram"),
-             _img(length_scatter(result), "length vs average log-likelihood"),
+             f"<p>base {html.escape(result['base_model'])}</p>", *preference_parts(result),
              "<h2>Training</h2>", _img(training_curves(rows), "training curves from metrics.jsonl")]
     g = result.get("generation")
     if g:
-        parts += [f"<h2>Generations ({g['n']} prompts, temperature {g['temperature']:g}, seed {g['seed']} for both)</h2>",
-                  _table(["", "SFT", "aligned"], [[label, _fmt(g["sft"][k], n), _fmt(g["aligned"][k], n)] for label, k, n in GEN_ROWS])]
-        j = result.get("judge")
+        j = result.get("scorer")
         if j:
-            parts.append(f"<p>judge <b>{html.escape(j['model'])}</b>: aligned beats SFT in {j['win_rate']:.3f} of prompts, "
-                         f"{j['confidence']:.0%} Wilson interval [{j['ci_low']:.3f}, {j['ci_high']:.3f}] "
-                         f"({j['wins']} wins, {j['losses']} losses, {j['ties']} ties)</p>")
-        head = ["prompt", "SFT", "aligned"] + (["judge SFT", "judge aligned"] if j else [])
-        parts.append(_table(head, [[x["prompt"], x["sft"], x["aligned"]] + ([_fmt(x["judge_sft"]), _fmt(x["judge_aligned"])]
-                                                                            if j else []) for x in g["samples"]]))
+            parts += scorer_parts(result)
+        parts += [f"<h2>Generations ({g['n']} prompts, {sampling(g)}, seed {g['seed']} for both)</h2>",
+                  _table(["", "SFT", "aligned"], [[label, _fmt(g["sft"][k], n), _fmt(g["aligned"][k], n)] for label, k, n in GEN_ROWS])]
+        head = ["prompt", "SFT", "aligned", "tokens SFT", "tokens aligned"] + (["score SFT", "score aligned"] if j else [])
+        parts.append(_table(head, [[x["prompt"], x["sft"], x["aligned"], x["sft_tokens"], x["aligned_tokens"]]
+                                   + ([_score(x["sft_score"]), _score(x["aligned_score"])] if j else [])
+                                   for x in g["samples"]]))
     doc = (f"<!doctype html><html><head><meta charset=utf-8><title>qsimpo eval</title><style>{CSS}</style></head>"
            f"<body>{''.join(parts)}</body></html>\n")
     path = Path(path)

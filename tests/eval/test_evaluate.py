@@ -1,4 +1,4 @@
-"""`qsimpo eval` end to end on the quickstart's adapter: numbers, eval.json schema, report.html, errors."""
+"""`qsimpo eval` end to end on the quickstart's adapter: numbers, eval.json schema, report.html, --scorer, errors."""
 
 from __future__ import annotations
 
@@ -20,8 +20,14 @@ LENGTH_KEYS = {"spearman_length_logp": {"rho", "p_value", "n"},
                "accuracy_by_length": {"chosen_longer", "chosen_shorter", "same_length"},
                "prefers_longer": {"n", "rate"}}
 GEN_KEYS = {"n", "mean_length_tokens", "mean_length_words", "distinct_2", "repetition_rate", "unfinished_rate", "empty_rate"}
-TOP_KEYS = {"schema_version", "adapter", "base_model", "data", "simpo", "models", "generation", "judge", "training",
-            "per_pair", "versions", "seconds"}
+TOP_KEYS = {"schema_version", "adapter", "base_model", "data", "simpo", "models", "preference_skipped", "generation",
+            "scorer", "training", "per_pair", "versions", "seconds"}
+SAMPLE_KEYS = {"location", "prompt", "sft", "aligned", "sft_tokens", "aligned_tokens"}
+SCORER_KEYS = {"spec", "kind", "temperature", "n", "confidence", "resamples", "seed", "mean_score", "mean_score_ci", "wins",
+               "losses", "ties", "win_rate", "win_rate_ci", "lc_win_rate", "lc_win_rate_ci", "lc_slope", "lc_fallback",
+               "mean_length_tokens"}
+# a Python scorer as a file: the answer's length in words (so length explains every win)
+WORDS_SCORER = "def words(prompt, response):\n    assert prompt[-1]['role'] == 'user'\n    return len(response.split())\n"
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +56,36 @@ def tiny_judge(tmp_path_factory, pref_rows):
 
 @pytest.fixture(scope="module")
 def evaluated(quickstart, tiny_judge):
-    """One `qsimpo eval` run: data from the run's data.eval, 2 generations per model, judged."""
+    """One `qsimpo eval` run: data from the run's data.eval, 2 greedy answers per model, judged by a reward model."""
     out = quickstart / "eval-out"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         rc = main(["eval", str(quickstart / "adapter"), "--generate", "2", "--max-new-tokens", "12",
-                   "--judge", str(tiny_judge), "--out", str(out)])
+                   "--scorer", str(tiny_judge), "--out", str(out)])
     return rc, out, stdout.getvalue()
+
+
+def run_eval(argv: list[str]) -> tuple[dict, str, str]:
+    """`qsimpo eval ARGV --out OUT` must succeed: (eval.json, report.html, what it printed)."""
+    out = argv[argv.index("--out") + 1]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["eval", *argv]) == 0
+    from pathlib import Path
+
+    return json.loads((Path(out) / "eval.json").read_text()), (Path(out) / "report.html").read_text(), stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def few_pairs(quickstart, tmp_path_factory):
+    """The first 6 held-out pairs of the quickstart, and 3 of their prompts alone (a prompts-only source)."""
+    rows = [json.loads(line) for line in (quickstart / "data" / "heldout.jsonl").read_text().splitlines()]
+    folder = tmp_path_factory.mktemp("held")
+    pairs, prompts = folder / "pairs.jsonl", folder / "prompts.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    seen = list(dict.fromkeys(r["prompt"] for r in rows))[:3]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in seen))
+    return pairs, prompts
 
 
 def test_eval_shows_alignment_worked(evaluated):
@@ -91,7 +120,8 @@ def test_eval_matches_in_training_evaluation(quickstart, evaluated):
 
 def test_eval_json_schema_is_stable(evaluated):
     result = json.loads((evaluated[1] / "eval.json").read_text())
-    assert set(result) == TOP_KEYS and result["schema_version"] == 1
+    assert set(result) == TOP_KEYS and result["schema_version"] == 2
+    assert result["data"]["kind"] == "pairs" and result["preference_skipped"] is None
     for name in ("sft", "aligned"):
         m = result["models"][name]
         assert set(m) == MODEL_KEYS
@@ -100,13 +130,12 @@ def test_eval_json_schema_is_stable(evaluated):
     gen = result["generation"]
     assert set(gen) == {"n", "max_new_tokens", "temperature", "top_p", "seed", "sft", "aligned", "samples"}
     assert set(gen["sft"]) == set(gen["aligned"]) == GEN_KEYS and gen["n"] == 2
-    assert all(set(s) == {"location", "prompt", "sft", "aligned", "judge_sft", "judge_aligned"} for s in gen["samples"])
-    assert 0 < gen["sft"]["mean_length_tokens"] <= 12
-    j = result["judge"]
-    assert set(j) == {"model", "n", "wins", "losses", "ties", "win_rate", "ci_low", "ci_high", "confidence",
-                      "mean_score_sft", "mean_score_aligned"}
+    assert all(set(s) == SAMPLE_KEYS | {"sft_score", "aligned_score"} for s in gen["samples"])
+    assert 0 < gen["sft"]["mean_length_tokens"] <= 12 and gen["temperature"] == 0  # --scorer: greedy by default
+    j = result["scorer"]
+    assert set(j) == SCORER_KEYS and j["kind"] == "reward_model" and j["temperature"] == 0
     assert j["wins"] + j["losses"] + j["ties"] == j["n"] == 2
-    assert 0 <= j["ci_low"] <= j["win_rate"] <= j["ci_high"] <= 1
+    assert j["win_rate_ci"][0] <= j["win_rate"] <= j["win_rate_ci"][1] and 0 <= j["lc_win_rate"] <= 1
     pp = result["per_pair"]
     assert set(pp) == {"location", "chosen_len", "rejected_len", "sft_logp_chosen", "sft_logp_rejected",
                        "aligned_logp_chosen", "aligned_logp_rejected"}
@@ -117,10 +146,11 @@ def test_eval_json_schema_is_stable(evaluated):
 def test_report_html_is_self_contained_with_plots(evaluated):
     html = (evaluated[1] / "report.html").read_text()
     images = html.split('src="data:image/png;base64,')[1:]
-    assert len(images) == 3  # margin histogram, length scatter, training curves
+    assert len(images) == 4  # margin histogram, length scatter, training curves, outcome vs length difference
     for img in images:
         assert base64.b64decode(img.split('"', 1)[0])[:8] == b"\x89PNG\r\n\x1a\n"
-    for text in ("reward accuracy", "Spearman", "chosen is longer", "distinct-2", "Wilson"):
+    for text in ("reward accuracy", "Spearman", "chosen is longer", "distinct-2", "length-controlled win rate",
+                 "bootstrap", "score aligned"):
         assert text in html
     assert "http://" not in html and "https://" not in html  # nothing fetched when it is opened
 
@@ -148,6 +178,7 @@ def test_eval_fraction_fallback_uses_the_runs_split(quickstart, tmp_path, capsys
 
 
 def _eval_error(argv, capsys) -> str:
+    capsys.readouterr()
     assert main(["eval", *argv]) == 2
     return capsys.readouterr().err
 
@@ -184,4 +215,87 @@ def test_missing_base_is_a_clear_error(quickstart, tmp_path, capsys):
 def test_other_usage_errors(quickstart, tmp_path, capsys):
     assert "no such folder" in _eval_error([str(tmp_path / "missing-adapter")], capsys)
     assert "adapter_config.json" in _eval_error([str(tmp_path)], capsys)
-    assert "--generate" in _eval_error([str(quickstart / "adapter"), "--judge", "x"], capsys)
+    assert "--scorer" in _eval_error([str(quickstart / "adapter"), "--generate", "0", "--scorer", "x.py:f"], capsys)
+    # --judge is retired: one scorer option for pairs and eval, named in the message with the value given
+    assert "--judge was replaced by --scorer" in (err := _eval_error([str(quickstart / "adapter"), "--judge", "rm"], capsys))
+    assert "pass --scorer rm" in err
+
+
+# ------------------------------------------------------------------------------------------- --scorer
+def test_reward_model_scores_are_the_pairs_scorers(evaluated, tiny_judge):
+    """One home for scoring answers: eval's scores are what qsimpo.pairs.scorers gives the same prompt and answer."""
+    from qsimpo.eval import metrics as M
+    from qsimpo.pairs.scorers import load_scorer
+
+    result = json.loads((evaluated[1] / "eval.json").read_text())
+    samples = result["generation"]["samples"]
+    rm = load_scorer(str(tiny_judge), "cpu", batch_size=1)
+    for s in samples:
+        user = [{"role": "user", "content": s["prompt"]}]
+        assert rm([user, user], [s["sft"], s["aligned"]], ["here", "here"]) == pytest.approx(
+            [s["sft_score"], s["aligned_score"]], abs=1e-4)
+    again = M.scored_answers([s["sft_score"] for s in samples], [s["aligned_score"] for s in samples],
+                             [s["sft_tokens"] for s in samples], [s["aligned_tokens"] for s in samples], seed=0)
+    assert {k: result["scorer"][k] for k in again} == again  # eval.json's numbers, recomputed from its samples
+    assert f"scorer {tiny_judge}, 2 prompts: mean score SFT" in evaluated[2] and "length-controlled" in evaluated[2]
+
+
+def test_file_and_module_scorers(quickstart, few_pairs, tmp_path):
+    """path/file.py:function and module:function; without --generate, --scorer answers every held-out prompt greedily."""
+    scorer = tmp_path / "my_scorer.py"
+    scorer.write_text(WORDS_SCORER)
+    adapter, pairs = str(quickstart / "adapter"), str(few_pairs[0])
+    result, html, printed = run_eval([adapter, "--data", pairs, "--max-new-tokens", "10", "--scorer", f"{scorer}:words",
+                                      "--out", str(tmp_path / "file")])
+    distinct = len({json.loads(line)["prompt"] for line in few_pairs[0].read_text().splitlines()})
+    j, samples = result["scorer"], result["generation"]["samples"]
+    assert j["spec"] == f"{scorer}:words" and j["kind"] == "python" and j["n"] == distinct == result["generation"]["n"]
+    assert result["generation"]["temperature"] == 0 and result["data"]["pairs"] == 6  # the preference metrics too
+    assert all(s["sft_score"] == len(s["sft"].split()) and s["aligned_score"] == len(s["aligned"].split()) for s in samples)
+    assert j["mean_score"]["aligned"] == pytest.approx(sum(s["aligned_score"] for s in samples) / distinct)
+    assert j["mean_length_tokens"]["aligned"] == pytest.approx(sum(s["aligned_tokens"] for s in samples) / distinct)
+    assert f"scorer {scorer}:words, {distinct} prompts" in printed and "aligned vs SFT: win rate" in printed
+    # module:function, here the example scorer qsimpo ships; the same answers (greedy), other scores
+    shipped, _, _ = run_eval([adapter, "--data", pairs, "--max-new-tokens", "10", "--generate", "2",
+                              "--scorer", "qsimpo.pairs.examples:concise_complete", "--out", str(tmp_path / "module")])
+    from qsimpo.pairs.examples import concise_complete
+
+    assert shipped["scorer"]["kind"] == "python" and shipped["scorer"]["n"] == 2
+    for s, first in zip(shipped["generation"]["samples"], samples):
+        assert (s["sft"], s["aligned"]) == (first["sft"], first["aligned"])
+        assert s["aligned_score"] == concise_complete([{"role": "user", "content": s["prompt"]}], s["aligned"])
+
+
+def test_prompts_only_data_skips_the_preference_metrics(quickstart, few_pairs, tmp_path, capsys):
+    scorer = tmp_path / "my_scorer.py"
+    scorer.write_text(WORDS_SCORER)
+    adapter, prompts = str(quickstart / "adapter"), str(few_pairs[1])
+    result, html, printed = run_eval([adapter, "--data", prompts, "--max-new-tokens", "8", "--scorer", f"{scorer}:words",
+                                      "--out", str(tmp_path / "ev")])
+    assert set(result) == TOP_KEYS and result["models"] is None and result["per_pair"] is None
+    assert result["data"]["kind"] == "prompts" and result["data"]["pairs"] == 0 and result["data"]["summary"]["kept"] == 3
+    assert "prompts only" in result["preference_skipped"]
+    assert result["scorer"]["n"] == 3 and all(set(s) == SAMPLE_KEYS | {"sft_score", "aligned_score"}
+                                              for s in result["generation"]["samples"])
+    wanted = [json.loads(line)["prompt"] for line in few_pairs[1].read_text().splitlines()]
+    assert [s["prompt"] for s in result["generation"]["samples"]] == wanted
+    assert f"held-out prompts: 3 ({prompts}); preference metrics skipped: the held-out data has prompts only" in printed
+    assert "skipped: the held-out data has prompts only" in html and html.count("data:image/png") == 2  # curves, outcomes
+    # with nothing asked of the answers, a prompts-only source has nothing to evaluate
+    err = _eval_error([adapter, "--data", prompts], capsys)
+    assert "has prompts only" in err and "--scorer" in err
+
+
+def test_bad_scorer_stops_before_the_model_loads(quickstart, few_pairs, tmp_path, capsys, monkeypatch):
+    import qsimpo.eval.evaluate as ev
+
+    monkeypatch.setattr(ev, "load", lambda *a: pytest.fail("the model was loaded before the scorer was checked"))
+    adapter, pairs = str(quickstart / "adapter"), str(few_pairs[0])
+    err = _eval_error([adapter, "--data", pairs, "--scorer", str(tmp_path / "nope.py") + ":f"], capsys)
+    assert "--scorer" in err and "no file" in err and "nope.py" in err
+    (tmp_path / "s.py").write_text(WORDS_SCORER)
+    assert "has no 'wrods'" in _eval_error([adapter, "--data", pairs, "--scorer", f"{tmp_path / 's.py'}:wrods"], capsys)
+    assert "does not import" in _eval_error([adapter, "--data", pairs, "--scorer", "no_such_module_x:f"], capsys)
+    assert "no such folder" in _eval_error([adapter, "--data", pairs, "--scorer", str(tmp_path / "rm")], capsys)
+    base = json.loads((quickstart / "adapter" / "qsimpo.json").read_text())["base_model"]  # a causal LM, no classifier
+    assert "is not a sequence classifier" in _eval_error([adapter, "--data", pairs, "--scorer", base], capsys)

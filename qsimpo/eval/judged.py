@@ -1,0 +1,104 @@
+"""`qsimpo eval --scorer`: the SFT and aligned models' answers to the held-out prompts, judged by one scorer.
+
+The scorer is the one `qsimpo pairs` uses (qsimpo.pairs.scorers.load_scorer: a Python function or a
+reward model), so the pairs a model is trained on and the verdict on the trained model come from the
+same judge. The numbers are qsimpo.eval.metrics.scored_answers: mean scores, win rate and
+length-controlled win rate, with seeded bootstrap intervals.
+
+The held-out source may hold prompts only (a ``prompt`` column, no chosen/rejected): it is then read
+as `qsimpo pairs` reads prompts (``read_source(..., prompts=True)``), its prompts are tokenized as
+training tokenizes a pair's prompt, and the preference metrics, which need pairs, are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from qsimpo.data import DataError, read_source, tokenize_pair
+from qsimpo.eval import metrics as M
+
+PROMPTS_ONLY = ("the held-out data has prompts only (no chosen/rejected answers), so there are no pairs to score; "
+                "pass --data with preference pairs for them")
+
+
+def _has_answers(raw: str, columns: dict | None) -> bool:
+    row = json.loads(raw)
+    keys = {"chosen", "rejected"} | {(columns or {}).get(k) for k in ("chosen", "rejected")}
+    return isinstance(row, dict) and any(k in row for k in keys if k)
+
+
+def prompt_source(dc, pairs_error: DataError):
+    """The held-out source read as prompts, when none of its rows has an answer (chosen or rejected).
+
+    Called when reading it as pairs failed with ``pairs_error``, which stands for any source with
+    answers (a pair file with bad rows is a pair file with bad rows, not prompts). A prompts source
+    is read with the run's own data.on_bad_row, so a bad prompt row stops here, named.
+    """
+    try:
+        peek = read_source(dataclasses.replace(dc, on_bad_row="skip"), prompts=True)
+    except DataError:
+        raise pairs_error from None
+    if any(_has_answers(raw, dc.columns) for raw in peek.table["raw"] if raw is not None):
+        raise pairs_error
+    return read_source(dc, prompts=True)
+
+
+def prompt_items(dc, source, tokenizer) -> tuple[list[dict], dict]:
+    """(prompts as {"location", "text", "prompt_ids"}, the data summary) of a prompts source.
+
+    Each prompt is tokenized exactly as training tokenizes a pair's prompt (tokenize_pair with the
+    run's chat template, system prompt and one BOS; left-truncated to the prompt limit when it does
+    not fit data.max_length); a prompt the template rejects or that cannot fit is counted, as
+    training counts it.
+    """
+    summary = source.summary
+    items = []
+    for text in source.texts():
+        try:
+            enc = tokenize_pair(tokenizer, {**text, "chosen": "", "rejected": ""}, dc.max_length, dc.prompt_limit,
+                                dc.system_prompt)
+        except DataError as e:
+            if e.reason is None:
+                raise
+            summary.record(e.reason, e.detail_line)
+            continue
+        if enc is None:
+            summary.record("too_long", "")
+            continue
+        summary.truncated_prompt += enc["prompt_truncated"]
+        items.append({"location": text["location"], "text": text, "prompt_ids": enc["prompt_ids"]})
+    summary.kept = len(items)
+    summary.check(dc.on_bad_row)
+    if not items:
+        raise DataError(f"no usable prompts: {summary.line()}")
+    return items, summary.to_dict()
+
+
+def score_answers(scorer, gen: dict, prompts: list, seed: int, chunk: int = 64) -> dict:
+    """eval.json's ``scorer`` section; each sample gains ``sft_score`` and ``aligned_score``.
+
+    Both models' answers go to the scorer with their prompt's chat messages, ``chunk`` at a time; the
+    statistics bootstrap over the prompts with ``seed``.
+    """
+    from tqdm.auto import tqdm
+
+    from qsimpo.pairs.scorers import RewardModel
+
+    samples = gen["samples"]
+    n = len(samples)
+    responses = [s["sft"] for s in samples] + [s["aligned"] for s in samples]
+    where = [f"{s['location']} (the {name} answer)" for name in ("SFT", "aligned") for s in samples]
+    asked = list(prompts) * 2
+    scores: list[float] = []
+    with tqdm(total=2 * n, desc="scoring answers", unit="answer", dynamic_ncols=True) as bar:
+        for i in range(0, 2 * n, chunk):
+            scores += scorer(asked[i:i + chunk], responses[i:i + chunk], where[i:i + chunk])
+            bar.update(len(responses[i:i + chunk]))
+    sft, aligned = scores[:n], scores[n:]
+    for s, a, b in zip(samples, sft, aligned):
+        s["sft_score"], s["aligned_score"] = a, b
+    stats = M.scored_answers(sft, aligned, [s["sft_tokens"] for s in samples], [s["aligned_tokens"] for s in samples],
+                             seed=seed)
+    kind = "reward_model" if isinstance(scorer, RewardModel) else "python"
+    return {"spec": scorer.spec, "kind": kind, "temperature": gen["temperature"], **stats}
