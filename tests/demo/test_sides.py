@@ -30,15 +30,18 @@ def alone(chat, side: str, messages: list[dict], max_new_tokens: int) -> str:
     """``side``'s greedy answer the plain way: one row, the adapter disabled (SFT) or active, no adapter_names."""
     from qsimpo.eval.generate import generate
 
-    adapter = chat.sides[side].adapter
-    if adapter == "__base__":
-        with chat.model.disable_adapter():
+    # under the demo's own lock: a stream's last text can arrive while its batch's generate is still returning,
+    # and peft's adapter_names hooks live until it has
+    with chat.lock:
+        adapter = chat.sides[side].adapter
+        if adapter == "__base__":
+            with chat.model.disable_adapter():
+                return generate(chat.model, chat.tokenizer, messages, max_new_tokens=max_new_tokens)
+        chat.model.set_adapter(adapter)
+        try:
             return generate(chat.model, chat.tokenizer, messages, max_new_tokens=max_new_tokens)
-    chat.model.set_adapter(adapter)
-    try:
-        return generate(chat.model, chat.tokenizer, messages, max_new_tokens=max_new_tokens)
-    finally:
-        chat.model.set_adapter("default")
+        finally:
+            chat.model.set_adapter("default")
 
 
 def test_stream_yields_growing_text(chat):
