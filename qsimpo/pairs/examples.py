@@ -50,7 +50,12 @@ concise_complete_batch.batched = True
 # --- verifiable instructions -------------------------------------------------------------------------------------
 
 CUT_PENALTY = 0.25  # taken off an answer that stops mid-sentence (cut at the token limit, most likely)
+OFF_TOPIC_PENALTY = 0.5  # taken off an answer that uses none of the question's words ("I can help you with that.")
 MIN_WORDS = 3  # an answer of fewer words does not answer an everyday question: it scores as an empty one
+# Words of four letters or more that carry no topic in a question ("What are some good ways to ...").
+_COMMON = frozenset("""what when where which while with without your yours that this these those there their them they
+have does doing should would could some good best ways about into from more most make like just also very than then keep
+things tips help other each every easy simple quick better someone something anything properly really""".split())
 _WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")  # a word: letters or digits, with inner apostrophes or hyphens
 _QUOTE = "\"“”"
 
@@ -172,19 +177,39 @@ def finished(response: str, prompt: list[dict] | None = None) -> bool:
     return bool(asked) and _last_word(text).lower() == asked[0].lower()
 
 
+def topic_stems(text: str) -> set[str]:
+    """The first four letters of each topic word of a prompt: its words of four letters or more outside
+    _COMMON, in the sentences that state no instruction ("How do I clean a cast iron pan?" -> clea, cast, iron)."""
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    question = " ".join(s for s in sentences if not any(i.find(s) for i in INSTRUCTIONS))
+    return {w.lower()[:4] for w in words(question) if len(w) >= 4 and w.lower() not in _COMMON}
+
+
+def on_topic(prompt: list[dict], response: str) -> bool:
+    """Whether the answer uses a topic word of the question (the same first four letters: "purr" meets
+    "purring"). A crude guard against evasions: an answer in other words altogether also fails it. A
+    question with no topic word passes every answer."""
+    stems = topic_stems(_last_user(prompt))
+    return not stems or any(w.lower()[:4] in stems for w in words(response) if len(w) >= 4)
+
+
 def follows_instructions(prompt: list[dict], response: str) -> float:
-    """The fraction of the prompt's instructions the answer follows, minus CUT_PENALTY if it stops mid-sentence.
+    """The fraction of the prompt's instructions the answer follows, minus CUT_PENALTY if it stops
+    mid-sentence and OFF_TOPIC_PENALTY if it uses none of the question's topic words.
 
     An empty answer, or one of fewer than MIN_WORDS words, scores -1: "Done." follows "End your answer
-    with the word Done." and "Do not use any commas." but answers nothing. So the score lies in
-    [-1, 1], 1 for a finished answer that follows every instruction. The instructions are read from
-    the user's last message (INSTRUCTIONS; a prompt with none is a UsageError naming it).
+    with the word Done." and "Do not use any commas." but answers nothing. The topic guard does the
+    same for longer evasions: "I can help you with that." follows "Do not use any commas." too. So the
+    score lies in [-1, 1], 1 for a finished, on-topic answer that follows every instruction. The
+    instructions are read from the user's last message (INSTRUCTIONS; a prompt with none is a
+    UsageError naming it).
     """
     results = check_instructions(prompt, response)
     if len(words(response)) < MIN_WORDS:
         return -1.0
     followed = sum(results.values()) / len(results)
-    return followed - (0.0 if finished(response, prompt) else CUT_PENALTY)
+    return (followed - (0.0 if finished(response, prompt) else CUT_PENALTY)
+            - (0.0 if on_topic(prompt, response) else OFF_TOPIC_PENALTY))
 
 
 def follows_instructions_batch(prompts: list[list[dict]], responses: list[str]) -> list[float]:

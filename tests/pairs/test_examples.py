@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from qsimpo.errors import UsageError
-from qsimpo.pairs.examples import (BY_NAME, CONFLICTS, CUT_PENALTY, INSTRUCTIONS, check_instructions, find_instructions,
-                                   finished, follows_instructions, follows_instructions_batch, words)
+from qsimpo.pairs.examples import (BY_NAME, CONFLICTS, CUT_PENALTY, INSTRUCTIONS, OFF_TOPIC_PENALTY, check_instructions,
+                                   find_instructions, finished, follows_instructions, follows_instructions_batch, on_topic,
+                                   topic_stems, words)
 
 
 def user(text: str) -> list[dict]:
@@ -56,13 +57,14 @@ def test_every_instruction_is_found_in_its_own_phrasing_with_its_parameter():
 def test_two_instructions_are_both_found_and_checked():
     prompt = user("Why do leaves fall? Answer in at most 10 words. Do not use any commas.")
     assert [i.name for i, _ in find_instructions(prompt[0]["content"])] == ["max_words", "no_commas"]
-    assert check_instructions(prompt, "Trees save water in winter.") == {"max_words": True, "no_commas": True}
-    assert check_instructions(prompt, "Trees, to save water, drop them.") == {"max_words": True, "no_commas": False}
-    assert follows_instructions(prompt, "Trees save water in winter.") == 1.0
-    assert follows_instructions(prompt, "Trees, to save water, drop them.") == 0.5
+    assert check_instructions(prompt, "Leaves fall to save water in winter.") == {"max_words": True, "no_commas": True}
+    assert check_instructions(prompt, "Trees, to save water, drop leaves.") == {"max_words": True, "no_commas": False}
+    assert follows_instructions(prompt, "Leaves fall to save water in winter.") == 1.0
+    assert follows_instructions(prompt, "Trees, to save water, drop leaves.") == 0.5
     long = "Trees drop their leaves in autumn so that they lose less water over the cold winter."
     assert follows_instructions(prompt, long) == 0.5
     assert follows_instructions(prompt, "Trees, to save water in the cold, drop all their old leaves each") == 0.0 - CUT_PENALTY
+    assert follows_instructions(prompt, "Trees save water in winter.") == 1.0 - OFF_TOPIC_PENALTY  # no word of the question
 
 
 def test_the_instructions_are_read_from_the_last_user_message():
@@ -98,10 +100,22 @@ def test_an_answer_cut_mid_sentence_loses_the_penalty():
     assert not finished("Boil it. Done", user("Boil? End your answer with the word Thanks."))
 
 
+def test_an_answer_without_a_word_of_the_question_loses_the_topic_penalty():
+    prompt = user("Why do cats purr? Do not use any commas. Include the word 'because'.")
+    assert topic_stems(prompt[0]["content"]) == {"cats", "purr"}  # not "because", "commas": instructions are not the topic
+    assert on_topic(prompt, "Purring is how a cat shows it is calm.")  # the same first four letters
+    assert not on_topic(prompt, "I can help you with that because I am here.")
+    assert follows_instructions(prompt, "Cats purr because they are calm.") == 1.0
+    assert follows_instructions(prompt, "I can help you with that because I am here.") == 1.0 - OFF_TOPIC_PENALTY
+    assert follows_instructions(prompt, "I can help you with that, it is") == 0.0 - CUT_PENALTY - OFF_TOPIC_PENALTY
+    assert topic_stems("What are some good ways to keep warm? Answer in at most 20 words.") == {"warm"}
+    assert on_topic(user("How do I make a cup of tea properly? Do not use any commas."), "Anything at all.")  # no topic word
+
+
 def test_batch_form_equals_one_at_a_time():
     prompts = [user("Name a tree. Answer with exactly 2 bullet points starting with '- '."),
                user("Name a tree. Start your answer with the word Well.")]
-    answers = ["- Oak is tall.\n- Pine is green.", "Oak is a tree."]
+    answers = ["- Oak is a tall tree.\n- Pine is green.", "Oak is a tree."]
     assert follows_instructions_batch(prompts, answers) == [follows_instructions(p, a) for p, a in zip(prompts, answers)]
     assert follows_instructions_batch(prompts, answers) == [1.0, 0.0]
     assert follows_instructions_batch.batched is True
