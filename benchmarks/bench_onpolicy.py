@@ -53,12 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=ROOT / "adapters" / "bench-onpolicy", help="work folder (emptied first)")
     p.add_argument("--tiny", action="store_true", help="a tiny random base instead of SmolLM2 (smoke test)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of pairs -> train -> eval")
-    p.add_argument("--heldout", type=int, default=20, help="questions held out (of 60)")
-    p.add_argument("--variants", type=int, default=2, help="training prompts per training question")
+    p.add_argument("--heldout", type=int, default=16, help="questions held out (of 60)")
+    p.add_argument("--variants", type=int, default=1, help="training prompts per training question")
     p.add_argument("--n", type=int, default=5, help="answers sampled per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, sampled and in eval")
-    p.add_argument("--pairs-batch", type=int, default=8, help="qsimpo pairs --batch-size")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps per round")
+    p.add_argument("--pairs-batch", type=int, default=16, help="qsimpo pairs --batch-size")
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps per round")
     p.add_argument("--batch", type=int, default=4, help="pairs per optimizer step")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     p.add_argument("--max-length", type=int, default=192, help="data.max_length (prompt + answer tokens)")
@@ -128,11 +128,12 @@ def training_summary(adapter: Path) -> dict:
 
 
 def answer_checks(samples: list[dict], side: str) -> dict:
-    """Per instruction, how many held-out answers of ``side`` follow it; and the answers that are degenerate or cut."""
-    from qsimpo.pairs.examples import MIN_WORDS, check_instructions, finished, words
+    """Per instruction, how many held-out answers of ``side`` follow it; and the answers that are degenerate, cut or
+    off topic (qsimpo.pairs.examples' own rules)."""
+    from qsimpo.pairs.examples import MIN_WORDS, check_instructions, finished, on_topic, words
 
     followed, asked = Counter(), Counter()
-    short = cut = 0
+    short = cut = off = 0
     for s in samples:
         prompt = [{"role": "user", "content": s["prompt"]}]
         for name, ok in check_instructions(prompt, s[side]).items():
@@ -140,10 +141,11 @@ def answer_checks(samples: list[dict], side: str) -> dict:
             followed[name] += ok
         short += len(words(s[side])) < MIN_WORDS
         cut += not finished(s[side], prompt)
+        off += not on_topic(prompt, s[side])
     return {"followed": {k: [followed[k], asked[k]] for k in sorted(asked)},
             "all_followed": sum(all(check_instructions([{"role": "user", "content": s["prompt"]}], s[side]).values())
                                 for s in samples),
-            "under_min_words": short, "unfinished": cut, "n": len(samples)}
+            "under_min_words": short, "unfinished": cut, "off_topic": off, "n": len(samples)}
 
 
 def paired_difference(a: list[float], b: list[float], seed: int = 0) -> dict:
@@ -192,7 +194,7 @@ def one_round(k: int, policy: str, base: str, args, work: Path, commands: list[s
                   "--data.path", pairs, "--train.output_dir", adapter, "--train.max_steps", str(args.steps),
                   "--train.batch_size", str(args.batch), "--train.learning_rate", str(args.lr),
                   "--data.max_length", str(args.max_length), "--data.max_prompt_length", str(args.max_prompt_length),
-                  "--train.progress", "false"],
+                  "--train.logging_steps", "1", "--train.progress", "false"],
         "eval": ["qsimpo", "eval", adapter, "--data", "heldout.jsonl", "--scorer", SCORER,
                  "--max-new-tokens", str(args.max_new_tokens), "--out", f"round{k}/eval"],
     }
@@ -237,7 +239,7 @@ def print_round(k: int, r: dict) -> None:
         c = e["checks"][side]
         rates = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in c["followed"].items())
         print(f"  {side}: all instructions followed {c['all_followed']}/{c['n']}; {rates}; "
-              f"under 3 words {c['under_min_words']}, unfinished {c['unfinished']}")
+              f"under 3 words {c['under_min_words']}, unfinished {c['unfinished']}, off topic {c['off_topic']}")
     for x in e["examples"]:
         print(f"\n  prompt: {x['prompt']}\n  SFT     ({x['sft_score']:+.2f}): {short(x['sft'])}\n"
               f"  aligned ({x['aligned_score']:+.2f}): {short(x['aligned'])}")

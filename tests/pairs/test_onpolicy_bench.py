@@ -63,15 +63,16 @@ def test_pairs_summary_counts_pairs_drops_and_scores(tmp_path):
 
 def test_answer_checks_and_round_comparison():
     p1, p2 = "Name a fruit. Do not use any commas.", "Name a tree. Answer in at most 3 words. Include the word 'tall'."
-    samples = [{"prompt": p1, "sft": "Apples, pears, figs.", "aligned": "Apples are sweet.", "sft_score": 0.0, "aligned_score": 1.0,
+    samples = [{"prompt": p1, "sft": "Apples, pears, figs.", "aligned": "Apples are a sweet fruit.", "sft_score": 0.0, "aligned_score": 1.0,
                 "sft_tokens": 4, "aligned_tokens": 4},
-               {"prompt": p2, "sft": "Oak", "aligned": "A tall oak", "sft_score": -1.0, "aligned_score": 0.75,
+               {"prompt": p2, "sft": "Oak", "aligned": "A tall tree", "sft_score": -1.0, "aligned_score": 0.75,
                 "sft_tokens": 1, "aligned_tokens": 3}]
     sft = bench_onpolicy.answer_checks(samples, "sft")
     assert sft["followed"] == {"include_word": [0, 1], "max_words": [1, 1], "no_commas": [0, 1]}
-    assert sft["all_followed"] == 0 and sft["under_min_words"] == 1 and sft["unfinished"] == 1
+    assert sft["all_followed"] == 0 and sft["under_min_words"] == 1 and sft["unfinished"] == 1 and sft["off_topic"] == 2  # "Oak" and "Apples, pears, figs." name no fruit or tree
     aligned = bench_onpolicy.answer_checks(samples, "aligned")
     assert aligned["all_followed"] == 2 and aligned["under_min_words"] == 0 and aligned["unfinished"] == 1
+    assert aligned["off_topic"] == 0
     d = bench_onpolicy.paired_difference([1.0, 0.75], [0.0, -1.0])
     assert d["mean"] == pytest.approx(1.375) and d["ci"][0] <= 1.375 <= d["ci"][1]
     ev1 = {"generation": {"samples": samples}}
