@@ -30,6 +30,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import subprocess
@@ -82,16 +83,20 @@ def tiny_base(folder: Path, texts: list[str]) -> Path:
     return save_base(build_model(tok, hidden_size=64, num_layers=2, num_heads=4, max_positions=512), tok, folder)
 
 
-def run(cmd: list[str], work: Path, log: Path) -> float:
-    """Run one qsimpo command in ``work`` (progress bars on this terminal, output also in ``log``); stop if it fails."""
+def run(cmd: list[str], work: Path, log: Path) -> tuple[float, float]:
+    """Run one qsimpo command in ``work`` (progress bars on this terminal, output also in ``log``); stop if it fails.
+
+    Returns (wall seconds, CPU seconds): the CPU time (user + system) says how much work the step was
+    whatever else shared the machine."""
     print("$ " + shlex.join(cmd), flush=True)
-    t0 = time.perf_counter()
+    t0, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([sys.executable, "-m", *cmd], cwd=work, stdout=subprocess.PIPE, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     log.write_text(done.stdout)
     sys.stdout.write(done.stdout)
     if done.returncode != 0:
         sys.exit(f"`{shlex.join(cmd[:2])}` failed with exit code {done.returncode} (its output: {log})")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -198,13 +203,14 @@ def one_round(k: int, policy: str, base: str, args, work: Path, commands: list[s
         "eval": ["qsimpo", "eval", adapter, "--data", "heldout.jsonl", "--scorer", SCORER,
                  "--max-new-tokens", str(args.max_new_tokens), "--out", f"round{k}/eval"],
     }
-    seconds = {}
+    seconds, cpu_seconds = {}, {}
     for name, cmd in steps.items():
-        seconds[name] = round(run(cmd, work, folder / f"{name}.log"), 1)
+        wall, cpu = run(cmd, work, folder / f"{name}.log")
+        seconds[name], cpu_seconds[name] = round(wall, 1), round(cpu, 1)
         commands.append(shlex.join(cmd))
-    seconds["round"] = round(sum(seconds.values()), 1)
+    seconds["round"], cpu_seconds["round"] = round(sum(seconds.values()), 1), round(sum(cpu_seconds.values()), 1)
     ev = json.loads((folder / "eval" / "eval.json").read_text())
-    return {"policy": policy, "seconds": seconds, "pairs": pairs_summary(work / pairs),
+    return {"policy": policy, "seconds": seconds, "cpu_seconds": cpu_seconds, "pairs": pairs_summary(work / pairs),
             "training": training_summary(work / adapter), "eval": eval_summary(ev, args.show), "_eval": ev}
 
 
@@ -223,7 +229,7 @@ def short(text: str, n: int = 200) -> str:
 
 def print_round(k: int, r: dict) -> None:
     e, p, t = r["eval"], r["pairs"], r["training"]
-    print(f"\n== round {k} (policy {r['policy']}) — seconds: {r['seconds']}")
+    print(f"\n== round {k} (policy {r['policy']}) — seconds: {r['seconds']}; CPU seconds: {r['cpu_seconds']}")
     print(f"pairs: {p['pairs']} written, dropped {p['dropped']}; sampled answers' mean score {num(p['mean_sample_score'])}, "
           f"chosen {num(p['mean_chosen'])}, rejected {num(p['mean_rejected'])}")
     print(f"train: {t['steps']} steps, mean loss {num(t['train_loss'])}; first/last {t['window']} logged steps: loss "

@@ -93,6 +93,9 @@ def test_the_runner_on_a_tiny_base(tmp_path):
     assert row["base"] == "tiny" and len(row["rounds"]) == 2 and len(row["commands"]) == 6
     assert row["commands"][3].startswith("qsimpo pairs train.jsonl --model round1/adapter ")
     for r in row["rounds"]:
-        assert set(r["seconds"]) == {"pairs", "train", "eval", "round"} and r["training"]["steps"] == 2
+        assert set(r["seconds"]) == set(r["cpu_seconds"]) == {"pairs", "train", "eval", "round"}
+        assert r["training"]["steps"] == 2
+        cpu = r["cpu_seconds"]
+        assert cpu["pairs"] > 0 and cpu["round"] == pytest.approx(cpu["pairs"] + cpu["train"] + cpu["eval"], abs=0.2)
         assert r["eval"]["n"] == 4 and len(r["eval"]["examples"]) == 3
     assert row["round2_vs_round1"]["wins"] + row["round2_vs_round1"]["losses"] + row["round2_vs_round1"]["ties"] == 4
