@@ -228,7 +228,8 @@ def cmd_pairs(argv: list[str]) -> int:
           "(folder or Hub id; loaded on its recorded base)")
     c.arg("--scorer", required=True, help=SPEC_HELP)
     c.arg("--out", required=True, help="JSONL file the pairs are appended to (rerun the same command to resume)")
-    c.arg("--n", type=int, help="answers sampled per prompt")
+    c.arg("--n", "--num-samples", type=int, help="answers sampled per prompt (under torchrun spell it --num-samples: "
+          "torchrun reads --n as an abbreviation of its own options)")
     c.arg("--temperature", type=float, help="sampling temperature")
     c.arg("--top-p", type=float, help="nucleus sampling")
     c.arg("--max-new-tokens", type=int, help="longest answer, in tokens")

@@ -10,6 +10,7 @@ have no text, or tie on score are dropped and counted. ``qsimpo train`` reads th
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 from qsimpo.data.formats import FIXES
@@ -73,16 +74,18 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
     """
     from tqdm.auto import tqdm
 
-    from qsimpo.pairs.sample import load_policy, sample
+    from qsimpo.pairs.sample import load_policy
     from qsimpo.pairs.scorers import load_scorer
-    from qsimpo.pairs.write import PairsFile, pair_row, unusable
+    from qsimpo.pairs.shard import Processes
+    from qsimpo.pairs.write import PairsFile
     from qsimpo.train.model import device_for_rank
 
     _check(n, temperature, top_p, max_new_tokens, max_prompts, batch_size)
     settings = {"model": model, "base": base, "scorer": scorer, "n": n, "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "seed": seed}
     items, data = read_prompts(prompts, split, subset, on_bad_row, prompt_column)  # bad data stops here, before any model loads
-    if data.bad_rows:
+    main = int(os.environ.get("RANK", 0)) == 0  # under torchrun / accelerate launch, process 0 speaks for all
+    if data.bad_rows and main:
         print(data.report())
     unique, keys = [], set()
     for item in items:
@@ -92,38 +95,61 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
     repeated = len(items) - len(unique)
     left = max(0, len(unique) - max_prompts) if max_prompts else 0
     unique = unique[:max_prompts] if max_prompts else unique
-    file = PairsFile(out, settings)  # an output of other settings stops here
-    device = device or device_for_rank()
-    score = load_scorer(scorer, device, trust_remote_code=trust_remote_code)  # a bad scorer stops before the policy loads
-    todo = [item for item in unique if not file.seen(item[0])]
-    cut = 0
-    if todo:
-        policy, tokenizer, _ = load_policy(model, base, device, trust_remote_code)
-        bar = tqdm(total=len(todo), desc="pairs", unit="prompt", dynamic_ncols=True)
-        t0, n_tokens = time.perf_counter(), 0
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i:i + batch_size]
-            answers, tokens, batch_cut = sample(policy, tokenizer, [m for _, m, _ in batch], [k for k, _, _ in batch], n,
-                                                temperature, top_p, max_new_tokens, seed)
-            n_tokens, cut = n_tokens + tokens, cut + batch_cut
-            ready = [(item, a) for item, a in zip(batch, answers) if not unusable(a)]
-            flat = [(m, loc, text) for (_, m, loc), a in ready for text in a]
-            scores = score([m for m, _, _ in flat], [t for _, _, t in flat], [loc for _, loc, _ in flat]) if flat else []
-            per_prompt = iter(scores[j * n:(j + 1) * n] for j in range(len(ready)))
-            for (key, messages, location), a in zip(batch, answers):
-                reason, row, scored = unusable(a), None, None
-                if reason is None:
-                    scored = next(per_prompt)
-                    row, reason = pair_row(messages, a, scored)
-                if row is not None:
-                    file.write(row)
-                else:
-                    file.drop(key, reason, location, a, scored)
-                bar.update(1)
-            bar.set_postfix({"tok/s": f"{n_tokens / (time.perf_counter() - t0):.1f}", "pairs": file.written_now},
-                            refresh=False)
-        bar.close()
+    procs = Processes()  # under torchrun / accelerate launch: each process its share, process 0 writes
+    try:
+        file = PairsFile(out, settings, writer=procs.main)  # an output of other settings stops here
+        device = device or device_for_rank()
+        score = load_scorer(scorer, device, trust_remote_code=trust_remote_code)  # a bad scorer stops before the policy
+        file.rows, file.done, file.dropped = procs.share((file.rows, file.done, file.dropped))  # process 0's --out
+        todo = [item for item in unique if not file.seen(item[0])]
+        cut = 0
+        if todo:
+            policy, tokenizer, _ = load_policy(model, base, device, trust_remote_code)
+            bar = tqdm(total=len(todo), desc="pairs", unit="prompt", dynamic_ncols=True, disable=not procs.main)
+            t0, n_tokens = time.perf_counter(), 0
+            for part in procs.chunks(todo, batch_size):
+                done, (tokens, part_cut) = procs.exchange(*_answer_and_score(part, policy, tokenizer, score, n, temperature,
+                                                                             top_p, max_new_tokens, seed))
+                n_tokens, cut = n_tokens + tokens, cut + part_cut
+                for _, (key, messages, location), answers, scored, row, reason in done:
+                    if row is not None:
+                        file.write(row)
+                    else:
+                        file.drop(key, reason, location, answers, scored)
+                bar.update(len(done))
+                bar.set_postfix({"tok/s": f"{n_tokens / (time.perf_counter() - t0):.1f}", "pairs": file.written_now},
+                                refresh=False)
+            bar.close()
+    finally:
+        procs.close()
     summary = file.summary(len(items), repeated, left, cut)
     summary["data"] = dataclasses.asdict(data)
-    print(summary["line"])
+    if main:
+        print(summary["line"])
     return summary
+
+
+def _answer_and_score(part: list, policy, tokenizer, score, n: int, temperature: float, top_p: float,
+                      max_new_tokens: int, seed: int) -> tuple[list, int, int]:
+    """This process's part of a chunk, answered and scored: ([(index, item, answers, scores, row, drop reason)],
+    tokens generated, answers cut at max_new_tokens)."""
+    from qsimpo.pairs.sample import sample
+    from qsimpo.pairs.write import pair_row, unusable
+
+    if not part:
+        return [], 0, 0
+    items = [item for _, item in part]
+    answers, tokens, cut = sample(policy, tokenizer, [m for _, m, _ in items], [k for k, _, _ in items], n, temperature,
+                                  top_p, max_new_tokens, seed)
+    ready = [(item, a) for item, a in zip(items, answers) if not unusable(a)]
+    flat = [(m, loc, text) for (_, m, loc), a in ready for text in a]
+    scores = score([m for m, _, _ in flat], [t for _, _, t in flat], [loc for _, loc, _ in flat]) if flat else []
+    per_prompt = iter(scores[j * n:(j + 1) * n] for j in range(len(ready)))
+    results = []
+    for (index, item), a in zip(part, answers):
+        reason, row, scored = unusable(a), None, None
+        if reason is None:
+            scored = next(per_prompt)
+            row, reason = pair_row(item[1], a, scored)
+        results.append((index, item, a, scored, row, reason))
+    return results, tokens, cut

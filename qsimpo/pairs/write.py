@@ -63,15 +63,17 @@ def _append(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _read_rows(path: Path) -> list[dict]:
-    """The complete rows of a JSONL file this command wrote; a last line cut mid-write is removed (its prompt is redone)."""
+def _read_rows(path: Path, repair: bool = True) -> list[dict]:
+    """The complete rows of a JSONL file this command wrote; a last line cut mid-write is left out (its prompt is
+    redone), and removed from the file when ``repair``."""
     if not path.exists():
         return []
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]
-        with path.open("r+b") as f:
-            f.truncate(len(data))
+        if repair:
+            with path.open("r+b") as f:
+                f.truncate(len(data))
     rows = []
     for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
         try:
@@ -87,7 +89,9 @@ def _read_rows(path: Path) -> list[dict]:
 class PairsFile:
     """The output and its sidecars: what is done already, and appending what is done now."""
 
-    def __init__(self, out: str | Path, settings: dict):
+    def __init__(self, out: str | Path, settings: dict, writer: bool = True):
+        """``writer`` False: keep the same account as the process that writes (under torchrun), touching no file."""
+        self.writer = writer
         self.path = Path(out)
         self.dropped_path = Path(f"{out}.dropped.jsonl")
         self.settings_path = Path(f"{out}.settings.json")
@@ -101,9 +105,9 @@ class PairsFile:
             raise OutputExists(f"{out} exists and was not written by `qsimpo pairs` (no {self.settings_path.name} beside "
                                "it): pass another --out")
         self.settings = settings
-        self.rows = _read_rows(self.path)
+        self.rows = _read_rows(self.path, repair=writer)
         self.done = {row["prompt_id"] for row in self.rows}
-        self.dropped = {row["prompt_id"]: row["reason"] for row in _read_rows(self.dropped_path)}
+        self.dropped = {row["prompt_id"]: row["reason"] for row in _read_rows(self.dropped_path, repair=writer)}
         self.written_now = 0
 
     def seen(self, key: str) -> bool:
@@ -111,13 +115,14 @@ class PairsFile:
 
     def _start(self) -> None:
         """Record the settings with the first row or drop (a run that fails before any leaves nothing behind)."""
-        if not self.settings_path.exists():
+        if self.writer and not self.settings_path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.settings_path.write_text(json.dumps(self.settings, indent=2) + "\n")
 
     def write(self, row: dict) -> None:
         self._start()
-        _append(self.path, row)
+        if self.writer:
+            _append(self.path, row)
         self.rows.append({"prompt_id": row["prompt_id"], "all_rm_scores": row["all_rm_scores"]})
         self.done.add(row["prompt_id"])
         self.written_now += 1
@@ -125,8 +130,9 @@ class PairsFile:
     def drop(self, key: str, reason: str, location: str, answers: list[str], scores: list[float] | None = None) -> None:
         """Record a dropped prompt with its answers (and scores, if it got that far), to see why it was dropped."""
         self._start()
-        _append(self.dropped_path, {"prompt_id": key, "reason": reason, "location": location, "all_generations": answers,
-                                    "all_rm_scores": scores})
+        if self.writer:
+            _append(self.dropped_path, {"prompt_id": key, "reason": reason, "location": location,
+                                        "all_generations": answers, "all_rm_scores": scores})
         self.dropped[key] = reason
 
     def summary(self, prompts_read: int, repeated: int, left: int, cut: int) -> dict:
