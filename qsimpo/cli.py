@@ -207,7 +207,8 @@ def cmd_eval(argv: list[str]) -> int:
           "length-controlled win rate, with 95%% bootstrap intervals; answers every held-out prompt greedily unless "
           "--generate/--temperature say otherwise")
     c.arg("--base", help="base model Hub id or folder (default: the one the adapter's qsimpo.json records)")
-    c.arg("--batch-size", type=int, help="pairs per forward pass when scoring (and answers per reward-model batch)")
+    c.arg("--batch-size", type=int, help="pairs per forward pass when scoring, prompts per generate call when answering, "
+          "answers per reward-model batch")
     c.arg("--beta", type=float, help="β for rewards and loss (default: the run's simpo.beta)")
     c.arg("--gamma", type=float, help="γ for the loss (default: the run's resolved simpo γ)")
     c.arg("--out", help="output folder (default: ADAPTER/eval for a local adapter)")

@@ -16,6 +16,7 @@ ones the trainer logs as ``eval_*`` in metrics.jsonl, computed the same way (qsi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
@@ -136,16 +137,21 @@ def score(model, pairs: list[dict], pad_token_id: int, batch_size: int, desc: st
     return PairScores(*(torch.cat([getattr(p, k) for p in parts]) for k in PairScores._fields))
 
 
-def answer(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_p: float, seed: int):
-    """(text, new token count, stopped at EOS) for a prompt already tokenized exactly as in training."""
-    from qsimpo.eval.generate import new_tokens
+def answers_of(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+            seeds: list[int]) -> list[tuple[str, int, bool]]:
+    """(text, new token count, stopped at EOS) for prompts already tokenized exactly as in training, in one batch.
 
-    # the same seed for both models: differences come from the weights, not the dice
-    new = new_tokens(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed)
-    stopped = tokenizer.eos_token_id in new
-    if stopped:
-        new = new[:new.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new), stopped
+    Greedy answers are those of one prompt at a time (tests/eval/test_generate_batch.py); a sampled answer is
+    drawn from its own generator seeded by its seed, whatever else is in the batch.
+    """
+    from qsimpo.eval.generate import new_tokens_batch
+
+    out = []
+    for new in new_tokens_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seeds):
+        stopped = bool(new) and new[-1] == tokenizer.eos_token_id
+        new = new[:-1] if stopped else new
+        out.append((tokenizer.decode(new, skip_special_tokens=True).strip(), len(new), stopped))
+    return out
 
 
 def prompt_messages(text: dict):
@@ -163,8 +169,9 @@ def prompt_display(text: dict) -> str:
 
 
 def generations(model, tokenizer, pairs, n: int | None, max_new_tokens: int, temperature: float, top_p: float,
-                seed: int) -> dict:
-    """Both models' answers to the first ``n`` distinct prompts of ``pairs`` (None: all), with their token counts."""
+                seed: int, batch_size: int = 8) -> dict:
+    """Both models' answers to the first ``n`` distinct prompts of ``pairs`` (None: all), with their token counts,
+    ``batch_size`` prompts per ``generate`` call; prompt i is answered with seed ``seed + i`` by both models."""
     from tqdm.auto import tqdm
 
     seen, chosen = set(), []
@@ -178,15 +185,14 @@ def generations(model, tokenizer, pairs, n: int | None, max_new_tokens: int, tem
     t0, tokens = time.perf_counter(), 0
     with tqdm(total=2 * len(chosen), desc="generating", unit="answer", dynamic_ncols=True) as bar:
         for name in ("sft", "aligned"):
-            for i, p in enumerate(chosen):
-                if name == "sft":
-                    with model.disable_adapter():
-                        a = answer(model, tokenizer, p["prompt_ids"], max_new_tokens, temperature, top_p, seed + i)
-                else:
-                    a = answer(model, tokenizer, p["prompt_ids"], max_new_tokens, temperature, top_p, seed + i)
-                answers[name].append(a)
-                tokens += a[1]
-                bar.update()
+            for i in range(0, len(chosen), batch_size):
+                batch = [p["prompt_ids"] for p in chosen[i:i + batch_size]]
+                seeds = [seed + j for j in range(i, i + len(batch))]  # the same seed for both models
+                with model.disable_adapter() if name == "sft" else contextlib.nullcontext():
+                    got = answers_of(model, tokenizer, batch, max_new_tokens, temperature, top_p, seeds)
+                answers[name].extend(got)
+                tokens += sum(a[1] for a in got)
+                bar.update(len(got))
                 bar.set_postfix({"tok/s": f"{tokens / max(time.perf_counter() - t0, 1e-9):.1f}"})
     result = {"n": len(chosen), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     for name, got in answers.items():
@@ -291,7 +297,7 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
         "training": None,
     }
     if n_answers != 0:
-        gen = generations(model, tokenizer, items, n_answers, max_new_tokens, temperature, top_p, seed)
+        gen = generations(model, tokenizer, items, n_answers, max_new_tokens, temperature, top_p, seed, batch_size)
         prompts = gen.pop("_prompts")
         if judge is not None:
             result["scorer"] = score_answers(judge, gen, prompts, seed)

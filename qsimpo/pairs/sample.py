@@ -1,7 +1,7 @@
 """Sampling n answers per prompt from the policy: a base model (4-bit, loaded as training loads it) or an adapter on it.
 
 Batched with transformers' ``generate`` (left-padded prompts, n rows each). Every answer is drawn from
-its own random stream (``SeededSampler``) seeded by (seed, prompt, sample index), so an answer does not
+its own random stream (``qsimpo.eval.generate.SeededSampler``) seeded by (seed, prompt, sample index), so an answer does not
 depend on the other prompts of its batch, on the batch size, or on where an interrupted run resumed.
 """
 
@@ -10,11 +10,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import torch
-from transformers import LogitsProcessor, LogitsProcessorList
-
 from qsimpo.errors import InputNotFound, UsageError
-from qsimpo.eval.generate import render_prompt
+from qsimpo.eval.generate import new_tokens_batch, render_prompt
 
 
 def is_adapter(model: str) -> bool:
@@ -58,28 +55,6 @@ def sample_seed(seed: int, prompt_id: str, k: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}:{k}".encode()).digest()[:8], "little") >> 1
 
 
-class SeededSampler(LogitsProcessor):
-    """Temperature and nucleus (top-p) sampling with one torch.Generator per row of the batch.
-
-    It returns scores that are -inf except at the drawn token, so ``generate`` run greedily emits exactly
-    that token. Drawing per row is what makes an answer independent of the rest of its batch.
-    """
-
-    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
-        self.generators, self.temperature, self.top_p = generators, temperature, top_p
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logits = scores.float() / self.temperature
-        if self.top_p < 1:
-            ordered, order = logits.sort(dim=-1, descending=True)
-            probs = ordered.softmax(-1)
-            outside = probs.cumsum(-1) - probs >= self.top_p  # the mass before the token already reaches top_p
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
-        probs = logits.softmax(-1)
-        picks = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
-        return torch.full_like(scores, float("-inf")).scatter(-1, picks, 0.0)
-
-
 def stop_ids(model, tokenizer) -> list[int]:
     """The tokens that end an answer: the tokenizer's EOS and any end-of-turn ids of the model's generation config."""
     ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
@@ -87,25 +62,15 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted({*ids, tokenizer.eos_token_id} - {None})
 
 
-@torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[dict]], prompt_ids: list[str], n: int, temperature: float, top_p: float,
            max_new_tokens: int, seed: int) -> tuple[list[list[str]], int, int]:
     """(n answers per prompt, tokens generated, answers cut at max_new_tokens), in one ``generate`` call."""
-    device = next(model.parameters()).device
     rows = [ids for ids in (render_prompt(tokenizer, p) for p in prompts) for _ in range(n)]
-    width, pad = max(map(len, rows)), tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    generators = [torch.Generator(device=device).manual_seed(sample_seed(seed, key, k)) for key in prompt_ids for k in range(n)]
+    seeds = [sample_seed(seed, key, k) for key in prompt_ids for k in range(n)]
     stops = stop_ids(model, tokenizer)
-    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         temperature=None, top_p=None, top_k=None, use_cache=True, pad_token_id=pad, eos_token_id=stops,
-                         logits_processor=LogitsProcessorList([SeededSampler(generators, temperature, top_p)]))
     answers, n_tokens, cut = [], 0, 0
-    for new in out[:, width:].tolist():
-        end = next((i + 1 for i, t in enumerate(new) if t in stops), None)
-        cut += end is None
-        new = new[:end]
+    for new in new_tokens_batch(model, tokenizer, rows, max_new_tokens, temperature, top_p, seeds, stops):
+        cut += not new or new[-1] not in stops
         n_tokens += len(new)
         answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
     return [answers[i * n:(i + 1) * n] for i in range(len(prompts))], n_tokens, cut

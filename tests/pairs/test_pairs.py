@@ -247,7 +247,7 @@ def test_sampler_keeps_the_nucleus_as_transformers_does():
     import torch
     from transformers import TopPLogitsWarper
 
-    from qsimpo.pairs.sample import SeededSampler
+    from qsimpo.eval.generate import SeededSampler
 
     logits = torch.tensor([[10.0, 9.0, 0.0, -5.0]]).repeat(200, 1)
     for top_p, allowed in ((0.5, {0}), (0.9, {0, 1}), (1.0, {0, 1, 2, 3})):
