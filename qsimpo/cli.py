@@ -219,6 +219,7 @@ def cmd_eval(argv: list[str]) -> int:
 def cmd_pairs(argv: list[str]) -> int:
     from qsimpo.pairs import make_pairs
     from qsimpo.pairs.scorers import SPEC_HELP
+    from qsimpo.pairs.vllm_backend import BACKENDS
 
     c = _Command("qsimpo pairs", "On-policy preference pairs (the SimPO paper's recipe): sample n answers per prompt "
                  "from the SFT model, score them, write best as chosen and worst as rejected. Resumes an interrupted "
@@ -236,12 +237,15 @@ def cmd_pairs(argv: list[str]) -> int:
     c.arg("--max-new-tokens", type=int, help="longest answer, in tokens")
     c.arg("--max-prompts", type=int, help="answer at most the first N distinct prompts (default: all)")
     c.arg("--seed", type=int, help="answer k to a prompt is seeded by (seed, prompt, k), whatever the batch")
-    c.arg("--batch-size", type=int, help="prompts per generate call (each with --n answers)")
+    c.arg("--batch-size", type=int, help="prompts per generate call (each with --n answers; with vLLM give more, e.g. 64)")
     c.arg("--split", help="split of a Hub dataset or DatasetDict folder")
     c.arg("--subset", help="configuration (subset) of a Hub dataset")
     c.arg("--prompt-column", help="the column holding the prompt, when it is not called prompt (e.g. instruction)")
     c.arg("--base", help="base model for an adapter (default: the one its qsimpo.json records)")
     c.arg("--on-bad-row", choices=("error", "skip"), help="a malformed prompt row stops the run, or is skipped and counted")
+    c.arg("--backend", choices=BACKENDS, help="what samples: transformers' generate (the base in 4 bits), vLLM (pip "
+          "install vllm; a CUDA GPU, one process, the base in its own 16-bit dtype, an adapter through vLLM's LoRA), or "
+          "auto: vLLM where it imports and a CUDA GPU is visible, else transformers; recorded in --out's settings")
     c.arg("--trust-remote-code", action="store_true", help="run custom modelling code shipped with the models")
     c.run(argv)
     return 0

@@ -66,17 +66,19 @@ def read_prompts(prompts: str, split: str, subset: str | None, on_bad_row: str, 
 def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temperature: float = 0.8, top_p: float = 0.95,
                max_new_tokens: int = 1024, max_prompts: int | None = None, seed: int = 0, batch_size: int = 4,
                split: str = "train", subset: str | None = None, prompt_column: str | None = None, base: str | None = None,
-               on_bad_row: str = "error",
+               on_bad_row: str = "error", backend: str = "auto",
                trust_remote_code: bool = False, device: str | None = None) -> dict:
     """Sample ``n`` answers per prompt from ``model``, score them with ``scorer``, append best-vs-worst rows to ``out``.
 
+    ``backend``: ``transformers`` (``generate``, the base in 4 bits), ``vllm`` (qsimpo.pairs.vllm_backend) or ``auto``
+    (vLLM where it imports and a CUDA GPU is visible). The backend used is recorded with the settings.
     Returns the summary (``PairsFile.summary``); its line is printed at the end.
     """
     from tqdm.auto import tqdm
 
-    from qsimpo.pairs.sample import load_policy
     from qsimpo.pairs.scorers import load_scorer
     from qsimpo.pairs.shard import Processes
+    from qsimpo.pairs.vllm_backend import resolve_backend
     from qsimpo.pairs.write import PairsFile
     from qsimpo.train.model import device_for_rank
 
@@ -87,6 +89,7 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
     main = int(os.environ.get("RANK", 0)) == 0  # under torchrun / accelerate launch, process 0 speaks for all
     if data.bad_rows and main:
         print(data.report())
+    settings["backend"] = resolve_backend(backend, model, base, say=print if main else None)  # answers differ by backend
     unique, keys = [], set()
     for item in items:
         if item[0] not in keys:
@@ -104,12 +107,12 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
         todo = [item for item in unique if not file.seen(item[0])]
         cut = 0
         if todo:
-            policy, tokenizer, _ = load_policy(model, base, device, trust_remote_code)
+            draw = _sampler(settings["backend"], model, base, device, seed, trust_remote_code)
             bar = tqdm(total=len(todo), desc="pairs", unit="prompt", dynamic_ncols=True, disable=not procs.main)
             t0, n_tokens = time.perf_counter(), 0
             for part in procs.chunks(todo, batch_size):
-                done, (tokens, part_cut) = procs.exchange(*_answer_and_score(part, policy, tokenizer, score, n, temperature,
-                                                                             top_p, max_new_tokens, seed))
+                done, (tokens, part_cut) = procs.exchange(*_answer_and_score(part, draw, score, n, temperature, top_p,
+                                                                             max_new_tokens, seed))
                 n_tokens, cut = n_tokens + tokens, cut + part_cut
                 for _, (key, messages, location), answers, scored, row, reason in done:
                     if row is not None:
@@ -129,18 +132,30 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
     return summary
 
 
-def _answer_and_score(part: list, policy, tokenizer, score, n: int, temperature: float, top_p: float,
-                      max_new_tokens: int, seed: int) -> tuple[list, int, int]:
-    """This process's part of a chunk, answered and scored: ([(index, item, answers, scores, row, drop reason)],
-    tokens generated, answers cut at max_new_tokens)."""
-    from qsimpo.pairs.sample import sample
+def _sampler(backend: str, model: str, base: str | None, device: str, seed: int, trust_remote_code: bool):
+    """The policy loaded by ``backend``, as a function (prompts, prompt ids, n, temperature, top_p, max_new_tokens,
+    seed) -> (n answers per prompt, tokens generated, answers cut at max_new_tokens)."""
+    if backend == "vllm":
+        from qsimpo.pairs.vllm_backend import load_vllm
+
+        return load_vllm(model, base, seed, trust_remote_code)
+    from qsimpo.pairs import sample
+
+    policy, tokenizer, _ = sample.load_policy(model, base, device, trust_remote_code)
+    return lambda *args: sample.sample(policy, tokenizer, *args)
+
+
+def _answer_and_score(part: list, draw, score, n: int, temperature: float, top_p: float, max_new_tokens: int,
+                      seed: int) -> tuple[list, int, int]:
+    """This process's part of a chunk, answered (by ``draw``, see ``_sampler``) and scored: ([(index, item, answers,
+    scores, row, drop reason)], tokens generated, answers cut at max_new_tokens)."""
     from qsimpo.pairs.write import pair_row, unusable
 
     if not part:
         return [], 0, 0
     items = [item for _, item in part]
-    answers, tokens, cut = sample(policy, tokenizer, [m for _, m, _ in items], [k for k, _, _ in items], n, temperature,
-                                  top_p, max_new_tokens, seed)
+    answers, tokens, cut = draw([m for _, m, _ in items], [k for k, _, _ in items], n, temperature, top_p, max_new_tokens,
+                                seed)
     ready = [(item, a) for item, a in zip(items, answers) if not unusable(a)]
     flat = [(m, loc, text) for (_, m, loc), a in ready for text in a]
     scores = score([m for m, _, _ in flat], [t for _, _, t in flat], [loc for _, loc, _ in flat]) if flat else []

@@ -24,15 +24,21 @@ def is_adapter(model: str) -> bool:
     return fetch(model, ADAPTER_FILES[0]) is not None
 
 
-def load_policy(model: str, base: str | None = None, device: str | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer, what was loaded): an adapter on its recorded base (or ``base``), or a base model, in 4 bits."""
-    from qsimpo.config import ModelConfig
+def check_model(model: str) -> None:
+    """Fail before any loading when ``model`` names a local path that is not there."""
     from qsimpo.data import looks_local
-    from qsimpo.train.model import load_base, load_tokenizer, load_trained
 
     if looks_local(model) and not Path(model).expanduser().exists():
         raise InputNotFound(f"--model {model}: no such file or folder; pass a base model (Hub id, folder or .gguf file) "
                             "or an adapter (a `qsimpo train` output folder or Hub id)")
+
+
+def load_policy(model: str, base: str | None = None, device: str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer, what was loaded): an adapter on its recorded base (or ``base``), or a base model, in 4 bits."""
+    from qsimpo.config import ModelConfig
+    from qsimpo.train.model import load_base, load_tokenizer, load_trained
+
+    check_model(model)
     if is_adapter(model):
         try:
             policy, tok = load_trained(model, base=base, device=device, trust_remote_code=trust_remote_code)

@@ -2,7 +2,7 @@
 
     FILE.jsonl                  the pairs, in the layout of the SimPO paper's data sets (``pair_row``)
     FILE.jsonl.dropped.jsonl    the prompts dropped, with why (``DROP_REASONS``) and their answers: a rerun does not redo them
-    FILE.jsonl.settings.json    what the samples and scores depend on (model, scorer, n, sampling, seed)
+    FILE.jsonl.settings.json    what the samples and scores depend on (model, scorer, n, sampling, seed, backend)
 
 Every row is flushed and fsync'd before the next prompt is worked on, so a run cut short loses at most
 the prompt in progress; a rerun with the same --out skips every prompt already written or dropped
@@ -97,6 +97,7 @@ class PairsFile:
         self.settings_path = Path(f"{out}.settings.json")
         if self.settings_path.exists():
             before = json.loads(self.settings_path.read_text())
+            before.setdefault("backend", "transformers")  # written before --backend existed: sampled with transformers
             changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
             if changed:
                 raise OutputExists(f"{out} holds pairs made with other settings ({'; '.join(changed)}): rerun with the same "

@@ -6,6 +6,7 @@ each; tests/pairs/test_pairs_models.py runs the same command on the tiny model."
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -72,6 +73,7 @@ def fake_policy(monkeypatch):
         calls.append([p[-1]["content"] for p in prompts])
         return [ANSWERS[p[-1]["content"]][:n] for p in prompts], 7 * n * len(prompts), 0
 
+    monkeypatch.setitem(sys.modules, "vllm", None)  # backend auto: transformers' sample, the one replaced here
     monkeypatch.setattr(sample, "load_policy", lambda *a, **k: (None, None, "fake"))
     monkeypatch.setattr(sample, "sample", fake_sample)
     return calls

@@ -50,7 +50,7 @@ def base_pairs(tiny_base, prompts, tmp_path_factory):
     scorer.write_text(SCORER)
     out = folder / "pairs.jsonl"
     return out, make_pairs(str(prompts), str(tiny_base), f"{scorer}:by_length", str(out), n=3, max_new_tokens=8,
-                           batch_size=2, device="cpu")
+                           batch_size=2, backend="transformers", device="cpu")
 
 
 def test_base_policy_with_a_file_scorer_reads_back_as_training_data(tiny_base, base_pairs):
@@ -101,7 +101,7 @@ def test_adapter_policy_with_a_reward_model(tiny_adapters, reward_model, prompts
 
     out = tmp_path / "pairs.jsonl"
     summary = make_pairs(str(prompts), str(tiny_adapters[0]), str(reward_model), str(out), n=3, max_new_tokens=8,
-                         device="cpu")
+                         backend="transformers", device="cpu")
     got = rows(out)
     assert summary["pairs_written"] == len(got) >= 1
     rm = load_scorer(str(reward_model), "cpu", batch_size=1)  # each answer alone: batching must not change a score

@@ -39,7 +39,7 @@ def command(tiny_base, folder, prompts, out, processes: int) -> list[str]:
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port())]
     return [sys.executable, *(launcher if processes > 1 else []), "-m", "qsimpo", "pairs", str(prompts), "--model",
             str(tiny_base), "--scorer", f"{folder / 'scorer.py'}:by_length", "--out", str(out), "--num-samples", "3",
-            "--max-new-tokens", "8", "--batch-size", "2"]
+            "--max-new-tokens", "8", "--batch-size", "2", "--backend", "transformers"]
 
 
 def env(sleep: float = 0) -> dict:
