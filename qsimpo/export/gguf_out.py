@@ -13,18 +13,19 @@ them and adds biases) and the tokenizer (llama.cpp re-implements each pre-tokeni
 tokenizer whose splitting rule has no name it knows would silently tokenize differently).
 qsimpo.export.gguf_check then reads the file back through transformers' GGUF loader and compares.
 
-Supported: Llama (SmolLM2, Llama 3 without rope scaling) and Qwen2/Qwen2.5, with byte-level BPE
-tokenizers. Gemma 2/3 (norm offsets, soft-capping, sentencepiece vocabulary) and sentencepiece
-tokenizers (Mistral v0.2, Llama 2) are refused up front.
+Supported: Llama, Mistral, Qwen2, Gemma 2 and text-only Gemma 3 (qsimpo.export.gguf_arch), with byte-level BPE
+or sentencepiece-style tokenizers (qsimpo.export.gguf_vocab); anything else is refused up front.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from qsimpo.errors import QsimpoError
+from qsimpo.export.gguf_arch import ARCHITECTURES, NOT_YET, arch_metadata, arch_notes
+from qsimpo.export.gguf_errors import GGUFError
+from qsimpo.export.gguf_vocab import SPLIT_NAMES, pre_tokenizer, write_vocab  # noqa: F401 (re-exported)
 
 # --gguf TYPE -> (gguf-py quantization type name, llama.cpp file type name, bits per weight, block size).
 # Every type here is one gguf-py can quantize and transformers' GGUF loader can read back (so it is verified).
@@ -35,20 +36,6 @@ TYPES = {
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
     "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
 }
-# transformers model_type -> (GGUF architecture, permute Q/K rows as llama.cpp's Llama attention expects)
-ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
-NOT_YET = {
-    "mistral": "Mistral's sentencepiece vocabulary is not written yet",
-    "gemma2": "Gemma 2's norm offsets, soft-capping and sentencepiece vocabulary are not written yet",
-    "gemma3": "Gemma 3's norm offsets, sliding-window layout and sentencepiece vocabulary are not written yet",
-    "gemma3_text": "Gemma 3's norm offsets, sliding-window layout and sentencepiece vocabulary are not written yet",
-}
-# Byte-level pre-tokenizers llama.cpp implements by name, recognised from tokenizer.json's pre_tokenizer.
-SPLIT_NAMES = ("llama-bpe", "qwen2")  # their regexes are the ones transformers' GGUF reader rebuilds by these names
-
-
-class GGUFError(QsimpoError, RuntimeError):
-    """A GGUF export that cannot or must not go ahead; the message says what to do instead."""
 
 
 @dataclass
@@ -56,8 +43,9 @@ class Plan:
     """What a GGUF export of one model will write, decided before anything is written."""
     arch: str  # GGUF architecture name
     permute_qk: bool
-    pre: str  # tokenizer.ggml.pre
+    pre: str  # tokenizer.ggml.pre, or gguf_vocab.SPM for a sentencepiece-style vocabulary
     types: list[str]  # --gguf values, lower case
+    notes: list[str] = field(default_factory=list)  # what the file does differently from transformers, if anything
 
 
 def parse_types(types) -> list[str]:
@@ -79,71 +67,12 @@ def plan(config, tokenizer, types) -> Plan:
     if model_type not in ARCHITECTURES:
         raise GGUFError(f"GGUF export of {model_type!r} models is not supported (qsimpo writes "
                         f"{', '.join(ARCHITECTURES)}): merge without --gguf and use llama.cpp's convert_hf_to_gguf.py")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise GGUFError(f"GGUF export of a model with {rope.get('rope_type') or rope.get('type')!r} rope scaling is "
-                        "not supported yet: merge without --gguf and use llama.cpp's convert_hf_to_gguf.py")
+    notes = arch_notes(config)  # raises GGUFError for settings llama.cpp cannot run as transformers does
     arch, permute = ARCHITECTURES[model_type]
-    return Plan(arch, permute, pre_tokenizer(tokenizer), types)
-
-
-def _tokenizer_json(tokenizer) -> dict:
-    if not getattr(tokenizer, "is_fast", False):
-        raise GGUFError("GGUF export needs a fast (tokenizer.json) tokenizer; this model has a slow one")
-    return json.loads(tokenizer.backend_tokenizer.to_str())
-
-
-def pre_tokenizer(tokenizer) -> str:
-    """llama.cpp's name for how this byte-level BPE tokenizer splits text before merging (tokenizer.ggml.pre)."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-    tj = _tokenizer_json(tokenizer)
-    model, decoder = tj.get("model") or {}, tj.get("decoder") or {}
-    if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
-        raise GGUFError("GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM); this one is "
-                        f"{model.get('type')} with a {decoder.get('type')} decoder (sentencepiece-style): not supported yet")
-    pre = tj.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"  # llama.cpp's name (with the hyphen: it refuses "gpt2"); transformers reads it as plain ByteLevel
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        regex = (steps[0].get("pattern") or {}).get("Regex")
-        for name in SPLIT_NAMES:
-            if GGUF_PRE_TOKENIZER_SPLITS.get(name) == regex:
-                return name
-    raise GGUFError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) is not one llama.cpp "
-                    "knows by name, so llama.cpp would tokenize differently; GGUF export is not supported for it")
+    return Plan(arch, permute, pre_tokenizer(tokenizer), types, notes)
 
 
 # ------------------------------------------------------------------------------------------- metadata
-def _vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens in id order, their llama.cpp token types, merges as "a b") padded to the model's vocab_size."""
-    from gguf import TokenType
-
-    tj = _tokenizer_json(tokenizer)
-    by_id = {i: t for t, i in tj["model"]["vocab"].items()}
-    kind = {i: TokenType.NORMAL for i in by_id}
-    for added in tj.get("added_tokens") or []:
-        by_id[added["id"]] = added["content"]
-        kind[added["id"]] = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
-    if max(by_id) >= vocab_size:
-        raise GGUFError(f"the tokenizer has ids up to {max(by_id)}, beyond the model's vocab_size {vocab_size}")
-    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]  # llama.cpp's name for rows no token uses
-    types = [int(kind.get(i, TokenType.UNUSED)) for i in range(vocab_size)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges") or []]
-    return tokens, types, merges
-
-
-def _adds(tokenizer, token_id) -> tuple[bool, bool]:
-    """Whether the tokenizer itself puts BOS first / EOS last (llama.cpp must do the same, no more)."""
-    ids = tokenizer("hello").input_ids
-    return (token_id(tokenizer.bos_token) is not None and ids[:1] == [token_id(tokenizer.bos_token)],
-            token_id(tokenizer.eos_token) is not None and ids[-1:] == [token_id(tokenizer.eos_token)])
-
-
 def write_metadata(writer, config, tokenizer, generation: dict, name: str, pl: Plan, qtype: str) -> None:
     import gguf
 
@@ -152,48 +81,9 @@ def write_metadata(writer, config, tokenizer, generation: dict, name: str, pl: P
     writer.add_file_type(int(getattr(gguf.LlamaFileType, TYPES[qtype][1])))
     if qtype not in ("f16", "bf16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    arch_metadata(writer, config, pl.arch)
     writer.add_vocab_size(config.vocab_size)
-
-    tokens, types, merges = _vocab(tokenizer, config.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pl.pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    vocab = tokenizer.get_vocab()
-
-    def token_id(token):
-        return vocab.get(token) if token else None
-
-    for token, add in ((tokenizer.bos_token, writer.add_bos_token_id), (tokenizer.eos_token, writer.add_eos_token_id),
-                       (tokenizer.unk_token, writer.add_unk_token_id), (tokenizer.pad_token, writer.add_pad_token_id)):
-        if token_id(token) is not None:
-            add(token_id(token))
-    eos = generation.get("eos_token_id")
-    extra = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None and i != token_id(tokenizer.eos_token)]
-    if extra:  # e.g. Llama 3 Instruct ends a turn with <|eot_id|> besides its EOS
-        writer.add_eot_token_id(extra[0])
-    add_bos, add_eos = _adds(tokenizer, token_id)
-    writer.add_add_bos_token(add_bos)
-    writer.add_add_eos_token(add_eos)
-    writer.add_add_space_prefix(False)
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+    write_vocab(writer, tokenizer, config.vocab_size, pl.pre, generation)
     if generation.get("do_sample"):  # llama.cpp's defaults for this model, as the model's authors set them
         for key, add in (("temperature", writer.add_sampling_temp), ("top_p", writer.add_sampling_top_p),
                          ("top_k", writer.add_sampling_top_k), ("repetition_penalty", writer.add_sampling_penalty_repeat)):
@@ -243,6 +133,8 @@ def _tensors(folder: Path, config, pl: Plan, load: bool = True):
                     yield new, tuple(f.get_slice(key).get_shape()), None
                     continue
                 data = llama_rows(key, f.get_tensor(key).float().numpy(), config, pl.permute_qk)
+                if pl.arch.startswith("gemma") and key.endswith("norm.weight"):
+                    data = data + 1.0  # llama.cpp's Gemma RMSNorm multiplies by w where transformers' does by 1 + w
                 yield new, data.shape, data
 
 
@@ -393,6 +285,8 @@ def export(folder: str | Path, pl: Plan, name: str | None = None, merged=None, l
     if merged is None:
         merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"})
     merged = merged.eval()
+    for note in pl.notes:
+        log(f"note: {note}")
     probes, source = held_out_probes(merged, tokenizer)
     reference = next_token_logprobs(merged, probes)
     records = []
@@ -411,7 +305,7 @@ def export(folder: str | Path, pl: Plan, name: str | None = None, merged=None, l
                                 "nothing was kept. Try a larger type (f16 or q8_0) or report the model's architecture")
             digest = sha256(path)
             record = {"gguf_file": path.name, "type": TYPES[qtype][0], "bytes": path.stat().st_size, "sha256": digest,
-                      "architecture": pl.arch, "tokenizer_pre": pl.pre, "from": name, "modelfile": f"{path.stem}.Modelfile",
+                      "architecture": pl.arch, "tokenizer_pre": pl.pre, "notes": pl.notes, "from": name, "modelfile": f"{path.stem}.Modelfile",
                       "seconds": {"write": round(written, 1), "check": round(time.time() - start - written, 1)},
                       "check": report.to_dict(), "written_by": f"qsimpo {__version__}", "gguf": version("gguf"),
                       "transformers": version("transformers")}

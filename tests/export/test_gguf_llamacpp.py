@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_adapter
+from tiny_archs import KINDS, tiny_base_of
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_gguf_llamacpp import INSTALL, find_node_modules, llama_cpp  # noqa: E402
@@ -100,3 +101,20 @@ def test_llama_cpp_applies_the_adapter_gguf_to_the_base_file(files, node_modules
     _same(without, plain)
     assert [a["answer_ids"] for a in with_lora["answers"]] != [a["answer_ids"] for a in without["answers"]], \
         "the adapter must change llama.cpp's answers"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_llama_cpp_runs_other_architectures_as_transformers_does(kind, node_modules, tmp_path):
+    """Mistral (as llama.cpp's "llama"), Gemma 2 and Gemma 3 with their sentencepiece-style vocabulary: the chat
+    prompts (20+ tokens, past Gemma's sliding window of 8) tokenize to the same ids and answer the same."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from qsimpo.export.gguf_out import plan, write
+
+    base = tiny_base_of(kind, tmp_path / "base")
+    pl = plan(AutoConfig.from_pretrained(base), AutoTokenizer.from_pretrained(base), ["f16"])
+    (tmp_path / "gguf").mkdir()
+    path = write(base, tmp_path / "gguf" / f"tiny-{kind}-F16.gguf", "f16", pl, f"tiny-{kind}")
+    want = _greedy(*_from_gguf(path))
+    assert all(len(ids) > 20 for ids, _ in want)
+    _same(llama_cpp(node_modules, path, PROMPTS, TOKENS, 1, work=tmp_path), want)

@@ -158,7 +158,7 @@ def _edited(adapter, folder, config_changes=None, weights=None):
 
 
 def test_adapters_llama_cpp_cannot_run_are_refused(lora_merge, tiny_base, tmp_path):
-    from transformers import Gemma2Config
+    from transformers import Gemma3Config
 
     adapter, _ = lora_merge
     config = _config(tiny_base)
@@ -180,8 +180,8 @@ def test_adapters_llama_cpp_cannot_run_are_refused(lora_merge, tiny_base, tmp_pa
     for i, (changes, weights, message) in enumerate(cases):
         with pytest.raises(GGUFError, match=message):
             lora_plan(_edited(adapter, tmp_path / f"case{i}", changes, weights), config)
-    with pytest.raises(GGUFError, match="adapter GGUF for 'gemma2' models is not supported"):
-        lora_plan(str(adapter), Gemma2Config())
+    with pytest.raises(GGUFError, match="adapter GGUF for 'gemma3' models is not supported"):  # multimodal
+        lora_plan(str(adapter), Gemma3Config())
     tied = config.__class__(**{**config.to_dict(), "tie_word_embeddings": True})
     with_head = {**state, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64),
                  "base_model.model.lm_head.lora_B.weight": torch.zeros(320, 4)}

@@ -94,11 +94,11 @@ def test_check_fails_on_a_file_without_the_qk_permutation(merged_gguf, tmp_path)
 
 
 def test_unsupported_architecture_tokenizer_and_type_are_refused(tiny_base):
-    from transformers import AutoTokenizer, Gemma2Config, LlamaConfig
+    from transformers import AutoTokenizer, Gemma3Config, LlamaConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    with pytest.raises(GGUFError, match="gemma2 models is not supported yet"):
-        plan(Gemma2Config(), tokenizer, ["f16"])
+    with pytest.raises(GGUFError, match="gemma3 models is not supported yet"):
+        plan(Gemma3Config(), tokenizer, ["f16"])  # the multimodal one; Gemma3ForCausalLM (gemma3_text) is written
     with pytest.raises(GGUFError, match="'llama3' rope scaling is not supported yet"):
         plan(LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
