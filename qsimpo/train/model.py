@@ -92,15 +92,18 @@ def load_base(cfg: ModelConfig, device: str | None = None):
 
     device = device or device_for_rank()
     dtype = compute_dtype(cfg.compute_dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.name_or_path,
-        revision=cfg.revision,
-        quantization_config=quantization_config(cfg, dtype),
-        dtype=dtype,
-        device_map={"": device},
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    kwargs = dict(revision=cfg.revision, quantization_config=quantization_config(cfg, dtype), dtype=dtype,
+                  device_map={"": device}, trust_remote_code=cfg.trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, attn_implementation=cfg.attn_implementation, **kwargs)
+    except ValueError as e:
+        # sdpa, the default, is refused by a few architectures (Gemma 2 in transformers 5): eager computes the same
+        # attention and takes the same masks, so an adapter trained with either loads for eval, merge and the demo.
+        if cfg.attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
+            raise
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"model.attn_implementation sdpa: {cfg.name_or_path} has no sdpa attention in transformers; using eager")
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, attn_implementation="eager", **kwargs)
     model.config.use_cache = False
     if torch.device(device).type == "cpu":
         keep_training_layout(model)
