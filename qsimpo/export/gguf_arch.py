@@ -15,7 +15,8 @@
 
 llama.cpp multiplies Gemma's embeddings by sqrt(hidden) itself and scales attention by 1/sqrt(head_dim) (for
 every size but the 27B ones), so a config that asks for anything else is refused, as is any setting llama.cpp
-cannot run (a sliding-window layout other than its fixed one, rope scaling, an activation other than Gemma's).
+cannot run (a sliding-window layout other than its fixed one, rope scaling other than Llama 3.1's, which is
+written as llama.cpp's rope_freqs tensor, an activation other than Gemma's).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def arch_notes(config) -> list[str]:
     for layer_type in (None, "full_attention", "sliding_attention"):
         rope = _rope(config, layer_type)
         kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "llama3" and model_type == "llama":
+            continue  # Llama 3.1/3.2: written as llama.cpp's rope_freqs tensor (rope_factors)
         if kind not in ("default", None):
             raise _refuse(f"GGUF export of a model with {kind!r} rope scaling is not supported yet")
     notes = []
@@ -89,6 +92,32 @@ def arch_notes(config) -> list[str]:
                 None, 10000.0):
             raise _refuse("gemma3 with a sliding-layer rope base other than 10000, llama.cpp's fixed one")
     return notes
+
+
+def rope_factors(config):
+    """Llama 3.1/3.2's rope scaling as llama.cpp's ``rope_freqs.weight``: one float32 factor per rotary pair, by which
+    llama.cpp divides that pair's frequency (computed as llama.cpp's converter computes it); None for other models."""
+    import math
+
+    import numpy as np
+
+    rope = _rope(config)
+    if rope.get("rope_type", rope.get("type")) != "llama3":
+        return None
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    factor, low, high = float(rope["factor"]), float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old = float(rope.get("original_max_position_embeddings", 8192))
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * _theta(config) ** (i / dim)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
 
 
 def arch_metadata(writer, config, arch: str) -> None:

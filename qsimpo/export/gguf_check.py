@@ -95,6 +95,22 @@ def held_out_probes(model, tokenizer, n: int = 8) -> tuple[list[list[int]], str]
     return probes, f"{len(probes)} built-in chat prompts with the merged model's greedy answers"
 
 
+def apply_rope_freqs(model, path: Path) -> None:
+    """Give a model read back from ``path`` the file's ``rope_freqs.weight`` (Llama 3.1's rope scaling), which
+    transformers' GGUF reader does not read: each rotary frequency divided by its factor, as llama.cpp does."""
+    import torch
+    from gguf import GGUFReader
+
+    factors = next((t for t in GGUFReader(path).tensors if t.name == "rope_freqs.weight"), None)
+    if factors is None:
+        return
+    factors = torch.tensor(factors.data.copy(), dtype=torch.float32)
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "original_inv_freq"):
+            module.inv_freq = module.inv_freq / factors.to(module.inv_freq.device)
+            module.original_inv_freq = module.inv_freq.clone()
+
+
 def check(path: str | Path, gguf_type: str, merged, tokenizer, probes: list[list[int]], source: str,
           reference: list | None = None) -> GGUFReport:
     """Compare the GGUF file ``path`` with the merged model (``merged``, its ``tokenizer``) on ``probes``.
@@ -111,6 +127,7 @@ def check(path: str | Path, gguf_type: str, merged, tokenizer, probes: list[list
     kwargs = dict(gguf_file=path.name)
     gguf_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs).eval()
+    apply_rope_freqs(model, path)
     reference = reference if reference is not None else next_token_logprobs(merged, probes)
     found = agreement(reference, next_token_logprobs(model, probes))
 

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qsimpo.export.gguf_arch import ARCHITECTURES, NOT_YET, arch_metadata, arch_notes
+from qsimpo.export.gguf_arch import ARCHITECTURES, NOT_YET, arch_metadata, arch_notes, rope_factors
 from qsimpo.export.gguf_errors import GGUFError
 from qsimpo.export.gguf_vocab import SPLIT_NAMES, pre_tokenizer, write_vocab  # noqa: F401 (re-exported)
 
@@ -136,6 +136,9 @@ def _tensors(folder: Path, config, pl: Plan, load: bool = True):
                 if pl.arch.startswith("gemma") and key.endswith("norm.weight"):
                     data = data + 1.0  # llama.cpp's Gemma RMSNorm multiplies by w where transformers' does by 1 + w
                 yield new, data.shape, data
+    factors = rope_factors(config)
+    if factors is not None:  # Llama 3.1/3.2's rope scaling, as llama.cpp reads it
+        yield "rope_freqs.weight", factors.shape, (factors if load else None)
 
 
 def _ggml_type(name: str, shape: tuple, qtype: str):

@@ -118,3 +118,23 @@ def test_llama_cpp_runs_other_architectures_as_transformers_does(kind, node_modu
     want = _greedy(*_from_gguf(path))
     assert all(len(ids) > 20 for ids, _ in want)
     _same(llama_cpp(node_modules, path, PROMPTS, TOKENS, 1, work=tmp_path), want)
+
+
+def test_llama_cpp_applies_llama31_rope_scaling_as_transformers_does(node_modules, tmp_path):
+    """Llama 3.1's rope scaling goes into the file as llama.cpp's rope_freqs tensor: llama.cpp's greedy answers
+    equal those of the original transformers model (not a read-back), which differ without the scaling."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from qsimpo.export.gguf_out import plan, write
+
+    base = tiny_base_of("llama31", tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    pl = plan(AutoConfig.from_pretrained(base), tokenizer, ["f16"])
+    (tmp_path / "gguf").mkdir()
+    path = write(base, tmp_path / "gguf" / "tiny-llama31-F16.gguf", "f16", pl, "tiny-llama31")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    want = _greedy(model, tokenizer)
+    unscaled = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0}).eval()
+    assert [new for _, new in _greedy(unscaled, tokenizer)] != [new for _, new in want], "the scaling must matter"
+    _same(llama_cpp(node_modules, path, PROMPTS, TOKENS, 1, work=tmp_path), want)

@@ -99,10 +99,8 @@ def test_unsupported_architecture_tokenizer_and_type_are_refused(tiny_base):
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     with pytest.raises(GGUFError, match="gemma3 models is not supported yet"):
         plan(Gemma3Config(), tokenizer, ["f16"])  # the multimodal one; Gemma3ForCausalLM (gemma3_text) is written
-    with pytest.raises(GGUFError, match="'llama3' rope scaling is not supported yet"):
-        plan(LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                          "original_max_position_embeddings": 8192}), tokenizer, ["f16"])
+    with pytest.raises(GGUFError, match="'linear' rope scaling is not supported yet"):  # Llama 3.1's llama3 is written
+        plan(LlamaConfig(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}), tokenizer, ["f16"])
     with pytest.raises(GGUFError, match="q5_k: not a type qsimpo writes"):
         plan(LlamaConfig(), tokenizer, ["q5_k"])
 

@@ -88,9 +88,17 @@ def tiny_base_of(kind: str, folder: Path) -> Path:
                               MistralForCausalLM)
 
     torch.manual_seed(0)
-    tok = spm_tokenizer(gemma=kind != "mistral")
+    tok = spm_tokenizer(gemma=kind.startswith("gemma"))
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if kind == "mistral":
+    if kind == "llama31":  # Llama 3.1's rope scaling, with an original context short enough to change every prompt
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, **ids, rope_parameters={
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64, "rope_theta": 10000.0}))
+    elif kind == "mistral":
         model = MistralForCausalLM(MistralConfig(
             vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, sliding_window=None, initializer_range=0.1, **ids))
