@@ -103,7 +103,7 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
         file = PairsFile(out, settings, writer=procs.main)  # an output of other settings stops here
         device = device or device_for_rank()
         score = load_scorer(scorer, device, trust_remote_code=trust_remote_code)  # a bad scorer stops before the policy
-        file.rows, file.done, file.dropped = procs.share((file.rows, file.done, file.dropped))  # process 0's --out
+        file.scores, file.dropped = procs.share((file.scores, file.dropped))  # what process 0 read in --out
         todo = [item for item in unique if not file.seen(item[0])]
         cut = 0
         if todo:

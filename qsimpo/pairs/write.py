@@ -106,13 +106,12 @@ class PairsFile:
             raise OutputExists(f"{out} exists and was not written by `qsimpo pairs` (no {self.settings_path.name} beside "
                                "it): pass another --out")
         self.settings = settings
-        self.rows = _read_rows(self.path, repair=writer)
-        self.done = {row["prompt_id"] for row in self.rows}
+        self.scores = {row["prompt_id"]: row["all_rm_scores"] for row in _read_rows(self.path, repair=writer)}  # the pairs
         self.dropped = {row["prompt_id"]: row["reason"] for row in _read_rows(self.dropped_path, repair=writer)}
         self.written_now = 0
 
     def seen(self, key: str) -> bool:
-        return key in self.done or key in self.dropped
+        return key in self.scores or key in self.dropped
 
     def _start(self) -> None:
         """Record the settings with the first row or drop (a run that fails before any leaves nothing behind)."""
@@ -124,8 +123,7 @@ class PairsFile:
         self._start()
         if self.writer:
             _append(self.path, row)
-        self.rows.append({"prompt_id": row["prompt_id"], "all_rm_scores": row["all_rm_scores"]})
-        self.done.add(row["prompt_id"])
+        self.scores[row["prompt_id"]] = row["all_rm_scores"]
         self.written_now += 1
 
     def drop(self, key: str, reason: str, location: str, answers: list[str], scores: list[float] | None = None) -> None:
@@ -138,16 +136,16 @@ class PairsFile:
 
     def summary(self, prompts_read: int, repeated: int, left: int, cut: int) -> dict:
         """Counts over the whole file (every run that wrote it), and the line printed at the end."""
-        gaps = [max(r["all_rm_scores"]) - min(r["all_rm_scores"]) for r in self.rows]
+        gaps = [max(s) - min(s) for s in self.scores.values()]
         reasons = {r: 0 for r in DROP_REASONS}
         for reason in self.dropped.values():
             reasons[reason] = reasons.get(reason, 0) + 1
-        out = {"out": str(self.path), "prompts_read": prompts_read, "pairs_written": len(self.rows),
+        out = {"out": str(self.path), "prompts_read": prompts_read, "pairs_written": len(self.scores),
                "pairs_written_now": self.written_now, "dropped": reasons, "repeated_prompts": repeated,
                "left_by_max_prompts": left, "answers_cut_at_max_new_tokens": cut,
                "mean_best_minus_worst": sum(gaps) / len(gaps) if gaps else None}
         why = ", ".join(f"{r} {n}" for r, n in reasons.items() if n)
-        line = (f"pairs {self.path}: {prompts_read} prompts read, {len(self.rows)} pairs written ({self.written_now} this "
+        line = (f"pairs {self.path}: {prompts_read} prompts read, {len(self.scores)} pairs written ({self.written_now} this "
                 f"run), {sum(reasons.values())} dropped{f' ({why})' if why else ''}")
         if repeated:
             line += f", {repeated} repeated prompts skipped"
