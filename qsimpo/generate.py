@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from qsimpo.data.render import prompt_messages, turn_end_id  # noqa: F401  (prompt_messages: a row's prompt as messages)
+from qsimpo.data.render import turn_end_id
 from qsimpo.data.tokenize import prompt_ids as _prompt_ids
 
 
