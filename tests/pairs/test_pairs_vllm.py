@@ -210,7 +210,7 @@ def test_auto_without_cuda_records_transformers(fake_vllm, files, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sample, "load_policy", lambda *a, **k: (None, None, "fake"))
-    monkeypatch.setattr(sample, "sample", lambda model, tok, prompts, ids, n, *a: ([["a", "bb", "ccc"][:n]] * len(prompts),
+    monkeypatch.setattr(sample, "sample", lambda model, tok, prompts, ids, n, *a, **k: ([["a", "bb", "ccc"][:n]] * len(prompts),
                                                                                    0, 0))
     prompts, scorer, out = files
     make_pairs(str(prompts), "fake-model", scorer, str(out), n=3)
