@@ -24,7 +24,7 @@ What runs, on the base (qsimpo.realmodel.smollm2_path() unless --base):
 
 Compared, prompt by prompt (built-in chat prompts, not training data), token id by token id:
 
-    llama.cpp                          transformers (float32, greedy, qsimpo.eval.generate)
+    llama.cpp                          transformers (float32, greedy, qsimpo.generate)
     merged F16                         the merged model
     merged Q8_0                        the merged model
     base F16 --lora adapter GGUF       the merge into the original base weights
@@ -83,17 +83,15 @@ def transformers_greedy(folder: Path, prompts: list[str], max_new: int, gguf_fil
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qsimpo.eval.generate import new_tokens, render_prompt
+    from qsimpo.generate import generate, prompt_ids
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"}, **kwargs).eval()
     out = []
     for prompt in prompts:
-        ids = render_prompt(tokenizer, [{"role": "user", "content": prompt}])
-        new = new_tokens(model, tokenizer, ids, max_new, seed=None)
-        if new and new[-1] == tokenizer.eos_token_id:  # llama.cpp's runner stops before the end-of-generation token
-            new = new[:-1]
+        ids = prompt_ids(tokenizer, prompt)
+        new = generate(model, tokenizer, [ids], max_new)[0].ids  # without the stop token, as llama.cpp's runner stops
         out.append({"prompt_ids": ids, "answer_ids": new, "answer": tokenizer.decode(new, skip_special_tokens=True)})
     return out
 

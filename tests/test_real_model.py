@@ -106,19 +106,19 @@ def test_conversion_is_the_gguf_exactly(smollm2, smollm2_gguf):
 
 
 def test_converted_model_answers(smollm2, smollm2_gguf):
-    from qsimpo.eval.generate import generate, render_prompt
+    from qsimpo.generate import answer, prompt_ids
     from qsimpo.train.model import load_base, load_tokenizer
 
     cfg = ModelConfig(name_or_path=str(smollm2_gguf), quantization="none", compute_dtype="float32")
     tok = load_tokenizer(cfg)
-    text = tok.decode(render_prompt(tok, [{"role": "user", "content": "Hi"}]))
+    text = tok.decode(prompt_ids(tok, "Hi"))
     assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
                     "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert (tok.eos_token, tok.pad_token, len(tok)) == ("<|im_end|>", "<|im_end|>", 49152)
     model = load_base(cfg, "cpu").eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    answer = generate(model, tok, [{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=12)
-    assert "Paris" in answer, answer
+    said = answer(model, tok, "What is the capital of France?", max_new_tokens=12)
+    assert "Paris" in said, said
 
 
 def test_renamed_gguf_finds_its_conversion(smollm2, smollm2_gguf, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ prompt + response is always the full text the model reads, so the token boundary
 from __future__ import annotations
 
 import re
+import weakref
 
 from qsimpo.data.formats import HH_MARKER, DataError
 
@@ -44,36 +45,93 @@ def _chat(tokenizer, messages: list[dict], generation_prompt: bool, location: st
         raise DataError.bad_row(location, "chat_template", f"the tokenizer's chat template failed: {type(e).__name__}: {e}{hint}") from e
 
 
-def render_pair(tokenizer, triple: dict, system_prompt: str | None = None) -> tuple[str, str, str]:
-    """The prompt text and the two response texts, such that prompt + response is the full text.
+def prompt_messages(text: dict) -> list[dict]:
+    """A row's prompt as chat messages: an implicit transcript as its turns, a string as one user message."""
+    if text.get("format") == "implicit":
+        return transcript_messages(text["prompt"])
+    return [{"role": "user", "content": text["prompt"]}] if isinstance(text["prompt"], str) else list(text["prompt"])
 
-    With a chat template, every format is rendered with it: conversational prompts as they are,
-    explicit string prompts as one user message, implicit (HH-RLHF) transcripts parsed into their
-    turns (``transcript_messages``). The prompt is rendered with add_generation_prompt=True; each
-    response is what the template adds for the assistant message, so whatever the template puts
-    around it (an injected system message, text after the assistant header, the end-of-turn
-    token) falls on the right side of the boundary. A template that is not prefix-stable is a
-    bad row, never a wrong boundary. Without a template (base models), implicit and explicit rows
-    are raw text, and conversational rows become plain "role: content" lines ending in
-    "assistant:" with the response " content". system_prompt is used only with a template, and
-    only if the conversation has no system message of its own.
+
+_MARK = "\u00a7qsimpo-answer\u00a7"  # no spaces: templates that trim the content leave it whole
+_TURN_END: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (its template, the end-of-turn id)
+
+
+def turn_end_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with, or None (no template, or none there).
+
+    Found by rendering a one-message assistant turn and reading the first token after the content:
+    ``<|im_end|>`` (ChatML), ``<end_of_turn>`` (Gemma), ``<|eot_id|>`` (Llama 3), ``</s>`` (Llama 2,
+    Mistral). Training ends a response there (qsimpo.data.tokenize) and generation stops there
+    (qsimpo.generate.stop_ids), so the two agree on where a turn ends, whatever the tokenizer's EOS is.
+    """
+    template = tokenizer.chat_template
+    if not template:
+        return None
+    cached = _TURN_END.get(tokenizer)
+    if cached is None or cached[0] != template:
+        cached = _TURN_END[tokenizer] = (template, _find_turn_end(tokenizer))
+    return cached[1]
+
+
+def _find_turn_end(tokenizer) -> int | None:
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}],
+                                             tokenize=False, add_generation_prompt=False)
+    except Exception:  # a template that refuses this conversation has no turn end we can read
+        return None
+    if not isinstance(text, str) or _MARK not in text:
+        return None
+    after = text[text.rindex(_MARK) + len(_MARK):].lstrip()
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in special else None
+
+
+def render_prompt(tokenizer, triple: dict, system_prompt: str | None = None) -> str:
+    """The prompt text of a row (a pair or a prompt alone), ending where the model's answer starts.
+
+    With a chat template, every format is rendered with it (add_generation_prompt=True): conversational
+    prompts as they are, explicit string prompts as one user message, implicit (HH-RLHF) transcripts
+    parsed into their turns (``transcript_messages``), after ``system_prompt`` as a system message when
+    the conversation has none of its own. Without a template (base models), implicit and explicit
+    prompts are the raw text, and conversational ones plain "role: content" lines ending in
+    "assistant:"; the system prompt is not used there.
+    """
+    fmt = triple.get("format") or ("conversational" if isinstance(triple["prompt"], list) else "explicit")
+    if not tokenizer.chat_template and fmt in ("implicit", "explicit"):
+        return triple["prompt"]
+    messages = prompt_messages({**triple, "format": fmt})
+    if not tokenizer.chat_template:
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return _chat(tokenizer, _with_system(messages, system_prompt), True, triple.get("location", "row"))
+
+
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def render_pair(tokenizer, triple: dict, system_prompt: str | None = None) -> tuple[str, str, str]:
+    """The prompt text (``render_prompt``) and the two response texts, such that prompt + response is the full text.
+
+    With a chat template, each response is what the template adds for the assistant message, so
+    whatever the template puts around it (an injected system message, text after the assistant
+    header, the end-of-turn token) falls on the right side of the boundary. A template that is not
+    prefix-stable is a bad row, never a wrong boundary. Without a template, implicit and explicit
+    responses are the raw text, conversational ones " content" after "assistant:".
     """
     location = triple.get("location", "row")
     fmt = triple.get("format") or ("conversational" if isinstance(triple["prompt"], list) else "explicit")
-    prompt, chosen, rejected = triple["prompt"], triple["chosen"], triple["rejected"]
+    prompt_text = render_prompt(tokenizer, triple, system_prompt)
+    chosen, rejected = triple["chosen"], triple["rejected"]
     if not tokenizer.chat_template and fmt in ("implicit", "explicit"):
-        return prompt, chosen, rejected
+        return prompt_text, chosen, rejected
     if fmt == "implicit":
-        messages = transcript_messages(prompt)
         chosen, rejected = chosen.strip(), rejected.strip()  # " Yes." after "Assistant:" is the answer "Yes."
-    else:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if not tokenizer.chat_template:
-        lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return lines + "assistant:", " " + chosen, " " + rejected
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}] + messages
-    prompt_text = _chat(tokenizer, messages, True, location)
+        return prompt_text, " " + chosen, " " + rejected
+    messages = _with_system(prompt_messages({**triple, "format": fmt}), system_prompt)
     responses = []
     for response in (chosen, rejected):
         full = _chat(tokenizer, messages + [{"role": "assistant", "content": response}], False, location)

@@ -128,7 +128,7 @@ def build_app(chat: SideBySide, votes_path) -> gr.Blocks:
                 top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="top-p", elem_id="top-p")
                 max_new = gr.Slider(1, max_new_limit, value=min(96, max_new_limit), step=1, label="max new tokens", elem_id="max-new-tokens")
                 seed = gr.Number(0, precision=0, label="seed (both sides)", elem_id="seed")
-            system = gr.Textbox(label="system prompt", lines=2, visible=chat.takes_system,
+            system = gr.Textbox(chat.system_prompt or "", label="system prompt", lines=2, visible=chat.takes_system,
                                 placeholder="prepended to both conversations as a system message", elem_id="system-prompt")
 
         inputs = [message, system, temperature, top_p, max_new, seed, state]

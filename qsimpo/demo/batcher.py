@@ -7,7 +7,8 @@ free, oldest first and up to ``max_rows`` rows, left-pads them into one batch, r
 ``generate`` and hands each request its own rows' text as it grows. A request is closed as soon
 as its own rows are done, and a reader that leaves stops its rows at the next step.
 
-What one row produces does not depend on the other rows in its batch: the rows share no
+The batch runs through qsimpo.generate, as every answer in qsimpo does (the same prompts, stop tokens
+and sampler). What one row produces does not depend on the other rows in its batch: the rows share no
 randomness (RowSampler gives each its own seeded generator), padding is masked, and peft applies
 each row's adapter to that row only. tests/demo/test_app.py checks that answers under load equal the
 same prompts answered alone, token for token, on the CPU.
@@ -24,10 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import torch
-
-from qsimpo.eval.generate import generation_kwargs
-from qsimpo.demo.stream import RowSampler, RowStop, RowStreamer
+from qsimpo.generate import generate, model_stop_ids
 
 
 @dataclass
@@ -48,6 +46,7 @@ class Batcher:
 
     def __init__(self, model, tokenizer, lock: threading.Lock, max_rows: int = 8):
         self.model, self.tokenizer, self.lock, self.max_rows = model, tokenizer, lock, max_rows
+        self.stops = model_stop_ids(model, tokenizer)
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
         self.worker: threading.Thread | None = None
@@ -103,9 +102,9 @@ class Batcher:
                         request.out.put(None)
 
         try:
-            with self.lock, torch.no_grad():
+            with self.lock:
                 self.batches.append(len(batch))
-                self.model.generate(**self._inputs(batch, publish))
+                self._generate(batch, publish)
         except BaseException as e:  # every reader of the batch sees the error
             for request in batch:
                 if not request.closed:
@@ -116,24 +115,10 @@ class Batcher:
                     request.closed = True
                     request.out.put(None)
 
-    def _inputs(self, batch: list[Request], publish) -> dict:
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
+    def _generate(self, batch: list[Request], publish) -> None:
         def per_row(attr):
             return [getattr(r, attr) for r in batch for _ in r.prompts]
 
-        prompts = [p for r in batch for p in r.prompts]
-        adapters = [a for r in batch for a in r.adapters]
-        width = max(map(len, prompts))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        device = next(self.model.parameters()).device
-        # left padding: every row's answer starts at the same column, its padding masked out
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        limits, temperatures = per_row("max_new_tokens"), per_row("temperature")
-        kwargs = generation_kwargs(self.tokenizer, ids, max(limits))  # greedy: RowSampler does the sampling
-        processors = [RowSampler(per_row("seed"), temperatures, per_row("top_p"))] if any(t > 0 for t in temperatures) else []
-        return dict(kwargs, attention_mask=mask, use_cache=True, adapter_names=adapters,
-                    logits_processor=LogitsProcessorList(processors),
-                    stopping_criteria=StoppingCriteriaList([RowStop(width, limits, per_row("stop"))]),
-                    streamer=RowStreamer(self.tokenizer, kwargs["eos_token_id"], limits, publish))
+        generate(self.model, self.tokenizer, [p for r in batch for p in r.prompts], per_row("max_new_tokens"),
+                 per_row("temperature"), per_row("top_p"), per_row("seed"), self.stops,
+                   adapter_names=[a for r in batch for a in r.adapters], on_step=publish, cancel=per_row("stop"))

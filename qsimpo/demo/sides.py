@@ -27,7 +27,7 @@ import torch
 
 from qsimpo.errors import InputNotFound
 from qsimpo.quickstart import DEFAULT_OUT
-from qsimpo.eval.generate import render_prompt
+from qsimpo import generate as G
 from qsimpo.demo.batcher import Batcher, Request
 
 SIDES = ("left", "right")
@@ -82,9 +82,10 @@ class SideBySide:
     """The one model + tokenizer, the two sides, and the batcher every generation goes through."""
 
     def __init__(self, model, tokenizer, sides: dict[str, Side], beta: float | None = None, description: str = "",
-                 max_batch_rows: int = 8):
+                 max_batch_rows: int = 8, system_prompt: str | None = None):
         self.model, self.tokenizer, self.sides = model, tokenizer, sides
         self.beta, self.description = beta, description
+        self.system_prompt = system_prompt  # the adapter's data.system_prompt: the UI's default, as it was trained
         # One call on the model at a time: peft hands adapter_names to the layers through forward hooks
         # that live for one call, so a second call running meanwhile would take the first one's rows.
         self.lock = threading.Lock()
@@ -130,7 +131,8 @@ class SideBySide:
         model.eval()
         beta = (meta.get("simpo") or {}).get("beta")
         return cls(model, tokenizer, {"left": left, "right": Side("aligned", f"aligned: {adapter}", "default")}, beta=beta,
-                   description=f"base {base_name} ({quantization}), one copy in memory")
+                   description=f"base {base_name} ({quantization}), one copy in memory",
+                   system_prompt=G.recorded_system_prompt(adapter))
 
     # ----------------------------------------------------------------------------------- generation
     def context(self, history: list[dict], settings: Settings) -> list[dict]:
@@ -144,14 +146,14 @@ class SideBySide:
         """Token ids of the prompt, oldest turns dropped (then the oldest tokens cut) to leave room for the answer."""
         room = max(1, self.max_context - max_new_tokens)
         msgs = list(messages)
-        ids = render_prompt(self.tokenizer, msgs)
+        ids = G.prompt_ids(self.tokenizer, msgs)
         while len(ids) > room:
             first = 1 if msgs and msgs[0]["role"] == "system" else 0
             if len(msgs) - first <= 1:
                 bos = ids[:1] if ids and ids[0] == self.tokenizer.bos_token_id else []
                 return bos + ids[len(ids) - (room - len(bos)):]
             del msgs[first: first + 2]  # one user turn and the answer to it
-            ids = render_prompt(self.tokenizer, msgs)
+            ids = G.prompt_ids(self.tokenizer, msgs)
         return ids
 
     def stream(self, turns: dict[str, list[dict]], settings: Settings) -> Iterator[dict[str, str]]:
@@ -184,8 +186,8 @@ class SideBySide:
 
     # ------------------------------------------------------------------------------------- scoring
     @torch.no_grad()
-    def score(self, items: list[tuple[str, list[dict], str]]) -> list[tuple[float, int]]:
-        """(average log-prob, |y|) of each (side, messages, response): the response after the messages under that side.
+    def score(self, items: list[tuple[str, list[dict], str]]) -> list[tuple[float, int, int]]:
+        """(average log-prob, |y|, the answer's tokens without the end of turn) of each (side, messages, response): the response after the messages under that side.
 
         Tokenized exactly as `qsimpo train` tokenizes a pair (qsimpo.data.tokenize_pair: the chat
         template, one BOS, the response closed by EOS) and scored by qsimpo.scoring.score_pairs, the
@@ -204,20 +206,23 @@ class SideBySide:
         with self.lock:
             scores = score_pairs(self.model, pairs, pad, batch_size=len(pairs),
                                  adapter_names=[self.sides[side].adapter for side, _, _ in items])
-        return [(float(avg), int(n)) for avg, n in zip(scores.chosen, scores.chosen_len)]
+        # the answer's own length leaves out the token that closes the turn (|y| counts it, as training does)
+        closed = [not p["response_truncated"] and p["chosen_ids"][-1] in self.batcher.stops for p in pairs]
+        return [(float(avg), int(n), int(n) - c) for avg, n, c in zip(scores.chosen, scores.chosen_len, closed)]
 
     def avg_logprob(self, side: str, messages: list[dict], response: str) -> tuple[float, int]:
         """(average log-prob, |y|) of ``response`` after ``messages`` under ``side``'s model."""
-        return self.score([(side, messages, response)])[0]
+        return self.score([(side, messages, response)])[0][:2]
 
     def stats(self, turns: dict[str, list[dict]], answers: dict[str, str]) -> dict[str, dict]:
-        """For each side's answer: |y| and its average log-prob under every side's model (one forward pass)."""
+        """For each side's answer: its tokens (the end of turn not counted) and its average log-prob under every side's
+        model (one forward pass)."""
         items = [(scorer, turns[side], answers[side]) for side in turns for scorer in SIDES]
         scores = iter(self.score(items))
         out = {}
         for side in turns:
             mine = {scorer: next(scores) for scorer in SIDES}
-            out[side] = {"tokens": mine[side][1], "avg_logprob": {s: round(v[0], 4) for s, v in mine.items()}}
+            out[side] = {"tokens": mine[side][2], "avg_logprob": {s: round(v[0], 4) for s, v in mine.items()}}
         return out
 
 

@@ -28,7 +28,7 @@ import torch
 from qsimpo import __version__
 from qsimpo.eval import metrics as M
 from qsimpo.errors import UsageError
-from qsimpo.data import DataError, looks_local, read_source, split_eval, tokenize_source
+from qsimpo.data import DataError, looks_local, prompt_messages, read_source, split_eval, tokenize_source
 from qsimpo.scoring import PairScores, score_pairs
 
 SCHEMA_VERSION = 2  # 2: "judge" became "scorer"; data.kind, preference_skipped; samples carry token counts
@@ -138,29 +138,14 @@ def score(model, pairs: list[dict], pad_token_id: int, batch_size: int, desc: st
 
 
 def answers_of(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-            seeds: list[int]) -> list[tuple[str, int, bool]]:
-    """(text, new token count, stopped at EOS) for prompts already tokenized exactly as in training, in one batch.
-
-    Greedy answers are those of one prompt at a time (tests/eval/test_generate_batch.py); a sampled answer is
-    drawn from its own generator seeded by its seed, whatever else is in the batch.
+               seeds: list[int]) -> list[tuple[str, int, bool]]:
+    """(text, new token count, stopped at a stop token) for prompts already tokenized exactly as in training, in one
+    batch (qsimpo.generate: greedy answers are those of one prompt at a time, a sampled one depends on its seed only).
     """
-    from qsimpo.eval.generate import new_tokens_batch
+    from qsimpo.generate import generate
 
-    out = []
-    for new in new_tokens_batch(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seeds):
-        stopped = bool(new) and new[-1] == tokenizer.eos_token_id
-        new = new[:-1] if stopped else new
-        out.append((tokenizer.decode(new, skip_special_tokens=True).strip(), len(new), stopped))
-    return out
-
-
-def prompt_messages(text: dict):
-    """The prompt as chat messages; an implicit transcript as its turns, as training renders it (qsimpo.data.render)."""
-    if text.get("format") == "implicit":
-        from qsimpo.data.render import transcript_messages
-
-        return transcript_messages(text["prompt"])
-    return [{"role": "user", "content": text["prompt"]}] if isinstance(text["prompt"], str) else list(text["prompt"])
+    return [(a.text, len(a.ids), a.stopped)
+            for a in generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seeds)]
 
 
 def prompt_display(text: dict) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from qsimpo.data import DataError, read_source, tokenize_pair
+from qsimpo.data import DataError, cut_prompt, prompt_ids, read_source
 from qsimpo.eval import metrics as M
 
 PROMPTS_ONLY = ("the held-out data has prompts only (no chosen/rejected answers), so there are no pairs to score; "
@@ -47,27 +47,28 @@ def prompt_source(dc, pairs_error: DataError):
 def prompt_items(dc, source, tokenizer) -> tuple[list[dict], dict]:
     """(prompts as {"location", "text", "prompt_ids"}, the data summary) of a prompts source.
 
-    Each prompt is tokenized exactly as training tokenizes a pair's prompt (tokenize_pair with the
-    run's chat template, system prompt and one BOS; left-truncated to the prompt limit when it does
-    not fit data.max_length); a prompt the template rejects or that cannot fit is counted, as
+    Each prompt is tokenized exactly as training tokenizes a pair's prompt (qsimpo.data.prompt_ids with the
+    run's chat template, system prompt and one BOS; left-truncated to the prompt limit when it leaves
+    no room in data.max_length); a prompt the template rejects or that cannot fit is counted, as
     training counts it.
     """
     summary = source.summary
     items = []
     for text in source.texts():
         try:
-            enc = tokenize_pair(tokenizer, {**text, "chosen": "", "rejected": ""}, dc.max_length, dc.prompt_limit,
-                                dc.system_prompt)
+            ids = prompt_ids(tokenizer, text, dc.system_prompt)
         except DataError as e:
             if e.reason is None:
                 raise
             summary.record(e.reason, e.detail_line)
             continue
-        if enc is None:
-            summary.record("too_long", "")
-            continue
-        summary.truncated_prompt += enc["prompt_truncated"]
-        items.append({"location": text["location"], "text": text, "prompt_ids": enc["prompt_ids"]})
+        if len(ids) + 1 > dc.max_length:  # as training cuts a pair's prompt: no room left for one answer token
+            ids, truncated = cut_prompt(tokenizer, ids, dc.prompt_limit), len(ids) > dc.prompt_limit
+            if len(ids) + 1 > dc.max_length:
+                summary.record("too_long", "")
+                continue
+            summary.truncated_prompt += truncated
+        items.append({"location": text["location"], "text": text, "prompt_ids": ids})
     summary.kept = len(items)
     summary.check(dc.on_bad_row)
     if not items:

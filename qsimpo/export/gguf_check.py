@@ -74,17 +74,10 @@ class GGUFReport:
         return {**asdict(self), "greedy_match": self.greedy_match, "passed": self.passed}
 
 
-def _chat_ids(tokenizer, prompt: str) -> list[int]:
-    from qsimpo.eval.generate import render_prompt
-
-    return list(render_prompt(tokenizer, [{"role": "user", "content": prompt}]))
-
-
 def _greedy(model, tokenizer, prompt: str) -> str:
-    from qsimpo.eval.generate import new_tokens
+    from qsimpo.generate import answer
 
-    ids = _chat_ids(tokenizer, prompt)
-    return tokenizer.decode(new_tokens(model, tokenizer, ids, GREEDY_TOKENS, seed=None), skip_special_tokens=True)
+    return answer(model, tokenizer, prompt, GREEDY_TOKENS)
 
 
 def held_out_probes(model, tokenizer, n: int = 8) -> tuple[list[list[int]], str]:
@@ -120,8 +113,8 @@ def check(path: str | Path, gguf_type: str, merged, tokenizer, probes: list[list
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qsimpo.eval.generate import render_prompt
     from qsimpo.export.verify import BUILTIN_PROMPTS, agreement, next_token_logprobs
+    from qsimpo.generate import prompt_ids
 
     path = Path(path)
     kwargs = dict(gguf_file=path.name)
@@ -133,8 +126,7 @@ def check(path: str | Path, gguf_type: str, merged, tokenizer, probes: list[list
 
     template_equal = gguf_tokenizer.chat_template == tokenizer.chat_template
     specials = all(getattr(gguf_tokenizer, t) == getattr(tokenizer, t) for t in ("bos_token", "eos_token", "pad_token"))
-    rendered = all(render_prompt(gguf_tokenizer, [{"role": "user", "content": p}])
-                   == render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in BUILTIN_PROMPTS)
+    rendered = all(prompt_ids(gguf_tokenizer, p) == prompt_ids(tokenizer, p) for p in BUILTIN_PROMPTS)
     tokens_equal = specials and rendered
     max_kl, min_top1, must_match = LIMITS[gguf_type]
     greedy_merged, greedy_gguf = _greedy(merged, tokenizer, GREEDY_PROMPT), _greedy(model, gguf_tokenizer, GREEDY_PROMPT)

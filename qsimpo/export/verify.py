@@ -132,12 +132,13 @@ def _training_probes(adapter: str, tokenizer, n: int, max_tokens: int) -> list[l
 
 def _builtin_probes(model, tokenizer, n: int, max_new_tokens: int) -> list[list[int]]:
     """Built-in prompts, each followed by the adapter's own greedy answer (the positions it shaped)."""
-    from qsimpo.eval.generate import new_tokens, render_prompt
+    from qsimpo.generate import generate, prompt_ids
 
     probes = []
-    for prompt in BUILTIN_PROMPTS[:n]:
-        ids = render_prompt(tokenizer, [{"role": "user", "content": prompt}])
-        probes.append(ids + new_tokens(model, tokenizer, ids, max_new_tokens, seed=None))
+    for prompt in BUILTIN_PROMPTS[:n]:  # one at a time: no padding in a probe
+        ids = prompt_ids(tokenizer, prompt)
+        (got,) = generate(model, tokenizer, [ids], max_new_tokens)
+        probes.append(ids + got.ids + ([got.stop] if got.stopped else []))  # the end of turn is a position it shaped too
     return probes
 
 

@@ -45,8 +45,7 @@ _WORDS = (("set data.on_bad_row: skip to train on", "pass --on-bad-row skip to a
 def read_prompts(prompts: str, split: str, subset: str | None, on_bad_row: str, prompt_column: str | None = None):
     """(prompts as [(prompt_id, messages, location)], the data summary): every row judged as training judges rows."""
     from qsimpo.config import DataConfig
-    from qsimpo.data import DataError, read_source
-    from qsimpo.eval.evaluate import prompt_messages
+    from qsimpo.data import DataError, prompt_messages, read_source
     from qsimpo.pairs.write import prompt_id
 
     cfg = DataConfig(path=prompts, split=split, subset=subset, on_bad_row=on_bad_row,
@@ -139,10 +138,13 @@ def _sampler(backend: str, model: str, base: str | None, device: str, seed: int,
         from qsimpo.pairs.vllm_backend import load_vllm
 
         return load_vllm(model, base, seed, trust_remote_code)
+    from qsimpo.generate import recorded_system_prompt
     from qsimpo.pairs import sample
 
     policy, tokenizer, _ = sample.load_policy(model, base, device, trust_remote_code)
-    return lambda *args: sample.sample(policy, tokenizer, *args)
+    # an adapter's prompts are rendered with the system prompt it was trained with, as training on the pairs will
+    system = recorded_system_prompt(model) if hasattr(policy, "peft_config") else None
+    return lambda *args: sample.sample(policy, tokenizer, *args, system_prompt=system)
 
 
 def _answer_and_score(part: list, draw, score, n: int, temperature: float, top_p: float, max_new_tokens: int,

@@ -1,8 +1,10 @@
 """Sampling n answers per prompt from the policy: a base model (4-bit, loaded as training loads it) or an adapter on it.
 
-Batched with transformers' ``generate`` (left-padded prompts, n rows each). Every answer is drawn from
-its own random stream (``qsimpo.eval.generate.SeededSampler``) seeded by (seed, prompt, sample index), so an answer does not
-depend on the other prompts of its batch, on the batch size, or on where an interrupted run resumed.
+Batched with qsimpo.generate (left-padded prompts, n rows each). Every answer is drawn from its own random
+stream (``qsimpo.generate.RowSampler``) seeded by (seed, prompt, sample index), so an answer does not depend on
+the other prompts of its batch, on the batch size, or on where an interrupted run resumed. A prompt is rendered
+as training renders the row `qsimpo pairs` writes for it (its messages, after the adapter's recorded system
+prompt), and an answer ends at the first of ``qsimpo.generate.stop_ids``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import hashlib
 from pathlib import Path
 
 from qsimpo.errors import InputNotFound, UsageError
-from qsimpo.eval.generate import new_tokens_batch, render_prompt
 
 
 def is_adapter(model: str) -> bool:
@@ -61,22 +62,14 @@ def sample_seed(seed: int, prompt_id: str, k: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}:{k}".encode()).digest()[:8], "little") >> 1
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    """The tokens that end an answer: the tokenizer's EOS and any end-of-turn ids of the model's generation config."""
-    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    return sorted({*ids, tokenizer.eos_token_id} - {None})
-
-
 def sample(model, tokenizer, prompts: list[list[dict]], prompt_ids: list[str], n: int, temperature: float, top_p: float,
-           max_new_tokens: int, seed: int) -> tuple[list[list[str]], int, int]:
+           max_new_tokens: int, seed: int, system_prompt: str | None = None) -> tuple[list[list[str]], int, int]:
     """(n answers per prompt, tokens generated, answers cut at max_new_tokens), in one ``generate`` call."""
-    rows = [ids for ids in (render_prompt(tokenizer, p) for p in prompts) for _ in range(n)]
+    from qsimpo.generate import generate, prompt_ids as render
+
+    rows = [ids for ids in (render(tokenizer, p, system_prompt) for p in prompts) for _ in range(n)]
     seeds = [sample_seed(seed, key, k) for key in prompt_ids for k in range(n)]
-    stops = stop_ids(model, tokenizer)
-    answers, n_tokens, cut = [], 0, 0
-    for new in new_tokens_batch(model, tokenizer, rows, max_new_tokens, temperature, top_p, seeds, stops):
-        cut += not new or new[-1] not in stops
-        n_tokens += len(new)
-        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    return [answers[i * n:(i + 1) * n] for i in range(len(prompts))], n_tokens, cut
+    answers = generate(model, tokenizer, rows, max_new_tokens, temperature, top_p, seeds)
+    texts = [a.text for a in answers]
+    return ([texts[i * n:(i + 1) * n] for i in range(len(prompts))], sum(len(a.ids) for a in answers),
+            sum(not a.stopped for a in answers))

@@ -2,8 +2,9 @@
 
 vLLM loads the base in its own dtype (bf16/fp16 as the checkpoint says): its current releases have no
 in-flight 4-bit loading like qsimpo's NF4, so this path samples from the 16-bit base, and an adapter runs
-through vLLM's LoRA support on it. Prompts go in as token ids rendered by ``render_prompt`` (the chat
-template exactly as training renders it). Each prompt is one request with its own seed,
+through vLLM's LoRA support on it. It shares qsimpo.generate with the transformers backend: prompts go in
+as the token ids ``prompt_ids`` renders (as training renders them, after an adapter's recorded system prompt),
+vLLM stops at the same ``stop_ids``, and answers are cut and decoded by the same ``finish``. Each prompt is one request with its own seed,
 ``sample_seed(seed, prompt, 0)``, and ``n`` answers, so its answers do not depend on the other prompts of a
 call or on where a run resumed. One process on the first visible GPU (set CUDA_VISIBLE_DEVICES to pick another):
 under torchrun / accelerate launch the backend is refused.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 BACKENDS = ("auto", "transformers", "vllm")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -108,18 +108,18 @@ class VllmPolicy:
     """The policy as a vLLM engine: ``policy(prompts, prompt_ids, n, temperature, top_p, max_new_tokens, seed)``
     returns what ``sample`` returns: (n answers per prompt, tokens generated, answers cut at max_new_tokens)."""
 
-    def __init__(self, llm, tokenizer, stops: list[int], lora=None):
-        self.llm, self.tokenizer, self.stops, self.lora = llm, tokenizer, stops, lora
+    def __init__(self, llm, tokenizer, stops: list[int], lora=None, system_prompt: str | None = None):
+        self.llm, self.tokenizer, self.stops, self.lora, self.system_prompt = llm, tokenizer, stops, lora, system_prompt
 
     def requests(self, prompts: list[list[dict]], prompt_ids: list[str], n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int) -> tuple[list, list]:
         """(the prompts as token-id prompts, one SamplingParams per prompt seeded by the prompt)."""
         from vllm import SamplingParams, TokensPrompt
 
-        from qsimpo.eval.generate import render_prompt
+        from qsimpo.generate import prompt_ids as render
         from qsimpo.pairs.sample import sample_seed
 
-        inputs = [TokensPrompt(prompt_token_ids=render_prompt(self.tokenizer, p)) for p in prompts]
+        inputs = [TokensPrompt(prompt_token_ids=render(self.tokenizer, p, self.system_prompt)) for p in prompts]
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                  seed=sample_seed(seed, key, 0), stop_token_ids=list(self.stops), detokenize=False)
                   for key in prompt_ids]
@@ -127,19 +127,16 @@ class VllmPolicy:
 
     def __call__(self, prompts: list[list[dict]], prompt_ids: list[str], n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int) -> tuple[list[list[str]], int, int]:
+        from qsimpo.generate import finish
+
         inputs, params = self.requests(prompts, prompt_ids, n, temperature, top_p, max_new_tokens, seed)
         outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.lora)
         answers, n_tokens, cut = [], 0, 0
         for out in outputs:
-            mine = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                new = list(c.token_ids)
-                end = next((i + 1 for i, t in enumerate(new) if t in self.stops), None)
-                cut += c.finish_reason == "length"
-                new = new[:end]
-                n_tokens += len(new)
-                mine.append(self.tokenizer.decode(new, skip_special_tokens=True).strip())
-            answers.append(mine)
+            mine = [finish(self.tokenizer, c.token_ids, self.stops) for c in sorted(out.outputs, key=lambda c: c.index)]
+            n_tokens += sum(len(a.ids) for a in mine)
+            cut += sum(not a.stopped for a in mine)
+            answers.append([a.text for a in mine])
         return answers, n_tokens, cut
 
 
@@ -150,7 +147,7 @@ def load_vllm(model: str, base: str | None = None, seed: int = 0, trust_remote_c
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
-    from qsimpo.pairs.sample import stop_ids
+    from qsimpo.generate import recorded_system_prompt, stop_ids
     from qsimpo.train.model import load_tokenizer
 
     cfg, adapter = _base_config(model, base, trust_remote_code)
@@ -170,4 +167,4 @@ def load_vllm(model: str, base: str | None = None, seed: int = 0, trust_remote_c
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank(folder))
         lora = LoRARequest("qsimpo-policy", 1, str(folder))
     llm = LLM(**kwargs)
-    return VllmPolicy(llm, tokenizer, stop_ids(SimpleNamespace(generation_config=generation), tokenizer), lora)
+    return VllmPolicy(llm, tokenizer, stop_ids(tokenizer, generation), lora, recorded_system_prompt(adapter))

@@ -40,13 +40,15 @@ def split_pairs(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if r["topic"] not in held], [r for r in rows if r["topic"] in held]
 
 
-def probe(model, tokenizer, pairs, prompts: list[str], beta: float, max_new_tokens: int = 64) -> dict:
-    from qsimpo.eval.generate import generate
+def probe(model, tokenizer, pairs, prompts: list[str], beta: float, max_new_tokens: int = 64,
+          system_prompt: str | None = None) -> dict:
     from qsimpo.eval.metrics import reward_accuracy
+    from qsimpo.generate import answer
     from qsimpo.scoring import score_pairs
 
     scores = score_pairs(model, pairs, tokenizer.pad_token_id)
-    answers = [generate(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=max_new_tokens) for p in prompts]
+    # each question asked as training showed its row (a string prompt, the run's system prompt)
+    answers = [answer(model, tokenizer, p, max_new_tokens, system_prompt) for p in prompts]
     return {
         "reward_accuracy": reward_accuracy(scores.chosen, scores.rejected),
         "mean_margin": beta * float((scores.chosen - scores.rejected).mean()),  # beta * delta, as training logs it
@@ -110,8 +112,8 @@ def compare(out: Path, cfg, held_rows: list[dict]) -> dict:
     pairs, _ = build_dataset(cfg.data, tokenizer, path=str(out / "data" / "heldout.jsonl"))
     prompts = list(dict.fromkeys(r["prompt"] for r in held_rows))[:SHOWN]
     with model.disable_adapter():
-        before = probe(model, tokenizer, pairs, prompts, cfg.simpo.beta)
-    after = probe(model, tokenizer, pairs, prompts, cfg.simpo.beta)
+        before = probe(model, tokenizer, pairs, prompts, cfg.simpo.beta, system_prompt=cfg.data.system_prompt)
+    after = probe(model, tokenizer, pairs, prompts, cfg.simpo.beta, system_prompt=cfg.data.system_prompt)
     return {"held_out_pairs": len(pairs), "before": before, "after": after}
 
 

@@ -118,13 +118,13 @@ def quickstart_config(out: Path, data: Path, base: Path, heldout: Path):
     )
 
 
-def probe(model, tokenizer, pairs, prompts, beta: float) -> dict:
-    from qsimpo.eval.generate import generate
+def probe(model, tokenizer, pairs, prompts, beta: float, system_prompt: str | None = None) -> dict:
     from qsimpo.eval.metrics import reward_accuracy
+    from qsimpo.generate import answer
     from qsimpo.scoring import score_pairs
 
     scores = score_pairs(model, pairs, tokenizer.pad_token_id)
-    gens = [generate(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=48) for p in prompts]
+    gens = [answer(model, tokenizer, p, 48, system_prompt) for p in prompts]  # asked as training showed the rows
     return {
         "reward_accuracy": reward_accuracy(scores.chosen, scores.rejected),
         "mean_margin": beta * float((scores.chosen - scores.rejected).mean()),  # beta * delta, as training logs it
@@ -168,8 +168,8 @@ def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = Fa
     pairs, _ = build_dataset(cfg.data, tokenizer, path=str(heldout))
     prompts = [PROMPTS[i % len(PROMPTS)].format(t=t) for i, t in enumerate(held_topics)]
     with model.disable_adapter():
-        before = probe(model, tokenizer, pairs, prompts, cfg.simpo.beta)
-    after = probe(model, tokenizer, pairs, prompts, cfg.simpo.beta)
+        before = probe(model, tokenizer, pairs, prompts, cfg.simpo.beta, cfg.data.system_prompt)
+    after = probe(model, tokenizer, pairs, prompts, cfg.simpo.beta, cfg.data.system_prompt)
     result = {
         "held_out_pairs": len(pairs),
         "before": before,

@@ -40,7 +40,7 @@ def test_wheel_installs_and_serves_the_demo(tmp_path, tiny_adapters):
     wheel = next(wheels.glob("qsimpo-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"qsimpo/demo/__init__.py", "qsimpo/demo/__main__.py", "qsimpo/demo/app.py", "qsimpo/demo/sides.py",
-            "qsimpo/demo/batcher.py", "qsimpo/demo/stream.py", "qsimpo/demo/votes.py", "qsimpo/quickstart/tiny.yaml"} <= names
+            "qsimpo/demo/batcher.py", "qsimpo/generate.py", "qsimpo/demo/votes.py", "qsimpo/quickstart/tiny.yaml"} <= names
     assert not [n for n in names if n.startswith(("demo/", "tests/"))]
 
     # The venv sees this interpreter's site-packages through a .pth file: `--system-site-packages` would

@@ -28,7 +28,7 @@ def spy_generate(model, calls):
 
 def alone(chat, side: str, messages: list[dict], max_new_tokens: int) -> str:
     """``side``'s greedy answer the plain way: one row, the adapter disabled (SFT) or active, no adapter_names."""
-    from qsimpo.eval.generate import generate
+    from qsimpo.generate import answer as generate
 
     # under the demo's own lock: a stream's last text can arrive while its batch's generate is still returning,
     # and peft's adapter_names hooks live until it has
@@ -162,13 +162,13 @@ def test_avg_logprob_is_the_simpo_average(chat):
         logp = torch.log_softmax(chat.model(input_ids=ids).logits[0, :-1].float(), -1)
     p = len(enc["prompt_ids"])
     manual = logp[p - 1:, :].gather(-1, ids[0, p:, None]).mean()  # position t predicts token t+1
-    assert n == len(enc["chosen_ids"]) and response  # |y| includes the EOS training appends
+    assert n == len(enc["chosen_ids"]) and response  # |y| includes the EOS training appends (the shown count does not)
     assert avg == pytest.approx(float(manual), abs=1e-4)
     # every answer under every side in one (left-padded) pass: the same numbers as one at a time
     long_turn = [{"role": "user", "content": "Tell me all about owls and their nests, please, in detail."}]
     other = chat.respond("right", long_turn, Settings(temperature=0, max_new_tokens=20))
     stats = chat.stats({"left": USER, "right": long_turn}, {"left": response, "right": other})
-    assert stats["left"]["tokens"] == n and stats["left"]["avg_logprob"]["right"] == pytest.approx(avg, abs=1e-4)
+    assert stats["left"]["tokens"] == n - 1 and stats["left"]["avg_logprob"]["right"] == pytest.approx(avg, abs=1e-4)
     for side, (messages, text) in {"left": (USER, response), "right": (long_turn, other)}.items():
         for scorer in ("left", "right"):
             assert stats[side]["avg_logprob"][scorer] == pytest.approx(chat.avg_logprob(scorer, messages, text)[0], abs=1e-4)

@@ -53,13 +53,12 @@ def files(node_modules, tiny_base, tmp_path_factory):
 
 
 def _greedy(model, tokenizer) -> list[tuple[list[int], list[int]]]:
-    from qsimpo.eval.generate import new_tokens, render_prompt
+    from qsimpo.generate import generate, prompt_ids
 
     out = []
     for prompt in PROMPTS:
-        ids = render_prompt(tokenizer, [{"role": "user", "content": prompt}])
-        new = new_tokens(model, tokenizer, ids, TOKENS, seed=None)
-        out.append((ids, new[:-1] if new and new[-1] == tokenizer.eos_token_id else new))  # llama.cpp stops before EOS
+        ids = prompt_ids(tokenizer, prompt)
+        out.append((ids, generate(model, tokenizer, [ids], TOKENS)[0].ids))  # the stop token left out, as llama.cpp does
     return out
 
 

@@ -69,7 +69,7 @@ def fake_policy(monkeypatch):
 
     calls = []
 
-    def fake_sample(model, tokenizer, prompts, prompt_ids, n, temperature, top_p, max_new_tokens, seed):
+    def fake_sample(model, tokenizer, prompts, prompt_ids, n, temperature, top_p, max_new_tokens, seed, system_prompt=None):
         calls.append([p[-1]["content"] for p in prompts])
         return [ANSWERS[p[-1]["content"]][:n] for p in prompts], 7 * n * len(prompts), 0
 
@@ -249,19 +249,21 @@ def test_sampler_keeps_the_nucleus_as_transformers_does():
     import torch
     from transformers import TopPLogitsWarper
 
-    from qsimpo.eval.generate import SeededSampler
+    from qsimpo.generate import RowSampler
 
     logits = torch.tensor([[10.0, 9.0, 0.0, -5.0]]).repeat(200, 1)
     for top_p, allowed in ((0.5, {0}), (0.9, {0, 1}), (1.0, {0, 1, 2, 3})):
-        generators = [torch.Generator().manual_seed(i) for i in range(200)]
-        out = SeededSampler(generators, temperature=10.0 if top_p == 1.0 else 1.0, top_p=top_p)(None, logits.clone())
+        temperature = 10.0 if top_p == 1.0 else 1.0
+        out = RowSampler(range(200), [temperature] * 200, [top_p] * 200)(None, logits.clone())
         picks = out.argmax(-1)
         assert (out.isfinite().sum(-1) == 1).all()  # exactly one token left per row: greedy decoding emits it
         assert set(picks.tolist()) == allowed
         kept = TopPLogitsWarper(top_p)(None, logits[:1].clone()).isfinite()[0].nonzero().flatten().tolist()
         assert set(kept) == allowed or top_p == 1.0
-    draw = lambda: SeededSampler([torch.Generator().manual_seed(i) for i in range(200)], 1.0, 0.9)(None, logits.clone())
+    draw = lambda: RowSampler(range(200), [1.0] * 200, [0.9] * 200)(None, logits.clone())  # noqa: E731
     assert torch.equal(draw(), draw())  # the same seeds, the same tokens
+    greedy = RowSampler(range(2), [0.0, 1.0], [0.9, 0.9])(None, logits[:2].clone())
+    assert torch.equal(greedy[0], logits[0])  # a row at temperature 0 is left to greedy decoding
 
 
 def test_prompts_from_a_preference_data_set_folder(fake_policy, files, tmp_path):

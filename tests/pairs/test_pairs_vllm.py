@@ -94,13 +94,13 @@ def files(tmp_path, pref_rows):
 def expected_stops(tiny_base, tok):
     from transformers import AutoModelForCausalLM
 
-    from qsimpo.pairs.sample import stop_ids
+    from qsimpo.generate import model_stop_ids
 
-    return stop_ids(AutoModelForCausalLM.from_pretrained(tiny_base), tok)
+    return model_stop_ids(AutoModelForCausalLM.from_pretrained(tiny_base), tok)
 
 
 def test_the_requests_for_a_base(fake_vllm, tiny_base):
-    from qsimpo.eval.generate import render_prompt
+    from qsimpo.generate import prompt_ids
     from qsimpo.pairs.sample import sample_seed
 
     policy = load_vllm(str(tiny_base), seed=3)
@@ -111,7 +111,7 @@ def test_the_requests_for_a_base(fake_vllm, tiny_base):
     assert stops and policy.stops == stops
     answers, tokens, cut = policy([OWLS, RAIN], ["owls", "rain"], 3, 0.7, 0.9, 12, 3)
     (call,) = llm.calls
-    assert [p["prompt_token_ids"] for p in call.prompts] == [render_prompt(policy.tokenizer, m) for m in (OWLS, RAIN)]
+    assert [p["prompt_token_ids"] for p in call.prompts] == [prompt_ids(policy.tokenizer, m) for m in (OWLS, RAIN)]
     assert [p.seed for p in call.params] == [sample_seed(3, "owls", 0), sample_seed(3, "rain", 0)]
     for p in call.params:
         assert (p.n, p.temperature, p.top_p, p.max_tokens, p.stop_token_ids) == (3, 0.7, 0.9, 12, stops)
@@ -120,7 +120,7 @@ def test_the_requests_for_a_base(fake_vllm, tiny_base):
     assert [a[:2] for a in answers] == [["owls", "owls owls"]] * 2
     assert all(a[2].startswith("owls owls") and len(a[2]) > len("owls owls") for a in answers)
     words = [len(LLM.tokenizer(" ".join(["owls"] * k), add_special_tokens=False).input_ids) for k in (1, 2)]
-    assert cut == 2 and tokens == 2 * (words[0] + 1 + words[1] + 1 + 12)
+    assert cut == 2 and tokens == 2 * (words[0] + words[1] + 12)  # the stop tokens are not counted
 
 
 def test_an_adapter_runs_through_vllms_lora_on_its_recorded_base(fake_vllm, tiny_base, tiny_adapters):
@@ -210,7 +210,7 @@ def test_auto_without_cuda_records_transformers(fake_vllm, files, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sample, "load_policy", lambda *a, **k: (None, None, "fake"))
-    monkeypatch.setattr(sample, "sample", lambda model, tok, prompts, ids, n, *a: ([["a", "bb", "ccc"][:n]] * len(prompts),
+    monkeypatch.setattr(sample, "sample", lambda model, tok, prompts, ids, n, *a, **k: ([["a", "bb", "ccc"][:n]] * len(prompts),
                                                                                    0, 0))
     prompts, scorer, out = files
     make_pairs(str(prompts), "fake-model", scorer, str(out), n=3)
