@@ -8,6 +8,7 @@ module, and with it torch, is imported. docs/cli.md is generated from this table
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
@@ -19,6 +20,7 @@ from qsimpo.grammar import Command, Opt, constant
 from qsimpo.paths import (check_adapter_arg, check_folder_arg, check_model_arg, check_out_folder, check_source_arg,
                           names_local)
 from qsimpo.record import COMMAND_RECORD, write_settings
+from qsimpo.run_dir import META
 
 # ----------------------------------------------------------------------------------- shared options
 BASE_HELP = "base model Hub id or folder (default: the one the adapter's qsimpo.json records)"
@@ -69,7 +71,14 @@ def _quickstart_check(s: dict, given: dict) -> None:
 
 
 def _merge_check(s: dict, given: dict) -> None:
-    check_out_folder(s["out"], "--out", None, s["overwrite"], "the merged model")
+    out = Path(s["out"])
+    try:
+        merged = "merged_from" in json.loads((out / META).read_text())
+    except (OSError, ValueError):
+        merged = False
+    if merged and not s["overwrite"]:
+        raise OutputExists(f"{out} already holds a merged model: choose another --out, or pass --overwrite to replace it")
+    check_out_folder(out, "--out", None, s["overwrite"], "the merged model")
 
 
 def _pairs_check(s: dict, given: dict) -> None:
@@ -77,7 +86,7 @@ def _pairs_check(s: dict, given: dict) -> None:
     if out.is_dir():
         raise OutputExists(f"--out {out} is a folder; qsimpo pairs appends its pairs to a JSONL file: pass a file name "
                            "such as pairs.jsonl")
-    if out.exists() and not Path(f"{out}.settings.json").exists():
+    if out.is_file() and out.stat().st_size and not Path(f"{out}.settings.json").exists():
         raise OutputExists(f"{out} exists and was not written by `qsimpo pairs` (no {out.name}.settings.json beside it): "
                            "pass another --out")
 

@@ -141,6 +141,11 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def metavar(opt: Opt, param: Param) -> str:
+    """What help shows for the value: N for a whole number, X for a number, else the option's name."""
+    return opt.metavar or {"int": "N", "float": "X"}.get(param.kind) or opt.flags[0].lstrip("-").replace("-", "_").upper()
+
+
 def default_text(default: Any) -> str:
     if default in (EMPTY, UNREAD, None, False, True, ()) or default == []:
         return ""
@@ -193,7 +198,7 @@ class Command:
                 names = opt.flags
                 kw["dest"] = opt.param
                 if param.kind != "bool":
-                    kw["metavar"] = opt.metavar or names[0].lstrip("-").replace("-", "_").upper()
+                    kw["metavar"] = metavar(opt, param)
                 if param.default is EMPTY and opt.required is not False:
                     kw["required"] = True
             if param.kind == "bool":
