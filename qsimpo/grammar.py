@@ -20,6 +20,7 @@ import argparse
 import ast
 import functools
 import importlib
+import importlib.util
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ _BUILDERS = {"frozenset": frozenset, "tuple": tuple}
 # ------------------------------------------------------------------------------------------ signatures
 @functools.lru_cache(maxsize=None)
 def _tree(module: str) -> ast.Module:
+    if module.partition(".")[0] != "qsimpo":  # not ours: found the usual way (finding a submodule imports its package)
+        return ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
     parts = module.split(".")[1:]
     path = PACKAGE.joinpath(*parts).with_suffix(".py") if parts else PACKAGE / "__init__.py"
     if not path.is_file():
@@ -164,7 +167,7 @@ class Command:
     dry_run: bool = False  # add --dry-run (the function has none): the command line prints the plan
     overwrite: bool = False  # add --overwrite (the function has none): lets check() write into a used --out
     retired: dict[str, str] = field(default_factory=dict)  # old flag -> message naming what replaced it
-    check: Callable[[dict, "Command"], None] | None = None  # (settings, command) -> raises, before heavy imports
+    check: Callable[[dict, dict], None] | None = None  # (settings, given) -> raises, before heavy imports
     choose: Callable[[dict], int] | None = None  # settings -> index into targets
     overrides: bool = False  # the rest of the arguments are a training config's --section.key VALUE overrides
     epilog: str | None = None
@@ -228,6 +231,10 @@ class Command:
         spellings = [*opt.flags, *opt.old]
         return next((a.partition("=")[0] for a in argv if a.partition("=")[0] in spellings), opt.flags[0])
 
+    def parse_args_only(self, argv: list[str]) -> dict:
+        """The options given, as the parser reads them, before any check (for tests and tools)."""
+        return vars(self.parser.parse_known_args(argv)[0] if self.overrides else self.parser.parse_args(argv))
+
     def parse(self, argv: list[str]) -> tuple[dict, dict]:
         """(the options given, every setting: given ones over the functions' defaults); path checks done."""
         if self.overrides:
@@ -246,7 +253,7 @@ class Command:
             if added:
                 settings.setdefault(extra, False)
         if self.check:
-            self.check(settings, self)
+            self.check(settings, given)  # it may fill in a default it resolves (eval: --out), for both
         return given, settings
 
     def call(self, given: dict, settings: dict, **extra):
