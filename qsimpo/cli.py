@@ -38,6 +38,12 @@ def check_scorer_arg(spec: str, flag: str) -> None:
         raise UsageError(f"{flag} {spec}: no such folder; give a reward model's folder or Hub id, or module:function")
 
 
+def at_least_1(value: int, flag: str) -> None:
+    """A count that must be >= 1, said as the command's own check says it (they agree; this one runs sooner)."""
+    if value < 1:
+        raise UsageError(f"{flag} {value}: give a whole number >= 1")
+
+
 def _config_opts(*extra: Opt, out: bool = False) -> list[Opt]:
     opts = [Opt("config", "YAML config with sections model, lora, data, simpo, train (see configs/)", positional=True),
             *extra,
@@ -135,10 +141,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                  "run's data.eval from the adapter's config.yaml); with --scorer or --generate, prompts alone will do "
                  "(a prompt column; the preference metrics are then skipped)", check=check_source_arg),
              Opt("split", "split to read from a Hub dataset or DatasetDict folder (default: the run's data.split)"),
-             Opt("max_rows", "read at most this many rows (pairs or prompts)"),
+             Opt("max_rows", "read at most this many rows (pairs or prompts)", check=at_least_1),
              Opt("generate", "also answer N held-out prompts with both models (default: none; with --scorer, every "
                  "held-out prompt)", metavar="N"),
-             Opt("max_new_tokens", "longest generated answer, in tokens"),
+             Opt("max_new_tokens", "longest generated answer, in tokens", check=at_least_1),
              Opt("temperature", "sampling temperature of the answers (default: 0.7; with --scorer 0, greedy)"),
              Opt("top_p", "nucleus sampling of the answers (at temperature > 0)"),
              Opt("seed", "seed of prompt i is seed + i, the same for both models; also seeds --scorer's bootstrap"),
@@ -148,7 +154,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                  "unless --generate/--temperature say otherwise", metavar="SCORER", check=check_scorer_arg),
              Opt("base", BASE_HELP, check=check_model_arg, metavar="MODEL"),
              Opt("batch_size", "pairs per forward pass when scoring, prompts per generate call when answering, "
-                 "answers per reward-model batch"),
+                 "answers per reward-model batch", check=at_least_1),
              Opt("beta", "β for rewards and loss (default: the run's simpo.beta)"),
              Opt("gamma", "γ for the loss (default: the run's resolved simpo γ)"),
              Opt("out", "output folder (default: ADAPTER/eval for a local adapter)", metavar="DIR")],
@@ -235,10 +241,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
              Opt("n", "answers sampled per prompt", flag="--num-samples", old=("--n",)),
              Opt("temperature", "sampling temperature"),
              Opt("top_p", "nucleus sampling"),
-             Opt("max_new_tokens", "longest answer, in tokens"),
-             Opt("max_prompts", "answer at most the first N distinct prompts (default: all)"),
+             Opt("max_new_tokens", "longest answer, in tokens", check=at_least_1),
+             Opt("max_prompts", "answer at most the first N distinct prompts (default: all)", check=at_least_1),
              Opt("seed", "answer k to a prompt is seeded by (seed, prompt, k), whatever the batch"),
-             Opt("batch_size", "prompts per generate call (each with --num-samples answers; with vLLM give more, e.g. 64)"),
+             Opt("batch_size", "prompts per generate call (each with --num-samples answers; with vLLM give more, e.g. 64)", check=at_least_1),
              Opt("split", "split of a Hub dataset or DatasetDict folder"),
              Opt("subset", "configuration (subset) of a Hub dataset"),
              Opt("prompt_column", "the column holding the prompt, when it is not called prompt (e.g. instruction)"),

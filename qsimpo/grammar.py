@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from qsimpo.errors import UsageError
+from qsimpo.errors import QsimpoError, UsageError
 
 EMPTY = object()  # a parameter without a default: required
 UNREAD = object()  # a default the source does not spell as a constant (e.g. ``log=print``): not settable on the command line
@@ -242,11 +242,17 @@ class Command:
             given = {**vars(namespace), "overrides": rest}
         else:
             given = vars(self.parser.parse_args(argv))
+        problems = []  # every argument's problem, said together
         for opt in self.options:
             if opt.check and given.get(opt.param) is not None:
                 values = given[opt.param] if isinstance(given[opt.param], list) else [given[opt.param]]
                 for value in values:
-                    opt.check(value, self.flag_of(opt.param, argv))
+                    try:
+                        opt.check(value, self.flag_of(opt.param, argv))
+                    except QsimpoError as e:
+                        problems.append(e)
+        if problems:
+            raise type(problems[0])("; ".join(map(str, problems)))
         settings = {o.param: self.param(o).default for o in self.options if self.param(o).default is not EMPTY}
         settings.update({k: v for k, v in given.items()})
         for extra, added in (("dry_run", self.dry_run), ("overwrite", self.overwrite)):

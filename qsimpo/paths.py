@@ -14,6 +14,7 @@ appends to and resumes from.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -70,9 +71,10 @@ def check_source_arg(value: str, flag: str) -> None:
     p = Path(value).expanduser()
     if p.exists():
         return
-    if names_local(value):
-        raise InputNotFound(f"{named(flag, value)}: no such file or folder; pass a JSONL/JSON/parquet file, a datasets "
-                            "folder or a Hub dataset id")
+    if names_local(value):  # the words of the data pipeline's own check (qsimpo.data.sources), said sooner
+        raise InputNotFound(f"{value}: file not found (working directory {os.getcwd()}); check "
+                            f"{flag.removesuffix('=').strip() or 'the path'} (a JSONL/JSON/parquet file, a datasets "
+                            "folder or a Hub dataset id)")
 
 
 def check_out_folder(out: str | Path, flag: str, own: frozenset[str] | set[str] | None, overwrite: bool,

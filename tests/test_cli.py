@@ -143,7 +143,7 @@ def test_outputs_are_checked_before_the_work_starts(tmp_path, capsys):
     (["merge", "me/a", "--out", "x", "--dtype", "float8"], "invalid choice: 'float8'"),
     (["eval", "me/a", "--batch-size", "many"], "invalid int value: 'many'"),
     (["eval", "me/a", "--scorer", "nope.py:f"], "--scorer nope.py:f: no file nope.py"),
-    (["pairs", "nope.jsonl", "--model", "m/m", "--scorer", "a:b", "--out", "o.jsonl"], "prompts nope.jsonl: no such file"),
+    (["pairs", "nope.jsonl", "--model", "m/m", "--scorer", "a:b", "--out", "o.jsonl"], "nope.jsonl: file not found"),
     (["train", "nope.yaml"], "config file nope.yaml does not exist"),
 ])
 def test_what_the_arguments_alone_show_is_one_message_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
