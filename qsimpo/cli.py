@@ -8,6 +8,7 @@ module, and with it torch, is imported. docs/cli.md is generated from this table
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -42,6 +43,12 @@ def at_least_1(value: int, flag: str) -> None:
     """A count that must be >= 1, said as the command's own check says it (they agree; this one runs sooner)."""
     if value < 1:
         raise UsageError(f"{flag} {value}: give a whole number >= 1")
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def _config_opts(*extra: Opt, out: bool = False) -> list[Opt]:
@@ -127,7 +134,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             ("qsimpo.commands:plan",),
             _config_opts(Opt("gpu_memory", "the GPU's memory, e.g. 24GiB, 80GB", metavar="SIZE"),
                          Opt("processes", "processes the run is launched with (torchrun --nproc_per_node): with "
-                                          "train.fsdp the weights are split between them"),
+                                          "train.fsdp the weights are split between them", convert=positive),
                          Opt("from_data", "size the worst micro-batch from the config's own data (tokenized as training "
                                           "would) instead of assuming every row fills data.max_length", old=("--data",))), overrides=True),
     Command("eval", "held-out reward accuracy, margins, length diagnostics, judged answers: SFT vs aligned",

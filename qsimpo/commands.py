@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qsimpo.console import is_main, say
-from qsimpo.errors import CheckFailed, InputNotFound, UsageError
+from qsimpo.errors import CheckFailed, InputNotFound, QsimpoError, UsageError
 
 # shared spelling -> the config key it sets
 SHARED = {"base": "model.name_or_path", "seed": "train.seed", "out": "train.output_dir",
@@ -38,24 +38,35 @@ def load(config: str, overrides: list[str], **shared):
 
 
 def check_paths(cfg, data: bool = True, output: bool = True) -> None:
-    """What the config's paths alone show: missing local data or model, an output folder that is a file or not a run."""
+    """What the config's paths alone show, every problem at once: missing local data or model, an output folder that
+    is a file or not a run."""
     from qsimpo.paths import check_model_arg, check_out_folder, check_source_arg
 
+    checks = []
     if data:
-        check_source_arg(cfg.data.path, "data.path =")
+        checks.append(lambda: check_source_arg(cfg.data.path, "data.path ="))
         if cfg.data.eval is not None and cfg.data.eval_fraction is None:
-            check_source_arg(str(cfg.data.eval), "data.eval =")
-    try:
-        check_model_arg(cfg.model.name_or_path, "model.name_or_path =")
-    except InputNotFound:
-        raise InputNotFound(f"model.name_or_path = {cfg.model.name_or_path!r} could not be loaded: there is no such "
-                            "local model folder or .gguf file; give a Hub id (OWNER/NAME) or the folder of a saved "
-                            "model") from None
+            checks.append(lambda: check_source_arg(str(cfg.data.eval), "data.eval ="))
+    checks.append(lambda: check_model_arg(cfg.model.name_or_path, "model.name_or_path ="))
     if output:
         out = Path(cfg.train.output_dir)
         is_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)  # resuming, replacing: training decides
         own = frozenset(p.name for p in out.iterdir()) if is_run else frozenset()
-        check_out_folder(out, "--train.output_dir", own, cfg.train.overwrite, "the adapter")
+        checks.append(lambda: check_out_folder(out, "--train.output_dir", own, cfg.train.overwrite, "the adapter"))
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except InputNotFound as e:
+            if "model.name_or_path" in str(e):
+                e = InputNotFound(f"model.name_or_path = {cfg.model.name_or_path!r} could not be loaded: there is no "
+                                  "such local model folder or .gguf file; give a Hub id (OWNER/NAME) or the folder of a "
+                                  "saved model")
+            problems.append(e)
+        except QsimpoError as e:
+            problems.append(e)
+    if problems:
+        raise type(problems[0])("; ".join(map(str, problems)))
 
 
 def train(config: str, overrides: list[str] = (), base: str | None = None, seed: int | None = None,

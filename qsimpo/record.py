@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import platform
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 COMMAND_RECORD = "command.json"
@@ -27,6 +26,8 @@ PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "datasets")
 
 def versions(*extra: str) -> dict:
     """qsimpo's version, python's and those of PACKAGES (+ ``extra``), read without importing them (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     from qsimpo import __version__
 
     found = {"qsimpo": __version__, "python": platform.python_version()}
