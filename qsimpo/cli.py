@@ -277,10 +277,11 @@ def dry_run(name: str, settings: dict) -> None:
     out = settings.get("out")
     where = (f"append pairs to {out} (settings in {out}.settings.json)" if name == "pairs" else
              f"write into {out}/" if out else "write nothing")
-    shown = {k: v for k, v in settings.items() if k != "dry_run"}
+    flags = {o.param: o.param.upper() if o.positional else o.flags[0] for o in COMMANDS[name].options}
     say(f"dry run: nothing was loaded or written. qsimpo {name} would {where}, with these settings:")
-    for key, value in shown.items():
-        say(f"  {key}: {value!r}")
+    for key, value in settings.items():
+        if key != "dry_run":
+            say(f"  {flags.get(key, '--' + key.replace('_', '-'))} {value!r}")
 
 
 def run(name: str, argv: list[str]) -> int:

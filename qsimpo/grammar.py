@@ -253,8 +253,9 @@ class Command:
                         problems.append(e)
         if problems:
             raise type(problems[0])("; ".join(map(str, problems)))
-        settings = {o.param: self.param(o).default for o in self.options if self.param(o).default is not EMPTY}
-        settings.update({k: v for k, v in given.items()})
+        settings = {o.param: given.get(o.param, self.param(o).default) for o in self.options  # in the options' order
+                    if o.param in given or self.param(o).default is not EMPTY}
+        settings.update(given)
         for extra, added in (("dry_run", self.dry_run), ("overwrite", self.overwrite)):
             if added:
                 settings.setdefault(extra, False)

@@ -175,9 +175,15 @@ def test_dry_run_writes_nothing_and_exits_0(tmp_path, capsys):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     code, out, _ = run(["merge", adapter, "--out", tmp_path / "merged", "--dry-run"], capsys)
-    assert code == 0 and f"would write into {tmp_path / 'merged'}/" in out and "dtype: 'float32'" in out
+    assert code == 0 and f"would write into {tmp_path / 'merged'}/" in out and "--dtype 'float32'" in out
     code, out, _ = run(["eval", adapter, "--dry-run"], capsys)
     assert code == 0 and f"would write into {adapter / 'eval'}/" in out
+    code, out, _ = run(["quickstart", "--out", tmp_path / "qs", "--dry-run"], capsys)
+    assert code == 0 and f"would write into {tmp_path / 'qs'}/" in out
+    prompts = tmp_path / "adapter" / "adapter_config.json"  # any existing file will do: nothing reads it
+    code, out, _ = run(["pairs", prompts, "--model", "me/m", "--scorer", "m:f", "--out", tmp_path / "p.jsonl",
+                        "--num-samples", "3", "--dry-run"], capsys)
+    assert code == 0 and f"append pairs to {tmp_path / 'p.jsonl'}" in out and "--num-samples 3" in out
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["adapter", "adapter_config.json"]
 
 
