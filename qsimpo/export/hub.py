@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qsimpo.console import say
 from qsimpo.errors import InputNotFound, QsimpoError
 from qsimpo.record import qsimpo_version
 from qsimpo.run_dir import ADAPTER_FILES, META
@@ -343,7 +344,7 @@ def upload(plan: PushPlan, token: str) -> str:
 
 
 def push(folder: str | Path, repo_id: str, base_model: str | None = None, private: bool = False, dry_run: bool = False,
-         license: str | None = None, datasets: list[str] = (), include: list[str] = (), log=print) -> PushPlan:
+         license: str | None = None, datasets: list[str] = (), include: list[str] = (), log=say) -> PushPlan:
     """Plan the push, print it, and (unless ``dry_run``) upload it."""
     plan = plan_push(folder, repo_id, base_model, private, license, datasets, include)
     token = None if dry_run else find_token()  # before any output suggests something was sent

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from qsimpo.console import is_main
+from qsimpo.console import is_main, say
 from qsimpo.data.formats import FIXES
 from qsimpo.errors import UsageError
 
@@ -89,7 +89,7 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
     main = is_main()  # under torchrun / accelerate launch, process 0 speaks for all
     if data.bad_rows and main:
         print(data.report())
-    settings["backend"] = resolve_backend(backend, model, base, say=print if main else None)  # answers differ by backend
+    settings["backend"] = resolve_backend(backend, model, base, say=say if main else None)  # answers differ by backend
     unique, keys = [], set()
     for item in items:
         if item[0] not in keys:

@@ -23,7 +23,7 @@ from qsimpo.run_dir import CHECKPOINT_MARKER, CONFIG, METRICS, has_adapter, is_c
 from qsimpo.train.callbacks import (CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain, ProgressBar,
                                     SkipFinishedRun, StopOnSignal, checkpoints, last_complete_checkpoint)
 from qsimpo.config import Config, ConfigError
-from qsimpo.console import is_main
+from qsimpo.console import is_main, say
 from qsimpo.data import read_source, split_eval, tokenize_source
 from qsimpo.errors import InputNotFound, Interrupted, OutputExists
 from qsimpo.train.logprobs import head_chunk_rows
@@ -58,7 +58,6 @@ def resolve_resume(resume_from: str | None, output_dir: Path) -> str | None:
     """The checkpoint folder to resume from: ``auto`` takes the newest complete one in ``output_dir``."""
     if resume_from is None:
         return None
-    say = print if is_main_process() else (lambda *a: None)
     if resume_from == "auto":
         for _, folder in reversed(checkpoints(output_dir)):
             if is_complete(folder):
