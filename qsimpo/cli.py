@@ -199,7 +199,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                  "on vs off)"),
              Opt("n_probes", "probe sequences to verify on", flag="--probes"),
              Opt("verify", "skip the comparison with the adapter", flag="--no-verify"),
-             Opt("max_shard_size", "largest safetensors shard (larger models are split)"),
+             Opt("max_shard_size", "largest safetensors shard (larger models are split)", metavar="SIZE"),
              Opt("overwrite", "replace --out if it exists (only once the new merge passed)"),
              Opt("gguf", "also write OUT/gguf/NAME-TYPE.gguf for llama.cpp and Ollama, read back and checked against "
                  "the merged model, with an Ollama Modelfile (repeatable; {types}); {lora}: the adapter alone as "
@@ -254,9 +254,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
              Opt("batch_size", "prompts per generate call (each with --num-samples answers; with vLLM give more, e.g. 64)", check=at_least_1),
              Opt("split", "split of a Hub dataset or DatasetDict folder"),
              Opt("subset", "configuration (subset) of a Hub dataset"),
-             Opt("prompt_column", "the column holding the prompt, when it is not called prompt (e.g. instruction)"),
+             Opt("prompt_column", "the column holding the prompt, when it is not called prompt (e.g. instruction)",
+                 metavar="COLUMN"),
              Opt("base", "base model for an adapter --model (default: the one its qsimpo.json records)",
-                 check=check_model_arg),
+                 check=check_model_arg, metavar="MODEL"),
              Opt("on_bad_row", "a malformed prompt row stops the run, or is skipped and counted",
                  choices=("error", "skip")),
              Opt("backend", "what samples: transformers' generate (the base in 4 bits), vLLM (pip install vllm; a CUDA "

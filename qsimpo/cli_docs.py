@@ -71,7 +71,9 @@ def _flag(command: Command, opt) -> str:
     param = command.param(opt)
     if opt.positional:
         return f"`{opt.metavar or opt.param.upper()}`"
-    return f"`{opt.flags[0]}{'' if param.kind == 'bool' else ' ' + metavar(opt, param)}`"
+    value = "" if param.kind == "bool" else " {" + ",".join(map(str, opt.choices)) + "}" \
+        if opt.choices and not opt.metavar else " " + metavar(opt, param)
+    return f"`{opt.flags[0]}{value}`"
 
 
 def command_section(command: Command) -> list[str]:
@@ -83,8 +85,6 @@ def command_section(command: Command) -> list[str]:
         if opt.required is False:
             default = ""
         meaning = opt.help.replace("%%", "%").replace("|", "\\|")
-        if opt.choices:
-            meaning += f" (one of {', '.join(map(str, opt.choices))})"
         lines.append(f"| {_flag(command, opt)} | {default} | {meaning} |")
     if command.dry_run:
         lines.append(f"| `--dry-run` |  | {DRY_RUN} |")

@@ -200,7 +200,7 @@ class Command:
             else:
                 names = opt.flags
                 kw["dest"] = opt.param
-                if param.kind != "bool":
+                if param.kind != "bool" and (opt.metavar or not opt.choices):  # choices show themselves: {a,b}
                     kw["metavar"] = metavar(opt, param)
                 if param.default is EMPTY and opt.required is not False:
                     kw["required"] = True
