@@ -7,6 +7,15 @@ command line prints it as ``error: MESSAGE`` with the class's exit code and no t
 (``--debug`` or ``QSIMPO_DEBUG=1`` shows the traceback too). Anything else is a bug and keeps its
 traceback.
 
+Exit codes follow one rule (docs/cli.md):
+
+    0    done (a --dry-run that found nothing wrong included)
+    1    a check that ran and failed: a plan that does not fit, a merge or GGUF file that does not
+         verify, a training step that went non-finite (``CheckFailed``)
+    2    anything the user typed or pointed at must change: arguments, config, data, paths, an
+         output that is not ours to overwrite, a refused merge or push (every other ``QsimpoError``)
+    130  interrupted (Ctrl-C / SIGTERM; ``Interrupted``)
+
 Each subclass also derives from the builtin its callers caught before (ValueError, RuntimeError,
 FileNotFoundError...), so ``except ValueError`` around library calls keeps working.
 """
@@ -15,7 +24,13 @@ from __future__ import annotations
 
 
 class QsimpoError(Exception):
-    """An expected failure: the message says what went wrong and what to do."""
+    """An expected failure: the message says what went wrong and what to do (exit 2: the user changes something)."""
+
+    exit_code = 2
+
+
+class CheckFailed(QsimpoError):
+    """A check that ran to the end and failed (a merge that does not verify, a plan that does not fit)."""
 
     exit_code = 1
 

@@ -211,10 +211,8 @@ def _plain_model(path: Path):
 
 
 def _write_record(folder: Path, path: Path, digest: str) -> None:
-    from importlib.metadata import version
-
-    from qsimpo import __version__
+    from qsimpo.record import versions
 
     record = {"gguf_file": path.name, "sha256": digest, "bytes": path.stat().st_size, "dtype": "float32",
-              "converted_by": f"qsimpo {__version__}", "transformers": version("transformers"), "gguf": version("gguf")}
+              "versions": versions("gguf")}
     (folder / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")

@@ -1,11 +1,15 @@
 """What a user reads at the shell when something is wrong: one message, the fix, a non-zero exit, no traceback.
 
-Every case runs `python -m qsimpo ...` as a subprocess, as a user would, and reads its exit code
-and output. The data cases stop before any model weights load (data is judged first).
+Most cases call `qsimpo.cli.main` in this process, with what it prints captured: the shell adds
+nothing to them, and a subprocess costs seconds of imports each. The ones where the process matters
+run `python -m qsimpo ...` as a user would: the environment read at import (HF_HUB_OFFLINE,
+QSIMPO_DEBUG), and a whole training run. The data cases stop before any model weights load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -15,15 +19,26 @@ from pathlib import Path
 import pytest
 
 from conftest import HH_SAMPLE
+from qsimpo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"prompt": "Name a red fruit.", "chosen": "A strawberry.", "rejected": "The sky is blue."}
 
 
-def qsimpo(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "qsimpo", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+def qsimpo(*args: str, cwd: Path | None = None, env: dict | None = None, subprocess_: bool = False):
+    """The command's exit code, stdout and stderr: in this process unless ``env`` or ``subprocess_`` needs a new one."""
+    if env or subprocess_:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        return subprocess.run([sys.executable, "-m", "qsimpo", *map(str, args)], capture_output=True, text=True,
+                              cwd=cwd, env=env, timeout=300)
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["qsimpo", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
@@ -109,7 +124,8 @@ def test_skip_trains_on_the_rest_and_reports_the_same_table(tmp_path, config):
     rows = [GOOD, {**GOOD, "chosen": "A cherry."}, {**GOOD, "rejected": ""}, '{"x":', {**GOOD, "chosen": "An apple."}]
     data = write_lines(tmp_path / "skip.jsonl", rows)
     out = tmp_path / "run"
-    result = qsimpo("train", config, "--data.path", data, "--data.on_bad_row", "skip", "--train.output_dir", out)
+    result = qsimpo("train", config, "--data.path", data, "--data.on_bad_row", "skip", "--train.output_dir", out,
+                    subprocess_=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"data {data}: 5 rows read, 3 kept, 2 dropped" in result.stdout
     assert "skipped bad rows (data.on_bad_row: skip):" in result.stdout
@@ -177,6 +193,6 @@ def test_command_options_are_checked_by_argparse(tmp_path):
 
 def test_debug_shows_the_traceback(tmp_path, config):
     data = write_lines(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "rejected": ""}])
-    for result in (qsimpo("train", config, "--data.path", data, "--debug"),
+    for result in (qsimpo("train", config, "--data.path", data, "--debug", subprocess_=True),
                    qsimpo("train", config, "--data.path", data, env={"QSIMPO_DEBUG": "1"})):
         assert result.returncode == 2 and "Traceback" in result.stderr and "empty_text" in result.stderr

@@ -138,7 +138,7 @@ def test_quickstart_demo_train_eval_merge_push_quickstart(tmp_path, smollm2_gguf
     args = ["push", "adapters/quickstart-merged", "--repo", "me/smollm2-135m-simpo", "--dry-run"]
     if base != HUB_ID:
         message = user.run(*args, expect=1)
-        assert "--base-model" in message, message
+        assert "--base OWNER/NAME" in message, message
         args += ["--base-model", HUB_ID]
     out = user.run(*args)
     assert "me/smollm2-135m-simpo" in out and "model.safetensors" in out and "README.md" in out, out

@@ -225,7 +225,7 @@ def test_gguf_export_answers_like_the_merge(trained, tmp_path):
 def test_push_names_the_hub_model_not_the_gguf_file(trained, smollm2_gguf, tmp_path):
     from qsimpo.export.hub import PushError, plan_push
 
-    with pytest.raises(PushError, match=rf"records the base model as the local path '{smollm2_gguf}'.*--base-model"):
+    with pytest.raises(PushError, match=rf"records the base model as the local path '{smollm2_gguf}'.*--base OWNER/NAME"):
         plan_push(trained[0].output_dir, "me/smol-simpo")
     adapter = tmp_path / "adapter"  # trained from the folder holding the file, named in model.gguf_file
     shutil.copytree(trained[0].output_dir, adapter, ignore=shutil.ignore_patterns("checkpoint-*", "eval-out"))

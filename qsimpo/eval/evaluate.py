@@ -19,13 +19,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from qsimpo import __version__
 from qsimpo.eval import metrics as M
 from qsimpo.errors import UsageError
 from qsimpo.data import DataError, looks_local, prompt_messages, read_source, split_eval, tokenize_source
@@ -293,13 +291,9 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
         result["training"] = {"logged_rows": len(rows), "last_step": max(r.get("step", 0) for r in rows),
                               "last_eval": evals[-1] if evals else None}
     result["per_pair"] = per_pair
-    import bitsandbytes
-    import peft
-    import transformers
+    from qsimpo.record import versions
 
-    result["versions"] = {"qsimpo": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                          "transformers": transformers.__version__, "peft": peft.__version__,
-                          "bitsandbytes": bitsandbytes.__version__}
+    result["versions"] = versions()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")

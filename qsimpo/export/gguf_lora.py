@@ -266,10 +266,9 @@ def export_lora(adapter: str, out_dir: str | Path, lp: LoraPlan, config, name: s
     """Write ``out_dir/NAME-LoRA-F32.gguf`` with its JSON record, read it back and check it; GGUFError (after
     removing both) when the file does not hold the adapter."""
     import time
-    from importlib.metadata import version
 
-    from qsimpo import __version__
     from qsimpo.gguf import sha256
+    from qsimpo.record import versions
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -286,8 +285,7 @@ def export_lora(adapter: str, out_dir: str | Path, lp: LoraPlan, config, name: s
         record = {"gguf_file": path.name, "type": SUFFIX, "bytes": path.stat().st_size, "sha256": sha256(path),
                   "architecture": lp.arch, "adapter.lora.alpha": lp.alpha, "ranks": ranks, "rslora": lp.rslora,
                   "from": name, "base_model": base, "apply": f"llama-cli -m BASE.gguf --lora {path.name}",
-                  "seconds": round(time.time() - start, 1), "check": report, "written_by": f"qsimpo {__version__}",
-                  "gguf": version("gguf")}
+                  "seconds": round(time.time() - start, 1), "check": report, "versions": versions("gguf")}
         (out_dir / f"{path.stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     except BaseException:
         path.unlink(missing_ok=True)

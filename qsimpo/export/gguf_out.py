@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qsimpo.export.gguf_arch import ARCHITECTURES, NOT_YET, arch_metadata, arch_notes, rope_factors
-from qsimpo.export.gguf_errors import GGUFError
+from qsimpo.export.gguf_errors import GGUFCheckFailed, GGUFError
 from qsimpo.export.gguf_vocab import SPLIT_NAMES, pre_tokenizer, write_vocab  # noqa: F401 (re-exported)
 
 # --gguf TYPE -> (gguf-py quantization type name, llama.cpp file type name, bits per weight, block size).
@@ -266,12 +266,11 @@ def export(folder: str | Path, pl: Plan, name: str | None = None, merged=None, l
     Raises GGUFError, after removing what it wrote, when a file does not answer like the merged model."""
     import shutil
     import time
-    from importlib.metadata import version
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from qsimpo import __version__
+    from qsimpo.record import versions
     from qsimpo.export.gguf_check import check, held_out_probes
     from qsimpo.export.verify import next_token_logprobs
     from qsimpo.gguf import sha256
@@ -304,14 +303,13 @@ def export(folder: str | Path, pl: Plan, name: str | None = None, merged=None, l
             for line in report.lines():
                 log(line)
             if not report.passed:
-                raise GGUFError(f"{path.name} does not answer like the merged model ({'; '.join(report.problems)}); "
+                raise GGUFCheckFailed(f"{path.name} does not answer like the merged model ({'; '.join(report.problems)}); "
                                 "nothing was kept. Try a larger type (f16 or q8_0) or report the model's architecture")
             digest = sha256(path)
             record = {"gguf_file": path.name, "type": TYPES[qtype][0], "bytes": path.stat().st_size, "sha256": digest,
                       "architecture": pl.arch, "tokenizer_pre": pl.pre, "notes": pl.notes, "from": name, "modelfile": f"{path.stem}.Modelfile",
                       "seconds": {"write": round(written, 1), "check": round(time.time() - start - written, 1)},
-                      "check": report.to_dict(), "written_by": f"qsimpo {__version__}", "gguf": version("gguf"),
-                      "transformers": version("transformers")}
+                      "check": report.to_dict(), "versions": versions("gguf")}
             (out_dir / f"{path.stem}.json").write_text(json.dumps(record, indent=2) + "\n")
             (out_dir / f"{path.stem}.Modelfile").write_text(modelfile(path.name, tokenizer, generation))
             log(f"  {path.stat().st_size / 1e6:.1f} MB in {written:.0f} s; Ollama: {path.stem}.Modelfile")

@@ -16,7 +16,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qsimpo.console import say
 from qsimpo.errors import InputNotFound, QsimpoError
+from qsimpo.record import qsimpo_version
 from qsimpo.run_dir import ADAPTER_FILES, META
 
 MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
@@ -108,13 +110,13 @@ def hub_base_model(meta: dict, override: str | None, folder: Path) -> str:
     recorded = meta.get("base_model")
     if override:
         if _is_local(override):
-            raise PushError(f"--base-model {override!r} is not a Hub model id: give it as OWNER/NAME, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
+            raise PushError(f"--base {override!r} is not a Hub model id: give it as OWNER/NAME, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
         return override
     if not recorded:
-        raise PushError(f"{folder / META} records no base model: name it with --base-model OWNER/NAME")
+        raise PushError(f"{folder / META} records no base model: name it with --base OWNER/NAME")
     if _is_local(recorded):
         raise PushError(f"{folder / META} records the base model as the local path {recorded!r}, and a card "
-                        "must name a Hub id: pass --base-model OWNER/NAME (the Hub model that folder holds)")
+                        "must name a Hub id: pass --base OWNER/NAME (the Hub model that folder holds)")
     return recorded
 
 
@@ -215,7 +217,7 @@ def build_card(kind: str, repo_id: str, base_model: str, meta: dict, config: dic
     if kind == "adapter":
         what = (f"A LoRA adapter for [{base_model}](https://huggingface.co/{base_model}), trained with SimPO (Meng, "
                 f"Xia & Chen, 2024: reference-free, length-normalized preference optimization) on the {quantization} "
-                f"base (QLoRA) by qsimpo {meta.get('qsimpo_version', '')}.")
+                f"base (QLoRA) by qsimpo {qsimpo_version(meta)}.")
     else:
         into = (f"the dequantized {quantization} weights it was trained against" if meta.get("base_weights") == "dequantized"
                 else "the original (unquantized) base weights")
@@ -342,7 +344,7 @@ def upload(plan: PushPlan, token: str) -> str:
 
 
 def push(folder: str | Path, repo_id: str, base_model: str | None = None, private: bool = False, dry_run: bool = False,
-         license: str | None = None, datasets: list[str] = (), include: list[str] = (), log=print) -> PushPlan:
+         license: str | None = None, datasets: list[str] = (), include: list[str] = (), log=say) -> PushPlan:
     """Plan the push, print it, and (unless ``dry_run``) upload it."""
     plan = plan_push(folder, repo_id, base_model, private, license, datasets, include)
     token = None if dry_run else find_token()  # before any output suggests something was sent

@@ -30,7 +30,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from qsimpo.errors import QsimpoError
+from qsimpo.console import say
+from qsimpo.errors import CheckFailed, QsimpoError
 
 BASE_WEIGHTS = ("dequantized", "original")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -51,6 +52,8 @@ class MergeError(QsimpoError, RuntimeError):
 
 class VerifyError(MergeError):
     """The merged model does not behave like the adapter; ``report`` holds the measurements."""
+
+    exit_code = CheckFailed.exit_code  # a check that ran and failed (1), not a refusal (2)
 
     def __init__(self, message: str, report=None):
         super().__init__(message)
@@ -84,7 +87,7 @@ def check_request(adapter: str, out: Path, base: str | None, overwrite: bool) ->
 
 def merge(adapter: str, out: str | Path, base_weights: str = "dequantized", dtype: str = DEFAULT_DTYPE, verify: bool = True,
           max_kl: float = DEFAULT_MAX_KL, overwrite: bool = False, base: str | None = None, max_shard_size: str = "5GB",
-          n_probes: int = 8, device: str | None = None, log=print, max_ratio: float = DEFAULT_MAX_RATIO,
+          n_probes: int = 8, device: str | None = None, log=say, max_ratio: float = DEFAULT_MAX_RATIO,
           gguf: list[str] | None = None) -> MergeResult:
     """Merge ``adapter`` (a folder or Hub id) into its base and write a transformers model to ``out``.
 
@@ -214,8 +217,8 @@ def _save(merged, folder: Path, adapter: str, base: str, meta: dict, base_weight
     """Model (sharded safetensors) + generation config, the base's own tokenizer and chat template, provenance."""
     from transformers import AutoTokenizer
 
-    from qsimpo import __version__
     from qsimpo.export.hub import final_metrics
+    from qsimpo.record import versions
     from qsimpo.run_dir import copy_config, write_meta
     from qsimpo.train.model import base_config, pretrained_source
 
@@ -228,7 +231,7 @@ def _save(merged, folder: Path, adapter: str, base: str, meta: dict, base_weight
     local = Path(adapter)
     record = {**meta, "base_model": base, "base_model_gguf_file": source.gguf_file,
               "merged_from": str(local.resolve()) if local.is_dir() else adapter,
-              "base_weights": base_weights, "dtype": dtype, "merged_by": f"qsimpo {__version__}",
+              "base_weights": base_weights, "dtype": dtype, "merged_with": versions(),  # "versions": the training's
               "final_metrics": final_metrics(adapter, meta)}
     write_meta(folder, record)
 

@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qsimpo.console import say
 from qsimpo.errors import QsimpoError
 
 SOURCE = Path(__file__).resolve().parents[2]  # the source tree qsimpo runs from (an editable install)
@@ -128,7 +129,7 @@ def upload_space(plan: SpacePlan, token: str, private: bool = False) -> str:
 
 
 def push_space(adapter: str, space_id: str, base: str | None = None, hardware: str = "cpu-basic",
-               private: bool = False, dry_run: bool = False, log=print) -> SpacePlan:
+               private: bool = False, dry_run: bool = False, log=say) -> SpacePlan:
     from qsimpo.export.hub import find_token
 
     if not dry_run:

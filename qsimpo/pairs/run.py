@@ -10,9 +10,9 @@ have no text, or tie on score are dropped and counted. ``qsimpo train`` reads th
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
+from qsimpo.console import is_main, say
 from qsimpo.data.formats import FIXES
 from qsimpo.errors import UsageError
 
@@ -20,7 +20,7 @@ from qsimpo.errors import UsageError
 def _check(n: int, temperature: float, top_p: float, max_new_tokens: int, max_prompts: int | None, batch_size: int) -> None:
     problems = []
     if n < 2:
-        problems.append(f"--n {n}: a pair needs at least 2 answers per prompt (the paper samples 5)")
+        problems.append(f"--num-samples {n}: a pair needs at least 2 answers per prompt (the paper samples 5)")
     if not temperature > 0:
         problems.append(f"--temperature {temperature}: answers at temperature 0 are all the same; give a temperature > 0 "
                         "(the paper uses 0.8)")
@@ -85,10 +85,10 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
     settings = {"model": model, "base": base, "scorer": scorer, "n": n, "temperature": temperature, "top_p": top_p,
                 "max_new_tokens": max_new_tokens, "seed": seed}
     items, data = read_prompts(prompts, split, subset, on_bad_row, prompt_column)  # bad data stops here, before any model loads
-    main = int(os.environ.get("RANK", 0)) == 0  # under torchrun / accelerate launch, process 0 speaks for all
+    main = is_main()  # under torchrun / accelerate launch, process 0 speaks for all
     if data.bad_rows and main:
         print(data.report())
-    settings["backend"] = resolve_backend(backend, model, base, say=print if main else None)  # answers differ by backend
+    settings["backend"] = resolve_backend(backend, model, base, say=say if main else None)  # answers differ by backend
     unique, keys = [], set()
     for item in items:
         if item[0] not in keys:

@@ -65,8 +65,9 @@ def _import_callable(spec: str, target: str, name: str):
             raise UsageError(f"--scorer {spec}: {where} does not import: {type(e).__name__}: {e}; give module:function "
                              "with the module importable from here, or path/to/file.py:function") from e
     if not hasattr(module, name):
-        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
-        raise UsageError(f"--scorer {spec}: {where} has no {name!r} (its callables: {', '.join(found) or 'none'})")
+        found = sorted(k for k, v in vars(module).items()  # its own functions, not the names it imported
+                       if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == module.__name__)
+        raise UsageError(f"--scorer {spec}: {where} has no {name!r} (its functions: {', '.join(found) or 'none'})")
     fn = getattr(module, name)
     if not callable(fn):
         raise UsageError(f"--scorer {spec}: {name!r} in {where} is a {type(fn).__name__}, not a function; the scorer is "

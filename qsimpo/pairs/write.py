@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from qsimpo.record import read_settings, write_settings
 from qsimpo.errors import OutputExists, UsageError
 
 DROP_REASONS = {
@@ -96,7 +97,7 @@ class PairsFile:
         self.dropped_path = Path(f"{out}.dropped.jsonl")
         self.settings_path = Path(f"{out}.settings.json")
         if self.settings_path.exists():
-            before = json.loads(self.settings_path.read_text())
+            before = read_settings(self.settings_path)
             before.setdefault("backend", "transformers")  # written before --backend existed: sampled with transformers
             changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
             if changed:
@@ -117,7 +118,7 @@ class PairsFile:
         """Record the settings with the first row or drop (a run that fails before any leaves nothing behind)."""
         if self.writer and not self.settings_path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.settings_path.write_text(json.dumps(self.settings, indent=2) + "\n")
+            write_settings(self.settings_path, self.settings)  # with the versions, as every command's record
 
     def write(self, row: dict) -> None:
         self._start()

@@ -19,7 +19,7 @@ from qsimpo.run_dir import has_adapter
 
 
 DEFAULT_OUT = "adapters/quickstart"  # `qsimpo demo` with no --adapter serves what this holds
-OWN = frozenset({"data", "base", "adapter", "quickstart.json"})  # all a quickstart writes into its --out
+OWN = frozenset({"data", "base", "adapter", "quickstart.json", "command.json"})  # all a quickstart writes into its --out
 
 
 def fingerprint(*files: Path, **settings) -> dict:

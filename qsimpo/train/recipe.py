@@ -12,7 +12,6 @@ with 130, printing the command that resumes (``--train.resume_from auto``); a se
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from qsimpo import __version__
 from qsimpo.run_dir import CHECKPOINT_MARKER, CONFIG, METRICS, has_adapter, is_complete, write_config, write_meta
 from qsimpo.train.callbacks import (CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain, ProgressBar,
                                     SkipFinishedRun, StopOnSignal, checkpoints, last_complete_checkpoint)
 from qsimpo.config import Config, ConfigError
+from qsimpo.console import is_main, say
 from qsimpo.data import read_source, split_eval, tokenize_source
 from qsimpo.errors import InputNotFound, Interrupted, OutputExists
 from qsimpo.train.logprobs import head_chunk_rows
@@ -52,17 +51,13 @@ class PairDataset(torch.utils.data.Dataset):
         return {"prompt_ids": p["prompt_ids"], "chosen_ids": p["chosen_ids"], "rejected_ids": p["rejected_ids"]}
 
 
-def is_main_process() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", 0)) == 0
+is_main_process = is_main  # the one test of process 0 (qsimpo.console)
 
 
 def resolve_resume(resume_from: str | None, output_dir: Path) -> str | None:
     """The checkpoint folder to resume from: ``auto`` takes the newest complete one in ``output_dir``."""
     if resume_from is None:
         return None
-    say = print if is_main_process() else (lambda *a: None)
     if resume_from == "auto":
         for _, folder in reversed(checkpoints(output_dir)):
             if is_complete(folder):
@@ -229,13 +224,10 @@ def checkpoint_split(cfg: Config, pairs, device: str) -> bool | int:
 
 
 def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict) -> None:
-    import bitsandbytes
-    import peft
-    import transformers
+    from qsimpo.record import versions
 
     write_config(output_dir, cfg)
     meta = {
-        "qsimpo_version": __version__,
         "base_model": cfg.model.name_or_path,
         "base_model_revision": cfg.model.revision,
         "base_model_gguf_file": cfg.model.gguf_file,
@@ -244,13 +236,7 @@ def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict) ->
         "global_step": trainer.state.global_step,
         "epoch": trainer.state.epoch,
         "data": summaries,
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "bitsandbytes": bitsandbytes.__version__,
-        },
+        "versions": versions(),  # qsimpo's own version is versions["qsimpo"]
     }
     write_meta(output_dir, meta)
 

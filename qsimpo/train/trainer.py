@@ -24,6 +24,8 @@ from qsimpo.train.loss import simpo_loss
 class NonFiniteError(QsimpoError, RuntimeError):
     """Training produced a NaN/inf loss or gradient; raised before the optimizer step."""
 
+    exit_code = 1  # a check that ran and failed (qsimpo.errors: CheckFailed)
+
 
 NON_FINITE_CAUSES = (
     "likely causes: a learning rate too high for LoRA (try 10x lower), fp16 overflow (use bf16 or fp32 compute), "

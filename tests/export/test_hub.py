@@ -146,10 +146,10 @@ def test_refuses_local_base_path(adapter_dir, tmp_path, no_upload, capsys):
     base = tmp_path / "base"
     base.mkdir()
     (adapter_dir / "qsimpo.json").write_text(_meta(str(base)))
-    with pytest.raises(PushError, match="local path .*--base-model OWNER/NAME"):
+    with pytest.raises(PushError, match="local path .*--base OWNER/NAME"):
         plan_push(adapter_dir, "me/tiny-simpo")
-    assert cli(["push", str(adapter_dir), "--repo", "me/tiny-simpo", "--dry-run"]) == 1
-    assert "--base-model" in capsys.readouterr().err
+    assert cli(["push", str(adapter_dir), "--repo", "me/tiny-simpo", "--dry-run"]) == 2  # a refusal: the user changes it
+    assert "--base OWNER/NAME" in capsys.readouterr().err
     with pytest.raises(PushError, match="not a Hub model id"):
         plan_push(adapter_dir, "me/tiny-simpo", base_model=str(base))
     plan = plan_push(adapter_dir, "me/tiny-simpo", base_model="org/base-model")
@@ -163,7 +163,7 @@ def test_refuses_local_base_path(adapter_dir, tmp_path, no_upload, capsys):
 def test_missing_or_malformed_token_stops_before_upload(adapter_dir, no_token, no_upload, monkeypatch, capsys):
     with pytest.raises(PushError, match="no Hugging Face token found: run `hf auth login` or set HF_TOKEN"):
         push(adapter_dir, "me/tiny-simpo")
-    assert cli(["push", str(adapter_dir), "--repo", "me/tiny-simpo"]) == 1
+    assert cli(["push", str(adapter_dir), "--repo", "me/tiny-simpo"]) == 2
     assert "no Hugging Face token" in capsys.readouterr().err
     monkeypatch.setenv("HF_TOKEN", "my password")
     with pytest.raises(PushError, match="not a valid token"):

@@ -246,7 +246,7 @@ def test_refusals(adapter, merged, tmp_path, capsys):
     with pytest.raises(UsageError, match="records no base model.*--base"):
         merge(str(no_meta), tmp_path / "y", log=_quiet)
 
-    assert cli(["merge", str(adapter), "--out", str(out)]) == 1  # the CLI prints the reason, returns non-zero
+    assert cli(["merge", str(adapter), "--out", str(out)]) == 2  # a refusal: the CLI prints the reason, exit 2
     assert "already holds a merged model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 

@@ -209,8 +209,13 @@ def test_bad_scores_name_the_prompt(fake_policy, files, name, message):
 
 def test_bad_scorer_specs(files, tmp_path):
     _, scorer, _ = files
-    with pytest.raises(UsageError, match="has no 'missing' \\(its callables: batched, by_length, constant, nan, text\\)"):
+    with pytest.raises(UsageError, match="has no 'missing' \\(its functions: batched, by_length, constant, nan, text\\)"):
         load_scorer(f"{scorer}:missing")
+    imports = tmp_path / "imports.py"  # names a module imports are not its functions
+    imports.write_text("from dataclasses import dataclass\nfrom typing import Callable\n\n\ndef mine(prompt, response):\n"
+                       "    return 1.0\n")
+    with pytest.raises(UsageError, match=r"has no 'helpful' \(its functions: mine\)$"):
+        load_scorer(f"{imports}:helpful")
     with pytest.raises(UsageError, match="'NOT_A_FUNCTION' in the file .* is a int, not a function"):
         load_scorer(f"{scorer}:NOT_A_FUNCTION")
     broken = tmp_path / "broken.py"
