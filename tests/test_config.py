@@ -57,7 +57,7 @@ def test_values_are_taken_as_written():
                "train": {"max_steps": 0, "save_total_limit": 0, "batch_size": True, "report_to": ["wandb", None]},
                "simpo": {"label_smoothing": 0.5, "beta": True}, "model ": 3, 1: {}, "optim": {None: 1}})
     assert e.value.problems == [
-        "unknown section 1: valid sections are model, lora, data, simpo, train",
+        "unknown section 1: valid sections are model, lora, data, loss, simpo, dpo, orpo, cpo, arpo, train",
         "model.revision = 1.1 has the wrong type: expected str | null (quote it to keep it as text)",
         "model.trust_remote_code = 'yes' has the wrong type: expected bool",  # a security switch: true or false only
         "lora.r = 4.5 has the wrong type: expected int",
@@ -68,8 +68,8 @@ def test_values_are_taken_as_written():
         "train.batch_size = True has the wrong type: expected int",
         "train.save_total_limit = 0 must be >= 1 (or null to keep all)",
         "train.report_to = ['wandb', None] has the wrong type: expected list[str] | str",
-        "unknown section 'model ': valid sections are model, lora, data, simpo, train",
-        "unknown section 'optim': valid sections are model, lora, data, simpo, train",
+        "unknown section 'model ': valid sections are model, lora, data, loss, simpo, dpo, orpo, cpo, arpo, train",
+        "unknown section 'optim': valid sections are model, lora, data, loss, simpo, dpo, orpo, cpo, arpo, train",
         "train.max_steps = 0 must be > 0, or -1 to use num_epochs",
     ]
     with pytest.raises(ConfigError, match=r"unknown key lora.1: keys are field names"):
