@@ -160,21 +160,23 @@ def _hashes(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_base, pref_jsonl, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss", ["simpo", "dpo"])
+def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_base, pref_jsonl, tmp_path, monkeypatch, loss):
     out = tmp_path / "run"
-    train(make_config(tiny_base, pref_jsonl, out, "--train.max_steps", "2", "--train.save_steps", "2"))
+    train(make_config(tiny_base, pref_jsonl, out, "--train.max_steps", "2", "--train.save_steps", "2", "--loss.type", loss))
     before = _hashes(out / "checkpoint-2")
 
     from qsimpo.train import trainer as trainer_mod
 
-    real = trainer_mod.simpo_loss
+    real = trainer_mod.pair_sequence_logps
 
-    def poisoned(chosen, *a, **kw):
-        return real(chosen * float("nan"), *a, **kw)
+    def poisoned(*a, **kw):  # the log-probs every loss reads, so the guard is tested whatever the loss
+        chosen, rejected = real(*a, **kw)
+        return chosen._replace(avg=chosen.avg * float("nan"), sum=chosen.sum * float("nan")), rejected
 
-    monkeypatch.setattr(trainer_mod, "simpo_loss", poisoned)
+    monkeypatch.setattr(trainer_mod, "pair_sequence_logps", poisoned)
     cfg = make_config(tiny_base, pref_jsonl, out, "--train.max_steps", "4", "--train.save_steps", "1",
-                      "--train.resume_from", "auto", "--train.overwrite", "true")
+                      "--train.resume_from", "auto", "--train.overwrite", "true", "--loss.type", loss)
     with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at step 3.*resume_from auto"):
         train(cfg)
     assert _hashes(out / "checkpoint-2") == before
