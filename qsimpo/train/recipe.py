@@ -369,7 +369,8 @@ def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
         trainer.remove_callback(ProgressCallback)
         if cfg.train.progress:
             trainer.remove_callback(PrinterCallback)
-            trainer.add_callback(ProgressBar(cfg.train.batch_size * cfg.train.gradient_accumulation_steps * args.world_size))
+            trainer.add_callback(ProgressBar(cfg.train.batch_size * cfg.train.gradient_accumulation_steps * args.world_size,
+                                             cfg.loss.type))
 
         try:
             trainer.train(resume_from_checkpoint=resume)
