@@ -100,13 +100,15 @@ PARAMS = {"simpo": {"beta": 2.0, "gamma_beta_ratio": 0.5, "sft_weight": 0.5}, "d
           "cpo": {"beta": 0.1, "alpha": 1.0}, "arpo": {"beta": 0.1, "alpha": 1.0}}
 
 
-@pytest.fixture(scope="module")
-def model(tiny_base, one_thread):
+@pytest.fixture(scope="module", params=["nf4", "none"])
+def model(request, tiny_base, one_thread):
+    """The tiny model with a LoRA adapter, on the NF4 base and on the full-precision base."""
     from qsimpo.config import LoraConfig, ModelConfig
     from qsimpo.train.model import add_lora, load_base
 
-    m = load_base(ModelConfig(name_or_path=str(tiny_base), quantization="nf4"), "cpu")
-    m = add_lora(m, LoraConfig(r=4, alpha=8, dropout=0.0), quantized=True, gradient_checkpointing=True, seed=0)
+    m = load_base(ModelConfig(name_or_path=str(tiny_base), quantization=request.param, compute_dtype="float32"), "cpu")
+    m = add_lora(m, LoraConfig(r=4, alpha=8, dropout=0.0), quantized=request.param != "none", gradient_checkpointing=True,
+                 seed=0)
     torch.manual_seed(1)
     for n, p in m.named_parameters():
         if "lora_B" in n:  # not the identity: the policy differs from its reference, and errors in the LoRA path show
