@@ -19,7 +19,7 @@ def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
         epilog="Overrides (--section.key VALUE), one per config field:\n" + help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", help="YAML config with sections model, lora, data, simpo, train (see configs/)")
+    p.add_argument("config", help="YAML config with sections model, lora, data, loss, simpo (or dpo, orpo, cpo, arpo), train (see configs/)")
     return p
 
 

@@ -56,9 +56,9 @@ def _weights_stamp(name_or_path: str) -> list | None:
     return [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
 
 
-def reference_key(cfg, model, pairs, split: str) -> dict:
+def reference_key(cfg, model, pairs, split: str, compute_dtype=None) -> dict:
     m, d = cfg.model, cfg.data
-    return {
+    return {"dtype": str(compute_dtype),  # model.compute_dtype as resolved on this device (auto: bf16 or fp32)
         "base_model": m.name_or_path, "revision": m.revision, "gguf_file": m.gguf_file,
         "commit": getattr(getattr(model, "config", None), "_commit_hash", None), "weights": _weights_stamp(m.name_or_path),
         "quantization": m.quantization, "compute_dtype": m.compute_dtype, "attn_implementation": m.attn_implementation,
@@ -128,7 +128,7 @@ def reference_logps(model, pairs, collate, batch_size: int, head_chunk_size: int
 def load_or_compute(cfg, model, pairs, split: str, collate, head_chunk_size: int, compute_dtype, fallback_dir: Path,
                     autocast_dtype=None, say=print, resuming: bool = False) -> Reference:
     """The reference log-probs of ``pairs``: read from the cache when its key matches, else computed and stored."""
-    key = reference_key(cfg, model, pairs, split)
+    key = reference_key(cfg, model, pairs, split, compute_dtype)
     path = cache_path(pairs, key, fallback_dir)
     cached = read_cached(path, key)
     if cached is not None:
