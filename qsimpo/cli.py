@@ -52,7 +52,7 @@ def positive(text: str) -> int:
 
 
 def _config_opts(*extra: Opt, out: bool = False) -> list[Opt]:
-    opts = [Opt("config", "YAML config with sections model, lora, data, simpo, train (see configs/)", positional=True),
+    opts = [Opt("config", "YAML config with sections model, lora, data, loss, simpo (or dpo, orpo, cpo, arpo), train (see configs/)", positional=True),
             *extra,
             Opt("base", "the base (SFT) model: Hub id, folder or .gguf file (sets model.name_or_path)", metavar="MODEL"),
             Opt("trust_remote_code", TRUST + " (sets model.trust_remote_code)")]

@@ -104,7 +104,8 @@ class SimPOConfig:
     gamma_beta_ratio: Float | None = _f(None, "γ/β as in the paper's configs (γ = ratio × β). Default 0.5 when neither is given.", ge=0)
     label_smoothing: Float = _f(0.0, "Conservative smoothing ε in [0, 0.5): mixes in ε of the flipped-preference loss (off by default).", ge=0, lt=0.5)
     loss_type: Literal["sigmoid", "hinge"] = _f("sigmoid", "sigmoid (the paper's SimPO) or hinge (max(0, 1 - β·Δ + γ)).")
-    sft_weight: Float = _f(0.0, "Weight of an NLL term on the chosen response (CPO-SimPO); 0 is pure SimPO.", "0 disables the NLL term", ge=0)
+    sft_weight: Float = _f(0.0, "λ: weight of an NLL term on the chosen responses (CPO-SimPO; TRL's `cpo_alpha`); 0 is pure SimPO.", "0 disables the NLL term", ge=0)
+    sft_reduction: Literal["tokens", "pairs"] = _f("tokens", "How the NLL term averages: tokens (over every chosen token of the micro-batch, as the paper's code and TRL's cpo_alpha) or pairs (each pair's average log-prob, averaged over pairs).")
 
     @property
     def resolved_gamma(self) -> float:
@@ -113,6 +114,39 @@ class SimPOConfig:
             return float(self.gamma)
         ratio = 0.5 if self.gamma_beta_ratio is None else self.gamma_beta_ratio
         return float(ratio) * float(self.beta)
+
+
+LOSSES = ("simpo", "dpo", "orpo", "cpo", "arpo")
+
+
+@dataclass(config=SECTION)
+class LossConfig:
+    type: Literal["simpo", "dpo", "orpo", "cpo", "arpo"] = _f("simpo", "The preference loss: simpo (default), dpo, orpo, cpo or arpo; its parameters go in the section of its name (docs/losses.md).")
+
+
+@dataclass(config=SECTION)
+class DPOConfig:
+    beta: Float = _f(0.1, "β: scale of the implicit reward β·(log π − log π_ref) on summed log-probs (the reference is the base with the adapter off).", "the paper uses 0.1 to 0.5", gt=0)
+    label_smoothing: Float = _f(0.0, "Conservative smoothing ε in [0, 0.5) (cDPO); off by default.", ge=0, lt=0.5)
+
+
+@dataclass(config=SECTION)
+class ORPOConfig:
+    lam: Float = _f(0.1, "λ: weight of the odds-ratio term added to the NLL of the chosen response (TRL's ORPOConfig `beta`).", "the paper uses 0.1 to 1.0", gt=0)
+
+
+@dataclass(config=SECTION)
+class CPOConfig:
+    beta: Float = _f(0.1, "β: scale of the reward β·log π(y|x) on summed log-probs.", gt=0)
+    alpha: Float = _f(1.0, "Weight of the NLL term on the chosen responses, a mean over chosen tokens (TRL's `cpo_alpha`).", ge=0)
+
+
+@dataclass(config=SECTION)
+class ARPOConfig:
+    beta: Float = _f(0.1, "β: scale of the reward β·log π(y|x) on summed log-probs, as CPO.", gt=0)
+    alpha: Float = _f(1.0, "Weight of the NLL term on the chosen responses, a mean over chosen tokens (X-ALMA's `cpo_alpha`).", ge=0)
+    relax_coefficient_1: Float = _f(0.9, "c₁ of the rejection weight min(c₁·exp(c₂·|avg_w − avg_l|) − 1, 1) (X-ALMA's relax_cofficient_1).", gt=0)
+    relax_coefficient_2: Float = _f(0.4, "c₂ of the rejection weight (X-ALMA's relax_cofficient_2).", ge=0)
 
 
 @dataclass(config=SECTION)
@@ -150,14 +184,21 @@ class Config:
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
     simpo: SimPOConfig = Field(default_factory=SimPOConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    orpo: ORPOConfig = Field(default_factory=ORPOConfig)
+    cpo: CPOConfig = Field(default_factory=CPOConfig)
+    arpo: ARPOConfig = Field(default_factory=ARPOConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "simpo": SimPOConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "loss": LossConfig,
+                             "simpo": SimPOConfig, "dpo": DPOConfig, "orpo": ORPOConfig, "cpo": CPOConfig, "arpo": ARPOConfig,
+                             "train": TrainConfig}
 _CONFIG = TypeAdapter(Config)
 # A bound by its name: the Field argument, the attribute of its annotated_types marker and the key of
 # pydantic's error context are all "gt", "ge", "lt" or "le".
@@ -202,6 +243,13 @@ def _problem(loc: tuple, errors: list[dict], raw: dict) -> str:
     section, key = loc
     fields = SECTIONS[section].__pydantic_fields__
     if first["type"] == "unexpected_keyword_argument":
+        owners = [other for other in LOSSES if other != section and key in SECTIONS[other].__pydantic_fields__]
+        if section in (*LOSSES, "loss") and owners:
+            where = ", ".join(f"{o}.{key}" for o in owners)
+            return (f"{section}.{key} is not a parameter of {'any loss here' if section == 'loss' else 'the ' + section + ' loss'}: "
+                    f"{key} belongs to the {', '.join(owners[:-1]) + ' and ' if len(owners) > 1 else ''}{owners[-1]} "
+                    f"loss{'es' * (len(owners) > 1)} ({where}); each loss's "
+                    f"parameters go in the section of its name, chosen by loss.type")
         close = difflib.get_close_matches(str(key), list(fields), n=1)
         hint = f" (did you mean {section}.{close[0]}?)" if close else ""
         return f"unknown key {section}.{key}{hint}; valid keys: {', '.join(fields)}"
@@ -289,6 +337,7 @@ def build(raw: dict, source: str | None = None) -> Config:
         raise ConfigError([f"the top level must be a mapping with sections {', '.join(SECTIONS)}, got {type(raw).__name__}"], source)
     raw = {section: {} if values is None else values for section, values in raw.items()}
     problems, raw = _string_keys(raw)
+    problems += _other_loss_settings(raw)
     try:
         return _checked(_CONFIG.validate_python(raw), problems, source)
     except ValidationError as e:
@@ -300,6 +349,26 @@ def build(raw: dict, source: str | None = None) -> Config:
     for section, key in (loc for loc in found if len(loc) == 2):
         kept[section].pop(key, None)
     return _checked(_CONFIG.validate_python(kept), problems, source)
+
+
+def _other_loss_settings(raw: dict) -> list[str]:
+    """A parameter set (to other than its default) in the section of a loss that loss.type does not choose.
+
+    Defaults are allowed so a run's saved config.yaml, which lists every section, loads again."""
+    loss = raw.get("loss")
+    kind = loss.get("type", "simpo") if isinstance(loss, dict) else "simpo"
+    if kind not in LOSSES:
+        return []  # pydantic names the bad type
+    problems = []
+    for other in LOSSES:
+        if other == kind or not isinstance(raw.get(other), dict):
+            continue
+        fields = SECTIONS[other].__pydantic_fields__
+        for key, value in raw[other].items():
+            if key in fields and value != fields[key].get_default(call_default_factory=True):
+                problems.append(f"{other}.{key} = {value!r} belongs to the {other} loss, and loss.type is {kind}: set "
+                                f"--loss.type {other} to train with it, or remove {other}.{key} from the config")
+    return problems
 
 
 def _unknown_section(name) -> str:
@@ -393,7 +462,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The config as YAML, with the parameters of the chosen loss only (the other losses' sections would be noise)."""
+    data = {k: v for k, v in cfg.to_dict().items() if k not in LOSSES or k == cfg.loss.type}
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def help_text() -> str:

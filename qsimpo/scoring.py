@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from qsimpo.train.logprobs import chunked_token_logps, head_chunk_rows, indexed_logps, per_sequence
+from qsimpo.train.logprobs import SequenceLogps, chunked_token_logps, head_chunk_rows, indexed_logps, per_sequence
 from qsimpo.train.packing import attention_inputs, make_collator
 
 
@@ -69,6 +69,12 @@ def pair_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch.floa
     quickstart and the demo all score responses through it. ``forward_kwargs`` go to the model
     (the demo passes peft's per-row ``adapter_names``).
     """
+    chosen, rejected = pair_sequence_logps(model, inputs, head_chunk_size, compute_dtype, **forward_kwargs)
+    return chosen.avg, rejected.avg
+
+
+def pair_sequence_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch.float32, **forward_kwargs):
+    """``pair_logps`` with sums and token counts: (chosen, rejected) ``SequenceLogps``, what the losses take."""
     b = int(inputs["num_pairs"])
     kwargs = {"input_ids": inputs["input_ids"], "use_cache": False,
               **attention_inputs(inputs, attn_implementation(model), compute_dtype), **forward_kwargs}
@@ -78,7 +84,7 @@ def pair_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch.floa
             logps = per_sequence(model(**kwargs).logits, seq, 2 * b)
     else:
         logps = indexed_logps(model(**kwargs).logits, index, labels, seq, 2 * b)  # the model applied any soft-cap itself
-    return logps.avg[:b], logps.avg[b:]
+    return SequenceLogps(*(t[:b] for t in logps)), SequenceLogps(*(t[b:] for t in logps))
 
 
 class PairScores(NamedTuple):

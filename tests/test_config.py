@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from qsimpo.cli import main
-from qsimpo.config import ConfigError, build, field_docs, load_config
+from qsimpo.config import ConfigError, build, dump_yaml, field_docs, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "qsimpo" / "quickstart").glob("*.yaml"))
@@ -57,7 +57,7 @@ def test_values_are_taken_as_written():
                "train": {"max_steps": 0, "save_total_limit": 0, "batch_size": True, "report_to": ["wandb", None]},
                "simpo": {"label_smoothing": 0.5, "beta": True}, "model ": 3, 1: {}, "optim": {None: 1}})
     assert e.value.problems == [
-        "unknown section 1: valid sections are model, lora, data, simpo, train",
+        "unknown section 1: valid sections are model, lora, data, loss, simpo, dpo, orpo, cpo, arpo, train",
         "model.revision = 1.1 has the wrong type: expected str | null (quote it to keep it as text)",
         "model.trust_remote_code = 'yes' has the wrong type: expected bool",  # a security switch: true or false only
         "lora.r = 4.5 has the wrong type: expected int",
@@ -68,8 +68,8 @@ def test_values_are_taken_as_written():
         "train.batch_size = True has the wrong type: expected int",
         "train.save_total_limit = 0 must be >= 1 (or null to keep all)",
         "train.report_to = ['wandb', None] has the wrong type: expected list[str] | str",
-        "unknown section 'model ': valid sections are model, lora, data, simpo, train",
-        "unknown section 'optim': valid sections are model, lora, data, simpo, train",
+        "unknown section 'model ': valid sections are model, lora, data, loss, simpo, dpo, orpo, cpo, arpo, train",
+        "unknown section 'optim': valid sections are model, lora, data, loss, simpo, dpo, orpo, cpo, arpo, train",
         "train.max_steps = 0 must be > 0, or -1 to use num_epochs",
     ]
     with pytest.raises(ConfigError, match=r"unknown key lora.1: keys are field names"):
@@ -196,3 +196,45 @@ def test_a_data_config_built_in_python_cuts_a_long_pair(tmp_path):
     assert summary.kept == 1 and summary.truncated_prompt == 1
     assert len(pairs[0]["prompt_ids"]) == 16  # max_length // 2
     assert cfg.max_prompt_length is None
+
+
+def test_loss_sections_defaults_and_errors_naming_the_loss():
+    base = {"model": {"name_or_path": "m"}, "data": {"path": "d"}}
+    cfg = build(base)
+    assert cfg.loss.type == "simpo"  # the default, and every shipped config keeps meaning SimPO
+    # each loss's paper defaults
+    assert (cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.orpo.lam, cfg.cpo.beta, cfg.cpo.alpha) == (0.1, 0.0, 0.1, 0.1, 1.0)
+    assert (cfg.arpo.beta, cfg.arpo.alpha, cfg.arpo.relax_coefficient_1, cfg.arpo.relax_coefficient_2) == (0.1, 1.0, 0.9, 0.4)
+    assert cfg.simpo.sft_reduction == "tokens"
+    assert build({**base, "loss": {"type": "dpo"}, "dpo": {"beta": 0.3}}).dpo.beta == 0.3
+    with pytest.raises(ConfigError) as e:
+        build({**base, "loss": {"type": "dpo"}, "simpo": {"beta": 2.5}, "orpo": {"lam": 0.5}, "cpo": {"gamma": 1.0},
+               "arpo": {"relax_coefficient_1": 0.8}})
+    assert e.value.problems == [
+        "simpo.beta = 2.5 belongs to the simpo loss, and loss.type is dpo: set --loss.type simpo to train with it, or "
+        "remove simpo.beta from the config",
+        "orpo.lam = 0.5 belongs to the orpo loss, and loss.type is dpo: set --loss.type orpo to train with it, or remove "
+        "orpo.lam from the config",
+        "arpo.relax_coefficient_1 = 0.8 belongs to the arpo loss, and loss.type is dpo: set --loss.type arpo to train with "
+        "it, or remove arpo.relax_coefficient_1 from the config",
+        "cpo.gamma is not a parameter of the cpo loss: gamma belongs to the simpo loss (simpo.gamma); each loss's "
+        "parameters go in the section of its name, chosen by loss.type",
+    ]
+    with pytest.raises(ConfigError, match=r"loss.beta is not a parameter of any loss here: beta belongs to the simpo, "
+                                          r"dpo, cpo and arpo losses \(simpo.beta, dpo.beta, cpo.beta, arpo.beta\)"):
+        build({**base, "loss": {"type": "dpo", "beta": 0.2}})
+    with pytest.raises(ConfigError, match="loss.type = 'kto' is not one of simpo, dpo, orpo, cpo, arpo"):
+        build({**base, "loss": {"type": "kto"}})
+
+
+def test_saved_config_of_another_loss_loads_again(tmp_path):
+    """config.yaml, as a run writes it, holds the chosen loss's section only and loads back to the same config."""
+    cfg = build({"model": {"name_or_path": "m"}, "data": {"path": "d"}, "loss": {"type": "orpo"}, "orpo": {"lam": 0.25}})
+    text = dump_yaml(cfg)
+    assert "orpo:" in text and "simpo:" not in text and "dpo:" not in text
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert load_config(path) == cfg
+    # a config written before loss sections existed (simpo and train only) still loads as SimPO
+    old = load_config(ROOT / "configs" / "quickstart.yaml")
+    assert old.loss.type == "simpo" and old.simpo.beta == 2.5

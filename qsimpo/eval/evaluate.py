@@ -55,6 +55,8 @@ def simpo_settings(meta: dict, cfg, beta: float | None, gamma: float | None) -> 
     out = {"beta": float(beta if beta is not None else s["beta"]), "gamma": float(gamma if gamma is not None else s["gamma"]),
            "loss_type": s.get("loss_type", "sigmoid"), "label_smoothing": float(s.get("label_smoothing", 0.0)),
            "sft_weight": float(s.get("sft_weight", 0.0)), "source": source}
+    if out["sft_weight"]:  # a run from before sft_reduction existed averaged its NLL term per pair
+        out["sft_reduction"] = s.get("sft_reduction", "pairs")
     return out
 
 
@@ -246,7 +248,7 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
 
         judge = load_scorer(scorer, device_for_rank(), batch_size)  # a bad scorer stops here, before the model loads
     model, tokenizer = load(adapter, base)
-    loss_kw = {k: simpo[k] for k in ("beta", "gamma", "label_smoothing", "loss_type", "sft_weight")}
+    loss_kw = {k: simpo[k] for k in ("beta", "gamma", "label_smoothing", "loss_type", "sft_weight", "sft_reduction") if k in simpo}
     if prompts_only:
         try:
             items, summary = prompt_items(dc, held_out, tokenizer)

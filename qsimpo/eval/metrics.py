@@ -21,7 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from qsimpo.train.loss import simpo_loss
+from qsimpo.train.logprobs import SequenceLogps
+from qsimpo.train.losses import simpo_loss
 
 
 def _check(chosen: torch.Tensor, rejected: torch.Tensor) -> None:
@@ -93,12 +94,14 @@ def prefers_longer(chosen, rejected, chosen_len, rejected_len) -> dict:
 
 
 def preference_metrics(chosen, rejected, chosen_len, rejected_len, beta: float, gamma: float,
-                       label_smoothing: float = 0.0, loss_type: str = "sigmoid", sft_weight: float = 0.0) -> dict:
+                       label_smoothing: float = 0.0, loss_type: str = "sigmoid", sft_weight: float = 0.0,
+                       sft_reduction: str = "tokens") -> dict:
     """Every per-model number of eval.json's ``models.sft`` / ``models.aligned``, from one model's scores."""
     chosen, rejected = chosen.double(), rejected.double()
     margins = reward_margins(chosen, rejected, beta)
-    pure = simpo_loss(chosen, rejected, beta, gamma).losses  # the paper's loss, whatever the run added
-    run = simpo_loss(chosen, rejected, beta, gamma, label_smoothing, loss_type, sft_weight).losses
+    seqs = [SequenceLogps(avg, avg * n.double(), n.double()) for avg, n in ((chosen, chosen_len), (rejected, rejected_len))]
+    pure = simpo_loss(*seqs, beta, gamma).losses  # the paper's loss, whatever the run added
+    run = simpo_loss(*seqs, beta, gamma, label_smoothing, loss_type, sft_weight, sft_reduction).loss  # the NLL over all pairs
     return {
         "n": int(chosen.numel()),
         "reward_accuracy": reward_accuracy(chosen, rejected),
@@ -109,7 +112,7 @@ def preference_metrics(chosen, rejected, chosen_len, rejected_len, beta: float, 
         "logp_chosen_mean": float(chosen.mean()),
         "logp_rejected_mean": float(rejected.mean()),
         "simpo_loss": float(pure.mean()),
-        "loss": float(run.mean()),
+        "loss": float(run),
         "length": {
             "spearman_length_logp": length_logp_spearman(chosen, rejected, chosen_len, rejected_len),
             "accuracy_by_length": accuracy_by_length(chosen, rejected, chosen_len, rejected_len),

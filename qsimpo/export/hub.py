@@ -30,6 +30,15 @@ TAGS = ["qsimpo", "simpo", "qlora", "preference-optimization", "alignment", "nf4
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # where we push: always "owner/name"
 
 
+LOSS_NAMES = {  # the card's sentence for each loss.type
+    "simpo": "SimPO (Meng, Xia & Chen, 2024: reference-free, length-normalized preference optimization)",
+    "dpo": "DPO (Rafailov et al., 2023; its reference is the base with the adapter off)",
+    "orpo": "ORPO (Hong, Lee & Thorne, 2024: odds-ratio preference optimization with an NLL term)",
+    "cpo": "CPO (Xu et al., 2024: contrastive preference optimization with an NLL term)",
+    "arpo": "ARPO (X-ALMA, Xu et al., 2024: CPO with a rejection weight adapted to how alike the pair is)",
+}
+
+
 class PushError(QsimpoError, RuntimeError):
     """A push that cannot or must not go ahead; the message names the flag or file and the fix."""
 
@@ -195,6 +204,8 @@ def build_card(kind: str, repo_id: str, base_model: str, meta: dict, config: dic
     """The model card: Hub metadata (YAML header) + what was trained, on what, and how to load it."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    # which loss trained it, with its parameters: qsimpo.json's "loss" (a run from before it: SimPO, under "simpo")
+    loss = meta.get("loss") or {"type": "simpo", **(meta.get("simpo") or {})}
     data = ModelCardData(
         base_model=base_model,
         base_model_relation="adapter" if kind == "adapter" else "finetune",
@@ -202,29 +213,36 @@ def build_card(kind: str, repo_id: str, base_model: str, meta: dict, config: dic
         pipeline_tag="text-generation",
         license=license,
         datasets=datasets or None,
-        tags=TAGS + (["lora", "peft"] if kind == "adapter" else ["merged-lora"]),
+        tags=[t if t != "simpo" else loss["type"] for t in TAGS] + (["lora", "peft"] if kind == "adapter" else ["merged-lora"]),
     )
     simpo, train, lora = meta.get("simpo") or {}, config.get("train") or {}, config.get("lora") or {}
     quantization = meta.get("quantization", "nf4")
-    beta, gamma = simpo.get("beta"), simpo.get("gamma_resolved")
-    hyper = {"β (beta)": beta, "γ (gamma)": gamma, "γ/β": gamma / beta if beta and gamma is not None else None,
-             "learning rate": train.get("learning_rate"), "steps": meta.get("global_step"),
-             "loss type": simpo.get("loss_type"), "label smoothing": simpo.get("label_smoothing"),
-             "SFT weight": simpo.get("sft_weight"), "LoRA r / α": f"{lora.get('r', '?')} / {lora.get('alpha', '?')}"}
+    if loss["type"] == "simpo":
+        beta, gamma = simpo.get("beta"), simpo.get("gamma_resolved")
+        hyper = {"β (beta)": beta, "γ (gamma)": gamma, "γ/β": gamma / beta if beta and gamma is not None else None,
+                 "learning rate": train.get("learning_rate"), "steps": meta.get("global_step"),
+                 "loss type": simpo.get("loss_type"), "label smoothing": simpo.get("label_smoothing"),
+                 "SFT weight": simpo.get("sft_weight"), "LoRA r / α": f"{lora.get('r', '?')} / {lora.get('alpha', '?')}"}
+    else:
+        hyper = {"loss": loss["type"], **{k: v for k, v in loss.items() if k != "type"},
+                 "learning rate": train.get("learning_rate"), "steps": meta.get("global_step"),
+                 "LoRA r / α": f"{lora.get('r', '?')} / {lora.get('alpha', '?')}"}
+    params = ", ".join(f"{k} {_fmt(v)}" for k, v in loss.items() if k != "type")
     metrics = meta.get("final_metrics") or {}
     shown = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
     name = repo_id.split("/")[-1]
     if kind == "adapter":
-        what = (f"A LoRA adapter for [{base_model}](https://huggingface.co/{base_model}), trained with SimPO (Meng, "
-                f"Xia & Chen, 2024: reference-free, length-normalized preference optimization) on the {quantization} "
-                f"base (QLoRA) by qsimpo {qsimpo_version(meta)}.")
+        what = (f"A LoRA adapter for [{base_model}](https://huggingface.co/{base_model}), trained with "
+                f"{LOSS_NAMES.get(loss['type'], loss['type'])} on the {quantization} base (QLoRA) by qsimpo "
+                f"{qsimpo_version(meta)}.")
     else:
         into = (f"the dequantized {quantization} weights it was trained against" if meta.get("base_weights") == "dequantized"
                 else "the original (unquantized) base weights")
-        what = (f"[{base_model}](https://huggingface.co/{base_model}) with a SimPO QLoRA adapter merged into {into}, "
+        what = (f"[{base_model}](https://huggingface.co/{base_model}) with a {loss['type'].upper()} QLoRA adapter merged into {into}, "
                 f"saved in {meta.get('dtype', 'bfloat16')}. Quantizing this model to 4-bit again re-rounds the merged "
                 "weights and changes its outputs: for 4-bit inference, load the adapter on the 4-bit base instead.")
-    body = [f"# {name}", "", what, "", "## Training", "", _table(hyper), ""]
+    body = [f"# {name}", "", what, "", "## Training", "", f"Loss: {loss['type']}" + (f" ({params})" if params else ""), "",
+            _table(hyper), ""]
     for split, title in (("train", "Final training metrics"), ("eval", "Held-out metrics")):
         if metrics.get(split):
             row = {k: metrics[split].get(("eval_" if split == "eval" else "") + k) for k in shown}

@@ -49,15 +49,15 @@ class FiniteGradGuard(TrainerCallback):
 class ProgressBar(TrainerCallback):
     """tqdm bar over optimizer steps showing loss, reward accuracy, margin and pairs/s."""
 
-    def __init__(self, pairs_per_step: int):
-        self.pairs_per_step = pairs_per_step
+    def __init__(self, pairs_per_step: int, label: str = "simpo"):
+        self.pairs_per_step, self.label = pairs_per_step, label  # label: the loss being trained
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="simpo", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.label, unit="step", dynamic_ncols=True)
             self.t0, self.step0 = time.perf_counter(), state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -102,6 +102,7 @@ class PackedPairCollator:
             "score_labels": torch.tensor(labels),
             "score_seq": torch.tensor(seq),
             "num_pairs": torch.tensor(b),
+            **reference_tensors(features),
         }
 
 
@@ -177,7 +178,15 @@ class PlainPairCollator:
         batch = self.collate(features)
         batch.update(plain_score_tensors(batch["input_ids"], batch["response_mask"]))
         batch["num_pairs"] = torch.tensor(len(features))
+        batch.update(reference_tensors(features))
         return batch
+
+
+def reference_tensors(features: list[dict]) -> dict[str, torch.Tensor]:
+    """The pairs' stored reference log-probs (DPO: summed, base with the adapter off), when the dataset carries them."""
+    if "ref_chosen" not in features[0]:
+        return {}
+    return {key: torch.tensor([f[key] for f in features], dtype=torch.float32) for key in ("ref_chosen", "ref_rejected")}
 
 
 def make_collator(packing: str, pad_token_id: int, attn_implementation: str = "sdpa"):

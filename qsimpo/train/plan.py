@@ -278,6 +278,8 @@ def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[in
     lines.append(f"  {'estimated peak':<30} {total / GiB:8.2f} GiB of {gpu_memory / GiB:.1f} GiB")
     if cfg.train.fsdp and processes > 1:
         lines.append(f"  {'while loading (whole base)':<30} {loading / GiB:8.2f} GiB")
+    if cfg.loss.type == "dpo":
+        lines.append(reference_line(cfg, shape, total, lengths))
     lines.append(eval_line(cfg, shape, gpu_memory, lengths))
     fits = max(total, loading) <= gpu_memory
     if fits:
@@ -297,6 +299,16 @@ def split_text(cfg: Config, checkpointed: int, layers: int, budget: int) -> str:
         source = "train.memory_budget" if cfg.train.memory_budget else "the GPU's memory"
         text += f" (auto: the fewest that fit {budget / GiB:.1f} GiB, {source})"
     return text
+
+
+def reference_line(cfg: Config, shape: Shape, train_peak: float, lengths: list[tuple[int, int, int]] | None = None) -> str:
+    """DPO's one-time pass: the reference log-probs of every pair (adapter off), a forward without gradients at the
+    training batch size, before the first step; afterwards a DPO step costs what a SimPO step costs."""
+    need = eval_estimate(cfg, shape, cfg.train.batch_size, lengths)
+    pairs = f"{len(lengths)} pairs" if lengths is not None else "every pair (--data counts them)"
+    return (f"  dpo reference pass, once before the first step: {pairs}, forward only (about a third of one epoch's "
+            f"compute), {need / GiB:.2f} GiB peak ({'within' if need <= train_peak else 'above'} the training peak); "
+            "stored beside the tokenized data and reused by reruns and resumes")
 
 
 EVAL_BATCH = 8  # qsimpo eval's default --batch-size

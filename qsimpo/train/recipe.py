@@ -1,7 +1,8 @@
 """`qsimpo train`: the recipe, top to bottom.
 
 config → tokenizer → preference pairs (with a summary of what was kept and dropped) →
-4-bit base + LoRA → SimPOTrainer → adapter folder with its provenance.
+4-bit base + LoRA → (DPO: the reference log-probs, once) → PreferenceTrainer with the loss of
+``loss.type`` (SimPO by default) → adapter folder with its provenance.
 
     qsimpo train configs/quickstart.yaml --train.output_dir adapters/x
 
@@ -29,13 +30,15 @@ from qsimpo.errors import InputNotFound, Interrupted, OutputExists
 from qsimpo.train.logprobs import head_chunk_rows
 from qsimpo.train.model import add_lora, compute_dtype, load_base, load_tokenizer
 from qsimpo.train.packing import make_collator
-from qsimpo.train.trainer import SimPOTrainer
+from qsimpo.train.losses import make_loss
+from qsimpo.train.trainer import PreferenceTrainer
 
 
 
 class PairDataset(torch.utils.data.Dataset):
-    def __init__(self, pairs: list[dict]):
+    def __init__(self, pairs: list[dict], reference=None):
         self.pairs = pairs
+        self.reference = reference  # DPO: qsimpo.train.reference.Reference of these pairs, in their order
 
     def __len__(self):
         return len(self.pairs)
@@ -48,7 +51,10 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         p = self.pairs[i]
-        return {"prompt_ids": p["prompt_ids"], "chosen_ids": p["chosen_ids"], "rejected_ids": p["rejected_ids"]}
+        item = {"prompt_ids": p["prompt_ids"], "chosen_ids": p["chosen_ids"], "rejected_ids": p["rejected_ids"]}
+        if self.reference is not None:
+            item["ref_chosen"], item["ref_rejected"] = self.reference.chosen[i], self.reference.rejected[i]
+        return item
 
 
 is_main_process = is_main  # the one test of process 0 (qsimpo.console)
@@ -223,8 +229,46 @@ def checkpoint_split(cfg: Config, pairs, device: str) -> bool | int:
     return checkpointed
 
 
-def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict) -> None:
+def loss_settings(cfg: Config) -> dict:
+    """The loss a run trained with and its parameters, as qsimpo.json records them (and the model card shows)."""
+    params = dict(getattr(cfg, cfg.loss.type).__dict__)
+    if cfg.loss.type == "simpo":
+        params["gamma_resolved"] = cfg.simpo.resolved_gamma
+    return {"type": cfg.loss.type, **params}
+
+
+def has_nll(cfg: Config) -> bool:
+    """Whether the chosen loss adds an NLL term on the chosen responses (then logged as "nll")."""
+    kind = cfg.loss.type
+    return (kind == "orpo" or (kind in ("cpo", "arpo") and getattr(cfg, kind).alpha > 0)
+            or (kind == "simpo" and cfg.simpo.sft_weight > 0))
+
+
+def reference_pass(cfg: Config, model, pairs, eval_pairs, tokenizer, args, head_chunk: int, dtype, output_dir: Path,
+                   resuming: bool) -> dict:
+    """DPO: the reference log-probs of the training (and held-out) pairs, read back or computed once; {} for other losses.
+
+    Process 0 goes first (``main_process_first``) and stores them; the others then read the same file."""
+    if cfg.loss.type != "dpo":
+        return {}
+    from qsimpo.train.reference import load_or_compute, summary_line
+
+    collate = make_collator(cfg.train.packing, tokenizer.pad_token_id, cfg.model.attn_implementation)
+    amp = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    refs = {}
+    with args.main_process_first(desc="dpo reference log-probs"):
+        for split, split_pairs in (("train", pairs), ("eval", eval_pairs)):
+            if split_pairs:
+                refs[split] = load_or_compute(cfg, model, split_pairs, split, collate, head_chunk, dtype,
+                                              output_dir / "reference", amp, say, resuming)
+    say(summary_line(refs))
+    return refs
+
+
+def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict, references: dict | None = None) -> None:
     from qsimpo.record import versions
+
+    from qsimpo.train.reference import provenance as reference_provenance
 
     write_config(output_dir, cfg)
     meta = {
@@ -232,7 +276,9 @@ def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict) ->
         "base_model_revision": cfg.model.revision,
         "base_model_gguf_file": cfg.model.gguf_file,
         "quantization": cfg.model.quantization,
-        "simpo": {**cfg.simpo.__dict__, "gamma_resolved": cfg.simpo.resolved_gamma},
+        "loss": loss_settings(cfg),
+        **({"simpo": {**cfg.simpo.__dict__, "gamma_resolved": cfg.simpo.resolved_gamma}} if cfg.loss.type == "simpo" else {}),
+        **({"reference": reference_provenance(references)} if references else {}),
         "global_step": trainer.state.global_step,
         "epoch": trainer.state.epoch,
         "data": summaries,
@@ -244,11 +290,11 @@ def write_provenance(cfg: Config, output_dir: Path, trainer, summaries: dict) ->
 @dataclass
 class TrainRun:
     output_dir: Path
-    trainer: SimPOTrainer  # .model is the trained PeftModel, .state the final TrainerState
+    trainer: PreferenceTrainer  # .model is the trained PeftModel, .state the final TrainerState
 
 
 def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
-    """Run SimPO training as configured; the adapter and its provenance land in train.output_dir.
+    """Run preference training (SimPO, or the loss of loss.type) as configured; the adapter and its provenance land in train.output_dir.
 
     ``command`` is the argv that started the run (``["qsimpo", "train", "cfg.yaml", ...]``); an interrupted
     run prints it with ``--train.resume_from auto`` (without it: the run's saved config.yaml).
@@ -286,24 +332,30 @@ def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
         if resume is None and is_main_process() and metrics_path.exists():
             metrics_path.unlink()  # a fresh run starts a fresh log; a resumed one appends
         args = training_arguments(cfg, output_dir, eval_pairs is not None, device)
-        trainer = SimPOTrainer(
+        head_chunk = head_chunk_rows(cfg.train.head_chunk_size, model.config.vocab_size)
+        dtype = compute_dtype(cfg.model.compute_dtype, device)
+        references = reference_pass(cfg, model, pairs, eval_pairs, tokenizer, args, head_chunk, dtype, output_dir,
+                                    resuming=resume is not None)
+        trainer = PreferenceTrainer(
             model=model,
             args=args,
             data_collator=make_collator(cfg.train.packing, tokenizer.pad_token_id, cfg.model.attn_implementation),
-            train_dataset=PairDataset(pairs),
-            eval_dataset=PairDataset(eval_pairs) if eval_pairs else None,
+            train_dataset=PairDataset(pairs, references.get("train")),
+            eval_dataset=PairDataset(eval_pairs, references.get("eval")) if eval_pairs else None,
             processing_class=tokenizer,
             # StopOnSignal may set should_save in on_step_end: CheckpointMarker must come after it
             callbacks=[FiniteGradGuard(), MetricsJsonl(metrics_path), SkipFinishedRun(), stop, CheckpointMarker()],
-            simpo=cfg.simpo,
-            head_chunk_size=head_chunk_rows(cfg.train.head_chunk_size, model.config.vocab_size),
-            compute_dtype=compute_dtype(cfg.model.compute_dtype, device),
+            loss_fn=make_loss(cfg),
+            logs_nll=has_nll(cfg),
+            head_chunk_size=head_chunk,
+            compute_dtype=dtype,
             group_by_length=cfg.train.group_by_length,
         )
         trainer.remove_callback(ProgressCallback)
         if cfg.train.progress:
             trainer.remove_callback(PrinterCallback)
-            trainer.add_callback(ProgressBar(cfg.train.batch_size * cfg.train.gradient_accumulation_steps * args.world_size))
+            trainer.add_callback(ProgressBar(cfg.train.batch_size * cfg.train.gradient_accumulation_steps * args.world_size,
+                                             cfg.loss.type))
 
         try:
             trainer.train(resume_from_checkpoint=resume)
@@ -320,5 +372,5 @@ def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
             trainer.evaluate()
         trainer.save_model(str(output_dir))  # adapter_config.json + adapter_model.safetensors
         if trainer.is_world_process_zero():
-            write_provenance(cfg, output_dir, trainer, summaries)
+            write_provenance(cfg, output_dir, trainer, summaries, references)
     return TrainRun(output_dir, trainer)

@@ -1,9 +1,11 @@
-"""The thin ``transformers.Trainer`` subclass: batch → log-probs → SimPO loss → metrics.
+"""The thin ``transformers.Trainer`` subclass: batch → log-probs → the preference loss → metrics.
 
 Everything else (loop, gradient accumulation, checkpoints, resume, DDP/FSDP/DeepSpeed via
 accelerate, report_to) is the stock Trainer. A batch is either layout of ``qsimpo.train.packing``
 (one packed row per pair, or the B chosen rows followed by the B rejected rows); both say
-which positions to score the same way, so ``qsimpo.scoring.pair_logps`` serves them alike.
+which positions to score the same way, so ``qsimpo.scoring.pair_sequence_logps`` serves them alike.
+The loss is any of ``qsimpo.train.losses`` (SimPO by default), bound to its config by ``make_loss``;
+DPO's batches carry their pairs' stored reference log-probs (``qsimpo.train.reference``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer
 
-from qsimpo.config import ConfigError, SimPOConfig
+from qsimpo.config import ConfigError
 from qsimpo.errors import QsimpoError
-from qsimpo.scoring import pair_logps, unwrap
-from qsimpo.train.loss import simpo_loss
+from qsimpo.scoring import pair_sequence_logps, unwrap
+from qsimpo.train.losses import LossFn
 
 
 class NonFiniteError(QsimpoError, RuntimeError):
@@ -35,7 +37,12 @@ NON_FINITE_CAUSES = (
 
 
 def pair_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards) -> dict[str, torch.Tensor]:
-    """The per-pair quantities logged every step (averaged over pairs at logging time)."""
+    """The per-pair quantities logged every step (averaged over pairs at logging time).
+
+    rewards/* are the loss's own (SimPO: β·average log-prob; DPO: β·(log π − log π_ref); ...);
+    logps/accuracies is one definition for every loss, the one `qsimpo eval` reports: the chosen
+    response's average log-prob above the rejected one's.
+    """
     return {
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
@@ -43,6 +50,7 @@ def pair_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
         "rewards/margins": chosen_rewards - rejected_rewards,
         "logps/chosen": chosen_logps.detach(),
         "logps/rejected": rejected_logps.detach(),
+        "logps/accuracies": (chosen_logps > rejected_logps).float().detach(),
     }
 
 
@@ -97,21 +105,23 @@ def enable_fsdp_on_cpu(trainer, state) -> None:
     trainer.is_fsdp_enabled = True
 
 
-class SimPOTrainer(Trainer):
-    def __init__(self, *args, simpo: SimPOConfig, head_chunk_size: int = 0, compute_dtype=torch.float32,
-                 group_by_length: bool = False, **kwargs):
+class PreferenceTrainer(Trainer):
+    def __init__(self, *args, loss_fn: LossFn, logs_nll: bool = False, head_chunk_size: int = 0,
+                 compute_dtype=torch.float32, group_by_length: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.group_by_length = group_by_length
-        self.simpo = simpo
+        self.loss_fn = loss_fn  # qsimpo.train.losses.make_loss(cfg)
+        self.logs_nll = logs_nll  # the loss has an NLL term: log it as "nll"
         self.head_chunk_size = head_chunk_size  # 0: full logits (the plain path)
         self.compute_dtype = compute_dtype
-        # Our loss is a mean over pairs, not a token-count-normalised LM loss: let the Trainer
-        # divide by the accumulation steps itself.
+        # Our loss is a mean over the micro-batch's pairs (and its NLL term a mean over the micro-batch's
+        # chosen tokens, as TRL's), not a token-count-normalised LM loss over the whole accumulated
+        # batch: let the Trainer divide each micro-batch's loss by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
         self._stash: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def pair_logps(self, model, inputs):
-        return pair_logps(model, inputs, self.head_chunk_size, self.compute_dtype)
+        return pair_sequence_logps(model, inputs, self.head_chunk_size, self.compute_dtype)
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -133,20 +143,22 @@ class SimPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         chosen, rejected = self.pair_logps(model, inputs)
-        s = self.simpo
-        out = simpo_loss(chosen, rejected, s.beta, s.resolved_gamma, s.label_smoothing, s.loss_type, s.sft_weight)
-        loss = out.losses.mean()
+        reference = (inputs["ref_chosen"], inputs["ref_rejected"]) if "ref_chosen" in inputs else None
+        out = self.loss_fn(chosen, rejected, reference)
+        loss = out.loss
         if not torch.isfinite(loss):
             raise NonFiniteError(
                 f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1} "
-                f"(chosen avg log-probs {chosen.tolist()}, rejected {rejected.tolist()}); {NON_FINITE_CAUSES}"
+                f"(chosen avg log-probs {chosen.avg.tolist()}, rejected {rejected.avg.tolist()}); {NON_FINITE_CAUSES}"
             )
         mode = "train" if model.training else "eval"
-        for k, v in pair_metrics(chosen, rejected, out.chosen_rewards, out.rejected_rewards).items():
+        for k, v in pair_metrics(chosen.avg, rejected.avg, out.chosen_rewards, out.rejected_rewards).items():
             self._stash[mode][k].append(v.detach().float())
-        if mode == "eval":
-            self._stash[mode]["loss"].append(out.losses.detach().float())
-        return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
+        if self.logs_nll:
+            self._stash[mode]["nll"].append(out.nll.float().reshape(1))
+        if mode == "eval":  # the micro-batch's loss, once per pair: averaged over pairs like the rest
+            self._stash[mode]["loss"].append(loss.detach().float().expand(len(out.losses)))
+        return (loss, {"chosen": chosen.avg, "rejected": rejected.avg}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
@@ -165,3 +177,6 @@ class SimPOTrainer(Trainer):
                 logs[name] = round(value.item(), 6)
         stash.clear()
         super().log(logs, start_time)
+
+
+SimPOTrainer = PreferenceTrainer  # the name it had when SimPO was its only loss

@@ -99,7 +99,7 @@ def test_eval_shows_alignment_worked(evaluated):
     assert aligned["reward_margin_mean"] > sft["reward_margin_mean"]
     assert aligned["simpo_loss"] < sft["simpo_loss"]
     assert result["simpo"] == {"beta": 10.0, "gamma": 3.0, "loss_type": "sigmoid", "label_smoothing": 0.0,
-                               "sft_weight": 5.0, "source": "qsimpo.json"}  # the quickstart's config
+                               "sft_weight": 5.0, "sft_reduction": "pairs", "source": "qsimpo.json"}  # the quickstart's config
     assert "reward accuracy" in printed and "eval.json" in printed
 
 

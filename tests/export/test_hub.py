@@ -225,3 +225,16 @@ def test_upload_sends_exactly_the_plan(adapter_dir, monkeypatch):
     with pytest.raises(PushError, match="rejected the token.*nothing was sent"):
         push(adapter_dir, "me/tiny-simpo", log=lambda *_: None)
     assert [c[0] for c in FakeApi.calls] == ["whoami"]
+
+
+def test_card_names_the_loss_and_its_parameters(adapter_dir):
+    simpo_card = ModelCard(plan_push(adapter_dir, "me/tiny-simpo").generated["README.md"]).text
+    assert "trained with SimPO (Meng" in simpo_card and "Loss: simpo (beta 2.5, " in simpo_card  # a run before loss.type
+    meta = json.loads(_meta("org/base-model"))
+    del meta["simpo"]
+    meta["loss"] = {"type": "dpo", "beta": 0.1, "label_smoothing": 0.0}
+    (adapter_dir / "qsimpo.json").write_text(json.dumps(meta))
+    card = ModelCard(plan_push(adapter_dir, "me/tiny-dpo").generated["README.md"])
+    assert "trained with DPO (Rafailov et al., 2023; its reference is the base with the adapter off)" in card.text
+    assert "Loss: dpo (beta 0.1, label_smoothing 0)" in card.text and "| dpo | 0.1 | 0 |" in card.text, card.text
+    assert "dpo" in card.data.to_dict()["tags"] and "simpo" not in card.data.to_dict()["tags"]

@@ -15,7 +15,7 @@ from conftest import build_tiny_base, make_config
 from qsimpo.config import LoraConfig, ModelConfig, load_config
 from qsimpo.errors import UsageError
 from qsimpo.scoring import pair_logps
-from qsimpo.train.loss import simpo_loss
+from qsimpo.train.losses import simpo_loss
 from qsimpo.train.model import add_lora, load_base
 from qsimpo.train.packing import PackedPairCollator
 from qsimpo.train.plan import GiB, activations, checkpointed_layers, estimate, plan, shape_of, worst_batch
@@ -24,6 +24,13 @@ LLAMA3_8B = LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_siz
                         num_attention_heads=32, num_key_value_heads=8)
 PAIRS = [{"prompt_ids": [1, 5, 9, 11, 7], "chosen_ids": [12, 13, 14], "rejected_ids": [15, 16, 17, 18, 19, 20]},
          {"prompt_ids": [1, 30, 31], "chosen_ids": [40, 41, 42, 43, 44, 45, 46], "rejected_ids": [50, 51]}]
+
+
+def _avg_only(avg):
+    """Average log-probs as the SequenceLogps SimPO reads (without its NLL term it reads ``avg`` only)."""
+    from qsimpo.train.logprobs import SequenceLogps
+
+    return SequenceLogps(avg, avg, torch.ones_like(avg))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +49,7 @@ def _grads(base, checkpointing) -> tuple[list[bool], dict[str, torch.Tensor]]:
     model.train()
     flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     chosen, rejected = pair_logps(model, PackedPairCollator(0)(PAIRS), head_chunk_size=8)
-    simpo_loss(chosen, rejected, beta=2.0, gamma=0.5).losses.mean().backward()
+    simpo_loss(*map(_avg_only, (chosen, rejected)), beta=2.0, gamma=0.5).loss.backward()
     return flags, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -14,10 +14,17 @@ import torch
 from qsimpo.config import LoraConfig, ModelConfig
 from qsimpo.data import PairCollator
 from qsimpo.train.logprobs import sequence_logps
-from qsimpo.train.loss import simpo_loss
+from qsimpo.train.losses import simpo_loss
 from qsimpo.train.model import add_lora, load_base
 from qsimpo.train.packing import PackedPairCollator, PlainPairCollator, attention_inputs
 from qsimpo.scoring import attn_implementation, pair_logps
+
+
+def _avg_only(avg):
+    """Average log-probs as the SequenceLogps SimPO reads (without its NLL term it reads ``avg`` only)."""
+    from qsimpo.train.logprobs import SequenceLogps
+
+    return SequenceLogps(avg, avg, torch.ones_like(avg))
 
 
 def _pairs(vocab, seed=0):
@@ -49,7 +56,7 @@ def _reference(model, pairs):
 def _loss_and_grads(model, logps_fn):
     model.zero_grad()
     chosen, rejected = logps_fn()
-    simpo_loss(chosen, rejected, beta=2.0, gamma=0.5).losses.mean().backward()
+    simpo_loss(*map(_avg_only, (chosen, rejected)), beta=2.0, gamma=0.5).loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return chosen.detach(), rejected.detach(), grads
 

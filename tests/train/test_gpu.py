@@ -11,6 +11,13 @@ from conftest import make_config
 pytestmark = pytest.mark.gpu
 
 
+def _avg_only(avg):
+    """Average log-probs as the SequenceLogps SimPO reads (without its NLL term it reads ``avg`` only)."""
+    from qsimpo.train.logprobs import SequenceLogps
+
+    return SequenceLogps(avg, avg, torch.ones_like(avg))
+
+
 def test_nf4_train_on_cuda(tiny_base, pref_jsonl, tmp_path):
     import bitsandbytes as bnb
 
@@ -45,7 +52,7 @@ def test_fast_path_matches_plain_on_cuda(tiny_base):
 def test_flex_attention_training_matches_dense_on_cuda(tiny_base):
     """Padding-free packing under FlexAttention (forward and backward) == the dense-mask SDPA path."""
     from qsimpo.config import LoraConfig, ModelConfig
-    from qsimpo.train.loss import simpo_loss
+    from qsimpo.train.losses import simpo_loss
     from qsimpo.train.model import add_lora, load_base
     from qsimpo.train.packing import PackedPairCollator
     from qsimpo.scoring import pair_logps
@@ -64,7 +71,7 @@ def test_flex_attention_training_matches_dense_on_cuda(tiny_base):
         model.zero_grad()
         batch = {k: v.cuda() for k, v in PackedPairCollator(0, one_row=one_row)(pairs).items()}
         chosen, rejected = pair_logps(model, batch, head_chunk_size=64)
-        simpo_loss(chosen, rejected, beta=2.0, gamma=0.5).losses.mean().backward()
+        simpo_loss(*map(_avg_only, (chosen, rejected)), beta=2.0, gamma=0.5).loss.backward()
         return chosen.detach(), rejected.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     ref = run(one_row=False)

@@ -129,3 +129,19 @@ def test_plan_says_whether_eval_fits_and_at_which_batch():
     for extra in (["--model.attn_implementation", "flex_attention"], ["--train.head_chunk_size", "0"],
                   ["--model.compute_dtype", "float32"]):
         assert eval_estimate(load_config(ROOT_CONFIGS / "llama3-8b-instruct.yaml", extra), shape, 8) == need
+
+
+def test_plan_reports_the_dpo_reference_pass():
+    """DPO's one-time pass is a forward without gradients at the training batch size; other losses have none."""
+    shape = shape_of(LLAMA3_8B)
+    simpo = _cfg("--data.max_length", "2048", "--train.batch_size", "4")
+    dpo = _cfg("--data.max_length", "2048", "--train.batch_size", "4", "--loss.type", "dpo")
+    assert "reference pass" not in plan(simpo, parse_size("24GiB"), LLAMA3_8B)[0]
+    text, fits = plan(dpo, parse_size("24GiB"), LLAMA3_8B)
+    need = eval_estimate(dpo, shape, 4)
+    assert fits and f"dpo reference pass, once before the first step: every pair (--data counts them), forward only" in text
+    assert f"{need / GiB:.2f} GiB peak (within the training peak)" in text
+    # the pass changes no training part: a DPO step costs what a SimPO step costs
+    assert estimate(dpo, shape) == estimate(simpo, shape)
+    lengths = [(100, 200, 300)] * 5
+    assert "5 pairs, forward only" in plan(dpo, parse_size("24GiB"), LLAMA3_8B, lengths)[0]

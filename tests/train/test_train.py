@@ -160,21 +160,23 @@ def _hashes(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_base, pref_jsonl, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss", ["simpo", "dpo"])
+def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_base, pref_jsonl, tmp_path, monkeypatch, loss):
     out = tmp_path / "run"
-    train(make_config(tiny_base, pref_jsonl, out, "--train.max_steps", "2", "--train.save_steps", "2"))
+    train(make_config(tiny_base, pref_jsonl, out, "--train.max_steps", "2", "--train.save_steps", "2", "--loss.type", loss))
     before = _hashes(out / "checkpoint-2")
 
     from qsimpo.train import trainer as trainer_mod
 
-    real = trainer_mod.simpo_loss
+    real = trainer_mod.pair_sequence_logps
 
-    def poisoned(chosen, *a, **kw):
-        return real(chosen * float("nan"), *a, **kw)
+    def poisoned(*a, **kw):  # the log-probs every loss reads, so the guard is tested whatever the loss
+        chosen, rejected = real(*a, **kw)
+        return chosen._replace(avg=chosen.avg * float("nan"), sum=chosen.sum * float("nan")), rejected
 
-    monkeypatch.setattr(trainer_mod, "simpo_loss", poisoned)
+    monkeypatch.setattr(trainer_mod, "pair_sequence_logps", poisoned)
     cfg = make_config(tiny_base, pref_jsonl, out, "--train.max_steps", "4", "--train.save_steps", "1",
-                      "--train.resume_from", "auto", "--train.overwrite", "true")
+                      "--train.resume_from", "auto", "--train.overwrite", "true", "--loss.type", loss)
     with pytest.raises(NonFiniteError, match=r"non-finite loss \(nan\) at step 3.*resume_from auto"):
         train(cfg)
     assert _hashes(out / "checkpoint-2") == before
@@ -222,17 +224,19 @@ DDP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import make_config
     from qsimpo.train.recipe import train
-    cfg = make_config({base!r}, {data!r}, {out!r}, "--train.max_steps", "3", "--lora.dropout", "0.1")
+    cfg = make_config({base!r}, {data!r}, {out!r}, "--train.max_steps", "3", "--lora.dropout", "0.1", "--loss.type", {loss!r})
     run = train(cfg)
     lora = {{k: v.detach().cpu() for k, v in run.trainer.model.named_parameters() if "lora_" in k}}
     torch.save(lora, os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
 """)
 
 
-def test_two_process_data_parallel(tiny_base, pref_jsonl, tmp_path):
+@pytest.mark.parametrize("loss", ["simpo", "dpo"])  # dpo: process 0 computes the reference first, the other reads it
+def test_two_process_data_parallel(tiny_base, pref_jsonl, tmp_path, loss):
     out = tmp_path / "ddp"
     script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), base=str(tiny_base), data=str(pref_jsonl), out=str(out)))
+    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), base=str(tiny_base), data=str(pref_jsonl), out=str(out),
+                                        loss=loss))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script)],
@@ -244,7 +248,10 @@ def test_two_process_data_parallel(tiny_base, pref_jsonl, tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
     assert (out / "adapter_model.safetensors").exists()
-    assert json.loads((out / "qsimpo.json").read_text())["global_step"] == 3
+    meta = json.loads((out / "qsimpo.json").read_text())
+    assert meta["global_step"] == 3 and meta["loss"]["type"] == loss
+    if loss == "dpo":
+        assert meta["reference"]["train"]["pairs"] == 64 and "dpo reference log-probs: 64 train pairs" in proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
