@@ -212,6 +212,8 @@ def cmd_eval(argv: list[str]) -> int:
     c.arg("--beta", type=float, help="β for rewards and loss (default: the run's simpo.beta)")
     c.arg("--gamma", type=float, help="γ for the loss (default: the run's resolved simpo γ)")
     c.arg("--out", help="output folder (default: ADAPTER/eval for a local adapter)")
+    c.arg("--trust-remote-code", action="store_true", help="run the modelling code a --scorer reward model ships "
+          "(e.g. ArmoRM)")
     c.run(argv)  # its problems are QsimpoErrors (EvalError) that main() prints
     return 0
 
