@@ -149,3 +149,21 @@ def test_a_pairrm_config_without_weights_says_so(pairrm, tmp_path):
 
     with pytest.raises(InputNotFound, match="a PairRM config.json without its weights"):
         load_scorer(str(folder))
+
+
+def test_what_pairrm_cut_is_in_the_summary(tiny_base, short_pairrm, tmp_path):
+    from qsimpo.pairs import make_pairs
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n")
+    summary = make_pairs(str(prompts), str(tiny_base), f"pairrm:{short_pairrm}", str(tmp_path / "p.jsonl"), n=2,
+                         max_new_tokens=6)
+    assert summary["judge_cut"].startswith("PairRM cut 1 prompts to 6 tokens") and summary["judge_cut"] in summary["line"]
+
+
+def test_pairrm_prefix_on_something_else_says_what_is_needed(tiny_base):
+    from qsimpo.errors import UsageError
+    from qsimpo.pairs.scorers import load_scorer
+
+    with pytest.raises(UsageError, match=r"no PairRM here \(its config.json does not say ranker_type"):
+        load_scorer(f"pairrm:{tiny_base}")
