@@ -1,6 +1,6 @@
 """Answers scored per second by each kind of `--scorer` judge, on the CPU, at small real shapes with random weights.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_judges.py                 # about two minutes on one core
+    OMP_NUM_THREADS=1 python benchmarks/bench_judges.py                 # minutes on one free core
     OMP_NUM_THREADS=1 python benchmarks/bench_judges.py --prompts 2 --answers 5
 
 Judges (random weights: the speed of a model does not depend on what it learned):
@@ -11,7 +11,7 @@ Judges (random weights: the speed of a model does not depend on what it learned)
 - custom_code   the same body behind its own modelling file (auto_map, --trust-remote-code), ArmoRM's gated
                 head; passes of equal-length answers only
 - pairrm        PairRM's real body, DeBERTa-v3-large (24 layers, hidden 1024, 16 heads), with a small vocabulary
-                (the embedding's size does not change the speed); N answers cost N(N-1) passes
+                (the embedding's size does not change the speed); N answers cost N(N-1) passes; one prompt
 
 Each judge scores the same ``--prompts`` x ``--answers`` answers once after a warm-up call; answers are
 60-140 words. Appends one JSON row per run to ``--results``; RESULTS.md is written by hand from it.
@@ -98,7 +98,7 @@ def measure(judge, prompts, answers) -> dict:
     sizes = [len(a) for a in answers]
     flat_prompts = [p for p, a in zip(prompts, answers) for _ in a]
     flat = [x for a in answers for x in a]
-    judge(flat_prompts[:sizes[0]], flat[:sizes[0]], ["warm-up"] * sizes[0], sizes[:1])
+    judge(flat_prompts[:2], flat[:2], ["warm-up"] * 2, [2])  # two answers to the first prompt: one pair for PairRM
     t0 = time.perf_counter()
     judge(flat_prompts, flat, ["bench"] * len(flat), sizes)
     seconds = time.perf_counter() - t0
@@ -127,8 +127,8 @@ def main() -> None:
         for kind, spec in specs.items():
             judge = load_scorer(spec, "cpu", trust_remote_code=kind == "custom_code")
             if kind == "pairrm":
-                rows[kind] = measure(judge, prompts, [a[:args.pairrm_answers] for a in answers])
-                rows[kind]["passes"] = args.prompts * args.pairrm_answers * (args.pairrm_answers - 1)
+                rows[kind] = measure(judge, prompts[:1], [answers[0][:args.pairrm_answers]])  # one prompt: slow
+                rows[kind]["passes"] = args.pairrm_answers * (args.pairrm_answers - 1)
             else:
                 rows[kind] = measure(judge, prompts, answers)
             print(f"{kind:13s} {rows[kind]['answers']:3d} answers in {rows[kind]['seconds']:8.2f} s: "
