@@ -164,7 +164,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                  "answers per reward-model batch", check=at_least_1),
              Opt("beta", "β for rewards and loss (default: the run's simpo.beta)"),
              Opt("gamma", "γ for the loss (default: the run's resolved simpo γ)"),
-             Opt("out", "output folder (default: ADAPTER/eval for a local adapter)", metavar="DIR")],
+             Opt("out", "output folder (default: ADAPTER/eval for a local adapter)", metavar="DIR"),
+             Opt("trust_remote_code", "run the modelling code a --scorer reward model ships (e.g. ArmoRM)")],
             dry_run=True, overwrite=True, check=_eval_check,
             retired={"--judge": "--judge was replaced by --scorer, which takes the same reward models and Python scorers "
                                 "as qsimpo pairs: pass --scorer {value}"}),

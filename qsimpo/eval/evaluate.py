@@ -212,7 +212,7 @@ def check_args(generate: int | None, scorer: str | None, max_rows: int | None, b
 def evaluate(adapter: str, data: str | None = None, split: str | None = None, max_rows: int | None = None,
              generate: int | None = None, out: str | None = None, scorer: str | None = None, base: str | None = None,
              batch_size: int = 8, max_new_tokens: int = 64, temperature: float | None = None, top_p: float = 0.95,
-             seed: int = 0, beta: float | None = None, gamma: float | None = None) -> dict:
+             seed: int = 0, beta: float | None = None, gamma: float | None = None, trust_remote_code: bool = False) -> dict:
     """Score held-out pairs with the SFT and aligned models; write eval.json and report.html; return eval.json's dict.
 
     ``generate`` answers that many held-out prompts with both models (None: none, or with ``scorer`` every
@@ -246,7 +246,7 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
         from qsimpo.pairs.scorers import load_scorer
         from qsimpo.train.model import device_for_rank
 
-        judge = load_scorer(scorer, device_for_rank(), batch_size)  # a bad scorer stops here, before the model loads
+        judge = load_scorer(scorer, device_for_rank(), batch_size, trust_remote_code)  # a bad scorer stops here
     model, tokenizer = load(adapter, base)
     loss_kw = {k: simpo[k] for k in ("beta", "gamma", "label_smoothing", "loss_type", "sft_weight", "sft_reduction") if k in simpo}
     if prompts_only:

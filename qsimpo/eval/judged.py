@@ -84,22 +84,21 @@ def score_answers(scorer, gen: dict, prompts: list, seed: int, chunk: int = 64) 
     """
     from tqdm.auto import tqdm
 
-    from qsimpo.pairs.scorers import RewardModel
-
     samples = gen["samples"]
     n = len(samples)
-    responses = [s["sft"] for s in samples] + [s["aligned"] for s in samples]
-    where = [f"{s['location']} (the {name} answer)" for name in ("SFT", "aligned") for s in samples]
-    asked = list(prompts) * 2
-    scores: list[float] = []
+    sft, aligned = [], []
     with tqdm(total=2 * n, desc="scoring answers", unit="answer", dynamic_ncols=True) as bar:
-        for i in range(0, 2 * n, chunk):
-            scores += scorer(asked[i:i + chunk], responses[i:i + chunk], where[i:i + chunk])
-            bar.update(len(responses[i:i + chunk]))
-    sft, aligned = scores[:n], scores[n:]
+        for i in range(0, n, chunk // 2):  # both answers to a prompt in one call: a pairwise judge compares them
+            part = samples[i:i + chunk // 2]
+            responses = [a for s in part for a in (s["sft"], s["aligned"])]
+            where = [f"{s['location']} (the {name} answer)" for s in part for name in ("SFT", "aligned")]
+            asked = [p for p in prompts[i:i + chunk // 2] for _ in range(2)]
+            scores = scorer(asked, responses, where, [2] * len(part))
+            sft, aligned = sft + scores[0::2], aligned + scores[1::2]
+            bar.update(len(responses))
     for s, a, b in zip(samples, sft, aligned):
         s["sft_score"], s["aligned_score"] = a, b
     stats = M.scored_answers(sft, aligned, [s["sft_tokens"] for s in samples], [s["aligned_tokens"] for s in samples],
                              seed=seed)
-    kind = "reward_model" if isinstance(scorer, RewardModel) else "python"
-    return {"spec": scorer.spec, "kind": kind, "temperature": gen["temperature"], **stats}
+    return {"spec": scorer.spec, "kind": scorer.kind, "temperature": gen["temperature"], "judge_cut": scorer.cut_line(),
+            **stats}

@@ -245,7 +245,7 @@ def preference_parts(result: dict) -> list[str]:
 
 def scorer_parts(result: dict) -> list[str]:
     j = result["scorer"]
-    what = "a reward model" if j["kind"] == "reward_model" else "a Python function"
+    what = {"reward_model": "a reward model", "pairrm": "PairRM, comparing the two answers"}.get(j["kind"], "a Python function")
     m, ci, length = j["mean_score"], j["mean_score_ci"], j["mean_length_tokens"]
     conf = f"{j['confidence']:.0%}"
     lc = f"{j['lc_win_rate']:.3f} {_ci(j['lc_win_rate_ci'])}" + (f" ({j['lc_fallback']})" if j["lc_fallback"] else

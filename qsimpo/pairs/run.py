@@ -119,13 +119,16 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
                     else:
                         file.drop(key, reason, location, answers, scored)
                 bar.update(len(done))
-                bar.set_postfix({"tok/s": f"{n_tokens / (time.perf_counter() - t0):.1f}", "pairs": file.written_now},
-                                refresh=False)
+                bar.set_postfix({"tok/s": f"{n_tokens / (time.perf_counter() - t0):.1f}", "pairs": file.written_now,
+                                 "scored/s": f"{score.scored / max(score.seconds, 1e-9):.1f}"}, refresh=False)
             bar.close()
     finally:
         procs.close()
     summary = file.summary(len(items), repeated, left, cut)
     summary["data"] = dataclasses.asdict(data)
+    summary["judge_cut"] = score.cut_line()  # prompts or answers too long for the judge, cut as its own code cuts
+    if summary["judge_cut"]:
+        summary["line"] += f"; {summary['judge_cut']}"
     if main:
         print(summary["line"])
     return summary
@@ -160,7 +163,8 @@ def _answer_and_score(part: list, draw, score, n: int, temperature: float, top_p
                                 seed)
     ready = [(item, a) for item, a in zip(items, answers) if not unusable(a)]
     flat = [(m, loc, text) for (_, m, loc), a in ready for text in a]
-    scores = score([m for m, _, _ in flat], [t for _, _, t in flat], [loc for _, loc, _ in flat]) if flat else []
+    scores = score([m for m, _, _ in flat], [t for _, _, t in flat], [loc for _, loc, _ in flat],
+                   [len(a) for _, a in ready]) if flat else []  # each prompt's answers together (PairRM ranks them)
     per_prompt = iter(scores[j * n:(j + 1) * n] for j in range(len(ready)))
     results = []
     for (index, item), a in zip(part, answers):

@@ -25,7 +25,7 @@ TOP_KEYS = {"schema_version", "adapter", "base_model", "data", "simpo", "models"
 SAMPLE_KEYS = {"location", "prompt", "sft", "aligned", "sft_tokens", "aligned_tokens"}
 SCORER_KEYS = {"spec", "kind", "temperature", "n", "confidence", "resamples", "seed", "mean_score", "mean_score_ci", "wins",
                "losses", "ties", "win_rate", "win_rate_ci", "lc_win_rate", "lc_win_rate_ci", "lc_slope", "lc_fallback",
-               "mean_length_tokens"}
+               "mean_length_tokens", "judge_cut"}
 # a Python scorer as a file: the answer's length in words (so length explains every win)
 WORDS_SCORER = "def words(prompt, response):\n    assert prompt[-1]['role'] == 'user'\n    return len(response.split())\n"
 
