@@ -65,6 +65,11 @@ def hub_reachable() -> bool:
     return _hub_state["reachable"]
 
 
+def hub_state() -> str:
+    """Why the Hub was found out of reach ("" when it was reached, or not asked yet)."""
+    return _hub_state.get("why", "")
+
+
 def _go_offline() -> None:
     from huggingface_hub import constants
 

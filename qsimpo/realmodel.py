@@ -100,6 +100,10 @@ def held_pypi_copy() -> Path | None:
 def _from_hub(offline: bool) -> Path | None:
     from huggingface_hub import snapshot_download
 
+    from qsimpo.load import hub_reachable, hub_state
+
+    if not offline and not hub_reachable():  # found out once, in seconds, not by the download's retries
+        raise Unreachable(f"{HUB_ID} from the Hub: it cannot be reached ({hub_state()})")
     try:
         return Path(snapshot_download(HUB_ID, allow_patterns=HUB_FILES, local_files_only=offline))
     except Exception as e:  # not in the cache (offline), or the Hub cannot be reached

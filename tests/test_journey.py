@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, chat_in_browser, message_text, wait_for
-from test_docs import shown_output
+from test_docs import shape, shown_output
 from qsimpo.realmodel import HUB_ID
 
 QUESTION = "What is a lighthouse?"
@@ -84,12 +84,14 @@ def test_quickstart_demo_train_eval_merge_push_quickstart(tmp_path, smollm2_gguf
     assert "chat with both: qsimpo demo\n" in out, out  # the next command, as the user types it
     result = json.loads((run / "quickstart.json").read_text())
     assert result["after"]["reward_accuracy"] == pytest.approx(aligned, abs=5e-4)
-    # what the README shows it prints, line for line (where the model came from and how long it took aside)
-    timeless = [re.sub(r" in [\d.]+ s;", " in N s;", re.sub(r"^(\[1/4\] [^:]+:).*", r"\1 ...", line))
-                for line in user.stdout.splitlines()]
-    shown = [re.sub(r" in [\d.]+ s;", " in N s;", re.sub(r"^(\[1/4\] [^:]+:).*", r"\1 ...", line))
-             for line in shown_output("README.md", "qsimpo quickstart")]
-    assert timeless == shown, "the README's quickstart output is stale; it prints:\n" + user.stdout
+    # what the README shows it prints, line for line: the same text, numbers aside (timings, and the last digits
+    # another CPU may round differently), and where the model was read from
+    def layout(lines):
+        return [shape(re.sub(r"^(\[1/4\] [^:]+:).*", r"\1 ...", line)) for line in lines]
+
+    shown = shown_output("README.md", "qsimpo quickstart")
+    assert layout(user.stdout.splitlines()) == layout(shown), "the README's quickstart output is stale; it prints:\n" + \
+        user.stdout
 
     # 2. `qsimpo demo` with no arguments serves the quickstart's adapter on its recorded base
     log = tmp_path / "demo.log"

@@ -67,7 +67,8 @@ def run(out: str | Path = DEFAULT_OUT, overwrite: bool = False, max_steps: int |
 
     t0 = time.perf_counter()
     held = smollm2_on_disk(source)
-    print("[1/4] SmolLM2-135M-Instruct (the SFT model): " + (f"read from the cache ({held})" if held else
+    shown = f"~/{held.relative_to(Path.home())}" if held and held.is_relative_to(Path.home()) else held
+    print("[1/4] SmolLM2-135M-Instruct (the SFT model): " + (f"read from the cache ({shown})" if held else
           "fetching it (once: the copy is kept in the cache)"))
     base, revision = smollm2_source(source)  # named by its Hub id (and commit), so push and the card name the Hub model
     inputs = fingerprint(PAIRS, CONFIG, model=base, revision=revision, max_steps=max_steps)
