@@ -130,6 +130,17 @@ def show_footer(result: dict, out: Path, state: str) -> str:
     return f"wrote {out / RECORD} {took}".rstrip()
 
 
+def train_resumably(cfg, again: str):
+    """Run `qsimpo train` for a quickstart; interrupted, its message also names the rerun that resumes (``again``)."""
+    from qsimpo.errors import Interrupted
+    from qsimpo.train.recipe import train
+
+    try:
+        return train(cfg)
+    except Interrupted as e:
+        raise Interrupted(f"{e}\nor run the quickstart again, which resumes it:\n  {again}") from None
+
+
 def indent(text: str, prefix: str) -> str:
     """``text`` with its later lines indented under its first (a multi-line answer keeps its column)."""
     return text.replace("\n", "\n" + prefix)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from qsimpo.quickstart import (DEFAULT_OUT, NEW, RECORD, REPORT, RESUME, SHOW, fingerprint, indent, prepare_output,
-                               record_start, say_earlier, show_footer)
+                               record_start, say_earlier, show_footer, train_resumably)
 
 HERE = Path(__file__).parent
 PAIRS = HERE / "data" / "pairs.jsonl"
@@ -63,7 +63,6 @@ def run(out: str | Path = DEFAULT_OUT, overwrite: bool = False, max_steps: int |
         source: str = "auto") -> dict:
     from qsimpo.config import load_config
     from qsimpo.realmodel import smollm2_on_disk, smollm2_source
-    from qsimpo.train.recipe import train
 
     t0 = time.perf_counter()
     held = smollm2_on_disk(source)
@@ -100,7 +99,9 @@ def run(out: str | Path = DEFAULT_OUT, overwrite: bool = False, max_steps: int |
     if state != REPORT:
         print(f"[2/4] SimPO on its NF4 base with LoRA: {len(train_rows)} pairs preferring the first sentence of the "
               "model's own answer to the whole answer")
-        train(cfg)  # interrupted, it names `qsimpo train <its config.yaml> --train.resume_from auto`; a rerun resumes too
+        again = " ".join(["qsimpo quickstart", *(["--out", str(out)] if out != Path(DEFAULT_OUT) else []),
+                          *(["--max-steps", str(max_steps)] if max_steps is not None else [])])
+        train_resumably(cfg, again)
 
     result = {"model": "SmolLM2-135M-Instruct", "base": str(base), "adapter": str(out / "adapter"),
               "train_pairs": len(train_rows), **compare(out, cfg, held_rows), "inputs": inputs}

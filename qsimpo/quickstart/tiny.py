@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from qsimpo.quickstart import (NEW, RECORD, REPORT, RESUME, SHOW, fingerprint, indent, prepare_output, record_start,
-                               say_earlier, show_footer)
+                               say_earlier, show_footer, train_resumably)
 
 TOPICS = [
     "cats", "rivers", "bread", "music", "trains", "gardens", "clocks", "mountains", "bees", "libraries",
@@ -138,7 +138,6 @@ def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = Fa
     from qsimpo.data import build_dataset
     from qsimpo.train.model import load_trained
     from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
-    from qsimpo.train.recipe import train
 
     inputs = fingerprint(Path(__file__).with_name("tiny.yaml"), tiny=True, seed=seed)
     out, state, earlier = prepare_output(out, overwrite, inputs)
@@ -170,7 +169,7 @@ def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = Fa
         print("[2/4] QLoRA SimPO (NF4 base + LoRA) through `qsimpo train`")
         if state == RESUME:
             cfg.train.resume_from = "auto"
-        train(cfg)
+        train_resumably(cfg, f"qsimpo quickstart --tiny --out {out}")
 
     print("[3/4] held-out reward accuracy and generations, SFT (adapter off) vs aligned (adapter on)")
     model, tokenizer = load_trained(str(out / "adapter"))
