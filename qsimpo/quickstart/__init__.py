@@ -142,8 +142,10 @@ def train_resumably(cfg, again: str):
 
 
 def indent(text: str, prefix: str) -> str:
-    """``text`` with its later lines indented under its first (a multi-line answer keeps its column)."""
-    return text.replace("\n", "\n" + prefix)
+    """``text`` with its later lines indented under its first (a multi-line answer keeps its column; blank lines stay
+    blank)."""
+    first, *rest = text.split("\n")
+    return "\n".join([first] + [prefix + line if line.strip() else "" for line in rest])
 
 
 def run_quickstart(out: str | Path = DEFAULT_OUT, overwrite: bool = False, tiny: bool = False,
