@@ -173,7 +173,7 @@ def test_the_readme_shows_what_the_quickstart_prints():
     with contextlib.redirect_stdout(printed):
         show({"before": probe, "after": probe, "seconds": 90.0}, Path("adapters/quickstart"))
     printed = printed.getvalue().splitlines()
-    assert printed[3].startswith(" " * 13) and printed[3].strip() == "Its second line."  # kept in its column
+    assert printed[4].startswith(" " * 13) and printed[4].strip() == "Its second line."  # kept in its column
     mine = [s for s in answer_shapes(printed) if s and s != " " * 13 + "ANSWER (continued)"]
     theirs = [s for s in answer_shapes(shown[start:]) if s and s != " " * 13 + "ANSWER (continued)"]
     assert theirs == mine, "\n".join(shown[start:])
