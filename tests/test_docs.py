@@ -113,3 +113,86 @@ def test_defaults_the_docs_give_are_the_schema_defaults():
         default = getattr(getattr(config, section), field)
         first = value.split()[0]
         assert words.get(first, first) == default or first == str(default), f"{doc} gives {key} the default {value!r}; the schema's is {default!r}"
+
+
+# ------------------------------------------------------------------------------ example outputs the docs show
+# A fenced block preceded by `<!-- output of: COMMAND -->` is what COMMAND prints (stdout; progress bars aside).
+OUTPUT = re.compile(r"<!-- output of: (.+?) -->[^\n]*\n```[^\n]*\n(.*?)^```", re.M | re.S)
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def shown_output(doc: str, command: str) -> list[str]:
+    """The lines of the block ``doc`` shows as the output of ``command``."""
+    found = [block for cmd, block in OUTPUT.findall((ROOT / doc).read_text()) if cmd.strip() == command]
+    assert len(found) == 1, f"{doc} shows no single output of `{command}` (marked <!-- output of: {command} -->)"
+    return found[0].rstrip("\n").splitlines()
+
+
+def shape(line: str) -> str:
+    """A line with its numbers masked and its spacing collapsed: what stays when the model or the machine changes."""
+    return " ".join(NUMBER.sub("#", line).split())
+
+
+def answer_shapes(lines: list[str]) -> list[str]:
+    """The quickstart's summary with the questions and answers masked (their text is the model's), their layout kept."""
+    out = []
+    for line in lines:
+        if line.startswith(("    SFT:     ", "    aligned: ")):
+            out.append(line[:13] + "ANSWER")
+        elif line.startswith(" " * 13):
+            out.append(" " * 13 + "ANSWER (continued)")
+        elif line.startswith("  ") and not line.startswith("   "):
+            out.append("  QUESTION")
+        else:
+            out.append(shape(line))
+    return out
+
+
+def test_every_example_output_is_marked_and_checked():
+    marked = sorted((doc.name, cmd.strip()) for doc in DOCS for cmd, _ in OUTPUT.findall(doc.read_text()))
+    assert ("README.md", "qsimpo quickstart") in marked and ("evaluate.md", "qsimpo eval adapters/quickstart/adapter "
+                                                                          "--generate 10") in marked, marked
+
+
+def test_the_readme_shows_what_the_quickstart_prints():
+    """The README's quickstart output has the layout `qsimpo quickstart` prints: every line, the three examples,
+    multi-line answers kept in their column. (The numbers and answers are the real run's: the real-model journey,
+    tests/test_journey.py, compares them exactly.)"""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from qsimpo.quickstart.real import show
+
+    shown = shown_output("README.md", "qsimpo quickstart")
+    start = next(i for i, line in enumerate(shown) if line.startswith("held-out reward accuracy"))
+    gens = [{"prompt": f"Question {i}?", "response": "An answer.\nIts second line." if i == 0 else "An answer."}
+            for i in range(6)]
+    probe = {"reward_accuracy": 0.2, "one_sentence_rate": 0.5, "mean_answer_words": 30, "generations": gens}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        show({"before": probe, "after": probe, "seconds": 90.0}, Path("adapters/quickstart"))
+    printed = printed.getvalue().splitlines()
+    assert printed[4].startswith(" " * 13) and printed[4].strip() == "Its second line."  # kept in its column
+    mine = [s for s in answer_shapes(printed) if s and s != " " * 13 + "ANSWER (continued)"]
+    theirs = [s for s in answer_shapes(shown[start:]) if s and s != " " * 13 + "ANSWER (continued)"]
+    assert theirs == mine, "\n".join(shown[start:])
+    assert shown[0].startswith("[1/4] SmolLM2-135M-Instruct (the SFT model): ") and shown[start - 1] == "[4/4] done"
+
+
+def test_docs_evaluate_shows_what_eval_prints(quickstart_run, tmp_path, capsys):
+    """docs/evaluate.md's example is eval's output line for line (numbers aside), checked on the tiny quickstart's
+    adapter: every line it shows is one eval prints, and every line eval prints is shown (a length bucket the
+    data lacks, such as "chosen is longer", may be missing from either)."""
+    from qsimpo.cli import main
+
+    out, _ = quickstart_run
+    capsys.readouterr()
+    assert main(["eval", str(out / "adapter"), "--generate", "10", "--out", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out.replace(str(tmp_path / "eval"), "adapters/quickstart/adapter/eval")
+    printed = printed.replace(str(out), "adapters/quickstart").splitlines()
+    shown = shown_output("docs/evaluate.md", "qsimpo eval adapters/quickstart/adapter --generate 10")
+    optional = re.compile(r"^(accuracy, chosen is|accuracy, same length|prefers the longer)")
+    mine, theirs = [shape(x) for x in printed], [shape(x) for x in shown]
+    assert [s for s in theirs if not optional.match(s)] == [s for s in mine if not optional.match(s)], "\n".join(printed)
+    assert set(theirs) - set(mine) <= {s for s in theirs if optional.match(s)}

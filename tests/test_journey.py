@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, chat_in_browser, message_text, wait_for
+from test_docs import shape, shown_output
 from qsimpo.realmodel import HUB_ID
 
 QUESTION = "What is a lighthouse?"
@@ -55,6 +56,7 @@ class User:
                               timeout=timeout, stdin=subprocess.DEVNULL)
         self.took[" ".join(args[:2])] = round(time.perf_counter() - t0, 1)
         out = done.stdout + done.stderr
+        self.stdout = done.stdout
         assert done.returncode == expect, f"qsimpo {' '.join(args)}: exit {done.returncode}\n{out[-4000:]}"
         assert "Traceback" not in out, f"qsimpo {' '.join(args)} printed a traceback:\n{out[-4000:]}"
         return out
@@ -82,6 +84,14 @@ def test_quickstart_demo_train_eval_merge_push_quickstart(tmp_path, smollm2_gguf
     assert "chat with both: qsimpo demo\n" in out, out  # the next command, as the user types it
     result = json.loads((run / "quickstart.json").read_text())
     assert result["after"]["reward_accuracy"] == pytest.approx(aligned, abs=5e-4)
+    # what the README shows it prints, line for line: the same text, numbers aside (timings, and the last digits
+    # another CPU may round differently), and where the model was read from
+    def layout(lines):
+        return [shape(re.sub(r"^(\[1/4\] [^:]+:).*", r"\1 ...", line)) for line in lines]
+
+    shown = shown_output("README.md", "qsimpo quickstart")
+    assert layout(user.stdout.splitlines()) == layout(shown), "the README's quickstart output is stale; it prints:\n" + \
+        user.stdout
 
     # 2. `qsimpo demo` with no arguments serves the quickstart's adapter on its recorded base
     log = tmp_path / "demo.log"
@@ -111,12 +121,12 @@ def test_quickstart_demo_train_eval_merge_push_quickstart(tmp_path, smollm2_gguf
     votes = [json.loads(line) for line in (run / "votes.jsonl").read_text().splitlines()]
     assert [v["vote"] for v in votes] == ["right", "right"] and votes[0]["chosen"][0]["content"] == aligned_answer
 
-    # 3. the votes as training rows, with the shipped config (docs/demo.md); the base the quickstart recorded
-    # is named when it is not the Hub copy the config names (configs/quickstart.yaml says so)
+    # 3. the votes as training rows, with the shipped config (docs/demo.md), which names the Hub id: the quickstart
+    # recorded it too, whichever source the model came from, and the copy qsimpo holds is read without the Hub
     base = json.loads((run / "adapter" / "qsimpo.json").read_text())["base_model"]
-    extra = [] if base == HUB_ID else ["--model.name_or_path", base]
+    assert base == HUB_ID
     out = user.run("train", str(ROOT / "configs" / "quickstart.yaml"), "--data.path", "adapters/quickstart/votes.jsonl",
-                   "--train.max_steps", "2", "--train.progress", "false", *extra)
+                   "--train.max_steps", "2", "--train.progress", "false")
     assert "2 rows read, 2 kept, 0 dropped" in out, out
     assert (user.home / "adapters" / "quickstart-again" / "adapter_model.safetensors").is_file()
 
@@ -133,18 +143,14 @@ def test_quickstart_demo_train_eval_merge_push_quickstart(tmp_path, smollm2_gguf
     out = user.run("merge", "adapters/quickstart/adapter", "--out", "adapters/quickstart-merged")
     assert (user.home / "adapters" / "quickstart-merged" / "config.json").is_file() and "verif" in out.lower(), out
 
-    # 6. push --dry-run of the merged model: what would go, and the card; a base kept as a local folder is
-    # named by its Hub id, as the message says
-    args = ["push", "adapters/quickstart-merged", "--repo", "me/smollm2-135m-simpo", "--dry-run"]
-    if base != HUB_ID:
-        message = user.run(*args, expect=1)
-        assert "--base OWNER/NAME" in message, message
-        args += ["--base-model", HUB_ID]
-    out = user.run(*args)
+    # 6. push --dry-run of the merged model and of the adapter: what would go, and the card naming the Hub id
+    out = user.run("push", "adapters/quickstart-merged", "--repo", "me/smollm2-135m-simpo", "--dry-run")
     assert "me/smollm2-135m-simpo" in out and "model.safetensors" in out and "README.md" in out, out
+    out = user.run("push", "adapters/quickstart/adapter", "--repo", "me/smollm2-135m-simpo-lora", "--dry-run")
+    assert f"base_model: {HUB_ID}" in out and "adapter_model.safetensors" in out, out
 
     # 7. the README's first command again: the same result shown, nothing retrained
     out = user.run("quickstart")
     assert numbers(r"held-out reward accuracy: SFT ([\d.]+) -> aligned ([\d.]+)", out) == (sft, aligned)
-    assert "its result again" in out and "[2/4]" not in out, out
+    assert "its result again" in out and "[2/4]" not in out and "nothing was run again" in out, out
     print("seconds per step:", json.dumps(user.took))

@@ -172,7 +172,7 @@ def read_source(cfg: DataConfig, path: str | None = None, prompts: bool = False)
     summary.rows_read = len(table)
     if not summary.rows_read:
         raise DataError(f"{source}: no rows: the source is empty; point data.path at a file with one preference pair "
-                        "per row (see the README's data formats)")
+                        "per row (the formats are in docs/data.md)")
     fmt, columns = cfg.format, cfg.columns or None
     if fmt == "auto":
         fmt = detect_format(_raw_rows(table), columns)

@@ -1,6 +1,6 @@
 """The Gradio UI of `qsimpo demo`: the SFT model and the aligned model side by side, one base in memory.
 
-    qsimpo demo                                   # the quickstart's adapters/quickstart/, offline, on a CPU
+    qsimpo demo                                   # the quickstart's adapters/quickstart/adapter, offline, on a CPU
     qsimpo demo --adapter adapters/run [--base ID_OR_DIR] [--compare-adapter DIR_OR_HUB_ID]
     python -m qsimpo.demo [same flags]            # the same, without the console script
 
@@ -22,7 +22,10 @@ from qsimpo.demo.sides import SIDES, Settings, SideBySide, resolve_adapter  # no
 
 # System fonts only: the default theme fetches Google Fonts, which an offline machine cannot reach.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-CSS = ".stats table { font-size: 0.85em; margin: 0; } .stats { min-height: 4.5em; }"
+# The chat's label ("SFT (adapter off)", "aligned: DIR") sits over the top of the message area: the messages
+# start below it, so the first (the user's, right-aligned under a long label) is not drawn over it.
+CSS = (".stats table { font-size: 0.85em; margin: 0; } .stats { min-height: 4.5em; } "
+       "#chat-left .bubble-wrap, #chat-right .bubble-wrap { padding-top: 2.6em; }")
 
 
 def _new_state() -> dict:
@@ -157,12 +160,18 @@ def launch_demo(adapter: str | None = None, base: str | None = None, compare_ada
     demo = build_app(chat, votes or default_votes_path(adapter))
     print(f"votes are appended to {demo.votes_path}")
     try:
-        demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+        # quiet: gradio's own hint for a public link is `share=True` in code; a qsimpo user passes --share
+        demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
                             theme=THEME, css=CSS, footer_links=["api"], ssr_mode=False, show_error=True)
     except OSError as e:
         if port is None or "Cannot find empty port" not in str(e):
             raise
         raise UsageError(f"port {port} on {host} is in use: pass another --port, or leave it out to take the first "
                          "free one from 7860") from None
+    print(f"* Running on local URL:  {demo.local_url}")
+    if not demo.share_url:  # with --share, gradio prints the public URL itself
+        print("* a temporary public link (for others to try it): qsimpo demo --share")
+    if block:
+        demo.block_thread()
     return demo
 

@@ -98,27 +98,22 @@ class SideBySide:
     def load(cls, adapter: str, base: str | None = None, compare_adapter: str | None = None,
              trust_remote_code: bool = False, device: str | None = None) -> "SideBySide":
         """Load the base once (4-bit as the adapter was trained, where bitsandbytes is installed) and the adapter(s)."""
-        from qsimpo.run_dir import base_model, check_adapter, read_meta
-        from qsimpo.train.model import load_trained
+        from qsimpo.load import check_adapter, hub_name, load_adapter
+        from qsimpo.run_dir import read_meta, record_dir
 
         check_adapter(adapter, "--adapter")
         if compare_adapter:
             check_adapter(compare_adapter, "--compare-adapter")
-        meta = read_meta(adapter)
-        base_name = base_model(adapter, base, meta)
-        quantization = meta.get("quantization", "nf4")
+        quantization = read_meta(record_dir(adapter)).get("quantization", "nf4")
         if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
             print(f"bitsandbytes is not installed: loading the base unquantized instead of {quantization}")
             quantization = "none"
-        try:
-            model, tokenizer = load_trained(adapter, base, quantization=quantization, device=device,
-                                            trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:  # a Hub id that does not resolve (offline, no cached copy), no adapter files
-            raise InputNotFound(f"could not load the adapter {adapter} on the base {base_name}: {e}\n"
-                                "pass a `qsimpo train` output folder with --adapter, and its base with --base") from None
+        model, tokenizer, meta, base_name = load_adapter(adapter, base, quantization=quantization, device=device,
+                                                         trust_remote_code=trust_remote_code, flag="--adapter")
+        base_name = hub_name(base_name)  # the name users know it by, not a cache folder
         if compare_adapter:
-            other = read_meta(compare_adapter).get("base_model")
-            if other and other != base_name:
+            other = read_meta(record_dir(compare_adapter)).get("base_model")
+            if other and hub_name(other) != base_name:
                 print(f"warning: {compare_adapter} records base {other}, not the base loaded here; its column may be noise")
             try:
                 model.load_adapter(compare_adapter, adapter_name="compare")

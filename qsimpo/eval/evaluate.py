@@ -60,16 +60,6 @@ def simpo_settings(meta: dict, cfg, beta: float | None, gamma: float | None) -> 
     return out
 
 
-def load(adapter: str, base: str):
-    from qsimpo.train.model import load_trained
-
-    try:
-        return load_trained(adapter, base=base)
-    except (OSError, ValueError) as e:  # a Hub id that does not resolve, offline without a cached copy, no adapter files
-        raise EvalError(f"could not load the adapter {adapter} on the base {base}: {e}\n"
-                        "pass the base the adapter was trained on with --base PATH_OR_HUB_ID") from None
-
-
 # ---------------------------------------------------------------------------------------------- data
 def resolve_data(data: str | None, cfg, adapter: str) -> tuple[str, str | float]:
     """("path", where) or ("fraction", f): --data, else the run's own data.eval. Checked before any model loads."""
@@ -220,7 +210,8 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
     (greedy) with ``scorer``. A prompts-only ``data`` source skips the preference metrics and says why.
     """
     from qsimpo.eval.judged import PROMPTS_ONLY, prompt_items, score_answers
-    from qsimpo.run_dir import base_model, check_adapter, read_config, read_meta, read_metrics, record_dir
+    from qsimpo.load import base_model, check_adapter, load_adapter
+    from qsimpo.run_dir import read_config, read_meta, read_metrics, record_dir
     from qsimpo.eval.report import summary_lines, write_report
 
     t0 = time.perf_counter()
@@ -247,7 +238,7 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
         from qsimpo.train.model import device_for_rank
 
         judge = load_scorer(scorer, device_for_rank(), batch_size, trust_remote_code)  # a bad scorer stops here
-    model, tokenizer = load(adapter, base)
+    model, tokenizer, _, _ = load_adapter(adapter, base)
     loss_kw = {k: simpo[k] for k in ("beta", "gamma", "label_smoothing", "loss_type", "sft_weight", "sft_reduction") if k in simpo}
     if prompts_only:
         try:

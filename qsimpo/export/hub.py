@@ -105,9 +105,9 @@ def final_metrics(adapter: str, meta: dict) -> dict:
 
 
 def _is_local(path: str) -> bool:
-    from qsimpo.data import looks_local  # the rule `data.path` is read by: a leading / . ~, a file suffix, two "/"...
+    from qsimpo.load import is_local  # the one rule for "a path, not a Hub id"
 
-    return looks_local(path) or Path(path).expanduser().exists()
+    return is_local(path)
 
 
 def _name_only(path: str) -> str:
@@ -116,7 +116,11 @@ def _name_only(path: str) -> str:
 
 def hub_base_model(meta: dict, override: str | None, folder: Path) -> str:
     """The base model as a Hub id; a local path is refused unless the user names the Hub id."""
+    from qsimpo.load import hub_name
+
     recorded = meta.get("base_model")
+    if recorded:
+        recorded = hub_name(str(recorded))  # qsimpo's own copy of a Hub model (the quickstart's) is named by its Hub id
     if override:
         if _is_local(override):
             raise PushError(f"--base {override!r} is not a Hub model id: give it as OWNER/NAME, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
@@ -243,10 +247,16 @@ def build_card(kind: str, repo_id: str, base_model: str, meta: dict, config: dic
                 "weights and changes its outputs: for 4-bit inference, load the adapter on the 4-bit base instead.")
     body = [f"# {name}", "", what, "", "## Training", "", f"Loss: {loss['type']}" + (f" ({params})" if params else ""), "",
             _table(hyper), ""]
+    steps = meta.get("global_step")
     for split, title in (("train", "Final training metrics"), ("eval", "Held-out metrics")):
         if metrics.get(split):
             row = {k: metrics[split].get(("eval_" if split == "eval" else "") + k) for k in shown}
-            body += [f"### {title} (step {metrics[split].get('step', '?')})", "", _table(row), ""]
+            step = metrics[split].get("step", "?")
+            # metrics are logged every train.logging_steps steps: the last logged step need not be the last step
+            if step == steps or steps is None:
+                body += [f"### {title} (step {step})", "", _table(row), ""]
+            else:
+                body += [f"### {title.replace('Final t', 'T')} (last logged: step {step} of {steps})", "", _table(row), ""]
     body += ["## Data", "", _data_section(meta), ""]
     verify = meta.get("verify")
     if kind == "merged" and verify:

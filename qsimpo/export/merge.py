@@ -68,7 +68,8 @@ class MergeResult:
 
 def check_request(adapter: str, out: Path, base: str | None, overwrite: bool) -> tuple[dict, str]:
     """The adapter's metadata and the base to merge into, once every reason to refuse has been ruled out."""
-    from qsimpo.run_dir import base_model, check_adapter, read_meta
+    from qsimpo.load import base_model, check_adapter
+    from qsimpo.run_dir import read_meta
 
     check_adapter(adapter)
     local = Path(adapter)

@@ -10,51 +10,13 @@ prompt), and an answer ends at the first of ``qsimpo.generate.stop_ids``.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
-
-from qsimpo.errors import InputNotFound, UsageError
-
-
-def is_adapter(model: str) -> bool:
-    """Whether ``model`` (a folder or Hub id) is a LoRA adapter rather than a model of its own."""
-    from qsimpo.run_dir import ADAPTER_FILES, fetch
-
-    local = Path(model).expanduser()
-    if local.exists():
-        return local.is_dir() and (local / ADAPTER_FILES[0]).is_file()
-    return fetch(model, ADAPTER_FILES[0]) is not None
-
-
-def check_model(model: str) -> None:
-    """Fail before any loading when ``model`` names a local path that is not there."""
-    from qsimpo.data import looks_local
-
-    if looks_local(model) and not Path(model).expanduser().exists():
-        raise InputNotFound(f"--model {model}: no such file or folder; pass a base model (Hub id, folder or .gguf file) "
-                            "or an adapter (a `qsimpo train` output folder or Hub id)")
 
 
 def load_policy(model: str, base: str | None = None, device: str | None = None, trust_remote_code: bool = False):
     """(model, tokenizer, what was loaded): an adapter on its recorded base (or ``base``), or a base model, in 4 bits."""
-    from qsimpo.config import ModelConfig
-    from qsimpo.train.model import load_base, load_tokenizer, load_trained
+    from qsimpo.load import load_model
 
-    check_model(model)
-    if is_adapter(model):
-        try:
-            policy, tok = load_trained(model, base=base, device=device, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            if isinstance(e, UsageError):
-                raise
-            raise InputNotFound(f"could not load the adapter {model}: {e}; pass its base with --base PATH_OR_HUB_ID") from None
-        return policy, tok, f"{model} (adapter)"
-    if base is not None:
-        raise UsageError(f"--base {base} goes with an adapter, but --model {model} is a model of its own (no adapter_config.json)")
-    cfg = ModelConfig(name_or_path=model, trust_remote_code=trust_remote_code)
-    tok = load_tokenizer(cfg)
-    policy = load_base(cfg, device)
-    policy.eval()
-    return policy, tok, model
+    return load_model(model, base, device, trust_remote_code, flag="--model")
 
 
 def sample_seed(seed: int, prompt_id: str, k: int) -> int:

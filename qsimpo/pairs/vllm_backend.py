@@ -22,19 +22,9 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values 
 
 def _base_config(model: str, base: str | None, trust_remote_code: bool = False):
     """(the base's ModelConfig, the adapter or None): an adapter's recorded base (or ``base``), else ``model`` itself."""
-    from qsimpo.config import ModelConfig
-    from qsimpo.errors import UsageError
-    from qsimpo.pairs.sample import check_model, is_adapter
-    from qsimpo.run_dir import base_model, read_meta
-    from qsimpo.train.model import base_config
+    from qsimpo.load import model_config
 
-    check_model(model)
-    if is_adapter(model):
-        meta = read_meta(model)
-        return base_config(base_model(model, base, meta), meta, trust_remote_code=trust_remote_code), model
-    if base is not None:
-        raise UsageError(f"--base {base} goes with an adapter, but --model {model} is a model of its own (no adapter_config.json)")
-    return ModelConfig(name_or_path=model, trust_remote_code=trust_remote_code), None
+    return model_config(model, base, trust_remote_code)
 
 
 def _why_not(model: str, base: str | None) -> tuple[str | None, bool]:
@@ -148,9 +138,11 @@ def load_vllm(model: str, base: str | None = None, seed: int = 0, trust_remote_c
     from vllm.lora.request import LoRARequest
 
     from qsimpo.generate import recorded_system_prompt, stop_ids
+    from qsimpo.load import base_source
     from qsimpo.train.model import load_tokenizer
 
     cfg, adapter = _base_config(model, base, trust_remote_code)
+    cfg = base_source(cfg, "--model")  # a held copy, or the Hub cache while the Hub is out of reach
     tokenizer = load_tokenizer(cfg)
     try:
         generation = GenerationConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision)

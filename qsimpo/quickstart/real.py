@@ -18,7 +18,8 @@ import re
 import time
 from pathlib import Path
 
-from qsimpo.quickstart import DEFAULT_OUT, fingerprint, prepare_output
+from qsimpo.quickstart import (DEFAULT_OUT, NEW, RECORD, REPORT, RESUME, SHOW, fingerprint, indent, prepare_output,
+                               record_start, say_earlier, show_footer, train_resumably)
 
 HERE = Path(__file__).parent
 PAIRS = HERE / "data" / "pairs.jsonl"
@@ -61,27 +62,23 @@ def probe(model, tokenizer, pairs, prompts: list[str], beta: float, max_new_toke
 def run(out: str | Path = DEFAULT_OUT, overwrite: bool = False, max_steps: int | None = None,
         source: str = "auto") -> dict:
     from qsimpo.config import load_config
-    from qsimpo.realmodel import smollm2_source
-    from qsimpo.train.recipe import train
+    from qsimpo.realmodel import smollm2_on_disk, smollm2_source
 
     t0 = time.perf_counter()
-    print("[1/4] SmolLM2-135M-Instruct (the SFT model): fetched once, then read from the cache")
-    base, revision = smollm2_source(source)  # the Hub copy by its id and commit, so push names the Hub model
+    held = smollm2_on_disk(source)
+    shown = f"~/{held.relative_to(Path.home())}" if held and held.is_relative_to(Path.home()) else held
+    print("[1/4] SmolLM2-135M-Instruct (the SFT model): " + (f"read from the cache ({shown})" if held else
+          "fetching it (once: the copy is kept in the cache)"))
+    base, revision = smollm2_source(source)  # named by its Hub id (and commit), so push and the card name the Hub model
     inputs = fingerprint(PAIRS, CONFIG, model=base, revision=revision, max_steps=max_steps)
-    out, earlier = prepare_output(out, overwrite, inputs)
-    if earlier is not None:
-        print(f"{out} holds this quickstart's finished run: its result again (--overwrite trains anew)")
-        show(earlier, out)
+    out, state, earlier = prepare_output(out, overwrite, inputs)
+    if state == SHOW:
+        say_earlier(out, state)
+        show(earlier, out, state)
         return earlier
 
     rows = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
     train_rows, held_rows = split_pairs(rows)
-    (out / "data").mkdir(parents=True)
-    for name, part in (("train.jsonl", train_rows), ("heldout.jsonl", held_rows)):
-        (out / "data" / name).write_text("".join(json.dumps(r) + "\n" for r in part))
-
-    print(f"[2/4] SimPO on its NF4 base with LoRA: {len(train_rows)} pairs preferring the first sentence of the "
-          "model's own answer to the whole answer")
     # the held-out pairs are the run's data.eval: scored at the end of training, and what `qsimpo eval` reads
     overrides = [f"--model.name_or_path={base}", f"--data.path={out / 'data' / 'train.jsonl'}",
                  f"--data.eval={out / 'data' / 'heldout.jsonl'}", f"--train.output_dir={out / 'adapter'}"]
@@ -89,15 +86,29 @@ def run(out: str | Path = DEFAULT_OUT, overwrite: bool = False, max_steps: int |
         overrides.append(f"--model.revision={revision}")
     if max_steps is not None:
         overrides.append(f"--train.max_steps={max_steps}")
+    if state == RESUME:
+        overrides.append("--train.resume_from=auto")
     cfg = load_config(CONFIG, overrides)
-    train(cfg)
+    if state == NEW:
+        record_start(out, inputs)
+        (out / "data").mkdir(parents=True)
+        for name, part in (("train.jsonl", train_rows), ("heldout.jsonl", held_rows)):
+            (out / "data" / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    else:
+        say_earlier(out, state)
+    if state != REPORT:
+        print(f"[2/4] SimPO on its NF4 base with LoRA: {len(train_rows)} pairs preferring the first sentence of the "
+              "model's own answer to the whole answer")
+        again = " ".join(["qsimpo quickstart", *(["--out", str(out)] if out != Path(DEFAULT_OUT) else []),
+                          *(["--max-steps", str(max_steps)] if max_steps is not None else [])])
+        train_resumably(cfg, again)
 
     result = {"model": "SmolLM2-135M-Instruct", "base": str(base), "adapter": str(out / "adapter"),
               "train_pairs": len(train_rows), **compare(out, cfg, held_rows), "inputs": inputs}
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / RECORD).write_text(json.dumps(result, indent=2) + "\n")
     print("[4/4] done")
-    show(result, out)
+    show(result, out, state)
     return result
 
 
@@ -117,7 +128,7 @@ def compare(out: Path, cfg, held_rows: list[dict]) -> dict:
     return {"held_out_pairs": len(pairs), "before": before, "after": after}
 
 
-def show(result: dict, out: Path) -> None:
+def show(result: dict, out: Path, state: str = NEW) -> None:
     before, after = result["before"], result["after"]
     n = len(before["generations"])
     print(f"held-out reward accuracy: SFT {before['reward_accuracy']:.3f} -> aligned {after['reward_accuracy']:.3f}")
@@ -125,6 +136,6 @@ def show(result: dict, out: Path) -> None:
           f"SFT {before['one_sentence_rate']:.0%} -> aligned {after['one_sentence_rate']:.0%} "
           f"(mean {before['mean_answer_words']:.0f} -> {after['mean_answer_words']:.0f} words)")
     for b, a in list(zip(before["generations"], after["generations"]))[:3]:
-        print(f"  {b['prompt']}\n    SFT:     {b['response']}\n    aligned: {a['response']}")
+        print(f"  {b['prompt']}\n    SFT:     {indent(b['response'], ' ' * 13)}\n    aligned: {indent(a['response'], ' ' * 13)}")
     where = "" if out == Path(DEFAULT_OUT) else f" --adapter {out / 'adapter'}"
-    print(f"wrote {out / 'quickstart.json'} in {result['seconds']} s; chat with both: qsimpo demo{where}")
+    print(f"{show_footer(result, out, state)}; chat with both: qsimpo demo{where}")

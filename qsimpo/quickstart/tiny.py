@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from qsimpo.quickstart import fingerprint, prepare_output
+from qsimpo.quickstart import (NEW, RECORD, REPORT, RESUME, SHOW, fingerprint, indent, prepare_output, record_start,
+                               say_earlier, show_footer, train_resumably)
 
 TOPICS = [
     "cats", "rivers", "bread", "music", "trains", "gardens", "clocks", "mountains", "bees", "libraries",
@@ -137,31 +138,38 @@ def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = Fa
     from qsimpo.data import build_dataset
     from qsimpo.train.model import load_trained
     from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
-    from qsimpo.train.recipe import train
 
     inputs = fingerprint(Path(__file__).with_name("tiny.yaml"), tiny=True, seed=seed)
-    out, earlier = prepare_output(out, overwrite, inputs)
-    if earlier is not None:
-        print(f"{out} holds this quickstart's finished run: its result again (--overwrite trains anew)")
-        show(earlier, out)
+    out, state, earlier = prepare_output(out, overwrite, inputs)
+    if state == SHOW:
+        say_earlier(out, state)
+        show(earlier, out, state)
         return earlier
     t0 = time.perf_counter()
     train_topics, held_topics = TOPICS[:-HELDOUT_TOPICS], TOPICS[-HELDOUT_TOPICS:]
-    train_rows = make_pairs(train_topics, 1200, seed)
-    held_rows = make_pairs(held_topics, 200, seed + 1)
-    data = write_jsonl(train_rows, out / "data" / "train.jsonl")
-    heldout = write_jsonl(held_rows, out / "data" / "heldout.jsonl")
+    data, heldout, base = out / "data" / "train.jsonl", out / "data" / "heldout.jsonl", out / "base"
+    if state == NEW:
+        record_start(out, inputs)
+        train_rows = make_pairs(train_topics, 1200, seed)
+        held_rows = make_pairs(held_topics, 200, seed + 1)
+        write_jsonl(train_rows, data)
+        write_jsonl(held_rows, heldout)
 
-    print("[1/4] tokenizer and SFT warm-up of a tiny Llama-style model")
-    texts = [r[k] for r in train_rows + held_rows for k in ("prompt", "chosen", "rejected")]
-    tokenizer = build_tokenizer(texts, vocab_size=384)
-    model = build_model(tokenizer, hidden_size=128, num_layers=2, num_heads=4, max_positions=256, seed=seed)
-    supervised_warmup(model, tokenizer, train_rows + held_rows, steps=400, seed=seed)
-    base = save_base(model, tokenizer, out / "base")
+        print("[1/4] tokenizer and SFT warm-up of a tiny Llama-style model")
+        texts = [r[k] for r in train_rows + held_rows for k in ("prompt", "chosen", "rejected")]
+        tokenizer = build_tokenizer(texts, vocab_size=384)
+        model = build_model(tokenizer, hidden_size=128, num_layers=2, num_heads=4, max_positions=256, seed=seed)
+        supervised_warmup(model, tokenizer, train_rows + held_rows, steps=400, seed=seed)
+        base = save_base(model, tokenizer, base)
+    else:  # its data and SFT base were written before training began
+        say_earlier(out, state)
 
-    print("[2/4] QLoRA SimPO (NF4 base + LoRA) through `qsimpo train`")
     cfg = quickstart_config(out / "adapter", data, base, heldout)
-    train(cfg)
+    if state != REPORT:
+        print("[2/4] QLoRA SimPO (NF4 base + LoRA) through `qsimpo train`")
+        if state == RESUME:
+            cfg.train.resume_from = "auto"
+        train_resumably(cfg, f"qsimpo quickstart --tiny --out {out}")
 
     print("[3/4] held-out reward accuracy and generations, SFT (adapter off) vs aligned (adapter on)")
     model, tokenizer = load_trained(str(out / "adapter"))
@@ -179,18 +187,18 @@ def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = Fa
         "base": str(base),
         "inputs": inputs,
     }
-    (out / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / RECORD).write_text(json.dumps(result, indent=2) + "\n")
     print("[4/4] done")
-    show(result, out)
+    show(result, out, state)
     return result
 
 
-def show(result: dict, out: Path) -> None:
+def show(result: dict, out: Path, state: str = NEW) -> None:
     before, after = result["before"], result["after"]
     print(f"held-out reward accuracy: SFT {before['reward_accuracy']:.3f} -> aligned {after['reward_accuracy']:.3f}")
     print(f"courteous answers among {len(before['generations'])} greedy generations: SFT {before['kind_style_rate']:.0%} "
           f"-> aligned {after['kind_style_rate']:.0%}")
     pairs_shown = sorted(zip(before["generations"], after["generations"]), key=lambda ba: is_kind(ba[0]["response"]))
     for b, a in pairs_shown[:3]:  # the SFT model's rude answers first: that is what changed
-        print(f"  {b['prompt']}\n    SFT:     {b['response']}\n    aligned: {a['response']}")
-    print(f"wrote {out / 'quickstart.json'} in {result['seconds']} s")
+        print(f"  {b['prompt']}\n    SFT:     {indent(b['response'], ' ' * 13)}\n    aligned: {indent(a['response'], ' ' * 13)}")
+    print(show_footer(result, out, state))

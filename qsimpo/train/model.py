@@ -48,10 +48,11 @@ def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
 
 
 def pretrained_source(cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` with name_or_path as from_pretrained reads it: a GGUF file becomes its cached conversion (qsimpo.gguf)."""
-    from qsimpo.gguf import resolve
+    """``cfg`` with name_or_path as from_pretrained reads it (qsimpo.load: a GGUF file becomes its cached conversion,
+    a Hub id qsimpo holds or the Hub cache holds its local copy)."""
+    from qsimpo.load import base_source
 
-    return resolve(cfg)
+    return base_source(cfg)
 
 
 def _unloadable(cfg: ModelConfig, e: OSError) -> InputNotFound:
@@ -191,9 +192,10 @@ def load_trained(adapter: str, base: str | None = None, quantization: str | None
     """(model, tokenizer): the adapter on its base, quantized as it was trained. ``adapter`` is a folder or a Hub id."""
     from peft import PeftModel
 
-    from qsimpo.run_dir import base_model, read_meta
+    from qsimpo.load import base_model
+    from qsimpo.run_dir import read_meta, record_dir
 
-    meta = read_meta(adapter)
+    meta = read_meta(record_dir(adapter))  # a checkpoint-N's base is its run's
     base = base_model(adapter, base, meta)
     cfg = base_config(base, meta, quantization=quantization or meta.get("quantization", "nf4"),
                       trust_remote_code=trust_remote_code)
