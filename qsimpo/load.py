@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 from qsimpo.errors import InputNotFound, QsimpoError, UsageError
+from qsimpo.paths import names_local
 
 PROBE_SECONDS = 5.0
-FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".yaml", ".yml")  # files, never a Hub repo
 _hub_state: dict = {}  # "reachable": bool, "why": str; set by the first hub_reachable() of the process
 _announced: set = set()
 
@@ -34,13 +34,9 @@ class HubUnreachable(InputNotFound):
 
 # ------------------------------------------------------------------------------------------ local or Hub
 def is_local(name: str | Path) -> bool:
-    """Whether ``name`` names something on this disk (present or not) rather than a Hub id."""
-    from qsimpo.data.sources import looks_local
-
-    text = str(name)
-    path = Path(text).expanduser()
-    return (isinstance(name, Path) or looks_local(text) or text.lower().endswith(FILE_SUFFIXES) or path.exists()
-            or (path.parent != Path(".") and path.parent.is_dir()))
+    """Whether ``name`` names something on this disk (present or not) rather than a Hub id: the one rule,
+    qsimpo.paths.names_local, which the argument checks apply before anything heavy imports."""
+    return isinstance(name, Path) or names_local(str(name)) or Path(str(name)).expanduser().exists()
 
 
 def hub_reachable() -> bool:

@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterator
 
 from qsimpo.data.formats import DataError
+from qsimpo.paths import names_local as looks_local  # the one rule for "a path, never a Hub id"
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
-
-
-def looks_local(path: str) -> bool:
-    # A Hub id is "name" or "owner/name", so a single "/" is not enough to call a path local.
-    return (path.lower().endswith(FILE_SUFFIXES) or path.startswith(("/", ".", "~")) or path.count("/") > 1
-            or (os.sep != "/" and os.sep in path) or not _HUB_ID.match(path))
 
 
 def _iter_file(path: str) -> Iterator[tuple[str, Any]]:
