@@ -149,8 +149,8 @@ def test_make_pairs_with_vllm_writes_rows_training_reads(fake_vllm, tiny_base, f
     for row in rows:
         assert row["all_generations"][:2] == ["owls", "owls owls"]
         assert row["chosen"][-1]["content"] == row["all_generations"][2] and row["rejected"][-1]["content"] == "owls"
-    settings = json.loads(out.with_name("pairs.jsonl.settings.json").read_text())
-    assert settings["backend"] == "vllm"
+    record = json.loads(out.with_name("pairs.jsonl.settings.json").read_text())  # {"command", "settings", "versions"}
+    assert record["settings"]["backend"] == "vllm" and record["versions"]["qsimpo"]
     source = read_source(DataConfig(path=str(out)))
     assert source.summary.format == "conversational" and not source.summary.bad_rows
     pairs, data = build_dataset(DataConfig(path=str(out), max_length=96), load_tokenizer(ModelConfig(name_or_path=str(tiny_base))))
@@ -214,7 +214,7 @@ def test_auto_without_cuda_records_transformers(fake_vllm, files, monkeypatch):
                                                                                    0, 0))
     prompts, scorer, out = files
     make_pairs(str(prompts), "fake-model", scorer, str(out), n=3)
-    assert json.loads(out.with_name("pairs.jsonl.settings.json").read_text())["backend"] == "transformers"
+    assert json.loads(out.with_name("pairs.jsonl.settings.json").read_text())["settings"]["backend"] == "transformers"
     assert not fake_vllm
 
 
