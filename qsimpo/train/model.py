@@ -206,6 +206,9 @@ def load_trained(adapter: str, base: str | None = None, quantization: str | None
                       trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(cfg)
     model = PeftModel.from_pretrained(load_base(cfg, device), adapter)
+    from qsimpo.train.stack import load_sft_side
+
+    load_sft_side(model, adapter, meta)  # a run on top of `qsimpo sft`: its SFT adapter too, the SFT side of eval/demo
     model.eval()
     return model, tokenizer
 
