@@ -91,3 +91,18 @@ def test_eval_sft_side_is_the_sft_model(stacked, sft_run, tiny_base, pref_jsonl,
     want = score_pairs(reference, held, tok.pad_token_id)
     got = result["per_pair"]["sft_logp_chosen"]
     assert got == pytest.approx(want.chosen.tolist(), abs=1e-5)
+
+
+def test_resume_keeps_the_sft_adapter_on(tiny_base, pref_jsonl, sft_run, tmp_path, one_thread):
+    """peft's resume path re-activates only "default": a resumed stacked run must end where the full run ends."""
+    import shutil
+
+    args = ("--train.max_steps", "3", "--train.save_steps", "2", "--model.sft_adapter", str(sft_run))
+    full = train(make_config(tiny_base, pref_jsonl, tmp_path / "full", *args)).output_dir
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    train(make_config(tiny_base, pref_jsonl, resumed, *args, "--train.resume_from", "auto"))
+    a, b = load_file(full / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
