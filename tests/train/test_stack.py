@@ -106,3 +106,21 @@ def test_resume_keeps_the_sft_adapter_on(tiny_base, pref_jsonl, sft_run, tmp_pat
     a, b = load_file(full / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_demo_left_column_is_the_sft_model(stacked, sft_run, tiny_base, one_thread):
+    """The demo answers both columns in one batch with peft's per-row adapter_names: the left rows use "sft"."""
+    from peft import PeftModel
+
+    from qsimpo.config import ModelConfig
+    from qsimpo.demo.sides import SideBySide
+    from qsimpo.train.model import load_base
+
+    sides = SideBySide.load(str(stacked.output_dir), device="cpu")
+    assert sides.sides["left"].adapter == "sft" and sides.sides["right"].adapter == "default"
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44], [1, 40, 41, 42, 43, 44]])
+    with torch.no_grad():
+        both = sides.model(input_ids=ids, adapter_names=["sft", "default"]).logits
+    reference = PeftModel.from_pretrained(load_base(ModelConfig(name_or_path=str(tiny_base)), "cpu"), str(sft_run))
+    assert torch.allclose(both[0], _logits(reference, ids[:1])[0], atol=1e-5)
+    assert torch.allclose(both[1], _logits(stacked.trainer.model, ids[:1])[0], atol=1e-4)
