@@ -124,3 +124,20 @@ def test_demo_left_column_is_the_sft_model(stacked, sft_run, tiny_base, one_thre
     reference = PeftModel.from_pretrained(load_base(ModelConfig(name_or_path=str(tiny_base)), "cpu"), str(sft_run))
     assert torch.allclose(both[0], _logits(reference, ids[:1])[0], atol=1e-5)
     assert torch.allclose(both[1], _logits(stacked.trainer.model, ids[:1])[0], atol=1e-4)
+
+
+def test_push_takes_the_sft_adapter_along(stacked):
+    from qsimpo.export.hub import select_files
+
+    files = select_files(stacked.output_dir, "adapter")
+    assert {"adapter_model.safetensors", "sft/adapter_model.safetensors", "sft/adapter_config.json"} <= set(files)
+    assert not any(f.startswith("checkpoint-") for f in files)
+
+
+def test_sft_adapter_of_another_base_is_refused_before_loading(sft_run, pref_jsonl, tmp_path):
+    from qsimpo.config import ConfigError
+
+    cfg = make_config(tmp_path / "other-base", pref_jsonl, tmp_path / "out", "--model.sft_adapter", str(sft_run))
+    with pytest.raises(ConfigError, match="was trained on .* set --model.name_or_path"):
+        train(cfg)
+    assert not (tmp_path / "out").exists()
