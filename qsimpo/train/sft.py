@@ -231,7 +231,8 @@ def sft(cfg: Config, command: list[str] | None = None):
         trainer.remove_callback(ProgressCallback)
         if cfg.train.progress:
             trainer.remove_callback(PrinterCallback)
-            trainer.add_callback(ProgressBar(cfg.train.batch_size * cfg.train.gradient_accumulation_steps * args.world_size))
+            trainer.add_callback(ProgressBar(cfg.train.batch_size * cfg.train.gradient_accumulation_steps * args.world_size,
+                                             "sft", "convs"))
         try:
             trainer.train(resume_from_checkpoint=resume)
         except NothingLeftToTrain:
