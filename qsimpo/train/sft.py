@@ -8,7 +8,7 @@ command render prompts the way this model learnt them.
     qsimpo sft configs/mistral-7b-base-sft.yaml --train.output_dir adapters/mistral-sft
 
 The steps are `qsimpo train`'s (qsimpo.train.recipe: resume, SIGTERM save, run folder, metrics, progress), and
-the trainer is SimPOTrainer with its loss swapped: negative mean log-prob of the assistant tokens of the
+the trainer is PreferenceTrainer with its loss swapped: negative mean log-prob of the assistant tokens of the
 micro-batch, computed by the same response-only chunked head (no full-vocabulary logits).
 
 Packing (train.packing other than none): the micro-batch's conversations share rows of up to data.max_length
@@ -29,7 +29,7 @@ from qsimpo.config import Config, ConfigError
 from qsimpo.scoring import attn_implementation, scoring_head
 from qsimpo.train.logprobs import chunked_token_logps, head_chunk_rows
 from qsimpo.train.packing import PROMPT, attention_inputs, plain_score_tensors
-from qsimpo.train.trainer import NON_FINITE_CAUSES, NonFiniteError, SimPOTrainer
+from qsimpo.train.trainer import NON_FINITE_CAUSES, NonFiniteError, PreferenceTrainer
 
 
 # ------------------------------------------------------------------------------------------- batches
@@ -112,11 +112,11 @@ def assistant_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch
     return flat.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(flat, dim=-1)
 
 
-class SFTTrainer(SimPOTrainer):
-    """SimPOTrainer (sampler, FSDP on CPU, metric logging) with the SFT loss: −mean log-prob of the assistant tokens."""
+class SFTTrainer(PreferenceTrainer):
+    """PreferenceTrainer (sampler, FSDP on CPU, metric logging) with the SFT loss: −mean log-prob of the assistant tokens."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, simpo=None, **kwargs)
+        super().__init__(*args, loss_fn=None, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps = assistant_logps(model, inputs, self.head_chunk_size, self.compute_dtype)
