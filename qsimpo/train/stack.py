@@ -28,7 +28,7 @@ SFT = "sft"  # the SFT adapter's peft name, and its subfolder in an adapter fold
 
 def stack_on_sft(model, sft_adapter: str):
     """Load the SFT adapter into the PeftModel ``model`` (which holds the new trainable "default"), frozen, both active."""
-    from qsimpo.run_dir import check_adapter
+    from qsimpo.load import check_adapter
 
     check_adapter(sft_adapter, "model.sft_adapter")
     model.load_adapter(sft_adapter, adapter_name=SFT, is_trainable=False)
