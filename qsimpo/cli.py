@@ -114,6 +114,9 @@ def _push_check(s: dict, given: dict) -> None:
 
 # ------------------------------------------------------------------------------------- the commands
 COMMANDS: dict[str, Command] = {c.name: c for c in [
+    Command("sft", "supervised fine-tuning of a LoRA adapter (a base model's first step; docs/sft.md)",
+            "Supervised fine-tuning of a LoRA adapter on a 4-bit base, the loss on the assistant's tokens.",
+            ("qsimpo.train.sft:sft_command",), _config_opts(out=True), overrides=True),
     Command("train", "train a LoRA adapter with SimPO", "Train a LoRA adapter with SimPO on a 4-bit base model.",
             ("qsimpo.commands:train",), _config_opts(out=True), overrides=True),
     Command("inspect-data", "show tokenized pairs and the data summary",
@@ -293,7 +296,7 @@ def run(name: str, argv: list[str]) -> int:
         dry_run(name, settings)
         return 0
     # train: an interrupted run prints the command to resume
-    extra = {"command": ["qsimpo", name, *argv]} if name == "train" else {}
+    extra = {"command": ["qsimpo", name, *argv]} if name in ("train", "sft") else {}
     try:
         result = command.call(given, settings, **extra)
     except ModuleNotFoundError as e:

@@ -17,7 +17,7 @@ FILL = ["--model.name_or_path", "some/model", "--data.path", "some.jsonl"]
 def test_every_shipped_config_loads(path):
     cfg = load_config(path, FILL)  # fills the blanks the quickstart/user fills in
     raw = yaml.safe_load(path.read_text())
-    assert cfg.simpo.beta == raw["simpo"]["beta"]
+    assert cfg.simpo.beta == raw.get("simpo", {}).get("beta", 2.0)  # `qsimpo sft` presets have no simpo section
     assert path.read_text().startswith("# qsimpo") or path.parent.name == "quickstart"  # configs open with their command
 
 
@@ -28,6 +28,12 @@ def test_paper_presets():
     assert gamma("llama3-8b-instruct").resolved_gamma == pytest.approx(2.5 * 0.55)
     assert gamma("mistral-7b-instruct").resolved_gamma == pytest.approx(0.25)
     assert gamma("gemma2-9b-it").resolved_gamma == pytest.approx(5.0)
+    # the Base setting: SimPO on top of `qsimpo sft`
+    assert gamma("mistral-7b-base-simpo").resolved_gamma == pytest.approx(2.0 * 0.8)
+    assert gamma("llama3-8b-base-simpo").resolved_gamma == pytest.approx(2.0 * 0.5)
+    for name, lr in (("mistral-7b-base-simpo", 3e-7), ("llama3-8b-base-simpo", 6e-7)):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert cfg.train.learning_rate == lr and cfg.simpo.beta == 2.0 and cfg.model.sft_adapter
 
 
 def test_quickstart_configs_agree():

@@ -78,14 +78,20 @@ def _workers(n_rows: int) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ the steps
-def _normalise_batch(batch: dict, fmt: str | None, columns: dict | None, prompts: bool = False) -> dict:
+def _normalise_batch(batch: dict, fmt: str | None, columns: dict | None, prompts: bool = False,
+                     conversations: bool = False) -> dict:
     out = {"reason": [], "detail": [], "text": []}
     for location, raw, reason, detail in zip(batch["location"], batch["raw"], batch["reason"], batch["detail"]):
         text = None
         if reason is None:
             try:
                 row = json.loads(raw)
-                triple = normalise_prompt(row, fmt, columns) if prompts else normalise_row(row, fmt, columns)
+                if conversations:  # `qsimpo sft`: a conversation, not a pair
+                    from qsimpo.data.conversations import normalise_conversation
+
+                    triple = normalise_conversation(row, columns)
+                else:
+                    triple = normalise_prompt(row, fmt, columns) if prompts else normalise_row(row, fmt, columns)
             except _Bad as bad:
                 reason, detail = bad.reason, DataError.bad_row(location, bad.reason, bad.detail).detail_line
             else:
@@ -150,7 +156,7 @@ class Source:
                 for location, reason, text in zip(rows["location"], rows["reason"], rows["text"]) if not reason]
 
 
-def read_source(cfg: DataConfig, path: str | None = None, prompts: bool = False) -> Source:
+def read_source(cfg: DataConfig, path: str | None = None, prompts: bool = False, conversations: bool = False) -> Source:
     """Read and normalise ``path`` (default cfg.path), judging every row; no tokenizer needed.
 
     ``prompts=True`` reads prompts to answer (`qsimpo pairs`), not pairs: each kept text is
@@ -160,7 +166,12 @@ def read_source(cfg: DataConfig, path: str | None = None, prompts: bool = False)
     so a run stops on bad data before any model or tokenizer loads.
     """
     check_policy(cfg.on_bad_row)
-    check_columns(cfg.columns)
+    if conversations:  # `qsimpo sft` (qsimpo.data.conversations): rows are conversations, with roles of their own
+        from qsimpo.data.conversations import check_sft_columns
+
+        check_sft_columns(cfg.columns)
+    else:
+        check_columns(cfg.columns)
     if cfg.format not in FORMATS:
         raise ValueError(f"data.format = {cfg.format!r} is not one of {', '.join(FORMATS)}")
     source = str(path or cfg.path)
@@ -174,16 +185,18 @@ def read_source(cfg: DataConfig, path: str | None = None, prompts: bool = False)
         raise DataError(f"{source}: no rows: the source is empty; point data.path at a file with one preference pair "
                         "per row (the formats are in docs/data.md)")
     fmt, columns = cfg.format, cfg.columns or None
-    if fmt == "auto":
+    if fmt == "auto" and not conversations:
         fmt = detect_format(_raw_rows(table), columns)
     with _progress(len(table)):
-        table = table.map(_normalise_batch, batched=True, fn_kwargs={"fmt": fmt, "columns": columns, "prompts": prompts},
+        table = table.map(_normalise_batch, batched=True, fn_kwargs={"fmt": fmt, "columns": columns, "prompts": prompts,
+                                                                      "conversations": conversations},
                           num_proc=_workers(len(table)), desc=f"checking {source}",
-                          new_fingerprint=_fingerprint(table._fingerprint, "prompts" if prompts else "normalise", fmt,
+                          new_fingerprint=_fingerprint(table._fingerprint, "sft" if conversations else "prompts" if prompts else
+                                                       "normalise", fmt,
                                                        json.dumps(columns, sort_keys=True), _code_version()))
-    summary.format = fmt or ""
+    summary.format = "conversation" if conversations else fmt or ""
     if not _record_reasons(table, summary):  # no row survived: say what the rows look like and what to set
-        if summary.bad_rows and not prompts:  # (the rows' own lines say what a prompt row lacks)
+        if summary.bad_rows and not prompts and not conversations:  # (the rows' own lines say what a prompt row lacks)
             summary.diagnosis = diagnose(_raw_rows(table), cfg.format, fmt, columns)
         summary.check(cfg.on_bad_row)
         raise summary.no_pairs()

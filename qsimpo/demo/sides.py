@@ -100,6 +100,7 @@ class SideBySide:
         """Load the base once (4-bit as the adapter was trained, where bitsandbytes is installed) and the adapter(s)."""
         from qsimpo.load import check_adapter, hub_name, load_adapter
         from qsimpo.run_dir import read_meta, record_dir
+        from qsimpo.train.stack import SFT
 
         check_adapter(adapter, "--adapter")
         if compare_adapter:
@@ -120,6 +121,8 @@ class SideBySide:
             except (OSError, ValueError) as e:
                 raise InputNotFound(f"could not load --compare-adapter {compare_adapter}: {e}") from None
             left = Side("compare", f"compare: {compare_adapter}", "compare")
+        elif SFT in model.peft_config:  # SimPO on top of `qsimpo sft` (qsimpo.train.stack): the SFT model is its adapter
+            left = Side("SFT", "SFT (base + SFT adapter)", SFT)
         else:
             left = Side("SFT", "SFT (adapter off)", BASE)
         model.set_adapter("default")

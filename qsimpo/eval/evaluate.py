@@ -28,6 +28,7 @@ from qsimpo.eval import metrics as M
 from qsimpo.errors import UsageError
 from qsimpo.data import DataError, looks_local, prompt_messages, read_source, split_eval, tokenize_source
 from qsimpo.scoring import PairScores, score_pairs
+from qsimpo.train.stack import sft_side
 
 SCHEMA_VERSION = 2  # 2: "judge" became "scorer"; data.kind, preference_skipped; samples carry token counts
 
@@ -163,7 +164,7 @@ def generations(model, tokenizer, pairs, n: int | None, max_new_tokens: int, tem
             for i in range(0, len(chosen), batch_size):
                 batch = [p["prompt_ids"] for p in chosen[i:i + batch_size]]
                 seeds = [seed + j for j in range(i, i + len(batch))]  # the same seed for both models
-                with model.disable_adapter() if name == "sft" else contextlib.nullcontext():
+                with sft_side(model) if name == "sft" else contextlib.nullcontext():
                     got = answers_of(model, tokenizer, batch, max_new_tokens, temperature, top_p, seeds)
                 answers[name].extend(got)
                 tokens += sum(a[1] for a in got)
@@ -248,7 +249,7 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
         pairs, source, models, skipped, per_pair = [], str(where), None, PROMPTS_ONLY, None
     else:
         pairs, source, summary = held_out_pairs(kind, where, max_rows, cfg, dc, held_out, tokenizer)
-        with model.disable_adapter():
+        with sft_side(model):  # adapter off, or for a run on top of `qsimpo sft` its SFT adapter (qsimpo.train.stack)
             sft = score(model, pairs, tokenizer.pad_token_id, batch_size, "scoring SFT (adapter off)")
         aligned = score(model, pairs, tokenizer.pad_token_id, batch_size, "scoring aligned (adapter on)")
         items, skipped = pairs, None

@@ -76,13 +76,16 @@ def folder_kind(folder: Path) -> str:
 def select_files(folder: Path, kind: str, include: list[str] = ()) -> list[str]:
     """Files that belong in the repo: the model's own files, plus whatever ``include`` patterns name."""
     patterns = list(ADAPTER_FILES if kind == "adapter" else MODEL_FILES) + TOKENIZER_FILES
+    # a run on top of `qsimpo sft` keeps its SFT adapter in sft/ (qsimpo.train.stack): the SFT side of eval and the demo
+    nested = [f"sft/{name}" for name in ADAPTER_FILES] if kind == "adapter" else []
     chosen = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         top_level = "/" not in rel
         if rel in GENERATED:
             continue
-        if (top_level and any(fnmatch.fnmatch(rel, pat) for pat in patterns)) or any(fnmatch.fnmatch(rel, pat) for pat in include):
+        if (top_level and any(fnmatch.fnmatch(rel, pat) for pat in patterns)) or rel in nested or \
+                any(fnmatch.fnmatch(rel, pat) for pat in include):
             chosen.append(rel)
     return chosen
 

@@ -227,7 +227,12 @@ def _save(merged, folder: Path, adapter: str, base: str, meta: dict, base_weight
     # The base's tokenizer as published (not the training copy, which may have gained a pad token).
     source = base_config(base, meta)
     resolved = pretrained_source(source)
-    AutoTokenizer.from_pretrained(resolved.name_or_path, revision=resolved.revision).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.name_or_path, revision=resolved.revision)
+    if source.chat_template:  # the template the adapter was trained with (qsimpo.templates), e.g. a base's first one
+        from qsimpo.templates import template_text
+
+        tokenizer.chat_template = template_text(source.chat_template)
+    tokenizer.save_pretrained(folder)
     copy_config(adapter, folder)
     local = Path(adapter)
     record = {**meta, "base_model": base, "base_model_gguf_file": source.gguf_file,

@@ -49,8 +49,9 @@ class FiniteGradGuard(TrainerCallback):
 class ProgressBar(TrainerCallback):
     """tqdm bar over optimizer steps showing loss, reward accuracy, margin and pairs/s."""
 
-    def __init__(self, pairs_per_step: int, label: str = "simpo"):
+    def __init__(self, pairs_per_step: int, label: str = "simpo", unit: str = "pairs"):
         self.pairs_per_step, self.label = pairs_per_step, label  # label: the loss being trained
+        self.unit = unit  # what a step's rows are: pairs, or conversations for `qsimpo sft`
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -69,7 +70,7 @@ class ProgressBar(TrainerCallback):
             return
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         pairs_s = (state.global_step - self.step0) * self.pairs_per_step / elapsed
-        post = {"loss": f"{logs['loss']:.4f}", "pairs/s": f"{pairs_s:.2f}"}
+        post = {"loss": f"{logs['loss']:.4f}", f"{self.unit}/s": f"{pairs_s:.2f}"}
         if not math.isnan(logs.get("rewards/accuracies", math.nan)):
             post["acc"] = f"{logs['rewards/accuracies']:.2f}"
             post["margin"] = f"{logs['rewards/margins']:.3f}"

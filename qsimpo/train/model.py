@@ -75,8 +75,11 @@ def load_model_config(cfg: ModelConfig):
 
 
 def load_tokenizer(cfg: ModelConfig):
-    cfg = pretrained_source(cfg)
     from transformers import AutoTokenizer
+
+    from qsimpo.templates import apply_template
+
+    named, cfg = cfg, pretrained_source(cfg)
 
     try:
         tok = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -84,6 +87,7 @@ def load_tokenizer(cfg: ModelConfig):
         raise _unloadable(cfg, e) from None
     if tok.pad_token_id is None:  # Llama-3 and others ship none; padded positions are masked anyway
         tok.pad_token = tok.eos_token
+    apply_template(tok, named)  # model.chat_template, or the one an adapter was trained with (qsimpo.templates)
     return tok
 
 
@@ -184,7 +188,8 @@ def base_config(base: str, meta: dict, **kwargs) -> ModelConfig:
     recorded base only, never with another one given by --base."""
     recorded = base == meta.get("base_model")
     return ModelConfig(name_or_path=base, revision=meta.get("base_model_revision") if recorded else None,
-                       gguf_file=meta.get("base_model_gguf_file") if recorded else None, **kwargs)
+                       gguf_file=meta.get("base_model_gguf_file") if recorded else None,
+                       chat_template=meta.get("chat_template"), **kwargs)
 
 
 def load_trained(adapter: str, base: str | None = None, quantization: str | None = None, device: str | None = None,
@@ -201,6 +206,9 @@ def load_trained(adapter: str, base: str | None = None, quantization: str | None
                       trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(cfg)
     model = PeftModel.from_pretrained(load_base(cfg, device), adapter)
+    from qsimpo.train.stack import load_sft_side
+
+    load_sft_side(model, adapter, meta)  # a run on top of `qsimpo sft`: its SFT adapter too, the SFT side of eval/demo
     model.eval()
     return model, tokenizer
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from qsimpo.run_dir import CHECKPOINT_MARKER, CONFIG, METRICS, has_adapter, is_complete, write_config, write_meta
+from qsimpo.run_dir import (CHECKPOINT_MARKER, CONFIG, METRICS, has_adapter, is_complete, update_meta, write_config,
+                            write_meta)
 from qsimpo.train.callbacks import (CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain, ProgressBar,
                                     SkipFinishedRun, StopOnSignal, checkpoints, last_complete_checkpoint)
 from qsimpo.config import Config, ConfigError
@@ -31,7 +32,9 @@ from qsimpo.train.logprobs import head_chunk_rows
 from qsimpo.train.model import add_lora, compute_dtype, load_base, load_tokenizer
 from qsimpo.train.packing import make_collator
 from qsimpo.train.losses import make_loss
+from qsimpo.train.stack import check_sft_base, keep_sft_active, stack_on_sft, write_aligned
 from qsimpo.train.trainer import PreferenceTrainer
+from qsimpo.templates import require_template
 
 
 
@@ -317,12 +320,18 @@ def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
 
     with stop_on_signals(output_dir, resume_hint) as stop:
         sources = read_sources(cfg)  # bad data stops here, before anything loads
-        tokenizer = load_tokenizer(cfg.model)
+        if cfg.model.sft_adapter:
+            check_sft_base(cfg)
+        tokenizer = load_tokenizer(cfg.model)  # model.chat_template, else the SFT adapter's, else the base's
+        if cfg.model.sft_adapter or sources["train"].summary.format == "conversational":
+            require_template(tokenizer, cfg.model.name_or_path, "qsimpo train")
         pairs, eval_pairs, summaries = load_pairs(cfg, tokenizer, sources)
 
         checkpointed = checkpoint_split(cfg, pairs, device)
         model = load_base(cfg.model, device)
         model = add_lora(model, cfg.lora, cfg.model.quantization != "none", checkpointed, cfg.train.seed)
+        if cfg.model.sft_adapter:  # SimPO on top of the frozen SFT adapter (qsimpo.train.stack)
+            model = stack_on_sft(model, cfg.model.sft_adapter)
 
         output_dir.mkdir(parents=True, exist_ok=True)
         if is_main_process():
@@ -344,7 +353,8 @@ def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
             eval_dataset=PairDataset(eval_pairs, references.get("eval")) if eval_pairs else None,
             processing_class=tokenizer,
             # StopOnSignal may set should_save in on_step_end: CheckpointMarker must come after it
-            callbacks=[FiniteGradGuard(), MetricsJsonl(metrics_path), SkipFinishedRun(), stop, CheckpointMarker()],
+            callbacks=[FiniteGradGuard(), MetricsJsonl(metrics_path), SkipFinishedRun(), stop, CheckpointMarker(),
+                       keep_sft_active()],
             loss_fn=make_loss(cfg),
             logs_nll=has_nll(cfg),
             head_chunk_size=head_chunk,
@@ -373,4 +383,7 @@ def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
         trainer.save_model(str(output_dir))  # adapter_config.json + adapter_model.safetensors
         if trainer.is_world_process_zero():
             write_provenance(cfg, output_dir, trainer, summaries, references)
+            update_meta(output_dir, chat_template=tokenizer.chat_template)  # every later command renders with it
+            if cfg.model.sft_adapter:
+                write_aligned(output_dir, cfg.model.sft_adapter)
     return TrainRun(output_dir, trainer)

@@ -25,7 +25,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 
 # Every data set a preset or docs/data.md names, by its Hub id: how its rows read as (prompt messages, chosen, rejected).
-DATASETS = ("princeton-nlp/llama3-ultrafeedback-armorm", "princeton-nlp/gemma2-ultrafeedback-armorm",
+DATASETS = ("HuggingFaceH4/ultrachat_200k", "princeton-nlp/llama3-ultrafeedback-armorm", "princeton-nlp/gemma2-ultrafeedback-armorm",
             "princeton-nlp/mistral-instruct-ultrafeedback", "HuggingFaceH4/ultrafeedback_binarized",
             "trl-lib/ultrafeedback_binarized", "Anthropic/hh-rlhf", "Intel/orca_dpo_pairs")
 # The settings docs/data.md gives for the data sets no preset uses (and the other split of one that is).
@@ -104,6 +104,39 @@ def check_reads(tok, cfg, folder: Path) -> int:
     return len(rows)
 
 
+def check_reads_conversations(tok, cfg, folder: Path) -> int:
+    """An SFT preset (`qsimpo sft`) with its own chat template: every row kept whole, every assistant turn trained,
+    exactly what the template renders for it, and nothing else."""
+    import copy
+
+    from qsimpo.data import read_source
+    from qsimpo.data.conversations import tokenize_conversations
+    from qsimpo.templates import apply_template
+
+    tok = copy.deepcopy(tok)
+    apply_template(tok, cfg.model)
+    rows = raw_rows(folder, cfg.data.split, None)
+    convs, summary = tokenize_conversations(cfg.data, read_source(cfg.data, conversations=True), tok)
+    assert summary.rows_read == summary.kept == len(convs) == len(rows) >= 2, summary.report()
+    assert not any(summary.dropped.values()) and not summary.truncated_response
+    for conv, row in zip(convs, rows):
+        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        ids, mask = conv["input_ids"], conv["assistant_mask"]
+        spans = [[]]
+        for i, m in zip(ids, mask):
+            spans[-1].append(i) if m else spans[-1] and spans.append([])
+        spans = [tok.decode(s) for s in spans if s]
+        want = []
+        for k, m in enumerate(messages):
+            if m["role"] == "assistant":
+                prompt = tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+                turn = tok.apply_chat_template(messages[:k + 1], tokenize=False)[len(prompt):]
+                want.append(turn.rstrip() if turn.rstrip().endswith(tok.eos_token) else turn + tok.eos_token)
+        assert spans == want, conv["location"]
+        assert sum(m["role"] == "assistant" for m in messages) >= 2  # several turns, each of them trained
+    return len(rows)
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_every_preset_reads_its_own_data_set(tok, preset):
     path = data_path(preset)
@@ -113,7 +146,8 @@ def test_every_preset_reads_its_own_data_set(tok, preset):
     # the preset's own split, subset, data_dir, format and lengths; a preset for "your SFT model" gets a name
     model = [] if load_yaml(preset.read_text())["model"].get("name_or_path") else ["--model.name_or_path", "your-sft-model"]
     cfg = load_config(preset, [*model, "--data.path", str(folder)])
-    assert check_reads(tok, cfg, folder) >= 8
+    check = check_reads_conversations if preset.read_text().startswith("# qsimpo sft") else check_reads
+    assert check(tok, cfg, folder) >= 8
 
 
 @pytest.mark.parametrize("dataset,settings", DOCUMENTED, ids=[f"{d}-{s[-1]}" for d, s in DOCUMENTED])

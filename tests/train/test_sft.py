@@ -1,0 +1,145 @@
+"""`qsimpo sft` on the tiny NF4 model: the assistant-only mask, packing that changes no number, the run folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, make_config
+from qsimpo.data.conversations import normalise_conversation, tokenize_conversation
+from qsimpo.data.formats import _Bad
+from qsimpo.train.sft import ConversationCollator, assistant_logps, pack_rows, sft
+
+
+def conversations(rows, n=64):
+    return [{"prompt": r["prompt"], "prompt_id": str(i),
+             "messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]},
+                          {"role": "user", "content": "Say it again."}, {"role": "assistant", "content": r["rejected"]}]}
+            for i, r in enumerate(rows[:n])]
+
+
+@pytest.fixture(scope="module")
+def sft_jsonl(tmp_path_factory, pref_rows):
+    path = tmp_path_factory.mktemp("sft") / "chat.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in conversations(pref_rows)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_base):
+    from qsimpo.config import ModelConfig
+    from qsimpo.train.model import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(tiny_base)))
+
+
+def test_mask_covers_every_assistant_turn_and_nothing_else(tok, pref_rows):
+    conv = normalise_conversation(conversations(pref_rows, 1)[0])
+    enc = tokenize_conversation(tok, conv, 1024)
+    ids, mask = enc["input_ids"], enc["assistant_mask"]
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    # the whole sequence is the template's rendering of the conversation, each turn closed by EOS
+    whole = tok.apply_chat_template(conv["messages"], tokenize=False)
+    assert tok.decode(ids, skip_special_tokens=False).replace("</s>", "") == whole
+    spans, cur = [], []
+    for i, m in zip(ids + [None], mask + [0]):
+        if m:
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    r = pref_rows[0]
+    assert [tok.decode(s, skip_special_tokens=False) for s in spans] == [f"{r['chosen']}\n</s>", f"{r['rejected']}\n</s>"]
+    assert all(s[-1] == tok.eos_token_id for s in spans)  # each turn ends at the end-of-turn token
+
+
+def test_prompt_completion_rows_and_bad_rows():
+    got = normalise_conversation({"prompt": "Hi", "completion": "Hello!"})
+    assert got["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    got = normalise_conversation({"q": [{"role": "user", "content": "Hi"}], "a": "Yo", "sys": "Be brief."},
+                                 {"prompt": "q", "completion": "a", "system": "sys"})
+    assert [m["role"] for m in got["messages"]] == ["system", "user", "assistant"]
+    for row, reason in (({"messages": [{"role": "user", "content": "Hi"}]}, "no_assistant_turn"),
+                        ({"text": "Hi"}, "missing_key"),
+                        ({"messages": [{"role": "human", "content": "Hi"}]}, "unknown_role")):
+        with pytest.raises(_Bad) as e:
+            normalise_conversation(row)
+        assert e.value.reason == reason
+
+
+def test_pack_rows_first_fit():
+    rows = pack_rows([5, 3, 4, 2, 6], 8)
+    assert sorted(sum(rows, [])) == [0, 1, 2, 3, 4]
+    assert all(sum([5, 3, 4, 2, 6][i] for i in r) <= 8 for r in rows) and len(rows) == 3
+
+
+@pytest.mark.parametrize("head_chunk", [0, 16])
+def test_packed_loss_equals_unpacked_loss(tiny_base, tok, pref_rows, head_chunk, one_thread):
+    """Several conversations in one row (block-diagonal mask, positions restarting) score every token as alone."""
+    from qsimpo.config import ModelConfig
+    from qsimpo.train.model import load_base
+
+    model = load_base(ModelConfig(name_or_path=str(tiny_base)), "cpu")
+    feats = [tokenize_conversation(tok, normalise_conversation(c), 256) for c in conversations(pref_rows, 6)]
+    plain = ConversationCollator(tok.pad_token_id)(feats)
+    packed = ConversationCollator(tok.pad_token_id, pack_to=256)(feats)
+    assert packed["input_ids"].shape[0] < plain["input_ids"].shape[0]  # packing did put conversations together
+    with torch.no_grad():
+        a = assistant_logps(model, plain, head_chunk)
+        b = assistant_logps(model, packed, head_chunk)
+    # the same tokens, in another order: compare per conversation, then the loss
+    for i in range(len(feats)):
+        x, y = a[plain["score_seq"] == i], b[packed["score_seq"] == i]
+        assert len(x) == sum(feats[i]["assistant_mask"][1:]) and torch.allclose(x, y, atol=1e-5)
+    assert torch.allclose(-a.mean(), -b.mean(), atol=1e-6)
+    # one padding-free row (the FlexAttention layout) scores the same too
+    one = ConversationCollator(tok.pad_token_id, pack_to=0)(feats)
+    assert one["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        assert torch.allclose(-assistant_logps(model, one, head_chunk).mean(), -a.mean(), atol=1e-6)
+
+
+def test_sft_run_folder(tiny_base, sft_jsonl, tmp_path, one_thread):
+    from qsimpo.train.model import add_lora, load_base
+
+    cfg = make_config(tiny_base, sft_jsonl, tmp_path / "sft", "--train.max_steps", "3", "--train.save_steps", "2",
+                      "--data.max_length", "256", "--model.chat_template", "chatml")
+    from peft import get_peft_model_state_dict
+
+    init = get_peft_model_state_dict(add_lora(load_base(cfg.model, "cpu"), cfg.lora, True, False, cfg.train.seed))
+    run = sft(cfg)
+    out = run.output_dir
+    files = {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "config.yaml", "qsimpo.json", "metrics.jsonl", "checkpoint-2", "checkpoint-3",
+            "tokenizer_config.json"} <= files
+    trained = load_file(out / "adapter_model.safetensors")
+    assert trained.keys() == init.keys() and not [k for k in trained if torch.equal(trained[k], init[k])]
+    meta = json.loads((out / "qsimpo.json").read_text())
+    chatml = (ROOT / "qsimpo" / "templates" / "chatml.jinja").read_text()
+    assert meta["kind"] == "sft" and meta["chat_template"] == chatml and meta["data"]["train"]["kept"] == 64
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).chat_template == chatml  # written into the adapter's tokenizer files
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3] and all(r["tokens"] > 0 for r in steps if "loss" in r)
+
+
+def test_no_template_is_a_clear_error(tmp_path, pref_rows, sft_jsonl):
+    from conftest import build_tiny_base
+
+    base = build_tiny_base(tmp_path / "base", pref_rows[:8], num_layers=1)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model: {{name_or_path: {base}}}\ndata: {{path: {sft_jsonl}}}\ntrain: {{output_dir: {tmp_path / 'o'}}}\n")
+    out = subprocess.run([sys.executable, "-m", "qsimpo", "sft", str(config)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "has no chat template" in out.stderr and "--model.chat_template" in out.stderr
