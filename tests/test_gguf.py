@@ -76,7 +76,7 @@ def test_missing_gguf_file(tmp_path, pref_jsonl, capsys):
 
 @pytest.mark.parametrize("cut", [0, 3, 10, 200, 5000])
 def test_every_cut_of_a_gguf_file_is_called_truncated(tmp_path, cut):
-    from qsimpo.gguf import _check_magic, check
+    from qsimpo.gguf_in import _check_magic, check
 
     whole = write_gguf(tmp_path / "whole.gguf")
     check(whole)  # the uncut file passes
@@ -90,7 +90,7 @@ def test_every_cut_of_a_gguf_file_is_called_truncated(tmp_path, cut):
 def test_where_a_gguf_file_is_looked_for(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
 
-    from qsimpo.gguf import is_gguf, locate
+    from qsimpo.gguf_in import is_gguf, locate
 
     folder = tmp_path / "models"
     folder.mkdir()
@@ -130,7 +130,7 @@ def test_gguf_file_field_is_checked_with_the_config():
 
 
 def test_failed_conversion_leaves_no_folder_and_a_later_one_is_reused(tmp_path, cache, monkeypatch):
-    from qsimpo import gguf
+    from qsimpo import gguf_in as gguf
 
     f = write_gguf(tmp_path / "m.gguf")
     monkeypatch.setattr(gguf, "_tokenizer", lambda path: None)

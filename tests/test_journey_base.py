@@ -68,7 +68,7 @@ def test_sft_train_eval_merge_from_a_base_without_template(tmp_path, pref_rows):
     from qsimpo.config import ModelConfig
     from qsimpo.data import build_dataset, split_eval
     from qsimpo.run_dir import read_config
-    from qsimpo.scoring import score_pairs
+    from qsimpo.response_logps import score_pairs
     from qsimpo.train.model import load_base, load_tokenizer
 
     result = json.loads((home / "adapters" / "simpo" / "eval" / "eval.json").read_text())

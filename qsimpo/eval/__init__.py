@@ -1,4 +1,4 @@
-"""Evaluation: the numbers, the report, and generation (pairs are scored by qsimpo.scoring, as training scores them).
+"""Evaluation: the numbers, the report, and generation (pairs are scored by qsimpo.response_logps, as training scores them).
 
     metrics.py    eval's numbers as pure functions: accuracy, margins, Spearman, length splits, win rates, bootstrap
     evaluate.py   `qsimpo eval`: SFT vs aligned on held-out pairs, generations, eval.json

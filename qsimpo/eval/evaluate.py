@@ -27,7 +27,7 @@ import torch
 from qsimpo.eval import metrics as M
 from qsimpo.errors import UsageError
 from qsimpo.data import DataError, looks_local, prompt_messages, read_source, split_eval, tokenize_source
-from qsimpo.scoring import PairScores, score_pairs
+from qsimpo.response_logps import PairScores, score_pairs
 from qsimpo.train.stack import sft_side
 
 SCHEMA_VERSION = 2  # 2: "judge" became "scorer"; data.kind, preference_skipped; samples carry token counts

@@ -1,7 +1,7 @@
 """The numbers ``qsimpo eval`` reports, as pure functions over tensors and lists.
 
 Preference metrics take per-pair *average* response log-probs (what SimPO's reward is made of,
-see ``qsimpo.scoring.score_pairs``) and are defined exactly as the trainer logs them
+see ``qsimpo.response_logps.score_pairs``) and are defined exactly as the trainer logs them
 (``qsimpo.train.trainer.pair_metrics``): reward = β·avg_logp, accuracy counts a tie as a miss,
 margin = β·(avg_logp(chosen) − avg_logp(rejected)) without γ.
 

@@ -267,7 +267,7 @@ def export_lora(adapter: str, out_dir: str | Path, lp: LoraPlan, config, name: s
     removing both) when the file does not hold the adapter."""
     import time
 
-    from qsimpo.gguf import sha256
+    from qsimpo.gguf_in import sha256
     from qsimpo.record import versions
 
     out_dir = Path(out_dir)

@@ -273,7 +273,7 @@ def export(folder: str | Path, pl: Plan, name: str | None = None, merged=None, l
     from qsimpo.record import versions
     from qsimpo.export.gguf_check import check, held_out_probes
     from qsimpo.export.verify import next_token_logprobs
-    from qsimpo.gguf import sha256
+    from qsimpo.gguf_in import sha256
 
     folder = Path(folder)
     name = name or folder.name

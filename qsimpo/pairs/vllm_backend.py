@@ -44,7 +44,7 @@ def _why_not(model: str, base: str | None) -> tuple[str | None, bool]:
         return ("the vLLM backend runs in one process (it batches over the whole GPU itself), not under torchrun / "
                 "accelerate launch: run `qsimpo pairs` once without them, or pass --backend transformers to share the "
                 "prompts among the processes"), True
-    from qsimpo.gguf import is_gguf
+    from qsimpo.gguf_in import is_gguf
 
     cfg, _ = _base_config(model, base)
     if is_gguf(cfg):

@@ -45,7 +45,7 @@ def probe(model, tokenizer, pairs, prompts: list[str], beta: float, max_new_toke
           system_prompt: str | None = None) -> dict:
     from qsimpo.eval.metrics import reward_accuracy
     from qsimpo.generate import answer
-    from qsimpo.scoring import score_pairs
+    from qsimpo.response_logps import score_pairs
 
     scores = score_pairs(model, pairs, tokenizer.pad_token_id)
     # each question asked as training showed its row (a string prompt, the run's system prompt)

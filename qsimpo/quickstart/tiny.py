@@ -122,7 +122,7 @@ def quickstart_config(out: Path, data: Path, base: Path, heldout: Path):
 def probe(model, tokenizer, pairs, prompts, beta: float, system_prompt: str | None = None) -> dict:
     from qsimpo.eval.metrics import reward_accuracy
     from qsimpo.generate import answer
-    from qsimpo.scoring import score_pairs
+    from qsimpo.response_logps import score_pairs
 
     scores = score_pairs(model, pairs, tokenizer.pad_token_id)
     gens = [answer(model, tokenizer, p, 48, system_prompt) for p in prompts]  # asked as training showed the rows

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from qsimpo.scoring import pair_sequence_logps
+from qsimpo.response_logps import pair_sequence_logps
 
 FILE_PREFIX = "qsimpo-reference-"
 

@@ -26,7 +26,7 @@ import torch
 
 from qsimpo import __version__
 from qsimpo.config import Config, ConfigError
-from qsimpo.scoring import attn_implementation, scoring_head
+from qsimpo.response_logps import attn_implementation, scoring_head
 from qsimpo.train.logprobs import chunked_token_logps, head_chunk_rows
 from qsimpo.train.packing import PROMPT, attention_inputs, plain_score_tensors
 from qsimpo.train.trainer import NON_FINITE_CAUSES, NonFiniteError, PreferenceTrainer

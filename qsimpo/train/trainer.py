@@ -3,7 +3,7 @@
 Everything else (loop, gradient accumulation, checkpoints, resume, DDP/FSDP/DeepSpeed via
 accelerate, report_to) is the stock Trainer. A batch is either layout of ``qsimpo.train.packing``
 (one packed row per pair, or the B chosen rows followed by the B rejected rows); both say
-which positions to score the same way, so ``qsimpo.scoring.pair_sequence_logps`` serves them alike.
+which positions to score the same way, so ``qsimpo.response_logps.pair_sequence_logps`` serves them alike.
 The loss is any of ``qsimpo.train.losses`` (SimPO by default), bound to its config by ``make_loss``;
 DPO's batches carry their pairs' stored reference log-probs (``qsimpo.train.reference``).
 """
@@ -19,7 +19,7 @@ from transformers import Trainer
 
 from qsimpo.config import ConfigError
 from qsimpo.errors import QsimpoError
-from qsimpo.scoring import pair_sequence_logps, unwrap
+from qsimpo.response_logps import pair_sequence_logps, unwrap
 from qsimpo.train.losses import LossFn
 
 

@@ -1,4 +1,4 @@
-"""qsimpo.scoring: eval, the quickstart and the demo score through the training path, which equals full logits."""
+"""qsimpo.response_logps: eval, the quickstart and the demo score through the training path, which equals full logits."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _reference(model, pairs):
 def test_score_pairs_equals_full_logits(tiny_base, pref_jsonl, tmp_path, chunk):
     from qsimpo.data import build_dataset
     from qsimpo.train.model import add_lora, load_base, load_tokenizer
-    from qsimpo.scoring import score_pairs
+    from qsimpo.response_logps import score_pairs
 
     cfg = make_config(tiny_base, pref_jsonl, tmp_path / "out", "--data.max_rows", "10")
     tok = load_tokenizer(cfg.model)

@@ -14,7 +14,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from conftest import build_tiny_base, make_config
 from qsimpo.config import LoraConfig, ModelConfig, load_config
 from qsimpo.errors import UsageError
-from qsimpo.scoring import pair_logps
+from qsimpo.response_logps import pair_logps
 from qsimpo.train.losses import simpo_loss
 from qsimpo.train.model import add_lora, load_base
 from qsimpo.train.packing import PackedPairCollator

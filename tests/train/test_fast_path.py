@@ -17,7 +17,7 @@ from qsimpo.train.logprobs import sequence_logps
 from qsimpo.train.losses import simpo_loss
 from qsimpo.train.model import add_lora, load_base
 from qsimpo.train.packing import PackedPairCollator, PlainPairCollator, attention_inputs
-from qsimpo.scoring import attn_implementation, pair_logps
+from qsimpo.response_logps import attn_implementation, pair_logps
 
 
 def _avg_only(avg):

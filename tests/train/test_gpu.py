@@ -36,7 +36,7 @@ def test_fast_path_matches_plain_on_cuda(tiny_base):
     from qsimpo.config import LoraConfig, ModelConfig
     from qsimpo.train.model import add_lora, load_base
     from qsimpo.train.packing import PackedPairCollator, PlainPairCollator
-    from qsimpo.scoring import pair_logps
+    from qsimpo.response_logps import pair_logps
 
     model = add_lora(load_base(ModelConfig(name_or_path=str(tiny_base), compute_dtype="float32"), "cuda:0"),
                      LoraConfig(r=4, alpha=8, dropout=0.0), True, False, 0)
@@ -55,7 +55,7 @@ def test_flex_attention_training_matches_dense_on_cuda(tiny_base):
     from qsimpo.train.losses import simpo_loss
     from qsimpo.train.model import add_lora, load_base
     from qsimpo.train.packing import PackedPairCollator
-    from qsimpo.scoring import pair_logps
+    from qsimpo.response_logps import pair_logps
 
     model = add_lora(load_base(ModelConfig(name_or_path=str(tiny_base), compute_dtype="float32"), "cuda:0"),
                      LoraConfig(r=4, alpha=8, dropout=0.0), True, True, 0)

@@ -224,7 +224,7 @@ def test_reference_pass_equals_plain_adapter_off_forward(model, packing):
 def test_dpo_starts_at_log_2_per_pair(tiny_base, one_thread, tmp_path):
     """A fresh adapter (LoRA B = 0) is its own reference: every pair's DPO loss is log 2 before the first update."""
     from qsimpo.config import LoraConfig, ModelConfig
-    from qsimpo.scoring import pair_sequence_logps
+    from qsimpo.response_logps import pair_sequence_logps
     from qsimpo.train.model import add_lora, load_base
     from qsimpo.train.packing import make_collator
     from qsimpo.train.reference import reference_logps

@@ -75,7 +75,7 @@ def test_eval_sft_side_is_the_sft_model(stacked, sft_run, tiny_base, pref_jsonl,
 
     from qsimpo.config import ModelConfig
     from qsimpo.eval.evaluate import evaluate
-    from qsimpo.scoring import score_pairs
+    from qsimpo.response_logps import score_pairs
     from qsimpo.train.model import load_base, load_tokenizer
     from qsimpo.data import build_dataset
     from qsimpo.run_dir import read_config
