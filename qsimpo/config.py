@@ -415,6 +415,11 @@ def validate(cfg: Config) -> list[str]:
     """The checks that involve several fields (or none fits a bound); each message names key, value and fix."""
     p: list[str] = []
     m, d, s, t = cfg.model, cfg.data, cfg.simpo, cfg.train
+    if m.sft_adapter and cfg.loss.type == "dpo":
+        # DPO's reference must then be base + SFT adapter; the reference pass turns every adapter off
+        p.append(f"model.sft_adapter = {m.sft_adapter!r} with loss.type dpo: DPO's reference would be the base without the "
+                 "SFT adapter, not the SFT model. Merge the SFT adapter first (qsimpo merge) and train DPO on the merged "
+                 "model, or use a loss with no reference (simpo, orpo, cpo, arpo) on top of the SFT adapter")
     if not m.name_or_path:
         p.append("model.name_or_path is empty: set it to a Hub id (e.g. meta-llama/Meta-Llama-3-8B-Instruct) or a local model folder")
     if m.gguf_file is not None and (not m.gguf_file.lower().endswith(".gguf") or m.name_or_path.lower().endswith(".gguf")):

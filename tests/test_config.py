@@ -213,6 +213,11 @@ def test_loss_sections_defaults_and_errors_naming_the_loss():
     assert (cfg.arpo.beta, cfg.arpo.alpha, cfg.arpo.relax_coefficient_1, cfg.arpo.relax_coefficient_2) == (0.1, 1.0, 0.9, 0.4)
     assert cfg.simpo.sft_reduction == "tokens"
     assert build({**base, "loss": {"type": "dpo"}, "dpo": {"beta": 0.3}}).dpo.beta == 0.3
+    # DPO on top of an SFT adapter would take the bare base as its reference: refused, naming both ways out
+    with pytest.raises(ConfigError, match=r"model.sft_adapter = 'sft-run' with loss.type dpo.*qsimpo merge.*simpo, orpo"):
+        build({"model": {"name_or_path": "m", "sft_adapter": "sft-run"}, "data": {"path": "d"}, "loss": {"type": "dpo"}})
+    assert build({"model": {"name_or_path": "m", "sft_adapter": "sft-run"}, "data": {"path": "d"},
+                  "loss": {"type": "orpo"}}).loss.type == "orpo"
     with pytest.raises(ConfigError) as e:
         build({**base, "loss": {"type": "dpo"}, "simpo": {"beta": 2.5}, "orpo": {"lam": 0.5}, "cpo": {"gamma": 1.0},
                "arpo": {"relax_coefficient_1": 0.8}})
