@@ -149,9 +149,15 @@ def base_source(cfg, what: str = "model.name_or_path"):
 
     name = cfg.name_or_path
     if is_local(name):
-        if not Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if not path.exists():
             raise InputNotFound(f"{_named(what, name)} could not be loaded: no such file or folder; pass a local model "
                                 "folder (config.json, tokenizer, weights), a .gguf file or a Hub model id")
+        if path.is_dir() and not is_gguf(cfg):
+            check_model_folder(path, what)
+        elif path.is_file() and not name.lower().endswith(".gguf"):
+            raise InputNotFound(f"{_named(what, name)} is a file, not a model: pass a model folder (config.json, "
+                                "tokenizer, weights), a .gguf file or a Hub model id")
         return resolve(cfg)
     if is_gguf(cfg):
         hub_reachable()  # offline, gguf.locate reads the Hub cache at once instead of retrying
@@ -175,6 +181,38 @@ def base_source(cfg, what: str = "model.name_or_path"):
     raise _unreachable(name, what, f"a local folder {name} (none), the Hub cache "
                        f"(no {name}{' at ' + cfg.revision if cfg.revision else ''}){also}",
                        f"Pass a local model folder (or .gguf file) as {what}, or connect once (downloads are kept).")
+
+
+def check_model_folder(path: Path, what: str = "model.name_or_path") -> None:
+    """A local model folder holds a config.json that reads as JSON and whole safetensors files: an empty folder, an
+    adapter alone or a damaged download is said to be one here, naming the folder, before transformers' errors could."""
+    config = path / "config.json"
+    if not config.is_file():
+        adapter = " (it holds an adapter: pass it where an adapter goes, or its base here)" if (
+            path / "adapter_config.json").exists() else ""
+        raise InputNotFound(f"{_named(what, str(path))} is not a model folder: it holds no config.json{adapter}; pass a "
+                            "model folder (config.json, tokenizer, weights), a .gguf file or a Hub model id")
+    check_files_whole(path, _named(what, str(path)), ("config.json",), "copy or download the model again")
+
+
+def check_files_whole(folder: Path, named: str, json_files: tuple[str, ...], fix: str) -> None:
+    """The JSON files read as JSON and every safetensors file's header reads whole (a cut-short copy fails there;
+    reading the header costs microseconds, the tensors are not read): one message naming the file, else nothing."""
+    import json
+
+    for name in json_files:
+        try:
+            json.loads((folder / name).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputNotFound(f"{named}: its {name} is damaged ({type(e).__name__}: {e}); {fix}") from None
+    from safetensors import safe_open
+
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "np"):
+                pass
+        except Exception as e:  # safetensors raises its own SafetensorError (and OSError for an unreadable file)
+            raise InputNotFound(f"{named}: its {weights.name} is damaged ({e}); {fix}") from None
 
 
 # ------------------------------------------------------------------------------------------- adapters
@@ -208,6 +246,7 @@ def check_adapter(adapter: str, flag: str = "adapter") -> None:
     if not (local / ADAPTER_FILES[0]).is_file():
         merged = " (it holds a merged model: use the adapter it came from)" if (local / "config.json").is_file() else ""
         raise InputNotFound(f"{flag} {adapter} holds no {ADAPTER_FILES[0]}{merged}: {finished}")
+    check_files_whole(local, f"{flag} {adapter}", ("adapter_config.json",), "train it again or copy the folder again")
 
 
 def base_model(adapter: str, base: str | None, meta: dict) -> str:
