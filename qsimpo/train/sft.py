@@ -19,12 +19,10 @@ each in its own padded row (tests/train/test_sft.py) while no compute goes to pa
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import torch
 
-from qsimpo import __version__
 from qsimpo.config import Config, ConfigError
 from qsimpo.response_logps import attn_implementation, scoring_head
 from qsimpo.train.logprobs import chunked_token_logps, head_chunk_rows
@@ -144,15 +142,11 @@ def check_sft_config(cfg: Config) -> None:
 
 
 def write_sft_provenance(cfg: Config, output_dir: Path, trainer, tokenizer, summaries: dict) -> None:
-    import bitsandbytes
-    import peft
-    import transformers
-
+    from qsimpo.record import versions
     from qsimpo.run_dir import write_config, write_meta
 
     write_config(output_dir, cfg)
     write_meta(output_dir, {
-        "qsimpo_version": __version__,
         "kind": "sft",
         "base_model": cfg.model.name_or_path,
         "base_model_revision": cfg.model.revision,
@@ -162,8 +156,7 @@ def write_sft_provenance(cfg: Config, output_dir: Path, trainer, tokenizer, summ
         "global_step": trainer.state.global_step,
         "epoch": trainer.state.epoch,
         "data": summaries,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__},
+        "versions": versions(),  # qsimpo's own version is versions["qsimpo"], as in every record
     })
 
 
@@ -191,7 +184,7 @@ def sft(cfg: Config, command: list[str] | None = None):
     """Run SFT as configured; the adapter, its tokenizer files and its provenance land in train.output_dir."""
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
-    from qsimpo.run_dir import METRICS, write_config
+    from qsimpo.run_dir import CONFIG, METRICS, write_config
     from qsimpo.templates import require_template
     from qsimpo.train.callbacks import (CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain, ProgressBar,
                                         SkipFinishedRun)
@@ -204,7 +197,7 @@ def sft(cfg: Config, command: list[str] | None = None):
     check_output_dir(cfg, output_dir)
     set_seed(cfg.train.seed)
     device = device_for_rank()
-    resume_hint = resume_command(command or ["qsimpo", "sft", str(output_dir / "config.yaml")], output_dir)
+    resume_hint = resume_command(command or ["qsimpo", "sft", str(output_dir / CONFIG)], output_dir)
     with stop_on_signals(output_dir, resume_hint) as stop:
         tokenizer = load_tokenizer(cfg.model)
         require_template(tokenizer, cfg.model.name_or_path, "qsimpo sft")

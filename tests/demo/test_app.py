@@ -136,7 +136,7 @@ def test_demo_errors_are_messages_not_tracebacks(tmp_path, tiny_adapters):
              (["--adapter", str(tmp_path / "missing")], "missing: no such folder"),
              (["--adapter", str(not_adapter)], "holds no adapter_config.json"),
              (["--adapter", str(tiny_adapters[0]), "--compare-adapter", "./nope"], "--compare-adapter ./nope: no such folder"),
-             (["--adapter", str(tiny_adapters[0]), "--base", str(tmp_path / "no-base")], "no-base (given with --base) was not found"),
+             (["--adapter", str(tiny_adapters[0]), "--base", str(tmp_path / "no-base")], "--base " + str(tmp_path / "no-base") + ": no such file or folder"),
              (["--adapter", str(tiny_adapters[0]), "--port", str(busy.getsockname()[1])], "is in use: pass another --port")]
     try:
         for args, expected in cases:

@@ -185,13 +185,13 @@ def _eval_error(argv, capsys) -> str:
 
 def test_bad_data_path_is_a_clear_error(quickstart, capsys):
     err = _eval_error([str(quickstart / "adapter"), "--data", str(quickstart / "nope.jsonl")], capsys)
-    assert "--data" in err and "nope.jsonl: no such file or folder" in err
+    assert "--data" in err and "nope.jsonl: file not found" in err
 
 
 def test_bad_held_out_rows_stop_eval_before_the_model_loads(quickstart, tmp_path, capsys, monkeypatch):
-    import qsimpo.eval.evaluate as ev
+    import qsimpo.load
 
-    monkeypatch.setattr(ev, "load", lambda *a: pytest.fail("the model was loaded before the data was judged"))
+    monkeypatch.setattr(qsimpo.load, "load_adapter", lambda *a, **k: pytest.fail("the model was loaded before the data was judged"))
     bad = tmp_path / "held.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\nnot json\n')
     err = _eval_error([str(quickstart / "adapter"), "--data", str(bad)], capsys)
@@ -287,9 +287,9 @@ def test_prompts_only_data_skips_the_preference_metrics(quickstart, few_pairs, t
 
 
 def test_bad_scorer_stops_before_the_model_loads(quickstart, few_pairs, tmp_path, capsys, monkeypatch):
-    import qsimpo.eval.evaluate as ev
+    import qsimpo.load
 
-    monkeypatch.setattr(ev, "load", lambda *a: pytest.fail("the model was loaded before the scorer was checked"))
+    monkeypatch.setattr(qsimpo.load, "load_adapter", lambda *a, **k: pytest.fail("the model was loaded before the scorer was checked"))
     adapter, pairs = str(quickstart / "adapter"), str(few_pairs[0])
     err = _eval_error([adapter, "--data", pairs, "--scorer", str(tmp_path / "nope.py") + ":f"], capsys)
     assert "--scorer" in err and "no file" in err and "nope.py" in err

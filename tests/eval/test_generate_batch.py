@@ -19,9 +19,9 @@ QUESTIONS = ["Tell me about owls.", "What is rain? Answer in one long sentence p
 
 @pytest.fixture(scope="module")
 def model(tiny_adapters):
-    from qsimpo.eval.evaluate import load
+    from qsimpo.load import load_adapter
 
-    model, tokenizer = load(str(tiny_adapters[0]), None)
+    model, tokenizer, _, _ = load_adapter(str(tiny_adapters[0]))
     prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS]
     assert len({len(p) for p in prompts}) > 3  # lengths differ, so the batch is really padded
     return model, tokenizer, prompts

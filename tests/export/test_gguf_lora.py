@@ -194,7 +194,7 @@ def test_cli_refuses_a_dora_adapter_before_merging(lora_merge, tmp_path):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = cli(["merge", dora, "--out", str(tmp_path / "m"), "--gguf", "lora", "--gguf", "f16"])
-    assert code == 1 and "DoRA rescales each column" in err.getvalue() and "--gguf f16" in err.getvalue()
+    assert code == 2 and "DoRA rescales each column" in err.getvalue() and "--gguf f16" in err.getvalue()
     assert not (tmp_path / "m").exists()
 
 

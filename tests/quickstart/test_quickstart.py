@@ -47,7 +47,7 @@ def test_quickstart_learns_the_preference(quickstart_run, capsys, tmp_path):
     try:
         assert main(["quickstart", "--tiny", "--out", str(out)]) == 2
         err = capsys.readouterr().err
-        assert "holds what a quickstart does not write (notes.txt)" in err and "--overwrite" in err
+        assert "holds files qsimpo does not write there (notes.txt)" in err and "--overwrite" in err
     finally:
         (out / "notes.txt").unlink()
 

@@ -36,7 +36,11 @@ def _unpacked_reference(cfg, pairs) -> tuple[list[float], list[float]]:
     return out
 
 
-def test_dpo_run_reference_cached_reused_and_recomputed(tiny_base, pref_jsonl, tmp_path, capsys):
+def test_dpo_run_reference_cached_reused_and_recomputed(tiny_base, pref_rows, tmp_path, capsys):
+    # rows of this test's own (a word added to each prompt): a reference another test stored for the shared
+    # pairs would be read back, rightly, and this test is about the first computation
+    pref_jsonl = tmp_path / "pairs.jsonl"
+    pref_jsonl.write_text("".join(json.dumps({**r, "prompt": r["prompt"] + " Briefly."}) + "\n" for r in pref_rows))
     out = tmp_path / "run"
     args = ["--loss.type", "dpo", "--train.save_steps", "1", "--train.logging_steps", "1"]
     run = train(make_config(tiny_base, pref_jsonl, out, "--train.max_steps", "2", *args))
