@@ -20,7 +20,23 @@ HH_SAMPLE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "sample.jsonl
 torch.set_num_threads(2)
 
 
+# The tiers. `python -m pytest` runs every test, `slow` ones included (what CI and the README run); the fast
+# tier for working is `python -m pytest -m "not integration"`. A test is `integration` by the fixtures it
+# uses (pytest's fixturenames holds every fixture a test needs, directly or through another): the real
+# model, a trained real model, the quickstart, a served demo, or `processes` (qsimpo or torchrun started as
+# a process, as a user types it; requested with @pytest.mark.usefixtures("processes")). `slow` implies it.
+INTEGRATION_FIXTURES = {"processes", "smollm2_gguf", "quickstart_run", "served", "node_modules"}
+
+
+@pytest.fixture
+def processes():
+    """Marks a test that starts processes (a command as typed at the shell, torchrun, a server, a venv)."""
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "slow" in item.keywords or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none here)")

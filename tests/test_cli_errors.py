@@ -120,6 +120,7 @@ def test_the_whole_file_is_judged_at_once(tmp_path, config):
     assert "train on the other 3" in err
 
 
+@pytest.mark.usefixtures("processes")  # starts qsimpo as a process, as a user does: integration tier
 def test_skip_trains_on_the_rest_and_reports_the_same_table(tmp_path, config):
     rows = [GOOD, {**GOOD, "chosen": "A cherry."}, {**GOOD, "rejected": ""}, '{"x":', {**GOOD, "chosen": "An apple."}]
     data = write_lines(tmp_path / "skip.jsonl", rows)
@@ -191,6 +192,7 @@ def test_command_options_are_checked_by_argparse(tmp_path):
     assert_clean_error(qsimpo("eval", tmp_path / "a", "--batch-size", "many"), "invalid int value: 'many'")
 
 
+@pytest.mark.usefixtures("processes")  # starts qsimpo as a process, as a user does: integration tier
 def test_debug_shows_the_traceback(tmp_path, config):
     data = write_lines(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "rejected": ""}])
     for result in (qsimpo("train", config, "--data.path", data, "--debug", subprocess_=True),

@@ -47,6 +47,7 @@ def _train_config(tmp_path, model, data) -> Path:
     return config
 
 
+@pytest.mark.usefixtures("processes")  # starts qsimpo as a process, as a user does: integration tier
 @pytest.mark.parametrize("case", ["not-gguf", "truncated"])
 def test_bad_gguf_is_a_clear_error_on_the_command_line(case, tmp_path, pref_jsonl):
     model = tmp_path / "model.gguf"

@@ -30,6 +30,8 @@ from conftest import ROOT, chat_in_browser, message_text, wait_for
 from test_docs import shape, shown_output
 from qsimpo.realmodel import HUB_ID
 
+pytestmark = pytest.mark.usefixtures("processes")  # every test here starts processes: integration tier
+
 QUESTION = "What is a lighthouse?"
 
 

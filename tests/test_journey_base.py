@@ -19,6 +19,8 @@ import pytest
 
 from conftest import build_tiny_base
 
+pytestmark = pytest.mark.usefixtures("processes")  # every test here starts processes: integration tier
+
 
 def qsimpo(home, *args, expect=0):
     done = subprocess.run([sys.executable, "-m", "qsimpo", *args], cwd=home, capture_output=True, text=True,

@@ -142,6 +142,7 @@ def test_the_held_copy_resolves_by_its_hub_id_and_is_named_by_it(tiny_base, tmp_
         load.base_source(ModelConfig(name_or_path=HUB_ID, revision="main"))  # a Hub commit is not the PyPI copy
 
 
+@pytest.mark.usefixtures("processes")  # starts qsimpo as a process, as a user does: integration tier
 def test_follow_up_commands_of_the_docs_work_without_the_hub(held, pref_jsonl, tmp_path):
     """`qsimpo train configs/quickstart.yaml ...`, `qsimpo pairs ... --model <the Hub id>` and `qsimpo push --dry-run`,
     with the Hub unreachable, then with HF_HUB_OFFLINE=1: all on the copy qsimpo holds, each named by its Hub id."""

@@ -18,6 +18,8 @@ import pytest
 from qsimpo.config import DataConfig
 from qsimpo.data import DataError, read_source
 
+pytestmark = pytest.mark.usefixtures("processes")  # every test here starts processes: integration tier
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 HH = FIXTURES / "Anthropic" / "hh-rlhf"

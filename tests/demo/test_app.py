@@ -125,6 +125,7 @@ def test_browser_chat_and_vote(served, tmp_path):
     assert row["settings"]["max_new_tokens"] == 12
 
 
+@pytest.mark.usefixtures("processes")  # starts qsimpo as a process, as a user does: integration tier
 def test_demo_errors_are_messages_not_tracebacks(tmp_path, tiny_adapters):
     """What `qsimpo demo` prints for inputs a user gets wrong: exit 2, one line saying what to pass, no traceback."""
     not_adapter = tmp_path / "empty"

@@ -16,7 +16,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, free_port, message_text as _text, wait_for
+
+pytestmark = pytest.mark.usefixtures("processes")  # every test here starts processes: integration tier
 
 SKIP = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", "dist", "adapters", ".pytest_cache")
 

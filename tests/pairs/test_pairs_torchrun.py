@@ -14,6 +14,8 @@ import pytest
 
 from conftest import ROOT, free_port
 
+pytestmark = pytest.mark.usefixtures("processes")  # every test here starts processes: integration tier
+
 SCORER = """import os, time
 
 

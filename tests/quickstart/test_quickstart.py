@@ -99,6 +99,7 @@ def _interrupted_copy(run: Path, dest: Path, step: int = 100) -> Path:
     return dest
 
 
+@pytest.mark.usefixtures("processes")  # starts qsimpo as a process, as a user does: integration tier
 def test_a_rerun_resumes_an_interrupted_quickstart_and_reports_one_finished_by_train(quickstart_run, tmp_path):
     run, _ = quickstart_run
     out = _interrupted_copy(run, tmp_path / "quickstart")

@@ -29,6 +29,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, make_config
 
+pytestmark = pytest.mark.usefixtures("processes")  # every test here starts processes: integration tier
+
 COMMON = ("--data.max_rows", "60", "--train.max_steps", "3", "--train.gradient_accumulation_steps", "2",
           "--train.head_chunk_size", "16", "--train.save_steps", "1000")
 # Measured: logged numbers differ by at most 3e-7 and LoRA weights by 2e-6 (fp32 sums in another

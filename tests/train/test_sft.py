@@ -129,6 +129,7 @@ def test_sft_run_folder(tiny_base, sft_jsonl, tmp_path, one_thread):
     assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3] and all(r["tokens"] > 0 for r in steps if "loss" in r)
 
 
+@pytest.mark.usefixtures("processes")  # starts qsimpo as a process, as a user does: integration tier
 def test_no_template_is_a_clear_error(tmp_path, pref_rows, sft_jsonl):
     from conftest import build_tiny_base
 

@@ -231,6 +231,7 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.usefixtures("processes")  # starts qsimpo as a process, as a user does: integration tier
 @pytest.mark.parametrize("loss", ["simpo", "dpo"])  # dpo: process 0 computes the reference first, the other reads it
 def test_two_process_data_parallel(tiny_base, pref_jsonl, tmp_path, loss):
     out = tmp_path / "ddp"

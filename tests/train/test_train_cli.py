@@ -45,6 +45,7 @@ def qsimpo(*args, **kwargs) -> subprocess.CompletedProcess:
                           timeout=600, **kwargs)
 
 
+@pytest.mark.usefixtures("processes")  # starts qsimpo as a process, as a user does: integration tier
 def test_a_normal_run_prints_no_warnings(tiny_base, pref_jsonl, tmp_path):
     config = write_config(tmp_path / "run.yaml", tiny_base, pref_jsonl, tmp_path / "run", max_steps=2)
     proc = qsimpo("train", config)
@@ -94,6 +95,7 @@ def logged_steps(out) -> list[int]:
     return [r["step"] for r in rows if "loss" in r]
 
 
+@pytest.mark.usefixtures("processes")  # starts qsimpo as a process, as a user does: integration tier
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_a_checkpoint_and_the_printed_command_resumes(sig, tiny_base, pref_jsonl, tmp_path):
     out = tmp_path / "run"
@@ -133,6 +135,7 @@ def test_signal_saves_a_checkpoint_and_the_printed_command_resumes(sig, tiny_bas
     assert logged_steps(out) == list(range(1, 7))
 
 
+@pytest.mark.usefixtures("processes")  # starts qsimpo as a process, as a user does: integration tier
 def test_second_signal_stops_at_once(tiny_base, pref_jsonl, tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", tiny_base, pref_jsonl, out, max_steps=4, save_steps=1, progress=False)
