@@ -19,9 +19,9 @@ eval and the demo will ask the model to produce after that context.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
+from qsimpo.data.dataset import TableRows
 from qsimpo.data.formats import DataError, DataSummary, _Bad, _messages, _text
 from qsimpo.data.render import _chat
 from qsimpo.data.tokenize import _encode, _response_ids
@@ -139,27 +139,10 @@ def _tokenize_batch(batch: dict, tokenizer, max_length: int) -> dict:
     return out
 
 
-class Conversations(Sequence):
+class Conversations(TableRows):
     """The kept conversations of a source, read from the memory-mapped table on access: input_ids, assistant_mask."""
 
-    def __init__(self, table):
-        self.table = table
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        row = self.table[i]
-        return {"input_ids": row["input_ids"], "assistant_mask": row["assistant_mask"], "location": row["location"]}
-
-    @property
-    def lengths(self) -> list[int]:
-        return list(self.table["length"])
-
-    def select(self, indices) -> "Conversations":
-        return Conversations(self.table.select(list(indices)))
+    COLUMNS = ["input_ids", "assistant_mask", "location"]
 
 
 def tokenize_conversations(cfg, source, tokenizer) -> tuple[Conversations, DataSummary]:

@@ -239,14 +239,11 @@ def build_dataset(cfg: DataConfig, tokenizer, path: str | None = None) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------- the pairs
-class Pairs(Sequence):
-    """The kept pairs of a source as a read-only sequence of dicts, read from the memory-mapped table on access.
+class TableRows(Sequence):
+    """The kept rows of a source as a read-only sequence of dicts of ``COLUMNS``, read from the memory-mapped
+    table on access; ``select`` keeps them on disk (pairs for `qsimpo train`, conversations for `qsimpo sft`)."""
 
-    ``pairs[i]`` holds prompt_ids, chosen_ids, rejected_ids, the truncation flags, "location", and
-    under "text" the normalised prompt/chosen/rejected/format (for inspect-data and eval).
-    """
-
-    COLUMNS = ["location", "text", "prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated", "response_truncated"]
+    COLUMNS: list[str] = []
 
     def __init__(self, table):
         self.table = table
@@ -258,17 +255,30 @@ class Pairs(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         row = self.table[i]
-        pair = {k: row[k] for k in self.COLUMNS}
-        pair["text"] = json.loads(pair["text"])
-        return pair
+        return self._row({k: row[k] for k in self.COLUMNS})
+
+    def _row(self, row: dict) -> dict:
+        return row
 
     @property
     def lengths(self) -> list[int]:
-        """Tokens of prompt + chosen + rejected, per pair (for batching pairs of similar length)."""
+        """Tokens of each row (for batching rows of similar length)."""
         return list(self.table["length"])
 
-    def select(self, indices) -> "Pairs":
-        return Pairs(self.table.select(list(indices)))
+    def select(self, indices):
+        return type(self)(self.table.select(list(indices)))
+
+
+class Pairs(TableRows):
+    """The kept pairs: ``pairs[i]`` holds prompt_ids, chosen_ids, rejected_ids, the truncation flags, "location",
+    and under "text" the normalised prompt/chosen/rejected/format (for inspect-data and eval); ``lengths`` counts
+    prompt + chosen + rejected."""
+
+    COLUMNS = ["location", "text", "prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated", "response_truncated"]
+
+    def _row(self, pair: dict) -> dict:
+        pair["text"] = json.loads(pair["text"])
+        return pair
 
 
 def split_eval(pairs: Sequence, fraction: float, seed: int) -> tuple[Sequence, Sequence]:
@@ -278,6 +288,6 @@ def split_eval(pairs: Sequence, fraction: float, seed: int) -> tuple[Sequence, S
     n_eval = min(len(pairs) - 1, max(1, round(fraction * len(pairs))))
     held = set(random.Random(seed).sample(range(len(pairs)), n_eval))
     train, held_out = [i for i in range(len(pairs)) if i not in held], sorted(held)
-    if isinstance(pairs, Pairs):
+    if isinstance(pairs, TableRows):
         return pairs.select(train), pairs.select(held_out)
     return [pairs[i] for i in train], [pairs[i] for i in held_out]

@@ -122,6 +122,7 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
                 bar.set_postfix({"tok/s": f"{n_tokens / (time.perf_counter() - t0):.1f}", "pairs": file.written_now,
                                  "scored/s": f"{score.scored / max(score.seconds, 1e-9):.1f}"}, refresh=False)
             bar.close()
+        procs.finish()
     finally:
         procs.close()
     summary = file.summary(len(items), repeated, left, cut)

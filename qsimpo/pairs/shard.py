@@ -65,6 +65,14 @@ class Processes:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
+    def finish(self) -> None:
+        """Wait until every process is done (a normal end only: after an error a peer may never get here). A process
+        that tears the group down while its peer is still in the last exchange makes gloo abort that peer."""
+        if self.started:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)
+
     def close(self) -> None:
         if self.started:
             import torch.distributed as dist
