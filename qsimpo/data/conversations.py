@@ -18,10 +18,9 @@ eval and the demo will ask the model to produce after that context.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from qsimpo.data.dataset import TableRows
+from qsimpo.data.dataset import TableRows, encode_row
 from qsimpo.data.formats import DataError, DataSummary, _Bad, _messages, _text
 from qsimpo.data.render import _chat
 from qsimpo.data.tokenize import _encode, _response_ids
@@ -119,17 +118,8 @@ def tokenize_conversation(tokenizer, conv: dict, max_length: int) -> dict | None
 def _tokenize_batch(batch: dict, tokenizer, max_length: int) -> dict:
     out = {k: [] for k in ("input_ids", "assistant_mask", "truncated", "length", "reason", "detail")}
     for location, text, reason, detail in zip(batch["location"], batch["text"], batch["reason"], batch["detail"]):
-        enc = None
-        if not reason:
-            try:
-                enc = tokenize_conversation(tokenizer, {**json.loads(text), "location": location}, max_length)
-            except DataError as e:
-                if e.reason is None:
-                    raise
-                reason, detail = e.reason, e.detail_line
-            else:
-                if enc is None:
-                    reason, detail = "too_long", ""
+        enc, reason, detail = encode_row(lambda row: tokenize_conversation(tokenizer, row, max_length), location, text,
+                                         reason, detail)
         enc = enc or {"input_ids": [], "assistant_mask": [], "truncated": False}
         for k in ("input_ids", "assistant_mask", "truncated"):
             out[k].append(enc[k])

@@ -105,22 +105,26 @@ def _normalise_batch(batch: dict, fmt: str | None, columns: dict | None, prompts
     return out
 
 
+def encode_row(encode, location: str, text: str, reason: str, detail: str) -> tuple[dict | None, str, str]:
+    """(encoding or None, reason, detail) of one row: a row judged bad stays bad; ``encode`` (the row's dict ->
+    its token ids, or None when it cannot fit) raising a DataError with a reason makes it bad; None is too_long."""
+    if reason:
+        return None, reason, detail
+    try:
+        enc = encode({**json.loads(text), "location": location})
+    except DataError as e:
+        if e.reason is None:
+            raise
+        return None, e.reason, e.detail_line
+    return (enc, reason, detail) if enc is not None else (None, "too_long", "")
+
+
 def _tokenize_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int, system_prompt: str | None) -> dict:
     keys = ("prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated", "response_truncated", "length")
     out = {k: [] for k in (*keys, "reason", "detail")}
     for location, text, reason, detail in zip(batch["location"], batch["text"], batch["reason"], batch["detail"]):
-        enc = None
-        if not reason:
-            try:
-                enc = tokenize_pair(tokenizer, {**json.loads(text), "location": location}, max_length, max_prompt_length,
-                                    system_prompt)
-            except DataError as e:
-                if e.reason is None:
-                    raise
-                reason, detail = e.reason, e.detail_line
-            else:
-                if enc is None:
-                    reason, detail = "too_long", ""
+        enc, reason, detail = encode_row(lambda row: tokenize_pair(tokenizer, row, max_length, max_prompt_length,
+                                                                   system_prompt), location, text, reason, detail)
         enc = enc or {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "prompt_truncated": False,
                       "response_truncated": False}
         enc["length"] = len(enc["prompt_ids"]) + len(enc["chosen_ids"]) + len(enc["rejected_ids"])
