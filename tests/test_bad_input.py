@@ -60,22 +60,22 @@ def damaged_text(tmp: Path, kind: str) -> Path:
     return path
 
 
+def _cut_copy(tmp: Path, good: Path, name: str, keep: float) -> Path:
+    """A copy of the good folder ``good`` whose file ``name`` is cut to the first ``keep`` of its bytes."""
+    folder = shutil.copytree(good, tmp / f"cut-{name}")
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: int(len(data) * keep)])
+    return folder
+
+
 def damaged_config_json(tmp: Path, kind: str, good: Path) -> Path:
     """A copy of a good model or adapter folder whose config JSON is cut short."""
-    folder = shutil.copytree(good, tmp / "damaged-json")
-    name = "adapter_config.json" if kind == "adapter" else "config.json"
-    text = (folder / name).read_text()
-    (folder / name).write_text(text[: len(text) // 2])
-    return folder
+    return _cut_copy(tmp, good, "adapter_config.json" if kind == "adapter" else "config.json", 1 / 2)
 
 
 def damaged_weights(tmp: Path, kind: str, good: Path) -> Path:
     """A copy of a good model or adapter folder whose safetensors file is cut short."""
-    folder = shutil.copytree(good, tmp / "damaged-weights")
-    name = "adapter_model.safetensors" if kind == "adapter" else "model.safetensors"
-    data = (folder / name).read_bytes()
-    (folder / name).write_bytes(data[: len(data) // 3])
-    return folder
+    return _cut_copy(tmp, good, "adapter_model.safetensors" if kind == "adapter" else "model.safetensors", 1 / 3)
 
 
 def damaged_gguf(tmp: Path, kind: str) -> Path:
