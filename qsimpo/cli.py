@@ -268,6 +268,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                  "GPU, one process, the base in its own 16-bit dtype, an adapter through vLLM's LoRA), or auto: vLLM "
                  "where it imports and a CUDA GPU is visible, else transformers; recorded in --out's settings",
                  choices=constant("qsimpo.pairs.vllm_backend:BACKENDS")),
+             Opt("system_prompt", "system message the prompts are rendered with, as training's data.system_prompt renders "
+                 "them (default: an adapter's recorded data.system_prompt; none for a base model)", metavar="TEXT"),
              Opt("trust_remote_code", "run custom modelling code shipped with the models")],
             dry_run=True, check=_pairs_check),
 ]}

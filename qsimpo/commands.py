@@ -106,8 +106,8 @@ def inspect_data(config: str, overrides: list[str] = (), rows: int = 3, base: st
     tok = load_tokenizer(cfg.model)
     pairs, summary = tokenize_source(cfg.data, source, tok)
     for pair in pairs[:rows]:
-        print(format_pair(tok, pair))
-    print(summary.report())
+        say(format_pair(tok, pair))
+    say(summary.report())
     return 0
 
 
@@ -127,5 +127,5 @@ def plan(config: str, overrides: list[str] = (), gpu_memory: str = "24GiB", proc
     from qsimpo.train.plan import data_lengths, plan as estimate
 
     text, fits = estimate(cfg, memory, lengths=data_lengths(cfg) if from_data else None, processes=processes)
-    print(text)
+    say(text)
     return 0 if fits else CheckFailed.exit_code

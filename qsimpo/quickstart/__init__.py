@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qsimpo.errors import OutputExists
 from qsimpo.run_dir import has_adapter
+from qsimpo.console import say
 
 
 DEFAULT_OUT = "adapters/quickstart"  # `qsimpo demo` with no --adapter serves what this holds
@@ -115,7 +116,7 @@ def record_start(out: Path, inputs: dict) -> None:
 
 def say_earlier(out: Path, state: str) -> None:
     """One line saying what a quickstart does with the earlier run in ``out``."""
-    print({SHOW: f"{out} holds this quickstart's finished run: its result again (--overwrite trains anew)",
+    say({SHOW: f"{out} holds this quickstart's finished run: its result again (--overwrite trains anew)",
            REPORT: f"{out / 'adapter'} holds this quickstart's finished training: comparing it on the held-out "
                    "questions (--overwrite trains anew)",
            RESUME: f"{out / 'adapter'} holds this quickstart's interrupted training: resuming it from its last "

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from qsimpo.quickstart import (DEFAULT_OUT, NEW, RECORD, REPORT, RESUME, SHOW, fingerprint, indent, prepare_output,
                                record_start, say_earlier, show_footer, train_resumably)
+from qsimpo.console import say
 
 HERE = Path(__file__).parent
 PAIRS = HERE / "data" / "pairs.jsonl"
@@ -67,7 +68,7 @@ def run(out: str | Path = DEFAULT_OUT, overwrite: bool = False, max_steps: int |
     t0 = time.perf_counter()
     held = smollm2_on_disk(source)
     shown = f"~/{held.relative_to(Path.home())}" if held and held.is_relative_to(Path.home()) else held
-    print("[1/4] SmolLM2-135M-Instruct (the SFT model): " + (f"read from the cache ({shown})" if held else
+    say("[1/4] SmolLM2-135M-Instruct (the SFT model): " + (f"read from the cache ({shown})" if held else
           "fetching it (once: the copy is kept in the cache)"))
     base, revision = smollm2_source(source)  # named by its Hub id (and commit), so push and the card name the Hub model
     inputs = fingerprint(PAIRS, CONFIG, model=base, revision=revision, max_steps=max_steps)
@@ -97,7 +98,7 @@ def run(out: str | Path = DEFAULT_OUT, overwrite: bool = False, max_steps: int |
     else:
         say_earlier(out, state)
     if state != REPORT:
-        print(f"[2/4] SimPO on its NF4 base with LoRA: {len(train_rows)} pairs preferring the first sentence of the "
+        say(f"[2/4] SimPO on its NF4 base with LoRA: {len(train_rows)} pairs preferring the first sentence of the "
               "model's own answer to the whole answer")
         again = " ".join(["qsimpo quickstart", *(["--out", str(out)] if out != Path(DEFAULT_OUT) else []),
                           *(["--max-steps", str(max_steps)] if max_steps is not None else [])])
@@ -107,7 +108,7 @@ def run(out: str | Path = DEFAULT_OUT, overwrite: bool = False, max_steps: int |
               "train_pairs": len(train_rows), **compare(out, cfg, held_rows), "inputs": inputs}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / RECORD).write_text(json.dumps(result, indent=2) + "\n")
-    print("[4/4] done")
+    say("[4/4] done")
     show(result, out, state)
     return result
 
@@ -117,7 +118,7 @@ def compare(out: Path, cfg, held_rows: list[dict]) -> dict:
     from qsimpo.data import build_dataset
     from qsimpo.train.model import load_trained
 
-    print(f"[3/4] held-out questions ({len(held_rows)} pairs on {HELDOUT_TOPICS} unseen topics): SFT (adapter off) "
+    say(f"[3/4] held-out questions ({len(held_rows)} pairs on {HELDOUT_TOPICS} unseen topics): SFT (adapter off) "
           "vs aligned (adapter on)")
     model, tokenizer = load_trained(str(out / "adapter"))
     pairs, _ = build_dataset(cfg.data, tokenizer, path=str(out / "data" / "heldout.jsonl"))
@@ -131,11 +132,11 @@ def compare(out: Path, cfg, held_rows: list[dict]) -> dict:
 def show(result: dict, out: Path, state: str = NEW) -> None:
     before, after = result["before"], result["after"]
     n = len(before["generations"])
-    print(f"held-out reward accuracy: SFT {before['reward_accuracy']:.3f} -> aligned {after['reward_accuracy']:.3f}")
-    print(f"one-sentence answers among {n} greedy answers to held-out questions: "
+    say(f"held-out reward accuracy: SFT {before['reward_accuracy']:.3f} -> aligned {after['reward_accuracy']:.3f}")
+    say(f"one-sentence answers among {n} greedy answers to held-out questions: "
           f"SFT {before['one_sentence_rate']:.0%} -> aligned {after['one_sentence_rate']:.0%} "
           f"(mean {before['mean_answer_words']:.0f} -> {after['mean_answer_words']:.0f} words)")
     for b, a in list(zip(before["generations"], after["generations"]))[:3]:
-        print(f"  {b['prompt']}\n    SFT:     {indent(b['response'], ' ' * 13)}\n    aligned: {indent(a['response'], ' ' * 13)}")
+        say(f"  {b['prompt']}\n    SFT:     {indent(b['response'], ' ' * 13)}\n    aligned: {indent(a['response'], ' ' * 13)}")
     where = "" if out == Path(DEFAULT_OUT) else f" --adapter {out / 'adapter'}"
-    print(f"{show_footer(result, out, state)}; chat with both: qsimpo demo{where}")
+    say(f"{show_footer(result, out, state)}; chat with both: qsimpo demo{where}")

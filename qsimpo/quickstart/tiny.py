@@ -21,6 +21,7 @@ import torch
 
 from qsimpo.quickstart import (NEW, RECORD, REPORT, RESUME, SHOW, fingerprint, indent, prepare_output, record_start,
                                say_earlier, show_footer, train_resumably)
+from qsimpo.console import say
 
 TOPICS = [
     "cats", "rivers", "bread", "music", "trains", "gardens", "clocks", "mountains", "bees", "libraries",
@@ -155,7 +156,7 @@ def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = Fa
         write_jsonl(train_rows, data)
         write_jsonl(held_rows, heldout)
 
-        print("[1/4] tokenizer and SFT warm-up of a tiny Llama-style model")
+        say("[1/4] tokenizer and SFT warm-up of a tiny Llama-style model")
         texts = [r[k] for r in train_rows + held_rows for k in ("prompt", "chosen", "rejected")]
         tokenizer = build_tokenizer(texts, vocab_size=384)
         model = build_model(tokenizer, hidden_size=128, num_layers=2, num_heads=4, max_positions=256, seed=seed)
@@ -166,12 +167,12 @@ def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = Fa
 
     cfg = quickstart_config(out / "adapter", data, base, heldout)
     if state != REPORT:
-        print("[2/4] QLoRA SimPO (NF4 base + LoRA) through `qsimpo train`")
+        say("[2/4] QLoRA SimPO (NF4 base + LoRA) through `qsimpo train`")
         if state == RESUME:
             cfg.train.resume_from = "auto"
         train_resumably(cfg, f"qsimpo quickstart --tiny --out {out}")
 
-    print("[3/4] held-out reward accuracy and generations, SFT (adapter off) vs aligned (adapter on)")
+    say("[3/4] held-out reward accuracy and generations, SFT (adapter off) vs aligned (adapter on)")
     model, tokenizer = load_trained(str(out / "adapter"))
     pairs, _ = build_dataset(cfg.data, tokenizer, path=str(heldout))
     prompts = [PROMPTS[i % len(PROMPTS)].format(t=t) for i, t in enumerate(held_topics)]
@@ -188,17 +189,17 @@ def run_quickstart(out: str | Path = "adapters/quickstart", overwrite: bool = Fa
         "inputs": inputs,
     }
     (out / RECORD).write_text(json.dumps(result, indent=2) + "\n")
-    print("[4/4] done")
+    say("[4/4] done")
     show(result, out, state)
     return result
 
 
 def show(result: dict, out: Path, state: str = NEW) -> None:
     before, after = result["before"], result["after"]
-    print(f"held-out reward accuracy: SFT {before['reward_accuracy']:.3f} -> aligned {after['reward_accuracy']:.3f}")
-    print(f"courteous answers among {len(before['generations'])} greedy generations: SFT {before['kind_style_rate']:.0%} "
+    say(f"held-out reward accuracy: SFT {before['reward_accuracy']:.3f} -> aligned {after['reward_accuracy']:.3f}")
+    say(f"courteous answers among {len(before['generations'])} greedy generations: SFT {before['kind_style_rate']:.0%} "
           f"-> aligned {after['kind_style_rate']:.0%}")
     pairs_shown = sorted(zip(before["generations"], after["generations"]), key=lambda ba: is_kind(ba[0]["response"]))
     for b, a in pairs_shown[:3]:  # the SFT model's rude answers first: that is what changed
-        print(f"  {b['prompt']}\n    SFT:     {indent(b['response'], ' ' * 13)}\n    aligned: {indent(a['response'], ' ' * 13)}")
-    print(show_footer(result, out, state))
+        say(f"  {b['prompt']}\n    SFT:     {indent(b['response'], ' ' * 13)}\n    aligned: {indent(a['response'], ' ' * 13)}")
+    say(show_footer(result, out, state))

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from qsimpo.console import is_main
+from qsimpo.console import warn
 from qsimpo.config import LoraConfig, ModelConfig
 from qsimpo.errors import InputNotFound
 
@@ -107,8 +107,7 @@ def load_base(cfg: ModelConfig, device: str | None = None):
         # attention and takes the same masks, so an adapter trained with either loads for eval, merge and the demo.
         if cfg.attn_implementation != "sdpa" or "scaled_dot_product_attention" not in str(e):
             raise
-        if is_main():
-            print(f"model.attn_implementation sdpa: {cfg.name_or_path} has no sdpa attention in transformers; using eager")
+        warn(f"model.attn_implementation sdpa: {cfg.name_or_path} has no sdpa attention in transformers; using eager")
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, attn_implementation="eager", **kwargs)
     model.config.use_cache = False
     if torch.device(device).type == "cpu":

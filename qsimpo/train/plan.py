@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from qsimpo.config import Config, parse_size
 from qsimpo.errors import UsageError
 from qsimpo.train.logprobs import head_chunk_rows
+from qsimpo.console import say
 
 GiB = 2**30
 NF4_BITS = 4.127  # 4-bit codes + 8-bit absmax per 64 + fp32 second-level absmax per 256 blocks
@@ -242,7 +243,7 @@ def data_lengths(cfg: Config) -> list[tuple[int, int, int]]:
     from qsimpo.train.model import load_tokenizer
 
     pairs, summary = build_dataset(cfg.data, load_tokenizer(cfg.model))
-    print(summary.line())
+    say(summary.line())
     return [(len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
 
 

@@ -155,9 +155,9 @@ def load_pairs(cfg: Config, tokenizer, sources: dict | None = None):
     elif cfg.data.eval is not None:
         pairs, eval_pairs = split_eval(pairs, cfg.data.eval_fraction, cfg.train.seed)
     if is_main_process():
-        print(summary.report())
+        say(summary.report())
         if "eval" in summaries:
-            print(eval_summary.report())
+            say(eval_summary.report())
     return pairs, eval_pairs, summaries
 
 
@@ -227,7 +227,7 @@ def checkpoint_split(cfg: Config, pairs, device: str) -> bool | int:
     processes = int(os.environ.get("WORLD_SIZE", 1))
     checkpointed = checkpointed_layers(cfg, shape, batch, budget, processes)
     if is_main_process():
-        print(f"activation checkpointing: {split_text(cfg, checkpointed, shape.layers, budget)}; "
+        say(f"activation checkpointing: {split_text(cfg, checkpointed, shape.layers, budget)}; "
               f"worst micro-batch {batch.tokens} tokens")
     return checkpointed
 
@@ -372,7 +372,7 @@ def train(cfg: Config, command: list[str] | None = None) -> TrainRun:
         except NothingLeftToTrain:
             stop.loop_done = True
             if is_main_process():
-                print(f"train.resume_from: {resume} holds the last step ({trainer.state.global_step}); writing the adapter")
+                say(f"train.resume_from: {resume} holds the last step ({trainer.state.global_step}); writing the adapter")
         if stop.requested(args.device):  # every process agrees, so all stop here together
             step, last = trainer.state.global_step, trainer.state.max_steps
             raise interrupted(f"stopped by {stop.received or 'a signal to another process'} after step {step} of {last}",

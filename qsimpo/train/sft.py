@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from qsimpo.console import say
 from qsimpo.config import Config, ConfigError
 from qsimpo.response_logps import attn_implementation, scoring_head
 from qsimpo.train.logprobs import chunked_token_logps, head_chunk_rows
@@ -176,7 +177,7 @@ def load_conversations(cfg: Config, tokenizer):
         convs, held = split_eval(convs, cfg.data.eval_fraction, cfg.train.seed)
     if is_main_process():
         cut = f"{summary.truncated_prompt} prompts truncated, {summary.truncated_response} responses truncated"
-        print(summary.report().replace(cut, f"{summary.truncated_response} conversations cut to data.max_length"))
+        say(summary.report().replace(cut, f"{summary.truncated_response} conversations cut to data.max_length"))
     return convs, held, summaries
 
 

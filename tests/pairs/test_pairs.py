@@ -15,6 +15,7 @@ from qsimpo.pairs import make_pairs
 from qsimpo.pairs.examples import concise_complete, concise_complete_batch
 from qsimpo.pairs.scorers import load_scorer
 from qsimpo.pairs.write import pair_row, unusable
+from qsimpo.record import read_settings
 
 PROMPTS = ["Tell me about owls.", "What is rain?", "Name a river.", "Why is the sky blue?", "What is a tie?", "Say it."]
 # The answers the fake policy gives: distinct for the first four prompts, all the same text for the fifth, and
@@ -298,3 +299,30 @@ def test_a_prompt_column_of_another_name(fake_policy, files, tmp_path):
     assert "--prompt-column (e.g. --prompt-column instruction)" in str(e.value) and "data." not in str(e.value)
     summary = make_pairs(str(alpaca), "fake-model", f"{scorer}:by_length", str(out), n=3, prompt_column="instruction")
     assert summary["pairs_written"] == 2 and [r["prompt"] for r in rows(out)] == PROMPTS[:2]
+
+
+def test_a_base_models_prompts_take_the_system_prompt_training_will_use(fake_policy, files, monkeypatch):
+    """`--system-prompt`: a base model records none, so the prompts are rendered with the one given (the training
+    config's data.system_prompt); it is part of the settings a resume must match."""
+    import qsimpo.pairs.sample as sample
+    from qsimpo.cli import main
+
+    prompts, scorer, out = files
+    systems = []
+    answer = sample.sample  # fake_policy's
+
+    def recording(*args, system_prompt=None):
+        systems.append(system_prompt)
+        return answer(*args, system_prompt=system_prompt)
+
+    monkeypatch.setattr(sample, "sample", recording)
+    spec = f"{scorer}:by_length"
+    assert main(["pairs", str(prompts), "--model", "fake-model", "--scorer", spec, "--out", str(out),
+                 "--num-samples", "3", "--system-prompt", "Be brief.", "--max-prompts", "2"]) == 0
+    assert systems and set(systems) == {"Be brief."}
+    assert read_settings(f"{out}.settings.json")["system_prompt"] == "Be brief."
+    with pytest.raises(OutputExists, match=r"other settings \(system_prompt 'Be brief.' -> None\)"):
+        make_pairs(str(prompts), "fake-model", spec, str(out), n=3)
+    systems.clear()
+    run(prompts, spec, out.parent / "plain.jsonl", max_prompts=1)
+    assert set(systems) == {None}  # a base model and no --system-prompt: no system message, as before
