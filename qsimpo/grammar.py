@@ -183,7 +183,7 @@ class Command:
     def parser(self) -> Parser:
         epilog = self.epilog
         if self.overrides:
-            from qsimpo.config import help_text
+            from qsimpo.config_docs import help_text
 
             epilog = "Overrides (--section.key VALUE), one per config field:\n" + help_text()
         p = Parser(prog=f"qsimpo {self.name}", description=textwrap.fill(self.description, 100), epilog=epilog,

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from qsimpo.cli import main
-from qsimpo.config import ConfigError, build, dump_yaml, field_docs, load_config
+from qsimpo.config import ConfigError, build, dump_yaml, load_config
+from qsimpo.config_docs import field_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "qsimpo" / "quickstart").glob("*.yaml"))
@@ -151,10 +152,10 @@ def test_missing_config_file():
 
 
 def test_docs_config_reference_is_generated_from_the_schema():
-    from qsimpo.config import markdown_reference
+    from qsimpo.config_docs import markdown_reference
 
     text = (ROOT / "docs" / "config.md").read_text()
-    assert text == markdown_reference(), "docs/config.md is stale: run python -m qsimpo.config > docs/config.md"
+    assert text == markdown_reference(), "docs/config.md is stale: run python -m qsimpo.config_docs > docs/config.md"
     assert all(f"`{name}`" in text for name, *_ in field_docs())
 
 
