@@ -219,6 +219,12 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens, tempera
     return [finish(tokenizer, new[:limit], stops) for new, limit in zip(out[:, width:].tolist(), limits)]
 
 
+def greedy_answers(model, tokenizer, prompts: list, max_new_tokens: int = 64, system_prompt: str | None = None) -> list[str]:
+    """The greedy answers' texts to ``prompts`` (anything ``prompt_ids`` takes), all in one left-padded batch."""
+    return [a.text for a in generate(model, tokenizer, [prompt_ids(tokenizer, p, system_prompt) for p in prompts],
+                                     max_new_tokens)]
+
+
 def answer(model, tokenizer, prompt, max_new_tokens: int = 64, system_prompt: str | None = None,
            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> str:
     """One answer's text to ``prompt`` (anything ``prompt_ids`` takes); greedy at temperature 0."""

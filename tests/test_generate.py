@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import qsimpo.generate as G
 from qsimpo.quickstart.toy import build_model, build_tokenizer
 
 GEMMA = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
@@ -195,7 +196,6 @@ def test_every_command_asks_what_training_showed(fmt, template, system, tmp_path
     from qsimpo.data.formats import normalise_prompt, normalise_row
     from qsimpo.eval.judged import prompt_items
     from qsimpo.demo.sides import Settings, SideBySide, template_takes_system
-    import qsimpo.generate as G
     from qsimpo.pairs import sample
     from qsimpo.pairs.write import pair_row
 
@@ -254,3 +254,18 @@ def test_the_demo_and_pairs_draw_the_same_answer(turn_model, one_thread):
         assert other != said  # the seed matters: a real comparison
     finally:
         model.says.said = SAID
+
+
+def test_batched_greedy_answers_equal_one_at_a_time(tiny_base, one_thread):
+    """The quickstart answers its questions in one left-padded batch: each answer is the one it gets alone (the
+    padding is masked out; prompts of different lengths, so rows carry different padding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    prompts = ["Tell me about owls.", "What do you know about the old quiet rivers in the north?", "Describe bees.",
+               [{"role": "user", "content": "Can you explain maps?"}]]
+    together = G.greedy_answers(model, tok, prompts, 24, "Be brief.")
+    alone = [G.answer(model, tok, p, 24, "Be brief.") for p in prompts]
+    assert together == alone and len(set(map(len, (G.prompt_ids(tok, p, "Be brief.") for p in prompts)))) > 1
+    assert all(together)

@@ -45,12 +45,12 @@ def split_pairs(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 def probe(model, tokenizer, pairs, prompts: list[str], beta: float, max_new_tokens: int = 64,
           system_prompt: str | None = None) -> dict:
     from qsimpo.eval.metrics import reward_accuracy
-    from qsimpo.generate import answer
+    from qsimpo.generate import greedy_answers
     from qsimpo.response_logps import score_pairs
 
     scores = score_pairs(model, pairs, tokenizer.pad_token_id)
     # each question asked as training showed its row (a string prompt, the run's system prompt)
-    answers = [answer(model, tokenizer, p, max_new_tokens, system_prompt) for p in prompts]
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, system_prompt)
     return {
         "reward_accuracy": reward_accuracy(scores.chosen, scores.rejected),
         "mean_margin": beta * float((scores.chosen - scores.rejected).mean()),  # beta * delta, as training logs it

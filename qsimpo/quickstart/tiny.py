@@ -122,11 +122,11 @@ def quickstart_config(out: Path, data: Path, base: Path, heldout: Path):
 
 def probe(model, tokenizer, pairs, prompts, beta: float, system_prompt: str | None = None) -> dict:
     from qsimpo.eval.metrics import reward_accuracy
-    from qsimpo.generate import answer
+    from qsimpo.generate import greedy_answers
     from qsimpo.response_logps import score_pairs
 
     scores = score_pairs(model, pairs, tokenizer.pad_token_id)
-    gens = [answer(model, tokenizer, p, 48, system_prompt) for p in prompts]  # asked as training showed the rows
+    gens = greedy_answers(model, tokenizer, prompts, 48, system_prompt)  # asked as training showed the rows
     return {
         "reward_accuracy": reward_accuracy(scores.chosen, scores.rejected),
         "mean_margin": beta * float((scores.chosen - scores.rejected).mean()),  # beta * delta, as training logs it
