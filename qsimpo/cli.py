@@ -119,10 +119,12 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             ("qsimpo.train.sft:sft_command",), _config_opts(out=True), overrides=True),
     Command("train", "train a LoRA adapter with SimPO", "Train a LoRA adapter with SimPO on a 4-bit base model.",
             ("qsimpo.commands:train",), _config_opts(out=True), overrides=True),
-    Command("inspect-data", "show tokenized pairs and the data summary",
+    Command("inspect-data", "show tokenized pairs (or, with --sft, conversations) and the data summary",
             "Show tokenized pairs with the prompt/response boundary and masks, and the data summary.",
             ("qsimpo.commands:inspect_data",),
-            _config_opts(Opt("rows", "how many pairs to print", old=("--n",))), overrides=True),
+            _config_opts(Opt("rows", "how many pairs to print", old=("--n",)),
+                         Opt("sft", "the config is for `qsimpo sft`: show conversations (trained and masked tokens) "
+                                    "and how they pack")), overrides=True),
     Command("quickstart", "align SmolLM2-135M-Instruct on shipped pairs, on the CPU: before and after",
             "SimPO on SmolLM2-135M-Instruct's NF4 base with the preference pairs shipped in the package: held-out reward "
             "accuracy and greedy answers before and after (offline after the first fetch, CPU, a few minutes).",
@@ -139,7 +141,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                          Opt("processes", "processes the run is launched with (torchrun --nproc_per_node): with "
                                           "train.fsdp the weights are split between them", convert=positive),
                          Opt("from_data", "size the worst micro-batch from the config's own data (tokenized as training "
-                                          "would) instead of assuming every row fills data.max_length", old=("--data",))), overrides=True),
+                                          "would) instead of assuming every row fills data.max_length", old=("--data",)),
+                         Opt("sft", "the config is for `qsimpo sft`: size micro-batches of conversations, the loss on "
+                                    "their assistant tokens")), overrides=True),
     Command("eval", "held-out reward accuracy, margins, length diagnostics, judged answers: SFT vs aligned",
             "Held-out reward accuracy, margins and length diagnostics of the SFT model (adapter off) and the aligned "
             "model (adapter on); with --scorer, both models' answers judged (win rate, length-controlled win rate). "

@@ -1,4 +1,4 @@
-"""The commands that read a training config: train, inspect-data, plan.
+"""The commands that read a training config: train, inspect-data, plan (the last two for `qsimpo sft` too: --sft).
 
 Each takes the YAML config and its ``--section.key VALUE`` overrides, plus the spellings every
 command shares (``--base``, ``--seed``, ``--out``, ``--overwrite``, ``--trust-remote-code``), which
@@ -94,11 +94,14 @@ def train(config: str, overrides: list[str] = (), base: str | None = None, seed:
     return 0
 
 
-def inspect_data(config: str, overrides: list[str] = (), rows: int = 3, base: str | None = None,
+def inspect_data(config: str, overrides: list[str] = (), rows: int = 3, sft: bool = False, base: str | None = None,
                  trust_remote_code: bool = False) -> int:
-    """`qsimpo inspect-data`: ``rows`` tokenized pairs with their boundaries and masks, then the data summary."""
+    """`qsimpo inspect-data`: ``rows`` tokenized pairs with their boundaries and masks, then the data summary;
+    with ``sft``, conversations as `qsimpo sft` reads them (trained and masked tokens), then how they pack."""
     cfg = load(config, list(overrides), base=base, trust_remote_code=trust_remote_code)
     check_paths(cfg, output=False)
+    if sft:
+        return inspect_conversations(cfg, rows)
     from qsimpo.data import format_pair, read_source, tokenize_source
     from qsimpo.train.model import load_tokenizer
 
@@ -111,8 +114,28 @@ def inspect_data(config: str, overrides: list[str] = (), rows: int = 3, base: st
     return 0
 
 
+def inspect_conversations(cfg, rows: int) -> int:
+    """`qsimpo inspect-data --sft`: the config checked as `qsimpo sft` checks it, the data read the way it reads it."""
+    from qsimpo.data import read_source
+    from qsimpo.data.conversations import format_conversation, sft_report, tokenize_conversations
+    from qsimpo.templates import require_template
+    from qsimpo.train.model import load_tokenizer
+    from qsimpo.train.sft import check_sft_config, packing_text
+
+    check_sft_config(cfg)
+    source = read_source(cfg.data, conversations=True)  # bad rows stop here, before the tokenizer loads
+    tok = load_tokenizer(cfg.model)
+    require_template(tok, cfg.model.name_or_path, "qsimpo inspect-data --sft")
+    convs, summary = tokenize_conversations(cfg.data, source, tok)
+    for conv in convs[:rows]:
+        say(format_conversation(tok, conv))
+    say(packing_text(cfg, [len(c["input_ids"]) for c in convs]))
+    say(sft_report(summary))
+    return 0
+
+
 def plan(config: str, overrides: list[str] = (), gpu_memory: str = "24GiB", processes: int = 1, from_data: bool = False,
-         base: str | None = None, trust_remote_code: bool = False) -> int:
+         sft: bool = False, base: str | None = None, trust_remote_code: bool = False) -> int:
     """`qsimpo plan`: peak GPU memory of the config's run; exit 1 (a check that ran and failed) when it does not fit."""
     from qsimpo.config import parse_size as size
 
@@ -126,6 +149,11 @@ def plan(config: str, overrides: list[str] = (), gpu_memory: str = "24GiB", proc
     check_paths(cfg, data=from_data, output=False)
     from qsimpo.train.plan import data_lengths, plan as estimate
 
-    text, fits = estimate(cfg, memory, lengths=data_lengths(cfg) if from_data else None, processes=processes)
+    if sft:
+        from qsimpo.train.sft import check_sft_config
+
+        check_sft_config(cfg)
+    text, fits = estimate(cfg, memory, lengths=data_lengths(cfg, sft) if from_data else None, processes=processes,
+                          sft=sft)
     say(text)
     return 0 if fits else CheckFailed.exit_code

@@ -6,18 +6,22 @@ base model that has never chatted (no chat template):
     qsimpo train simpo.yaml                               refused: conversations need a template
     qsimpo train simpo.yaml --model.sft_adapter adapters/sft
     qsimpo eval adapters/simpo --generate 2               the SFT side is the SFT model (base + SFT adapter)
+    qsimpo demo --adapter adapters/simpo --port P        the left column answers as base + SFT adapter, the right as
+                                                          the aligned stack (asked through the served app's API)
     qsimpo merge adapters/simpo --out merged              the aligned model, chatml in its tokenizer
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import build_tiny_base
+from conftest import build_tiny_base, free_port, message_text, wait_for
 
 pytestmark = pytest.mark.usefixtures("processes")  # every test here starts processes: integration tier
 
@@ -31,7 +35,7 @@ def qsimpo(home, *args, expect=0):
     return out
 
 
-def test_sft_train_eval_merge_from_a_base_without_template(tmp_path, pref_rows):
+def test_sft_train_eval_demo_merge_from_a_base_without_template(tmp_path, pref_rows):
     from qsimpo.templates import template_text
 
     home = tmp_path / "project"
@@ -83,6 +87,37 @@ def test_sft_train_eval_merge_from_a_base_without_template(tmp_path, pref_rows):
     want = score_pairs(sft_model, held, tok.pad_token_id)
     assert result["per_pair"]["sft_logp_chosen"] == pytest.approx(want.chosen.tolist(), abs=1e-5)
     assert result["per_pair"]["aligned_logp_chosen"] != pytest.approx(want.chosen.tolist(), abs=1e-5)
+
+    # the demo as a user starts it; greedy answers of each column against the models loaded here by hand
+    from qsimpo.generate import answer
+    from qsimpo.train.model import load_trained
+
+    question = pref_rows[0]["prompt"]
+    port = free_port()
+    log = tmp_path / "demo.log"
+    with log.open("w") as sink:
+        server = subprocess.Popen([sys.executable, "-m", "qsimpo", "demo", "--adapter", "adapters/simpo", "--port", str(port)], cwd=home,
+                                  stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (url := re.search(r"Running on local URL:\s+(http://\S+)", log.read_text())):
+            assert server.poll() is None and time.time() < deadline, f"the demo did not start:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        url = url.group(1).rstrip("/") + "/"
+        wait_for(url, server, log)
+        from gradio_client import Client
+
+        client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+        _, left, right, *_ = client.predict(question, "", 0.0, 1.0, 8, 0, api_name="/send")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    shown_sft, shown_aligned = message_text(left[-1]), message_text(right[-1])
+    base_alone = load_base(ModelConfig(name_or_path=str(base)), "cpu")
+    assert shown_sft == answer(sft_model, tok, question, max_new_tokens=8)  # base + SFT adapter, chatml
+    assert shown_sft != answer(base_alone, tok, question, max_new_tokens=8)  # not the base the SFT started from
+    aligned, aligned_tok = load_trained(str(home / "adapters" / "simpo"), base=str(base))  # recorded as "base": home-relative
+    assert shown_aligned == answer(aligned, aligned_tok, question, max_new_tokens=8) != shown_sft
 
     qsimpo(home, "merge", "adapters/simpo", "--out", "merged")
     merged = json.loads((home / "merged" / "tokenizer_config.json").read_text())

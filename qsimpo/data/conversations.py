@@ -8,6 +8,7 @@ cached `datasets` maps); only the row shape and the tokenization differ:
                             maps roles messages, prompt, completion and system to other column names
     tokenize_conversation   messages -> input_ids + assistant_mask (1 on every assistant turn's tokens)
     tokenize_conversations  a read source through it: Conversations, a sequence over the memory-mapped table
+    format_conversation     a readable view of one, masked and trained tokens apart (`qsimpo inspect-data --sft`)
 
 Each assistant turn is cut out of the chat template's own rendering, as ``render_pair`` cuts a
 response: the conversation up to the turn rendered with add_generation_prompt=True is the context,
@@ -127,6 +128,36 @@ def _tokenize_batch(batch: dict, tokenizer, max_length: int) -> dict:
         out["reason"].append(reason)
         out["detail"].append(detail)
     return out
+
+
+def format_conversation(tokenizer, conv: dict) -> str:
+    """One tokenized conversation as `qsimpo inspect-data --sft` shows it: runs of masked (context) and trained
+    (assistant) tokens, special tokens shown, each boundary's tokens on either side."""
+    def show(ids):
+        return tokenizer.decode(ids, skip_special_tokens=False)
+
+    def pieces(ids):
+        return " ".join(repr(show([i])) for i in ids)
+
+    ids, mask = list(conv["input_ids"]), list(conv["assistant_mask"])
+    lines = [f"═══ {conv.get('location', 'conversation')}: {len(ids)} tokens, {sum(mask)} trained ═══"]
+    start = 0
+    while start < len(ids):
+        end = start
+        while end < len(ids) and mask[end] == mask[start]:
+            end += 1
+        what = "trained (assistant)" if mask[start] else "masked-out (context)"
+        lines += [f"──── {what}, {end - start} tokens ────", show(ids[start:end])]
+        if start:
+            lines.append(f"  boundary: … {pieces(ids[max(0, start - 3):start])} ┃ {pieces(ids[start:start + 3])} …")
+        start = end
+    return "\n".join(lines)
+
+
+def sft_report(summary: DataSummary) -> str:
+    """The data summary in SFT words: a conversation is cut as a whole, it has no prompt cut from the left."""
+    cut = f"{summary.truncated_prompt} prompts truncated, {summary.truncated_response} responses truncated"
+    return summary.report().replace(cut, f"{summary.truncated_response} conversations cut to data.max_length")
 
 
 class Conversations(TableRows):

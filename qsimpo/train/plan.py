@@ -34,6 +34,10 @@ decoder layer and the embedding/head, twice: the one in use and the one prefetch
 process still loads the whole 4-bit base before FSDP splits it, so that load is checked too.
 Without FSDP (DDP) every process holds everything, as one GPU does.
 
+``--sft`` plans a `qsimpo sft` run instead: the worst micro-batch is ``train.batch_size`` conversations
+(qsimpo.train.sft's layout: packed into rows of up to data.max_length, or one per padded row), the head
+runs on their assistant tokens, and there is no eval or reference pass to add.
+
 It is an estimate: compare it with a measured peak (benchmarks/RESULTS.md) before trusting it
 to the last GiB.
 """
@@ -110,6 +114,29 @@ def worst_batch(cfg: Config, lengths: list[tuple[int, int, int]] | None = None) 
     return Batch(len(worst) * width, len(worst) * width * width, scored, source)
 
 
+def worst_sft_batch(cfg: Config, lengths: list[tuple[int, int]] | None = None) -> Batch:
+    """`qsimpo sft`'s micro-batch that needs the most memory, from (tokens, assistant tokens) per conversation, in
+    qsimpo.train.sft.ConversationCollator's layout: the ``batch_size`` longest conversations, one per padded row
+    (train.packing none), packed first-fit into rows of up to data.max_length (a dense mask per row), or in one
+    padding-free row (flex_attention). Without ``lengths``: every conversation fills data.max_length, all trained."""
+    from qsimpo.train.sft import pack_rows
+
+    b, cap = cfg.train.batch_size, cfg.data.max_length
+    if lengths is None:
+        lengths, source = [(cap, cap)] * b, f"every conversation at max_length {cap}"
+    else:
+        source = f"the longest of {len(lengths)} conversations in the data"
+    worst = [n for n, _ in sorted(lengths, reverse=True)[:b]]
+    scored = sum(sorted((a for _, a in lengths), reverse=True)[:b])
+    if cfg.train.packing == "none":
+        return Batch(len(worst) * worst[0], 0, scored, source)
+    if cfg.model.attn_implementation == "flex_attention":
+        return Batch(sum(worst), 0, scored, source)
+    rows = pack_rows(worst, cap)
+    width = max(sum(worst[i] for i in row) for row in rows)
+    return Batch(len(rows) * width, len(rows) * width * width, scored, source)
+
+
 def activations(cfg: Config, shape: Shape, batch: Batch, checkpointed: int) -> float:
     """Activations kept for the backward pass with ``checkpointed`` of the decoder layers recomputed: such a layer
     keeps only its input hidden state, every other layer all its intermediates; while a recomputed layer's backward
@@ -153,6 +180,7 @@ def estimate(cfg: Config, shape: Shape, batch: Batch | None = None, processes: i
         "base weights": base_weights(cfg, shape) / shards,
         "dequantized linear (transient)": _dequantized_linear(cfg, shape),
         "LoRA weights + grads + AdamW": lora_params * 16 / shards,
+        **({"SFT adapter (frozen)": _sft_adapter_params(cfg, shape) * 4 / shards} if cfg.model.sft_adapter else {}),
         "activations": acts,
         "attention mask": _mask_bytes(cfg, batch),
         "output head": _head_bytes(cfg, shape, batch, grad=True),
@@ -181,6 +209,19 @@ def eval_estimate(cfg: Config, shape: Shape, batch_size: int, lengths: list[tupl
 def _lora_params(cfg: Config, shape: Shape) -> int:
     """r·(in + out) per adapted linear, every layer."""
     return shape.layers * sum(cfg.lora.r * (i + o) for i, o in shape.linears)
+
+
+def _sft_adapter_params(cfg: Config, shape: Shape) -> int:
+    """The frozen SFT adapter under a `qsimpo train --model.sft_adapter` run: its weights only (fp32, no grads or
+    moments), at the rank its adapter_config.json records (lora.r when the folder cannot be read here)."""
+    import json
+    from pathlib import Path
+
+    try:
+        r = json.loads((Path(cfg.model.sft_adapter) / "adapter_config.json").read_text())["r"]
+    except (OSError, ValueError, KeyError):
+        r = cfg.lora.r
+    return shape.layers * sum(r * (i + o) for i, o in shape.linears)
 
 
 def _layer_acts(cfg: Config, shape: Shape, batch: Batch) -> float:
@@ -237,34 +278,46 @@ def advice(cfg: Config, parts: dict[str, float], budget: int) -> str:
     return f"lower --data.max_length (now {cfg.data.max_length}) or use a smaller model"
 
 
-def data_lengths(cfg: Config) -> list[tuple[int, int, int]]:
-    """(prompt, chosen, rejected) token counts of every pair the config's data yields, as training would tokenize it."""
+def data_lengths(cfg: Config, sft: bool = False) -> list[tuple[int, ...]]:
+    """(prompt, chosen, rejected) token counts of every pair the config's data yields, as training would tokenize it;
+    with ``sft``, (tokens, assistant tokens) of every conversation, as `qsimpo sft` would."""
     from qsimpo.data import build_dataset
     from qsimpo.train.model import load_tokenizer
 
+    if sft:
+        from qsimpo.data import read_source
+        from qsimpo.data.conversations import sft_report, tokenize_conversations
+        from qsimpo.templates import require_template
+
+        tok = load_tokenizer(cfg.model)
+        require_template(tok, cfg.model.name_or_path, "qsimpo plan --sft --data")
+        convs, summary = tokenize_conversations(cfg.data, read_source(cfg.data, conversations=True), tok)
+        say(sft_report(summary).splitlines()[0])
+        return [(len(c["input_ids"]), sum(c["assistant_mask"])) for c in convs]
     pairs, summary = build_dataset(cfg.data, load_tokenizer(cfg.model))
     say(summary.line())
     return [(len(p["prompt_ids"]), len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
 
 
-def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[int, int, int]] | None = None,
-         processes: int = 1) -> tuple[str, bool]:
+def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[int, ...]] | None = None,
+         processes: int = 1, sft: bool = False) -> tuple[str, bool]:
     """(report text, fits). ``lengths``: the data's pair lengths (data_lengths) instead of the max_length worst case;
-    ``processes``: how many processes the run is launched with (each has ``gpu_memory``)."""
+    ``processes``: how many processes the run is launched with (each has ``gpu_memory``); ``sft``: the config is
+    `qsimpo sft`'s (conversations; no eval or reference pass to plan)."""
     if processes < 1:
         raise UsageError(f"--processes {processes}: give the number of processes the run is launched with (1 or more)")
     if model_config is None:
         from qsimpo.train.model import load_model_config
 
         model_config = load_model_config(cfg.model)
-    batch = worst_batch(cfg, lengths)
+    batch = worst_sft_batch(cfg, lengths) if sft else worst_batch(cfg, lengths)
     shape = shape_of(model_config)
     budget = parse_size(cfg.train.memory_budget) if cfg.train.memory_budget else gpu_memory
     checkpointed = checkpointed_layers(cfg, shape, batch, budget, processes)
     parts = estimate(cfg, shape, batch, processes, checkpointed)
     total = sum(parts.values())
     loading = base_weights(cfg, shape) + CONTEXT  # every process loads the whole base before FSDP splits it
-    lines = [f"memory plan for {cfg.model.name_or_path} ({cfg.model.quantization}, batch {cfg.train.batch_size}, "
+    lines = [f"{'qsimpo sft ' if sft else ''}memory plan for {cfg.model.name_or_path} ({cfg.model.quantization}, batch {cfg.train.batch_size}, "
              f"max_length {cfg.data.max_length}, packing {cfg.train.packing}, {cfg.model.attn_implementation}, "
              f"head_chunk_size {head_chunk_rows(cfg.train.head_chunk_size, model_config.vocab_size)})",
              f"  worst micro-batch: {batch.tokens} tokens laid out ({batch.source})",
@@ -279,9 +332,10 @@ def plan(cfg: Config, gpu_memory: int, model_config=None, lengths: list[tuple[in
     lines.append(f"  {'estimated peak':<30} {total / GiB:8.2f} GiB of {gpu_memory / GiB:.1f} GiB")
     if cfg.train.fsdp and processes > 1:
         lines.append(f"  {'while loading (whole base)':<30} {loading / GiB:8.2f} GiB")
-    if cfg.loss.type == "dpo":
+    if cfg.loss.type == "dpo" and not sft:
         lines.append(reference_line(cfg, shape, total, lengths))
-    lines.append(eval_line(cfg, shape, gpu_memory, lengths))
+    if not sft:  # `qsimpo eval` scores preference pairs: the SimPO run's plan says whether it fits
+        lines.append(eval_line(cfg, shape, gpu_memory, lengths))
     fits = max(total, loading) <= gpu_memory
     if fits:
         lines.append("fits")

@@ -92,6 +92,33 @@ class ConversationCollator:
         return batch
 
 
+def packing_text(cfg: Config, lengths: list[int], shown: int = 3) -> str:
+    """How `qsimpo sft` lays out micro-batches of conversations of ``lengths`` tokens (file order): the first
+    ``shown`` micro-batches row by row, then the positions of the whole epoch against one conversation a padded row."""
+    b, packing = cfg.train.batch_size, cfg.train.packing
+    batches = [lengths[i:i + b] for i in range(0, len(lengths), b)]
+    padded = sum(len(batch) * max(batch) for batch in batches)
+    if packing == "none":
+        return (f"packing: none (train.packing none): one conversation per row, padded to the micro-batch's longest; "
+                f"{len(lengths)} conversations in file order lay out {padded} positions for {sum(lengths)} tokens")
+    cap = 0 if cfg.model.attn_implementation == "flex_attention" else cfg.data.max_length
+    lines = [f"packing (train.packing {packing}, {cfg.model.attn_implementation}): each micro-batch's {b} conversations "
+             f"share {'one padding-free row' if not cap else f'rows of up to {cap} tokens'}, each attending only to "
+             "itself, positions restarting at 0"]
+    laid = 0
+    for k, batch in enumerate(batches):
+        rows = pack_rows(batch, cap or sum(batch))
+        widths = [sum(batch[i] for i in row) for row in rows]
+        laid += len(rows) * max(widths)
+        if k < shown:
+            lines.append(f"  micro-batch {k + 1}: {len(rows)} row{'s' * (len(rows) != 1)}, " + ", ".join(
+                f"{w} = {' + '.join(str(batch[i]) for i in row)}" for w, row in zip(widths, rows)))
+    lines.append(f"  {len(lengths)} conversations in file order (training's length grouping may batch them "
+                 f"otherwise): {laid} positions laid out for {sum(lengths)} tokens; one conversation per padded row: "
+                 f"{padded}")
+    return "\n".join(lines)
+
+
 def make_sft_collator(packing: str, pad_token_id: int, max_length: int, attn: str = "sdpa") -> ConversationCollator:
     if packing == "none":
         return ConversationCollator(pad_token_id)
@@ -164,7 +191,7 @@ def write_sft_provenance(cfg: Config, output_dir: Path, trainer, tokenizer, summ
 def load_conversations(cfg: Config, tokenizer):
     """(train, eval or None, summaries): read and judged before the tokenizer is used, then tokenized."""
     from qsimpo.data import read_source, split_eval
-    from qsimpo.data.conversations import tokenize_conversations
+    from qsimpo.data.conversations import sft_report, tokenize_conversations
     from qsimpo.train.recipe import is_main_process
 
     convs, summary = tokenize_conversations(cfg.data, read_source(cfg.data, conversations=True), tokenizer)
@@ -176,8 +203,7 @@ def load_conversations(cfg: Config, tokenizer):
     elif cfg.data.eval is not None:
         convs, held = split_eval(convs, cfg.data.eval_fraction, cfg.train.seed)
     if is_main_process():
-        cut = f"{summary.truncated_prompt} prompts truncated, {summary.truncated_response} responses truncated"
-        say(summary.report().replace(cut, f"{summary.truncated_response} conversations cut to data.max_length"))
+        say(sft_report(summary))
     return convs, held, summaries
 
 

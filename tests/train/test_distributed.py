@@ -11,7 +11,8 @@ depend on the batch size they are cut for, so a sampler sized per process would 
 Launches: DDP under ``accelerate launch`` with the shipped ``configs/accelerate/ddp.yaml``, FSDP2
 full shard under torchrun (``--train.fsdp true``), and FSDP2 under ``accelerate launch`` with the
 shipped ``configs/accelerate/fsdp-qlora.yaml`` on a model whose output head is tied to its input
-embeddings. (tests/test_train.py runs DDP under torchrun.)
+embeddings. (tests/test_train.py runs DDP under torchrun.) `qsimpo sft` runs under torchrun with DDP and FSDP,
+and `qsimpo train --model.sft_adapter` with DDP, against one-process references of their own (see below).
 """
 
 from __future__ import annotations
@@ -289,3 +290,76 @@ def test_accelerate_still_keeps_fsdp_on_cpu_where_qsimpo_sets_it(fresh_accelerat
 
     assert "self.is_fsdp2" in inspect.getsource(Accelerator.prepare_model)
     assert "DistributedType.MULTI_CPU" not in inspect.getsource(AcceleratorState.__init__)
+
+
+# ------------------------------------------------------------------------- qsimpo sft, and SimPO on its adapter
+# The SFT loss is a mean over each micro-batch's assistant tokens, so the one-process reference takes the same
+# micro-batches (batch 2, accumulation 4) that the two processes share (batch 2, accumulation 2 each): every
+# optimizer step averages the same 4 micro-batch losses, and the length-grouped sampler is cut for 8 either way.
+SFT_COMMON = ("--data.max_rows", "60", "--train.max_steps", "3", "--train.head_chunk_size", "16",
+              "--train.save_steps", "1000", "--data.max_length", "256")
+
+
+@pytest.fixture(scope="module")
+def sft_setup(tiny_base, pref_rows, tmp_path_factory):
+    """(config YAML, one-process SFT reference): two-turn conversations, both assistant turns trained."""
+    from qsimpo.config import dump_yaml
+    from qsimpo.train.sft import sft
+
+    root = tmp_path_factory.mktemp("dist-sft")
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]},
+        {"role": "user", "content": "Again?"}, {"role": "assistant", "content": r["rejected"]}]}) + "\n" for r in pref_rows))
+    config = root / "sft.yaml"
+    config.write_text(dump_yaml(make_config(tiny_base, data, root / "unused", *SFT_COMMON)))
+    plain = ("--train.batch_size", "2", "--train.gradient_accumulation_steps", "4", "--train.packing", "none",
+             "--train.head_chunk_size", "0")
+    return config, sft(make_config(tiny_base, data, root / "one", *SFT_COMMON, *plain)).output_dir
+
+
+def assert_same_run(out, reference, keys=("loss", "grad_norm")) -> None:
+    steps, ref_steps = logged(out), logged(reference)
+    assert [r["step"] for r in steps] == [r["step"] for r in ref_steps] == [1, 2, 3]
+    for row, ref in zip(steps, ref_steps):
+        for key in keys:
+            torch.testing.assert_close(torch.tensor(row[key]), torch.tensor(ref[key]), **LOSS_TOL,
+                                       msg=f"step {row['step']} {key}")
+    adapter, ref_adapter = load_file(out / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    assert adapter.keys() == ref_adapter.keys() and len(adapter) == 28
+    for k in adapter:
+        torch.testing.assert_close(adapter[k], ref_adapter[k], **WEIGHT_TOL, msg=k)
+        if "lora_B" in k:
+            assert ref_adapter[k].abs().sum() > 0, k
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_sft_under_torchrun_matches_one_process(sft_setup, tmp_path, fsdp):
+    """`torchrun ... -m qsimpo sft CONFIG` as a user types it: packed rows and the chunked head on two processes give
+    the one-process plain run's losses, gradient norms and adapter."""
+    config, reference = sft_setup
+    launch([*torchrun(), "-m", "qsimpo"], "sft", config, tmp_path / "sft", "--train.gradient_accumulation_steps", "2",
+           *(("--train.fsdp", "true") if fsdp else ()))
+    assert_same_run(tmp_path / "sft", reference)
+    meta = json.loads((tmp_path / "sft" / "qsimpo.json").read_text())
+    assert meta["kind"] == "sft" and meta["global_step"] == 3
+
+
+def test_simpo_on_an_sft_adapter_under_torchrun_matches_one_process(sft_setup, tiny_base, pref_jsonl, tmp_path):
+    """`torchrun ... -m qsimpo train CONFIG --model.sft_adapter DIR` (DDP): the SFT adapter frozen on every rank, the
+    stacked adapter the one-process run writes."""
+    from qsimpo.config import dump_yaml
+    from qsimpo.train.recipe import train
+
+    config = tmp_path / "simpo.yaml"
+    config.write_text(dump_yaml(make_config(tiny_base, pref_jsonl, tmp_path / "unused", *COMMON)))
+    sft_adapter = sft_setup[1]
+    plain = ("--train.batch_size", "4", "--train.packing", "none", "--train.head_chunk_size", "0")
+    reference = train(make_config(tiny_base, pref_jsonl, tmp_path / "one", *COMMON, *plain,
+                                  "--model.sft_adapter", str(sft_adapter))).output_dir
+    launch([*torchrun(), "-m", "qsimpo"], "train", config, tmp_path / "ddp", "--model.sft_adapter", str(sft_adapter))
+    out = tmp_path / "ddp"
+    assert_same_run(out, reference, keys=("loss", "grad_norm", "logps/chosen", "logps/rejected"))
+    sft_in, sft_kept = load_file(sft_adapter / "adapter_model.safetensors"), load_file(out / "sft" / "adapter_model.safetensors")
+    assert all(torch.equal(sft_in[k], sft_kept[k]) for k in sft_in)  # frozen on both ranks
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 8  # SFT 4 + SimPO 4, concatenated

@@ -144,3 +144,79 @@ def test_no_template_is_a_clear_error(tmp_path, pref_rows, sft_jsonl):
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "has no chat template" in out.stderr and "--model.chat_template" in out.stderr
+
+
+def test_inspect_data_sft_shows_what_is_trained_and_how_it_packs(tiny_base, sft_jsonl, tok, pref_rows, tmp_path, capsys):
+    import re
+
+    from qsimpo.cli import main
+
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model: {{name_or_path: {tiny_base}}}\ndata: {{path: {sft_jsonl}, max_length: 256}}\n"
+                      f"train: {{batch_size: 4}}\n")
+    assert main(["inspect-data", str(config), "--sft", "--rows", "1"]) == 0
+    out = capsys.readouterr().out
+    enc = tokenize_conversation(tok, normalise_conversation(conversations(pref_rows, 1)[0]), 256)
+    n, trained = map(int, re.search(r"(\d+) tokens, (\d+) trained ═══", out).groups())
+    assert (n, trained) == (len(enc["input_ids"]), sum(enc["assistant_mask"]))
+    # four runs: context, first answer, the next user turn, second answer; the answers are what is trained
+    runs = re.findall(r"──── (trained \(assistant\)|masked-out \(context\)), (\d+) tokens ────\n(.*?)\n(?=──── |  boundary|═══|packing)",
+                      out, re.S)
+    assert [r[0].split()[0] for r in runs] == ["masked-out", "trained", "masked-out", "trained"]
+    assert pref_rows[0]["chosen"] in runs[1][2] and pref_rows[0]["rejected"] in runs[3][2]
+    assert pref_rows[0]["chosen"] not in runs[0][2] + runs[2][2] and "Say it again." in runs[2][2]
+    # packing: 64 conversations, 16 micro-batches of 4 in rows of up to 256 tokens; the whole-epoch line adds up
+    lengths = [len(tokenize_conversation(tok, normalise_conversation(c), 256)["input_ids"]) for c in conversations(pref_rows)]
+    first = lengths[:4]
+    assert f"micro-batch 1: {len(pack_rows(first, 256))} row" in out
+    assert f"positions laid out for {sum(lengths)} tokens" in out
+    assert f"one conversation per padded row: {sum(4 * max(lengths[i:i + 4]) for i in range(0, 64, 4))}" in out
+    assert "64 kept" in out and "conversations cut to data.max_length" in out and "responses truncated" not in out
+
+
+def test_plan_sft_sizes_conversations(tiny_base, sft_jsonl, tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from qsimpo.cli import main
+    from qsimpo.config import load_config
+    from qsimpo.train.plan import estimate, shape_of, worst_sft_batch
+
+    cfg = load_config(None, ["--model.name_or_path", "m", "--data.path", "d", "--data.max_length", "100",
+                             "--train.batch_size", "3"])
+    lengths = [(90, 40), (30, 10), (60, 50), (20, 5), (10, 9)]  # (tokens, assistant tokens)
+    packed = worst_sft_batch(cfg, lengths)  # the 3 longest (90, 60, 30): rows [90], [60 + 30], width 90
+    assert (packed.tokens, packed.mask_cells, packed.scored) == (2 * 90, 2 * 90**2, 50 + 40 + 10)
+    plain = worst_sft_batch(load_config(None, ["--model.name_or_path", "m", "--data.path", "d", "--train.batch_size", "3",
+                                               "--train.packing", "none"]), lengths)
+    assert (plain.tokens, plain.mask_cells) == (3 * 90, 0)
+    assert worst_sft_batch(cfg).tokens == 3 * 100  # every conversation fills max_length: one per row
+    shape = shape_of(LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=1000,
+                                 num_attention_heads=4, num_key_value_heads=2))
+    assert sum(estimate(cfg, shape, packed).values()) < sum(estimate(cfg, shape, worst_sft_batch(cfg)).values())
+
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model: {{name_or_path: {tiny_base}}}\ndata: {{path: {sft_jsonl}, max_length: 256}}\n")
+    assert main(["plan", str(config), "--sft", "--gpu-memory", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("qsimpo sft memory plan") and "every conversation at max_length 256" in out
+    assert "qsimpo eval" not in out and out.rstrip().endswith("fits")
+    assert main(["plan", str(config), "--sft", "--gpu-memory", "1GiB", "--data"]) == 0
+    out = capsys.readouterr().out
+    assert "64 kept" in out and "the longest of 64 conversations in the data" in out
+
+
+def test_plan_counts_the_frozen_sft_adapter(tmp_path):
+    from transformers import LlamaConfig
+
+    from qsimpo.config import load_config
+    from qsimpo.train.plan import estimate, shape_of
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    shape = shape_of(LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=1000,
+                                 num_attention_heads=4, num_key_value_heads=2))
+    base = ["--model.name_or_path", "m", "--data.path", "d", "--lora.r", "16"]
+    plain = estimate(load_config(None, base), shape)
+    stacked = estimate(load_config(None, base + ["--model.sft_adapter", str(tmp_path)]), shape)
+    # r 8 (the SFT adapter's own rank), fp32 weights only: a quarter of 16 B/param at half the rank
+    assert stacked["SFT adapter (frozen)"] == pytest.approx(plain["LoRA weights + grads + AdamW"] / 4 / 2)
+    assert "SFT adapter (frozen)" not in plain
