@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "sample.jsonl"
+# the shared folder beside the checkout (a worktree one level further down finds the one above it)
+HH = next((p for p in (d / "shared" / "data" / "hh-rlhf-harmless" / "sample.jsonl" for d in (ROOT.parent, ROOT.parent.parent))
+           if p.exists()), ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "sample.jsonl")
 SHAPES = {
     "cpu": dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=1408, vocab_size=32000,
                 max_length=1024),
