@@ -188,10 +188,11 @@ def run_qsimpo(prep: dict, out: Path, checkpointing: str, budget: float | None, 
         return split["layers"]
 
     def timed_reference(*a, **k):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         refs = real_ref(*a, **k)
-        if refs:  # DPO only: the wall time of the whole step (cache lookup included) and the pass alone
-            ref.update(wall_s=time.perf_counter() - t0, computed={s: r.computed for s, r in refs.items()},
+        if refs:  # DPO only: the wall (and CPU) time of the whole step, cache lookup included, and the pass alone
+            ref.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
+                       computed={s: r.computed for s, r in refs.items()},
                        pass_s={s: r.seconds for s, r in refs.items()})
         return refs
 
@@ -199,7 +200,7 @@ def run_qsimpo(prep: dict, out: Path, checkpointing: str, budget: float | None, 
     run = qt.train(cfg)
     layers = run.trainer.model.config.num_hidden_layers
     ck = split.get("layers", True)
-    return {"step_times": clock.times, "batches": run.trainer.data_collator.seen,
+    return {"step_times": clock.times, "step_cpu_times": clock.cpu_times, "batches": run.trainer.data_collator.seen,
             "checkpointed": ck if isinstance(ck, int) and not isinstance(ck, bool) else layers * bool(ck),
             "layers": layers, "loss": loss, **({"reference": ref} if ref else {})}
 

@@ -80,10 +80,11 @@ def prepare(work: Path, device: str, n_pairs: int) -> dict:
 
 
 class StepClock:
-    """A TrainerCallback-compatible timer: wall time of every optimizer step after the first."""
+    """A TrainerCallback-compatible timer: wall time of every optimizer step (and the process's CPU time in it, which
+    on a shared machine says how much work the step was whatever else ran)."""
 
     def __init__(self, cuda: bool = False):
-        self.times, self.peaks, self.peaks_before, self.cuda = [], [], [], cuda
+        self.times, self.cpu_times, self.peaks, self.peaks_before, self.cuda = [], [], [], [], cuda
 
     def __getattr__(self, name):  # every other callback event is a no-op
         if name.startswith("on_"):
@@ -97,7 +98,7 @@ class StepClock:
             torch.cuda.synchronize()
             self.peaks_before.append(torch.cuda.max_memory_allocated() / 2**30)  # what the reset forgets
             torch.cuda.reset_peak_memory_stats()
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kw):
         if self.cuda:
@@ -106,6 +107,7 @@ class StepClock:
             torch.cuda.synchronize()
             self.peaks.append(torch.cuda.max_memory_allocated() / 2**30)
         self.times.append(time.perf_counter() - self.t0)
+        self.cpu_times.append(time.process_time() - self.c0)
 
 
 class RecordingCollator:
