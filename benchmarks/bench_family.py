@@ -2,6 +2,7 @@
 
     python benchmarks/bench_family.py                         # the quickstart's pairs on SmolLM2-135M-Instruct
     python benchmarks/bench_family.py --losses simpo,dpo --steps 4 --work /tmp/family-smoke
+    python benchmarks/bench_family.py --steps 8 --jobs 2 --reuse   # two commands at a time; keeps finished runs
 
 It runs the commands a user runs, as subprocesses in the work folder (``--work``, emptied first):
 
@@ -48,7 +49,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_onpolicy import ci, read_jsonl, run, versions  # noqa: E402
+from bench_onpolicy import ci, read_jsonl, versions  # noqa: E402
 
 LOSSES = ("simpo", "dpo", "orpo", "cpo", "arpo")
 SCORER = "qsimpo.pairs.examples:concise_complete"
@@ -61,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated loss.type values, trained in this order")
     p.add_argument("--steps", type=int, default=24, help="optimizer steps per loss (the quickstart's 24)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer in eval")
+    p.add_argument("--jobs", type=int, default=1, help="commands run at once (trainings, then evals): for spare cores")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep --work: a loss whose adapter finished --steps, and an eval that wrote eval.json, are not run again")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results_family.jsonl"),
                    help="JSONL file the run's row is appended to ('' for none)")
     args = p.parse_args(argv)
@@ -105,6 +109,32 @@ def eval_commands(losses: list[str], max_new_tokens: int) -> list[list[str]]:
 def read_evals(work: Path, losses: list[str]) -> dict[str, dict]:
     """Each adapter's eval.json (one per adapter while evals run one adapter at a time)."""
     return {x: json.loads((work / x / "eval" / "eval.json").read_text()) for x in losses}
+
+
+def run_all(cmds: list[tuple[str, list[str]]], work: Path, jobs: int) -> dict[str, float]:
+    """Run (name, qsimpo command) pairs in ``work``, ``jobs`` at a time, each one's output in ``name``.log; stop if one
+    fails. Returns each one's wall seconds (from its own start: with jobs > 1 they share the cores)."""
+    import subprocess
+
+    seconds, queue, running = {}, list(cmds), {}
+    while queue or running:
+        while queue and len(running) < jobs:
+            name, cmd = queue.pop(0)
+            print("$ " + shlex.join(cmd), flush=True)
+            log = open(work / f"{name}.log", "w")  # noqa: SIM115 (closed when the process ends)
+            proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=work, stdout=log, stderr=subprocess.STDOUT)
+            running[name] = (proc, log, time.perf_counter())
+        time.sleep(2)
+        for name, (proc, log, t0) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[name]
+                if proc.returncode:
+                    sys.exit(f"`{shlex.join(dict(cmds)[name][:2])}` for {name} failed with exit code {proc.returncode} "
+                             f"(its output: {work / name}.log)")
+                seconds[name] = round(time.perf_counter() - t0, 1)
+                print(f"{name}: {seconds[name]:.0f} s", flush=True)
+    return seconds
 
 
 def boot(values, seed: int = 0) -> dict:
@@ -165,7 +195,7 @@ def show(r: dict) -> str:
 
 def print_tables(res: dict) -> None:
     print("\n| loss | held-out reward accuracy | margin (avg log-prob) | chosen log-prob change vs SFT, avg / summed "
-          "| rejected change (avg) | answer tokens (SFT) | win rate vs SFT | LC win rate | train s |")
+          "| rejected change (avg) | answer tokens (SFT) | win rate vs SFT | LC win rate | training loop s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for loss, s in res["losses"].items():
         t = res["training"][loss]
@@ -173,7 +203,7 @@ def print_tables(res: dict) -> None:
         print(f"| {loss} | {s['accuracy']['mean']:.3f} {ci(s['accuracy']['ci'])} | {show(s['margin'])} | "
               f"{show(s['chosen_change_avg'])} / {show(s['chosen_change_sum'])} | {show(s['rejected_change_avg'])} | "
               f"{s['tokens']['aligned']:.1f} ({s['tokens']['sft']:.1f}) | {s['win_rate']:.3f} {ci(s['win_rate_ci'])} | "
-              f"{s['lc_win_rate']:.3f} {ci(s['lc_win_rate_ci'])} | {res['seconds'][loss]['train']:.0f}"
+              f"{s['lc_win_rate']:.3f} {ci(s['lc_win_rate_ci'])} | {res['training'][loss]['train_runtime_s'] or 0:.0f}"
               + (f" (+ reference {ref:.0f})" if ref else "") + " |")
     first = next(iter(res["losses"].values()))
     print(f"\nSFT (adapter off): reward accuracy {first['sft_accuracy']['mean']:.3f} {ci(first['sft_accuracy']['ci'])}, "
@@ -188,26 +218,33 @@ def main(argv=None) -> None:
     from qsimpo.realmodel import smollm2_path
 
     work = args.work.resolve()
-    if work.exists():
+    if work.exists() and not args.reuse:
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n_train, n_held = write_data(work)
     configs = write_configs(work)
     base, losses = str(smollm2_path()), args.losses.split(",")
     print(f"{n_train} training pairs, {n_held} held-out pairs; losses {', '.join(losses)}; {args.steps} steps each")
-    commands, seconds = [], {x: {} for x in losses}
-    for loss in losses:
-        (work / loss).mkdir()
-        cmd = train_command(loss, base, configs, args.steps)
-        seconds[loss]["train"] = round(run(cmd, work, work / loss / "train.log")[0], 1)
-        commands.append(shlex.join(cmd))
-    for cmd in eval_commands(losses, args.max_new_tokens):
-        wall = run(cmd, work, work / f"eval-{len(commands)}.log")[0]
-        commands.append(shlex.join(cmd))
+
+    def done(loss: str) -> bool:
+        meta = work / loss / "adapter" / "qsimpo.json"
+        return meta.exists() and json.loads(meta.read_text())["global_step"] == args.steps
+
+    trains = [(f"{x}/train", train_command(x, base, configs, args.steps)) for x in losses if not done(x)]
+    for x in losses:
+        (work / x).mkdir(exist_ok=True)
+    seconds = {x: {} for x in losses}
+    for name, wall in run_all(trains, work, args.jobs).items():
+        seconds[name.split("/")[0]]["train"] = wall
+    evals = [(f"eval-{i}", cmd) for i, cmd in enumerate(eval_commands(losses, args.max_new_tokens))
+             if not (args.reuse and all((work / x / "eval" / "eval.json").exists() for x in losses if f"{x}/adapter" in cmd))]
+    for name, wall in run_all(evals, work, args.jobs).items():
+        cmd = dict(evals)[name]
         for loss in losses:
             if f"{loss}/adapter" in cmd:
-                seconds[loss]["eval"] = round(wall, 1)
+                seconds[loss]["eval"] = wall
+    commands = [shlex.join(c) for _, c in trains + evals]
     evals = read_evals(work, losses)
     res = {"losses": {x: summarize(evals[x]) for x in losses}, "training": {x: training(work, x) for x in losses},
            "head_to_head": head_to_head(evals), "seconds": seconds}
