@@ -159,21 +159,24 @@ class Recorder:
         return self.collate(features)
 
 
-def run_qsimpo(prep: dict, out: Path, checkpointing: str, budget: float | None) -> dict:
+def run_qsimpo(prep: dict, out: Path, checkpointing: str, budget: float | None, loss: str = "simpo") -> dict:
+    """One qsimpo run; ``loss`` other than simpo trains that loss with its paper's defaults (bench_losses.py),
+    and DPO's one-time reference pass is timed on its own ("reference")."""
     import qsimpo.train.recipe as qt
     from qsimpo.config import load_config
 
+    params = [f"--simpo.beta={BETA}", f"--simpo.gamma={GAMMA}"] if loss == "simpo" else [f"--loss.type={loss}"]
     overrides = [
         f"--model.name_or_path={prep['base']}", "--model.compute_dtype=float32", "--model.attn_implementation=sdpa",
         f"--data.path={prep['data']}", "--data.format=conversational", f"--data.max_length={MAX_LENGTH}",
-        f"--lora.r={R}", "--lora.alpha=32", "--lora.dropout=0", f"--simpo.beta={BETA}", f"--simpo.gamma={GAMMA}",
+        f"--lora.r={R}", "--lora.alpha=32", "--lora.dropout=0", *params,
         f"--train.output_dir={out}", f"--train.batch_size={BATCH}", "--train.gradient_accumulation_steps=1",
         "--train.num_epochs=1", f"--train.learning_rate={LR}", "--train.save_steps=100000", "--train.progress=false",
         "--train.overwrite=true", f"--train.gradient_checkpointing={checkpointing}",
     ] + ([f"--train.memory_budget={budget:.3f}GiB"] if budget else [])
     cfg = load_config(None, overrides)
-    clock, split = StepClock(), {}
-    real_init, real_split = qt.SimPOTrainer.__init__, qt.checkpoint_split
+    clock, split, ref = StepClock(), {}, {}
+    real_init, real_split, real_ref = qt.PreferenceTrainer.__init__, qt.checkpoint_split, qt.reference_pass
 
     def init(self, *a, **k):
         k["callbacks"] = list(k.get("callbacks") or []) + [clock]
@@ -184,21 +187,30 @@ def run_qsimpo(prep: dict, out: Path, checkpointing: str, budget: float | None) 
         split["layers"] = real_split(*a, **k)
         return split["layers"]
 
-    qt.SimPOTrainer.__init__, qt.checkpoint_split = init, chosen_split
+    def timed_reference(*a, **k):
+        t0, c0 = time.perf_counter(), time.process_time()
+        refs = real_ref(*a, **k)
+        if refs:  # DPO only: the wall (and CPU) time of the whole step, cache lookup included, and the pass alone
+            ref.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
+                       computed={s: r.computed for s, r in refs.items()},
+                       pass_s={s: r.seconds for s, r in refs.items()})
+        return refs
+
+    qt.PreferenceTrainer.__init__, qt.checkpoint_split, qt.reference_pass = init, chosen_split, timed_reference
     run = qt.train(cfg)
     layers = run.trainer.model.config.num_hidden_layers
     ck = split.get("layers", True)
-    return {"step_times": clock.times, "batches": run.trainer.data_collator.seen,
+    return {"step_times": clock.times, "step_cpu_times": clock.cpu_times, "batches": run.trainer.data_collator.seen,
             "checkpointed": ck if isinstance(ck, int) and not isinstance(ck, bool) else layers * bool(ck),
-            "layers": layers}
+            "layers": layers, "loss": loss, **({"reference": ref} if ref else {})}
 
 
-def run_trl(prep: dict, out: Path) -> dict:
+def trl_setup(prep: dict, out: Path) -> tuple:
+    """What every TRL run shares: the NF4 base, tokenizer, rows, the config arguments and the LoRA (bench_losses.py too)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
@@ -206,16 +218,24 @@ def run_trl(prep: dict, out: Path) -> dict:
                                                  device_map={"": "cpu"}, attn_implementation="sdpa")
     tok = AutoTokenizer.from_pretrained(prep["base"])
     rows = [json.loads(line) for line in Path(prep["data"]).read_text().splitlines()]
-    args = CPOConfig(
-        output_dir=str(out), loss_type="simpo", cpo_alpha=0.0, beta=BETA, simpo_gamma=GAMMA, max_length=MAX_LENGTH,
+    common = dict(
+        output_dir=str(out), max_length=MAX_LENGTH,
         per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=LR,
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, report_to="none",
         save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True, remove_unused_columns=False,
         dataloader_pin_memory=False, bf16=False,  # TRL's configs default to bf16 autocast: on the CPU, fp32 as qsimpo
     )
     peft = LoraConfig(r=R, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return model, tok, Dataset.from_list(rows), common, peft
+
+
+def run_trl(prep: dict, out: Path) -> dict:
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    model, tok, data, common, peft = trl_setup(prep, out)
+    args = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=BETA, simpo_gamma=GAMMA, **common)
     clock = StepClock()
-    trainer = CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+    trainer = CPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                          peft_config=peft, callbacks=[clock])
     trainer.data_collator = Recorder(trainer.data_collator, ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
     trainer.train()

@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "sample.jsonl"
+# the shared folder beside the checkout (a worktree one level further down finds the one above it)
+HH = next((p for p in (d / "shared" / "data" / "hh-rlhf-harmless" / "sample.jsonl" for d in (ROOT.parent, ROOT.parent.parent))
+           if p.exists()), ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "sample.jsonl")
 SHAPES = {
     "cpu": dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=1408, vocab_size=32000,
                 max_length=1024),
@@ -78,10 +80,11 @@ def prepare(work: Path, device: str, n_pairs: int) -> dict:
 
 
 class StepClock:
-    """A TrainerCallback-compatible timer: wall time of every optimizer step after the first."""
+    """A TrainerCallback-compatible timer: wall time of every optimizer step (and the process's CPU time in it, which
+    on a shared machine says how much work the step was whatever else ran)."""
 
     def __init__(self, cuda: bool = False):
-        self.times, self.peaks, self.peaks_before, self.cuda = [], [], [], cuda
+        self.times, self.cpu_times, self.peaks, self.peaks_before, self.cuda = [], [], [], [], cuda
 
     def __getattr__(self, name):  # every other callback event is a no-op
         if name.startswith("on_"):
@@ -95,7 +98,7 @@ class StepClock:
             torch.cuda.synchronize()
             self.peaks_before.append(torch.cuda.max_memory_allocated() / 2**30)  # what the reset forgets
             torch.cuda.reset_peak_memory_stats()
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kw):
         if self.cuda:
@@ -104,6 +107,7 @@ class StepClock:
             torch.cuda.synchronize()
             self.peaks.append(torch.cuda.max_memory_allocated() / 2**30)
         self.times.append(time.perf_counter() - self.t0)
+        self.cpu_times.append(time.process_time() - self.c0)
 
 
 class RecordingCollator:

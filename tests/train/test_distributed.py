@@ -62,7 +62,9 @@ RANK_DUMP = textwrap.dedent("""
                 entry["full"] = (p.full_tensor() if sharded else p).detach().clone()
             params[name] = entry
         n4bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-        torch.save({"params": params, "linear4bit": n4bit, "world_size": int(os.environ["WORLD_SIZE"])},
+        ref = getattr(run.trainer.train_dataset, "reference", None)  # DPO: the reference log-probs this rank trained with
+        ref = ref and {"computed": ref.computed, "chosen": ref.chosen, "rejected": ref.rejected, "path": str(ref.path)}
+        torch.save({"params": params, "linear4bit": n4bit, "world_size": int(os.environ["WORLD_SIZE"]), "reference": ref},
                    os.path.join(cfg.train.output_dir, f"rank{os.environ['RANK']}.pt"))
         return run
 
@@ -114,8 +116,8 @@ def setup(tiny_base, tied_base, pref_jsonl, tmp_path_factory):
     return script, prepare
 
 
-def launch(launcher: list[str], script, config, out, *extra: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def launch(launcher: list[str], script, config, out, *extra: str, env: dict | None = None) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [sys.executable, "-m", *launcher, str(script), str(config), "--train.output_dir", str(out),
            "--train.batch_size", "2", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -201,6 +203,34 @@ def test_fsdp_under_accelerate_launch_with_a_tied_head_matches_one_process(setup
     ranks = assert_matches_reference(tmp_path / "fsdp", reference)
     assert_sharded_in_two(ranks)
     assert not any("lm_head" in name for name in ranks[0]["params"])  # one shared weight, listed once
+
+
+def test_dpo_under_torchrun_computes_the_reference_once_for_every_rank(setup, tiny_base, pref_jsonl, tmp_path):
+    """DDP under torchrun with loss.type dpo: process 0 computes the reference log-probs and stores them, process 1
+    reads the same file back, both train with the same numbers, and the run matches one process (which computed
+    them with the plain path: unpacked rows, full logits)."""
+    from qsimpo.config import dump_yaml
+    from qsimpo.train.recipe import train
+
+    script, _ = setup
+    dpo = ("--loss.type", "dpo")
+    config = tmp_path / "dpo.yaml"
+    config.write_text(dump_yaml(make_config(tiny_base, pref_jsonl, tmp_path / "unused", *COMMON, *dpo)))
+    plain = ("--train.batch_size", "4", "--train.packing", "none", "--train.head_chunk_size", "0")
+    one = train(make_config(tiny_base, pref_jsonl, tmp_path / "one", *COMMON, *plain, *dpo))
+    # a datasets cache of its own: the launched run must not read back the reference the run above stored
+    launch(torchrun(), script, config, tmp_path / "ddp", env={"HF_DATASETS_CACHE": str(tmp_path / "datasets")})
+    ranks = assert_matches_reference(tmp_path / "ddp", one.output_dir)
+    refs = [d["reference"] for d in ranks]
+    assert [r["computed"] for r in refs] == [True, False]  # computed once, by process 0; process 1 read it back
+    assert refs[0]["path"] == refs[1]["path"] and str(tmp_path / "datasets") in refs[0]["path"]
+    assert refs[0]["chosen"] == refs[1]["chosen"] and refs[0]["rejected"] == refs[1]["rejected"]
+    expected = one.trainer.train_dataset.reference
+    assert len(refs[0]["chosen"]) == len(expected.chosen) == 60
+    torch.testing.assert_close(torch.tensor(refs[0]["chosen"]), torch.tensor(expected.chosen), rtol=0, atol=5e-5)
+    torch.testing.assert_close(torch.tensor(refs[0]["rejected"]), torch.tensor(expected.rejected), rtol=0, atol=5e-5)
+    meta = json.loads((tmp_path / "ddp" / "qsimpo.json").read_text())
+    assert meta["reference"]["train"]["computed"] is True and meta["reference"]["train"]["pairs"] == 60
 
 
 def test_fsdp_refused_for_one_process(tiny_base, pref_jsonl, tmp_path):

@@ -1,0 +1,267 @@
+"""The loss family side by side: SimPO, DPO, ORPO, CPO and ARPO trained on the same pairs with the same budget.
+
+    python benchmarks/bench_family.py                         # the quickstart's pairs on SmolLM2-135M-Instruct
+    python benchmarks/bench_family.py --losses simpo,dpo --steps 4 --work /tmp/family-smoke
+    python benchmarks/bench_family.py --steps 8 --jobs 2 --reuse   # two commands at a time; keeps finished runs
+
+It runs the commands a user runs, as subprocesses in the work folder (``--work``, emptied first):
+
+1. Data: the quickstart's shipped pairs (qsimpo/quickstart/data/pairs.jsonl), split as ``qsimpo quickstart``
+   splits them (``qsimpo.quickstart.real.split_pairs``: whole topics held out), into train.jsonl and heldout.jsonl.
+2. ``qsimpo train`` once per loss, from the quickstart's own training config (configs/quickstart.yaml: NF4
+   SmolLM2, LoRA r 16, lr 5e-4, batch 4, cosine schedule) with ``--loss.type LOSS``: the same pairs, steps,
+   batch, learning rate and seed for every loss. Each loss has its paper's defaults (qsimpo's schema
+   defaults; SimPO keeps the quickstart's β 2.5, γ/β 0.5, its paper's Llama-3-Instruct setting); for the
+   other losses the config's ``simpo:`` section is left out (a parameter of another loss is an error). No
+   loss is tuned. DPO's one-time reference pass comes on top of its steps (its seconds are recorded).
+3. ``qsimpo eval ADAPTER --data heldout.jsonl --scorer qsimpo.pairs.examples:concise_complete``, once per
+   adapter: held-out log-probs of chosen and rejected under SFT (adapter off) and the adapter, and greedy
+   answers of both to every held-out prompt, judged by the example rule scorer whose preference the quickstart's
+   pairs encode (a finished sentence, few words). ``EVAL_TOGETHER`` switches to one ``qsimpo eval A B C ...``
+   call once eval takes several adapters (then ``read_evals`` must read that eval.json's per-adapter sections).
+
+Reported per loss, each with a 95% percentile bootstrap interval over held-out pairs or prompts (eval's own
+bootstrap, seed 0): held-out reward accuracy under one shared definition (average log-prob of chosen above
+rejected, SimPO's reward up to β; every loss scored the same way), the mean margin of average log-probs, the
+chosen response's log-prob change from SFT (average per token, and summed: a negative change is likelihood
+displacement), the greedy answers' mean length in tokens (SFT's is the same for every loss), and the scorer's
+win rate and length-controlled win rate against SFT; plus every adapter's win rate against every other
+(the same greedy prompts, eval's own statistics). Prints the tables and appends one row to
+benchmarks/results_family.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_onpolicy import ci, read_jsonl, versions  # noqa: E402
+
+LOSSES = ("simpo", "dpo", "orpo", "cpo", "arpo")
+SCORER = "qsimpo.pairs.examples:concise_complete"
+EVAL_TOGETHER = False  # True once `qsimpo eval A B C` takes several adapters in one call (one base, SFT scored once)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--work", type=Path, default=ROOT / "adapters" / "bench-family", help="work folder (emptied first)")
+    p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated loss.type values, trained in this order")
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps per loss (the quickstart's 24)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer in eval")
+    p.add_argument("--jobs", type=int, default=1, help="commands run at once (trainings, then evals): for spare cores")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep --work: a loss whose adapter finished --steps, and an eval that wrote eval.json, are not run again")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results_family.jsonl"),
+                   help="JSONL file the run's row is appended to ('' for none)")
+    args = p.parse_args(argv)
+    unknown = [x for x in args.losses.split(",") if x not in LOSSES]
+    if unknown:
+        p.error(f"--losses: {', '.join(unknown)} is not one of {', '.join(LOSSES)}")
+    return args
+
+
+def write_data(work: Path) -> tuple[int, int]:
+    from qsimpo.quickstart.real import PAIRS, split_pairs
+
+    rows = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
+    train, held = split_pairs(rows)
+    for name, part in (("train.jsonl", train), ("heldout.jsonl", held)):
+        (work / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    return len(train), len(held)
+
+
+def write_configs(work: Path) -> dict[str, Path]:
+    """The quickstart's config as is (SimPO), and without its simpo: section (every other loss)."""
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    other = {k: v for k, v in cfg.items() if k != "simpo"}
+    (work / "simpo.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (work / "other.yaml").write_text(yaml.safe_dump(other, sort_keys=False))
+    return {"simpo": work / "simpo.yaml", "other": work / "other.yaml"}
+
+
+def train_command(loss: str, base: str, configs: dict, steps: int) -> list[str]:
+    return ["qsimpo", "train", str(configs["simpo" if loss == "simpo" else "other"]), "--loss.type", loss,
+            "--model.name_or_path", base, "--data.path", "train.jsonl", "--train.output_dir", f"{loss}/adapter",
+            "--train.max_steps", str(steps), "--train.logging_steps", "1", "--train.progress", "false"]
+
+
+def eval_commands(losses: list[str], max_new_tokens: int) -> list[list[str]]:
+    common = ["--data", "heldout.jsonl", "--scorer", SCORER, "--max-new-tokens", str(max_new_tokens)]
+    if EVAL_TOGETHER:
+        return [["qsimpo", "eval", *[f"{x}/adapter" for x in losses], *common, "--out", "eval"]]
+    return [["qsimpo", "eval", f"{x}/adapter", *common, "--out", f"{x}/eval"] for x in losses]
+
+
+def read_evals(work: Path, losses: list[str]) -> dict[str, dict]:
+    """Each adapter's eval.json (one per adapter while evals run one adapter at a time)."""
+    return {x: json.loads((work / x / "eval" / "eval.json").read_text()) for x in losses}
+
+
+def run_all(cmds: list[tuple[str, list[str]]], work: Path, jobs: int) -> dict[str, float]:
+    """Run (name, qsimpo command) pairs in ``work``, ``jobs`` at a time, each one's output in ``name``.log; stop if one
+    fails. Returns each one's wall seconds (from its own start: with jobs > 1 they share the cores)."""
+    import subprocess
+
+    seconds, queue, running = {}, list(cmds), {}
+    while queue or running:
+        while queue and len(running) < jobs:
+            name, cmd = queue.pop(0)
+            print("$ " + shlex.join(cmd), flush=True)
+            log = open(work / f"{name}.log", "w")  # noqa: SIM115 (closed when the process ends)
+            proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=work, stdout=log, stderr=subprocess.STDOUT)
+            running[name] = (proc, log, time.perf_counter())
+        time.sleep(2)
+        for name, (proc, log, t0) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[name]
+                if proc.returncode:
+                    sys.exit(f"`{shlex.join(dict(cmds)[name][:2])}` for {name} failed with exit code {proc.returncode} "
+                             f"(its output: {work / name}.log)")
+                seconds[name] = round(time.perf_counter() - t0, 1)
+                print(f"{name}: {seconds[name]:.0f} s", flush=True)
+    return seconds
+
+
+def boot(values, seed: int = 0) -> dict:
+    """Mean with eval's 95% percentile bootstrap interval (over pairs or prompts)."""
+    from qsimpo.eval.metrics import percentile_interval, resample_indices
+
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "ci": percentile_interval(v[resample_indices(v.size, seed=seed)].mean(-1))}
+
+
+def summarize(ev: dict) -> dict:
+    """One adapter's numbers from its eval.json: per-pair log-probs (average per token) and the judged answers."""
+    pp = ev["per_pair"]
+    a_c, a_r = np.array(pp["aligned_logp_chosen"]), np.array(pp["aligned_logp_rejected"])
+    s_c, s_r = np.array(pp["sft_logp_chosen"]), np.array(pp["sft_logp_rejected"])
+    n_c = np.array(pp["chosen_len"], dtype=float)
+    sc = ev["scorer"]
+    return {
+        "pairs": len(a_c),
+        "accuracy": boot(a_c > a_r), "sft_accuracy": boot(s_c > s_r),
+        "margin": boot(a_c - a_r), "sft_margin": boot(s_c - s_r),
+        "chosen_change_avg": boot(a_c - s_c), "chosen_change_sum": boot((a_c - s_c) * n_c),
+        "rejected_change_avg": boot(a_r - s_r),
+        "prompts": sc["n"], "tokens": sc["mean_length_tokens"], "mean_score": sc["mean_score"],
+        "mean_score_ci": sc["mean_score_ci"], "win_rate": sc["win_rate"], "win_rate_ci": sc["win_rate_ci"],
+        "lc_win_rate": sc["lc_win_rate"], "lc_win_rate_ci": sc["lc_win_rate_ci"],
+        "wins": [sc["wins"], sc["losses"], sc["ties"]],
+    }
+
+
+def head_to_head(evals: dict[str, dict]) -> dict:
+    """Every adapter's greedy answers against every other's, on the same prompts: eval's own statistics."""
+    from qsimpo.eval.metrics import scored_answers
+
+    out, names = {}, list(evals)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            sa, sb = evals[a]["generation"]["samples"], evals[b]["generation"]["samples"]
+            if [s["prompt"] for s in sa] != [s["prompt"] for s in sb]:
+                raise SystemExit(f"the evals of {a} and {b} answered different prompts; cannot compare them")
+            st = scored_answers([s["aligned_score"] for s in sa], [s["aligned_score"] for s in sb],
+                                [s["aligned_tokens"] for s in sa], [s["aligned_tokens"] for s in sb])
+            out[f"{b} vs {a}"] = {"win_rate": st["win_rate"], "win_rate_ci": st["win_rate_ci"],
+                                  "wins": [st["wins"], st["losses"], st["ties"]]}
+    return out
+
+
+def training(work: Path, loss: str) -> dict:
+    meta = json.loads((work / loss / "adapter" / "qsimpo.json").read_text())
+    final = next((r for r in reversed(read_jsonl(work / loss / "adapter" / "metrics.jsonl")) if "train_runtime" in r), {})
+    return {"steps": meta["global_step"], "loss": meta["loss"], "train_runtime_s": final.get("train_runtime"),
+            "train_loss": final.get("train_loss"), "reference": meta.get("reference")}
+
+
+def show(r: dict) -> str:
+    return f"{r['mean']:+.3f} {ci(r['ci'])}"
+
+
+def print_tables(res: dict) -> None:
+    print("\n| loss | held-out reward accuracy | margin (avg log-prob) | chosen log-prob change vs SFT, avg / summed "
+          "| rejected change (avg) | answer tokens (SFT) | win rate vs SFT | LC win rate | training loop s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for loss, s in res["losses"].items():
+        t = res["training"][loss]
+        ref = t["reference"]["train"]["seconds"] if t.get("reference") else None
+        print(f"| {loss} | {s['accuracy']['mean']:.3f} {ci(s['accuracy']['ci'])} | {show(s['margin'])} | "
+              f"{show(s['chosen_change_avg'])} / {show(s['chosen_change_sum'])} | {show(s['rejected_change_avg'])} | "
+              f"{s['tokens']['aligned']:.1f} ({s['tokens']['sft']:.1f}) | {s['win_rate']:.3f} {ci(s['win_rate_ci'])} | "
+              f"{s['lc_win_rate']:.3f} {ci(s['lc_win_rate_ci'])} | {res['training'][loss]['train_runtime_s'] or 0:.0f}"
+              + (f" (+ reference {ref:.0f})" if ref else "") + " |")
+    first = next(iter(res["losses"].values()))
+    print(f"\nSFT (adapter off): reward accuracy {first['sft_accuracy']['mean']:.3f} {ci(first['sft_accuracy']['ci'])}, "
+          f"margin {show(first['sft_margin'])}, {first['pairs']} held-out pairs, {first['prompts']} prompts answered")
+    print("\n| head to head (greedy answers, same prompts) | win rate | W / L / T |\n|---|---|---|")
+    for k, v in res["head_to_head"].items():
+        print(f"| {k} | {v['win_rate']:.3f} {ci(v['win_rate_ci'])} | {'/'.join(map(str, v['wins']))} |")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from qsimpo.realmodel import smollm2_path
+
+    work = args.work.resolve()
+    if work.exists() and not args.reuse:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    n_train, n_held = write_data(work)
+    configs = write_configs(work)
+    base, losses = str(smollm2_path()), args.losses.split(",")
+    print(f"{n_train} training pairs, {n_held} held-out pairs; losses {', '.join(losses)}; {args.steps} steps each")
+
+    def done(loss: str) -> bool:
+        meta = work / loss / "adapter" / "qsimpo.json"
+        return meta.exists() and json.loads(meta.read_text())["global_step"] == args.steps
+
+    trains = [(f"{x}/train", train_command(x, base, configs, args.steps)) for x in losses if not done(x)]
+    for x in losses:
+        (work / x).mkdir(exist_ok=True)
+    seconds = {x: {} for x in losses}
+    for name, wall in run_all(trains, work, args.jobs).items():
+        seconds[name.split("/")[0]]["train"] = wall
+    evals = [(f"eval-{i}", cmd) for i, cmd in enumerate(eval_commands(losses, args.max_new_tokens))
+             if not (args.reuse and all((work / x / "eval" / "eval.json").exists() for x in losses if f"{x}/adapter" in cmd))]
+    for name, wall in run_all(evals, work, args.jobs).items():
+        cmd = dict(evals)[name]
+        for loss in losses:
+            if f"{loss}/adapter" in cmd:
+                seconds[loss]["eval"] = wall
+    commands = [shlex.join(c) for _, c in trains + evals]
+    evals = read_evals(work, losses)
+    res = {"losses": {x: summarize(evals[x]) for x in losses}, "training": {x: training(work, x) for x in losses},
+           "head_to_head": head_to_head(evals), "seconds": seconds}
+    print_tables(res)
+    total = time.perf_counter() - t0
+    print(f"\ntotal {total:.0f} s; load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.results:
+        row = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+               "niceness": os.nice(0), "load_average_end": os.getloadavg(), "versions": versions(),
+               "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
+               "settings": {k: str(v) for k, v in vars(args).items() if k not in ("work", "results")},
+               "pairs": {"train": n_train, "heldout": n_held}, "scorer": SCORER,
+               "commands": [c.replace(base, "BASE") for c in commands], "total_s": round(total, 1), **res}
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"appended to {args.results}")
+
+
+if __name__ == "__main__":
+    main()
