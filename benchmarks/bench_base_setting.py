@@ -98,7 +98,7 @@ def qsimpo(work: Path, *args: str) -> dict:
     done = subprocess.run([sys.executable, "-m", "qsimpo", *args], cwd=work, capture_output=True, text=True,
                           stdin=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
-    tail = (done.stdout + done.stderr).strip().splitlines()
+    tail = [t for t in (done.stdout + done.stderr).strip().splitlines() if "it/s]" not in t]  # not progress bars
     (work / f"log-{args[0]}.txt").write_text(done.stdout + "\n--- stderr ---\n" + done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"qsimpo {' '.join(args)}: exit {done.returncode}\n" + "\n".join(tail[-30:]))
@@ -111,7 +111,7 @@ def wilson(k: int, n: int) -> list[float]:
     from scipy.stats import binomtest
 
     ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
-    return [round(ci.low, 3), round(ci.high, 3)]
+    return [round(float(ci.low), 3), round(float(ci.high), 3)]
 
 
 def before_after(work: Path, prompts: list[str], max_new: int) -> dict:
