@@ -56,7 +56,7 @@ class ModelConfig:
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f("auto", "Compute dtype: auto (bf16 where supported, else fp32 on CPU / fp16 on GPU), bfloat16, float16, float32.")
     attn_implementation: Text = _f("sdpa", "Attention kernel passed to from_pretrained: sdpa, eager, flex_attention (CUDA training: block-sparse mask, pairs packed with no padding), flash_attention_2 (needs train.packing none).")
     trust_remote_code: Bool = _f(False, "Run custom modelling code shipped with the model (off: only trusted code).")
-    chat_template: Text | None = _f(None, "Chat template for a base model that has none (or to replace its own): a shipped name (chatml, zephyr, llama3), a .jinja file, or the Jinja text; kept in the adapter for every later command (None: the tokenizer's own, or the SFT adapter's).")
+    chat_template: Text | None = _f(None, "Chat template for a base model that has none (or to replace its own): a shipped name (chatml, gemma, llama3, zephyr), a .jinja file, or the Jinja text; kept in the adapter for every later command (None: the tokenizer's own, or the SFT adapter's).")
     sft_adapter: Text | None = _f(None, "`qsimpo train` only: the adapter folder of a `qsimpo sft` run to start from; SimPO trains a new adapter on top of it, frozen, and the SFT model everywhere is the base plus this adapter.")
 
 

