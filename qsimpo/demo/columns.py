@@ -69,9 +69,15 @@ def base_label(base: str, meta: dict) -> str:
 
 
 def check_one_base(adapters: list[str], metas: list[dict], base: str | None) -> None:
-    """Every adapter records the same base (by the name users know it by); with --base given, that one serves all."""
+    """Every adapter records the same base (by the name users know it by) and quantization; with --base given, that
+    base serves all."""
     from qsimpo.load import hub_name
 
+    quantized = {m.get("quantization", "nf4") for m in metas}
+    if len(quantized) > 1:  # one base in memory is quantized one way
+        listed = "; ".join(f"{a}: {m.get('quantization', 'nf4')}" for a, m in zip(adapters, metas))
+        raise UsageError(f"the adapters were trained on bases quantized differently ({listed}), and the demo holds one "
+                         "base: serve adapters trained with the same model.quantization together")
     if base:
         return
     recorded = [hub_name(str(m["base_model"])) if m.get("base_model") else None for m in metas]

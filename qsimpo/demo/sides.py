@@ -132,11 +132,13 @@ class SideBySide:
             if compare_adapter:
                 from qsimpo.load import hub_name
 
-                other = read_meta(record_dir(compare_adapter)).get("base_model")
+                compared = read_meta(record_dir(compare_adapter))
+                other = compared.get("base_model")
                 if other and hub_name(other) != hub_name(base_name):
                     print(f"warning: {compare_adapter} records base {other}, not the base loaded here; its column may be noise")
                 _load_more(model, compare_adapter, "compare", "--compare-adapter")
-                left = Side("compare", f"compare: {compare_adapter}", "compare")
+                left = Side("compare", f"compare: {compare_adapter}", "compare",
+                            columns.loss_text(columns.recorded(compare_adapter, compared)))
             elif SFT in model.peft_config:  # SimPO on top of `qsimpo sft` (qsimpo.train.stack): the SFT model is its adapter
                 left = Side("SFT", "SFT (base + SFT adapter)", SFT)
             else:

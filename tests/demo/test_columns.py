@@ -67,6 +67,9 @@ def test_bases_and_sft_models_must_agree(runs, tiny_adapters, tmp_path):
     elsewhere = _copy(runs[1], tmp_path / "elsewhere", base_model="org/another-base")
     with pytest.raises(UsageError, match="trained on different bases .* pass --base MODEL"):
         SideBySide.load([str(runs[0]), str(elsewhere)], device="cpu")
+    int8 = _copy(runs[1], tmp_path / "int8", quantization="int8")
+    with pytest.raises(UsageError, match="quantized differently .*int8: int8"):
+        SideBySide.load([str(runs[0]), str(int8)], device="cpu")
     with pytest.raises(UsageError, match="--compare-adapter goes with one --adapter"):
         SideBySide.load([str(runs[0]), str(runs[1])], compare_adapter=str(runs[1]), device="cpu")
 
@@ -182,3 +185,42 @@ def test_old_vote_rows_still_train_beside_new_ones(tiny_base, tmp_path):
     cfg = make_config(tiny_base, log.path, tmp_path / "run")
     pairs, summary = build_dataset(cfg.data, load_tokenizer(cfg.model))
     assert summary.kept == 2 and [p["text"]["chosen"] for p in pairs] == ["Owls hoot.", "Bees buzz."]
+
+
+# -------------------------------------------------------------------------------------------------- the app
+def test_app_serves_every_column_and_votes_name_the_compared_pair(multi, tmp_path):
+    from gradio_client import Client
+
+    from conftest import free_port, message_text
+    from qsimpo.demo import app
+
+    demo = app.build_app(multi, tmp_path / "votes.jsonl")
+    _, url, _ = demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                     quiet=True, theme=app.THEME, css=app.CSS, ssr_mode=False)
+    try:
+        client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+        _, *shown, status = client.predict("Tell me about owls.", "", 0.0, 0.95, 10, 0, api_name="/send")
+        bots, stats = shown[:3], shown[3:]
+        answers = {c: message_text(bot[-1]) for c, bot in zip(multi.columns, bots)}
+        assert answers == {c: alone(multi, c, USER, 10) for c in multi.columns}
+        assert all("under SFT" in s and "under dpo-run" in s for s in stats)
+        assert "Pick two different" in client.predict("a1", "a1", api_name="/vote_left")
+        assert "(SFT vs dpo-run)" in client.predict("sft", "a2", api_name="/vote_right")
+    finally:
+        demo.close()
+    row = json.loads((tmp_path / "votes.jsonl").read_text())
+    assert row["vote"] == "right" and row["chosen"][0]["content"] == answers["a2"]
+    assert (row["left"]["column"], row["left"]["name"]) == ("sft", "SFT")
+    assert (row["right"]["column"], row["right"]["name"], row["right"]["loss"]) == ("a2", "dpo-run", "dpo β 0.1")
+    assert set(row["right"]["avg_logprob"]) == {"sft", "a1", "a2"}
+
+
+def test_cli_says_what_to_fix_for_adapters_that_do_not_go_together(runs, tmp_path, capsys):
+    from qsimpo.cli import main
+
+    elsewhere = _copy(runs[1], tmp_path / "elsewhere", base_model="org/another-base")
+    assert main(["demo", "--adapter", str(runs[0]), "--adapter", str(elsewhere)]) == 2
+    err = capsys.readouterr().err
+    assert "trained on different bases" in err and "org/another-base" in err and "Traceback" not in err
+    assert main(["demo", "--adapter", str(runs[0]), "--adapter", str(runs[1]), "--compare-adapter", str(runs[1])]) == 2
+    assert "--compare-adapter goes with one --adapter" in capsys.readouterr().err
