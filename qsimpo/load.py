@@ -265,24 +265,13 @@ def base_model(adapter: str, base: str | None, meta: dict) -> str:
 
 
 def hub_name(name: str) -> str:
-    """The name users know a base by: the Hub id a held copy stands for; for another folder of qsimpo's GGUF cache
-    (named by a hash), the GGUF file it was converted from; else ``name`` itself."""
-    import json
-
+    """The name users know a base by: the Hub id a held copy stands for, else ``name`` itself."""
     from qsimpo import realmodel
-    from qsimpo.gguf_in import SOURCE_RECORD
 
-    if not is_local(name):
-        return name
-    path = Path(name).expanduser()
     held = realmodel.held_pypi_copy()
-    if held is not None and path.resolve() == held.resolve():
+    if held is not None and is_local(name) and Path(name).expanduser().resolve() == held.resolve():
         return realmodel.HUB_ID
-    try:
-        record = json.loads((path / SOURCE_RECORD).read_text())
-    except (OSError, ValueError):  # not a conversion (no record): a model folder of the user's own
-        return name
-    return f"{record.get('gguf_file') or name} (converted by qsimpo)"
+    return name
 
 
 def load_adapter(adapter: str, base: str | None = None, quantization: str | None = None, device: str | None = None,

@@ -59,11 +59,21 @@ def short_names(adapters: list[str]) -> list[str]:
 
 
 def base_label(base: str, meta: dict) -> str:
-    """The base as users know it: its Hub id (not qsimpo's copy or GGUF conversion folder), with the GGUF file it
-    was read from, when the adapter records one."""
-    from qsimpo.load import hub_name
+    """The base as users know it: its Hub id (not qsimpo's copy of it), with the GGUF file it was read from when the
+    adapter records one; a folder of qsimpo's GGUF cache (named by a hash) by the GGUF file it was converted from.
+    For showing only: `qsimpo push` needs a Hub id and refuses a local base (qsimpo.export.hub)."""
+    import json
+
+    from qsimpo.gguf_in import SOURCE_RECORD
+    from qsimpo.load import hub_name, is_local
 
     name = hub_name(base)
+    if name == base and is_local(base):
+        try:
+            record = json.loads((Path(base).expanduser() / SOURCE_RECORD).read_text())
+            name = f"{record.get('gguf_file') or base} (converted by qsimpo)"
+        except (OSError, ValueError):  # no record: a model folder of the user's own, named by its path
+            pass
     gguf = meta.get("base_model_gguf_file") if base == meta.get("base_model") else None
     return f"{name} ({gguf})" if gguf else name
 

@@ -91,14 +91,16 @@ def test_bases_and_sft_models_must_agree(runs, tiny_adapters, tmp_path):
 
 def test_the_base_is_named_as_users_know_it(tiny_adapters, tiny_base, tmp_path, monkeypatch):
     """A base read from qsimpo's GGUF cache is named by the GGUF file it was converted from, not the hashed folder."""
-    from qsimpo.load import hub_name
+    from qsimpo.demo.columns import base_label
 
     monkeypatch.setenv("QSIMPO_CACHE", str(tmp_path / "cache"))
     converted = tmp_path / "cache" / "gguf" / "0123456789abcdef"
     shutil.copytree(tiny_base, converted)
     (converted / "gguf_source.json").write_text(json.dumps({"gguf_file": "tiny-Q4_1.gguf", "sha256": "0123"}))
-    assert hub_name(str(converted)) == "tiny-Q4_1.gguf (converted by qsimpo)"
-    assert hub_name(str(tiny_base)) == str(tiny_base) and hub_name("org/model") == "org/model"
+    assert base_label(str(converted), {}) == "tiny-Q4_1.gguf (converted by qsimpo)"
+    assert base_label(str(tiny_base), {}) == str(tiny_base) and base_label("org/model", {}) == "org/model"
+    assert base_label("org/gguf-repo", {"base_model": "org/gguf-repo", "base_model_gguf_file": "m.Q8_0.gguf"}) == \
+        "org/gguf-repo (m.Q8_0.gguf)"
     run = _copy(tiny_adapters[0], tmp_path / "run", base_model=str(converted))
     chat = SideBySide.load(str(run), device="cpu")
     assert "base tiny-Q4_1.gguf (converted by qsimpo) (nf4)" in chat.description and "0123456789abcdef" not in chat.description
