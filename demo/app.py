@@ -1,10 +1,12 @@
-"""qsimpo's side-by-side demo as a Hugging Face Space: the SFT model and the aligned model, one base in memory.
+"""qsimpo's side-by-side demo as a Hugging Face Space: the SFT model and the aligned model(s), one base in memory.
 
-    qsimpo push ADAPTER --space OWNER/NAME [--dry-run]   # uploads this folder, configured for ADAPTER
+    qsimpo push ADAPTER --space OWNER/NAME [--adapter OTHER ...] [--votes-repo OWNER/VOTES] [--dry-run]
     python app.py                                         # the same app on this machine
 
-space.json (written by push) names the adapter to serve; the Space variables QSIMPO_ADAPTER and
-QSIMPO_BASE override it. The Space carries qsimpo as a wheel beside this file and installs it on
+space.json (written by push) names the adapter(s) to serve, the base and the dataset repo votes are
+committed to; the Space variables QSIMPO_ADAPTER (several: separated by commas), QSIMPO_BASE and
+QSIMPO_VOTES_REPO override them. With a votes repo (and a write token in the Space secret HF_TOKEN)
+the votes outlive a restart: huggingface_hub's CommitScheduler commits them every few minutes. The Space carries qsimpo as a wheel beside this file and installs it on
 start, so no package index needs to know qsimpo; requirements.txt holds qsimpo's dependencies. On
 ZeroGPU hardware the generation runs under @spaces.GPU; elsewhere on the CPU.
 """
@@ -40,9 +42,11 @@ def ensure_qsimpo() -> None:
 def settings() -> dict:
     path = HERE / "space.json"
     found = json.loads(path.read_text()) if path.is_file() else {}
-    found["adapter"] = os.environ.get("QSIMPO_ADAPTER") or found.get("adapter")
+    given = [a.strip() for a in os.environ.get("QSIMPO_ADAPTER", "").split(",") if a.strip()]
+    found["adapters"] = given or found.get("adapters") or ([found["adapter"]] if found.get("adapter") else [])
     found["base"] = os.environ.get("QSIMPO_BASE") or found.get("base")
-    if not found["adapter"]:
+    found["votes_repo"] = os.environ.get("QSIMPO_VOTES_REPO") or found.get("votes_repo")
+    if not found["adapters"]:
         raise SystemExit("no adapter to serve: set QSIMPO_ADAPTER, or publish with `qsimpo push ADAPTER --space OWNER/NAME`")
     return found
 
@@ -51,6 +55,7 @@ def main() -> None:
     ensure_qsimpo()
     from qsimpo.demo.app import CSS, THEME, build_app
     from qsimpo.demo.sides import SideBySide
+    from qsimpo.demo.votes import hub_votes
 
     try:
         import spaces  # on Hugging Face Spaces; present on ZeroGPU hardware
@@ -58,11 +63,12 @@ def main() -> None:
         spaces = None
     zero_gpu = spaces is not None and os.environ.get("SPACES_ZERO_GPU", "") not in ("", "0", "false")
     found = settings()
-    chat = SideBySide.load(found["adapter"], found.get("base"), device="cuda" if zero_gpu else None)
+    chat = SideBySide.load(found["adapters"], found.get("base"), device="cuda" if zero_gpu else None)
     if zero_gpu:  # ZeroGPU attaches a GPU only inside @spaces.GPU calls: generation, and scoring for the stats
         chat.stream = spaces.GPU(duration=120)(chat.stream)
         chat.score = spaces.GPU(duration=60)(chat.score)
-    demo = build_app(chat, Path(os.environ.get("QSIMPO_VOTES", "votes.jsonl")))
+    votes = Path(os.environ.get("QSIMPO_VOTES", "votes.jsonl"))
+    demo = build_app(chat, hub_votes(found["votes_repo"], votes.parent) if found["votes_repo"] else votes)
     demo.queue().launch(theme=THEME, css=CSS, ssr_mode=False, show_error=True)  # host/port: GRADIO_SERVER_NAME/PORT
 
 

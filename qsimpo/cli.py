@@ -178,14 +178,17 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                                 "as qsimpo pairs: pass --scorer {value}"}),
     Command("demo", "chat with the SFT and aligned models side by side; votes become training data",
             "Chat with the SFT model (adapter off) and the aligned model (adapter on) side by side, one base in "
-            "memory; votes are saved as training pairs.",
+            "memory; votes are saved as training pairs. Several --adapter: the SFT model and one column per adapter, "
+            "labelled by its name and loss, all answered in one batched generation.",
             ("qsimpo.demo.app:launch_demo",),
-            [Opt("adapter", "adapter folder or Hub id (default: the quickstart's adapters/quickstart/adapter)",
-                 check=check_adapter_arg),
+            [Opt("adapter", "adapter folder or Hub id (default: the quickstart's adapters/quickstart/adapter); "
+                 "repeatable: one column each, all on one base", check=check_adapter_arg, metavar="DIR_OR_HUB_ID"),
              Opt("base", BASE_HELP, check=check_model_arg, metavar="MODEL"),
              Opt("compare_adapter", "a second adapter (folder or Hub id) for the left column instead of the SFT model",
                  check=check_adapter_arg),
              Opt("votes", "JSONL file votes are appended to (default: votes.jsonl beside a local adapter folder)"),
+             Opt("votes_repo", "also commit the votes to this Hub dataset repo every few minutes (a Space's votes "
+                 "outlive a restart; needs a write token)", metavar="OWNER/NAME"),
              Opt("host", "address to bind (0.0.0.0 exposes the demo to your network)"),
              Opt("port", "port (default: the first free one from 7860)"),
              Opt("share", "also open a public gradio.live link (off by default)"),
@@ -238,7 +241,11 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                  metavar="HUB_ID"),
              Opt("include", "--repo: also upload files matching this pattern (repeatable)", metavar="PATTERN"),
              Opt("hardware", "--space: the README header's suggested_hardware (zero-a10g: ZeroGPU)",
-                 choices=constant("qsimpo.export.space:HARDWARE"))],
+                 choices=constant("qsimpo.export.space:HARDWARE")),
+             Opt("more_adapters", "--space: one more adapter's Hub id, served as a column of its own beside the first "
+                 "(repeatable; all on one base)", flag="--adapter", metavar="HUB_ID"),
+             Opt("votes_repo", "--space: the Hub dataset repo the Space commits its votes to (its QSIMPO_VOTES_REPO)",
+                 metavar="OWNER/NAME")],
             check=_push_check, choose=lambda s: 1 if s.get("space_id") else 0),
     Command("pairs", "on-policy pairs: sample, score, best vs worst",
             "On-policy preference pairs (the SimPO paper's recipe): sample --num-samples answers per prompt from the SFT "

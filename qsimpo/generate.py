@@ -189,10 +189,13 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens, tempera
 
     ``max_new_tokens``, ``temperature`` and ``top_p`` are one value or one per row; temperature 0 is greedy,
     else row i is sampled from its own generator seeded by ``seeds[i]`` (default: i). ``stops``: the
-    model's ``model_stop_ids`` by default. ``adapter_names``: peft's per-row adapters. ``on_step`` streams
+    model's ``model_stop_ids`` by default. ``adapter_names``: peft's per-row adapters (mixed-adapter batches: "__base__"
+    runs a row with no adapter; the demo answers all its columns so, on bitsandbytes' 4-bit layers too). ``on_step`` streams
     every row's text as it grows; a set ``cancel[i]`` event stops row i at the next step.
     """
     n = len(prompts)
+    if adapter_names is not None and len(adapter_names) != n:  # peft would apply the names to the wrong rows
+        raise ValueError(f"adapter_names has {len(adapter_names)} names for {n} prompts: give one per prompt")
     limits, temperatures, top_ps = _per_row(max_new_tokens, n), _per_row(temperature, n), _per_row(top_p, n)
     stops = list(stops) if stops is not None else model_stop_ids(model, tokenizer)
     device = next(model.parameters()).device

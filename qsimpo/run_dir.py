@@ -74,6 +74,21 @@ def read_config_yaml(run: str | Path) -> dict:
     return (yaml.safe_load(path.read_text()) or {}) if path else {}
 
 
+def recorded_loss(run: str | Path, meta: dict | None = None) -> dict | None:
+    """The loss a run trained with and its parameters, {"type": ..., parameter: value}: qsimpo.json's "loss", else
+    its config.yaml's loss section (a config from before the losses: SimPO, under "simpo"); None when neither says."""
+    meta = read_meta(run) if meta is None else meta
+    if meta.get("loss"):
+        return dict(meta["loss"])
+    if meta.get("simpo"):  # a run from before qsimpo recorded "loss": SimPO was the only loss
+        return {"type": "simpo", **meta["simpo"]}
+    config = read_config_yaml(run)
+    if not config:
+        return None
+    kind = (config.get("loss") or {}).get("type", "simpo")
+    return {"type": kind, **(config.get(kind) or {})}
+
+
 def write_config(folder: str | Path, cfg) -> None:
     """Write the resolved Config ``cfg`` as ``folder``'s config.yaml."""
     from .config import dump_yaml

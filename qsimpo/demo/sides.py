@@ -1,10 +1,12 @@
-"""Two chat models on one base in memory: the model side of `qsimpo demo` (the UI is app.py beside it).
+"""Chat models on one base in memory: the model side of `qsimpo demo` (the UI is app.py beside it).
 
-One PeftModel holds the 4-bit base and the trained adapter. The *left* side is the SFT model
-(the base with no adapter: peft's "__base__") or, with ``--compare-adapter``, a second adapter
-loaded next to the first; the *right* side is the aligned model (the trained adapter). peft's
+One PeftModel holds the 4-bit base and the trained adapter(s). With one adapter there are two
+columns: *left*, the SFT model (the base with no adapter: peft's "__base__") or, with
+``--compare-adapter``, a second adapter loaded next to the first; *right*, the aligned model (the
+trained adapter). With several adapters (``--adapter A --adapter B ...``) the columns are "sft"
+and one per adapter, "a1", "a2", ..., each labelled by its name and loss (columns.py). peft's
 LoRA layers, bitsandbytes' Linear4bit included, take the adapter per batch row
-(``adapter_names``), so one batched ``generate`` answers for both columns at once, and nothing
+(``adapter_names``), so one batched ``generate`` answers for every column at once, and nothing
 is ever switched on the shared model. Requests from several users are batched too (batcher.py).
 
     chat = SideBySide.load("adapters/quickstart/adapter")
@@ -25,13 +27,14 @@ from typing import Iterator
 
 import torch
 
-from qsimpo.errors import InputNotFound
+from qsimpo.errors import InputNotFound, UsageError
 from qsimpo.quickstart import DEFAULT_OUT
 from qsimpo import generate as G
+from qsimpo.demo import columns
 from qsimpo.demo.batcher import Batcher, Request
+from qsimpo.demo.columns import BASE, Side
 
-SIDES = ("left", "right")
-BASE = "__base__"  # peft's adapter name, in adapter_names, for "no adapter": the SFT model
+SIDES = ("left", "right")  # the two columns of a demo of one adapter, and the two sides every vote compares
 
 
 @dataclass
@@ -58,13 +61,6 @@ class Settings:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Side:
-    name: str  # short name: "SFT", "compare", "aligned"
-    label: str  # what the column is called in the UI and in vote rows
-    adapter: str  # the peft adapter this side runs under; BASE: none (the SFT model)
-
-
 def template_takes_system(tokenizer) -> bool:
     """Whether the chat template renders a system message (many do; Gemma's rejects it)."""
     if not tokenizer.chat_template:
@@ -79,11 +75,13 @@ def template_takes_system(tokenizer) -> bool:
 
 
 class SideBySide:
-    """The one model + tokenizer, the two sides, and the batcher every generation goes through."""
+    """The one model + tokenizer, the columns (``sides``: key -> Side, in order), and the batcher every generation
+    goes through."""
 
     def __init__(self, model, tokenizer, sides: dict[str, Side], beta: float | None = None, description: str = "",
                  max_batch_rows: int = 8, system_prompt: str | None = None):
         self.model, self.tokenizer, self.sides = model, tokenizer, sides
+        self.columns = tuple(sides)  # ("left", "right") for one adapter; ("sft", "a1", "a2", ...) for several
         self.beta, self.description = beta, description
         self.system_prompt = system_prompt  # the adapter's data.system_prompt: the UI's default, as it was trained
         # One call on the model at a time: peft hands adapter_names to the layers through forward hooks
@@ -95,42 +93,74 @@ class SideBySide:
         self.max_context = getattr(config, "max_position_embeddings", None) or 4096
 
     @classmethod
-    def load(cls, adapter: str, base: str | None = None, compare_adapter: str | None = None,
+    def load(cls, adapter: str | list[str], base: str | None = None, compare_adapter: str | None = None,
              trust_remote_code: bool = False, device: str | None = None) -> "SideBySide":
-        """Load the base once (4-bit as the adapter was trained, where bitsandbytes is installed) and the adapter(s)."""
-        from qsimpo.load import check_adapter, hub_name, load_adapter
+        """Load the base once (4-bit as the adapter was trained, where bitsandbytes is installed) and the adapter(s):
+        one (a str, or a list of one) gives the two columns SFT | aligned; several give SFT | one column each."""
+        from qsimpo.load import check_adapter, load_adapter
         from qsimpo.run_dir import read_meta, record_dir
         from qsimpo.train.stack import SFT
 
-        check_adapter(adapter, "--adapter")
+        adapters = [adapter] if isinstance(adapter, str) else list(adapter)
+        if len(adapters) > 1 and compare_adapter:
+            raise UsageError("--compare-adapter goes with one --adapter; with several, each --adapter is a column of its "
+                             "own: pass the compared adapter as one more --adapter")
+        for a in adapters:
+            check_adapter(a, "--adapter")
         if compare_adapter:
             check_adapter(compare_adapter, "--compare-adapter")
-        quantization = read_meta(record_dir(adapter)).get("quantization", "nf4")
+        metas = [read_meta(record_dir(a)) for a in adapters]
+        if len(adapters) > 1:  # before anything loads: one base, one SFT column
+            columns.check_one_base(adapters, metas, base)
+            columns.sft_adapter_of(adapters, metas)
+        quantization = metas[0].get("quantization", "nf4")
         if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
             print(f"bitsandbytes is not installed: loading the base unquantized instead of {quantization}")
             quantization = "none"
-        model, tokenizer, meta, base_name = load_adapter(adapter, base, quantization=quantization, device=device,
+        model, tokenizer, meta, base_name = load_adapter(adapters[0], base, quantization=quantization, device=device,
                                                          trust_remote_code=trust_remote_code, flag="--adapter")
-        base_name = hub_name(base_name)  # the name users know it by, not a cache folder
-        if compare_adapter:
-            other = read_meta(record_dir(compare_adapter)).get("base_model")
-            if other and hub_name(other) != base_name:
-                print(f"warning: {compare_adapter} records base {other}, not the base loaded here; its column may be noise")
-            try:
-                model.load_adapter(compare_adapter, adapter_name="compare")
-            except (OSError, ValueError) as e:
-                raise InputNotFound(f"could not load --compare-adapter {compare_adapter}: {e}") from None
-            left = Side("compare", f"compare: {compare_adapter}", "compare")
-        elif SFT in model.peft_config:  # SimPO on top of `qsimpo sft` (qsimpo.train.stack): the SFT model is its adapter
-            left = Side("SFT", "SFT (base + SFT adapter)", SFT)
+        shown_base = columns.base_label(base_name, meta)  # the name users know it by, not a cache folder
+        names = ["default"] + [f"a{i}" for i in range(2, len(adapters) + 1)]  # peft's adapter names
+        for name, other in zip(names[1:], adapters[1:]):
+            _load_more(model, other, name, "--adapter")
+        if len(adapters) > 1:
+            sides = cls._columns(adapters, metas, names, SFT in model.peft_config)
+            losses = [columns.recorded(a, m) for a, m in zip(adapters, metas)]
+            betas = {(loss or {}).get("beta") if (loss or {}).get("type") == "simpo" else None for loss in losses}
+            beta = betas.pop() if len(betas) == 1 else None  # the SimPO reward row only where it means one thing
         else:
-            left = Side("SFT", "SFT (adapter off)", BASE)
+            if compare_adapter:
+                from qsimpo.load import hub_name
+
+                compared = read_meta(record_dir(compare_adapter))
+                other = compared.get("base_model")
+                if other and hub_name(other) != hub_name(base_name):
+                    print(f"warning: {compare_adapter} records base {other}, not the base loaded here; its column may be noise")
+                _load_more(model, compare_adapter, "compare", "--compare-adapter")
+                left = Side("compare", f"compare: {compare_adapter}", "compare",
+                            columns.loss_text(columns.recorded(compare_adapter, compared)))
+            elif SFT in model.peft_config:  # SimPO on top of `qsimpo sft` (qsimpo.train.stack): the SFT model is its adapter
+                left = Side("SFT", "SFT (base + SFT adapter)", SFT)
+            else:
+                left = Side("SFT", "SFT (adapter off)", BASE)
+            sides = {"left": left, "right": Side("aligned", f"aligned: {adapters[0]}", "default",
+                                                 columns.loss_text(columns.recorded(adapters[0], meta)))}
+            beta = (meta.get("simpo") or {}).get("beta")
         model.set_adapter("default")
         model.eval()
-        beta = (meta.get("simpo") or {}).get("beta")
-        return cls(model, tokenizer, {"left": left, "right": Side("aligned", f"aligned: {adapter}", "default")}, beta=beta,
-                   description=f"base {base_name} ({quantization}), one copy in memory",
-                   system_prompt=G.recorded_system_prompt(adapter))
+        return cls(model, tokenizer, sides, beta=beta, description=f"base {shown_base} ({quantization}), one copy in memory",
+                   system_prompt=G.recorded_system_prompt(adapters[0]))
+
+    @staticmethod
+    def _columns(adapters: list[str], metas: list[dict], names: list[str], stacked: bool) -> dict[str, Side]:
+        from qsimpo.train.stack import SFT
+
+        sft = Side("SFT", "SFT (base + SFT adapter)" if stacked else "SFT (adapter off)", SFT if stacked else BASE)
+        out = {"sft": sft}
+        for i, (short, adapter, meta, name) in enumerate(zip(columns.short_names(adapters), adapters, metas, names), 1):
+            loss = columns.loss_text(columns.recorded(adapter, meta))
+            out[f"a{i}"] = Side(short, f"{short} ({loss})", name, loss)
+        return out
 
     # ----------------------------------------------------------------------------------- generation
     def context(self, history: list[dict], settings: Settings) -> list[dict]:
@@ -215,13 +245,21 @@ class SideBySide:
     def stats(self, turns: dict[str, list[dict]], answers: dict[str, str]) -> dict[str, dict]:
         """For each side's answer: its tokens (the end of turn not counted) and its average log-prob under every side's
         model (one forward pass)."""
-        items = [(scorer, turns[side], answers[side]) for side in turns for scorer in SIDES]
+        items = [(scorer, turns[side], answers[side]) for side in turns for scorer in self.columns]
         scores = iter(self.score(items))
         out = {}
         for side in turns:
-            mine = {scorer: next(scores) for scorer in SIDES}
+            mine = {scorer: next(scores) for scorer in self.columns}
             out[side] = {"tokens": mine[side][2], "avg_logprob": {s: round(v[0], 4) for s, v in mine.items()}}
         return out
+
+
+def _load_more(model, adapter: str, name: str, flag: str) -> None:
+    """One more adapter on the loaded base, as peft adapter ``name``."""
+    try:
+        model.load_adapter(adapter, adapter_name=name)
+    except (OSError, ValueError) as e:
+        raise InputNotFound(f"could not load {flag} {adapter}: {e}") from None
 
 
 def resolve_adapter(adapter: str | None, base: str | None) -> tuple[str, str | None]:

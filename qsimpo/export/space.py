@@ -2,9 +2,11 @@
 
     qsimpo push you/llama3-8b-simpo --space you/llama3-8b-simpo-demo --dry-run   # every file and the header
     qsimpo push you/llama3-8b-simpo --space you/llama3-8b-simpo-demo --hardware zero-a10g
+    qsimpo push you/l3-simpo --space you/l3-demo --adapter you/l3-dpo --votes-repo you/l3-votes  # two columns + SFT
 
 The Space is the repository's top-level ``demo/`` folder (app.py, requirements.txt, README.md whose
-YAML header configures it), plus what push adds: ``space.json`` naming the adapter (and base), the
+YAML header configures it), plus what push adds: ``space.json`` naming the adapter(s), the base and the
+dataset repo votes are committed to (``--votes-repo``), the
 header's ``sdk_version`` set to the installed Gradio and ``suggested_hardware`` to ``--hardware``,
 and a qsimpo wheel built from this source tree, which app.py installs on start, so the Space needs
 no package index entry for qsimpo. The adapter must be one the Space can download: a Hub id (push
@@ -37,7 +39,7 @@ class SpaceError(QsimpoError, RuntimeError):
 @dataclass
 class SpacePlan:
     space_id: str
-    adapter: str
+    adapter: str  # the adapters served, joined by ", "
     files: dict[str, bytes] = field(default_factory=dict)  # path in the Space -> content
 
     def header(self) -> str:
@@ -89,26 +91,32 @@ def _header(readme: str, title: str, hardware: str) -> str:
 
 
 def plan_space(adapter: str, space_id: str, base: str | None = None, hardware: str = "cpu-basic",
-               wheel_dir: Path | None = None) -> SpacePlan:
-    """Every file the Space gets, decided locally; ``wheel_dir``: where to build the wheel (a temporary folder if None)."""
+               wheel_dir: Path | None = None, more_adapters: list[str] = (), votes_repo: str | None = None) -> SpacePlan:
+    """Every file the Space gets, decided locally; ``wheel_dir``: where to build the wheel (a temporary folder if None).
+    ``more_adapters``: served beside ``adapter``, a column each; ``votes_repo``: the dataset repo votes go to."""
     from qsimpo.data import looks_local
 
     if not _REPO_ID.match(space_id):
         raise SpaceError(f"--space {space_id!r} must be OWNER/NAME, e.g. your-name/my-model-demo")
     if hardware not in HARDWARE:
         raise SpaceError(f"--hardware {hardware!r} must be one of {', '.join(HARDWARE)}")
-    if looks_local(adapter) or Path(adapter).exists():
-        raise SpaceError(f"{adapter} is a local folder, which the Space cannot read: push it first with "
-                         f"`qsimpo push {adapter} --repo OWNER/NAME`, then pass that Hub id to --space")
+    adapters = list(dict.fromkeys([adapter, *more_adapters]))
+    for a in adapters:
+        if looks_local(a) or Path(a).exists():
+            raise SpaceError(f"{a} is a local folder, which the Space cannot read: push it first with "
+                             f"`qsimpo push {a} --repo OWNER/NAME`, then pass that Hub id to --space")
+    if votes_repo is not None and not _REPO_ID.match(votes_repo):
+        raise SpaceError(f"--votes-repo {votes_repo!r} must be a Hub dataset id, OWNER/NAME, e.g. your-name/demo-votes")
     folder = demo_folder()
     files = {name: (folder / name).read_bytes() for name in ("app.py", "requirements.txt")}
-    files["README.md"] = _header((folder / "README.md").read_text(), f"qsimpo demo: {adapter.split('/')[-1]}",
-                                 hardware).encode()
-    files["space.json"] = (json.dumps({"adapter": adapter, "base": base}, indent=2) + "\n").encode()
+    title = adapter.split("/")[-1] + (f" +{len(adapters) - 1}" if len(adapters) > 1 else "")  # the header's title is short
+    files["README.md"] = _header((folder / "README.md").read_text(), f"qsimpo demo: {title}", hardware).encode()
+    settings = {"adapter": adapter, "adapters": adapters, "base": base, "votes_repo": votes_repo}
+    files["space.json"] = (json.dumps(settings, indent=2) + "\n").encode()
     with tempfile.TemporaryDirectory(prefix="qsimpo-space-") as tmp:
         wheel = build_wheel(Path(wheel_dir or tmp))
         files[wheel.name] = wheel.read_bytes()
-    return SpacePlan(space_id, adapter, files)
+    return SpacePlan(space_id, ", ".join(adapters), files)
 
 
 def upload_space(plan: SpacePlan, token: str, private: bool = False) -> str:
@@ -129,12 +137,13 @@ def upload_space(plan: SpacePlan, token: str, private: bool = False) -> str:
 
 
 def push_space(adapter: str, space_id: str, base: str | None = None, hardware: str = "cpu-basic",
-               private: bool = False, dry_run: bool = False, log=say) -> SpacePlan:
+               private: bool = False, dry_run: bool = False, log=say, more_adapters: list[str] = (),
+               votes_repo: str | None = None) -> SpacePlan:
     from qsimpo.export.hub import find_token
 
     if not dry_run:
         token = find_token()
-    plan = plan_space(adapter, space_id, base, hardware)
+    plan = plan_space(adapter, space_id, base, hardware, more_adapters=more_adapters, votes_repo=votes_repo)
     log(plan.describe())
     if dry_run:
         log("dry run: nothing was sent")

@@ -97,3 +97,44 @@ def test_the_space_installs_and_serves_from_an_empty_folder(space_plan, tiny_ada
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_space_settings_carry_several_adapters_and_the_votes_repo(monkeypatch, tmp_path):
+    """demo/app.py reads the adapters and votes repo `qsimpo push --space` wrote, and the Space variables over them."""
+    import importlib.util
+    import json
+
+    from qsimpo.export import space
+
+    monkeypatch.setattr(space, "build_wheel", lambda dest: _fake_wheel(dest))  # the wheel itself: tests/export/test_space.py
+    plan = space.plan_space("me/simpo", "me/demo", more_adapters=["me/dpo", "me/simpo"], votes_repo="me/votes",
+                            wheel_dir=tmp_path)
+    written = json.loads(plan.files["space.json"])
+    assert written == {"adapter": "me/simpo", "adapters": ["me/simpo", "me/dpo"], "base": None, "votes_repo": "me/votes"}
+    assert "title: qsimpo demo: simpo +1" in plan.header()
+    with pytest.raises(space.SpaceError, match="local folder"):
+        space.plan_space("me/simpo", "me/demo", more_adapters=[str(tmp_path)])
+    with pytest.raises(space.SpaceError, match="--votes-repo 'votes' must be a Hub dataset id"):
+        space.plan_space("me/simpo", "me/demo", votes_repo="votes")
+
+    folder = tmp_path / "space"
+    folder.mkdir()
+    for name, data in plan.files.items():
+        (folder / name).write_bytes(data)
+    spec = importlib.util.spec_from_file_location("space_app", folder / "app.py")
+    space_app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(space_app)
+    for var in ("QSIMPO_ADAPTER", "QSIMPO_BASE", "QSIMPO_VOTES_REPO"):
+        monkeypatch.delenv(var, raising=False)
+    found = space_app.settings()
+    assert found["adapters"] == ["me/simpo", "me/dpo"] and found["votes_repo"] == "me/votes"
+    monkeypatch.setenv("QSIMPO_ADAPTER", "you/a, you/b")
+    monkeypatch.setenv("QSIMPO_VOTES_REPO", "you/votes")
+    found = space_app.settings()
+    assert found["adapters"] == ["you/a", "you/b"] and found["votes_repo"] == "you/votes"
+
+
+def _fake_wheel(dest: Path) -> Path:
+    wheel = Path(dest) / "qsimpo-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"PK")
+    return wheel
