@@ -162,3 +162,15 @@ def test_adapters_on_different_bases_or_sft_models_are_refused(tiny_adapters, pr
     assert ("aligned's is the base alone, stacked's is the base with the SFT adapter adapters/sft; the adapters of one "
             "eval must share their SFT model") in err
     assert not (tmp_path / "out").exists()
+
+
+def test_prompts_only_data_compares_the_answers(tiny_adapters, pref_rows, tmp_path, one_thread):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in pref_rows[:2]))
+    rc, printed = run([*map(str, tiny_adapters), "--data", str(prompts), "--generate", "2", "--max-new-tokens", "3",
+                       "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert rc == 0 and result["shared"] is None and result["per_pair"] is None and result["data"]["kind"] == "prompts"
+    assert result["preference_skipped"].startswith("the held-out data has prompts only")
+    assert [list(s["answers"]) for s in result["generation"]["samples"]] == [["sft", "aligned", "other"]] * 2
+    assert "preference metrics skipped" in printed
