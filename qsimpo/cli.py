@@ -69,10 +69,17 @@ def _config_opts(*extra: Opt, out: bool = False) -> list[Opt]:
 
 # ------------------------------------------------------------------------------------ output checks
 def _eval_check(s: dict, given: dict) -> None:
-    adapter = s["adapter"]
+    adapters = s["adapter"] if isinstance(s["adapter"], list) else [s["adapter"]]
+    if len(adapters) == 1:  # one adapter: the settings (and command.json) are those of one adapter, as ever
+        s["adapter"] = given["adapter"] = adapters[0]
     if s.get("out") is None:  # the default, resolved here so the folder checked is the folder written
-        local = Path(adapter)
-        s["out"] = str(local / "eval" if local.is_dir() else Path("eval") / adapter.replace("/", "--"))
+        local = Path(adapters[0])
+        if len(adapters) > 1:
+            from qsimpo.eval.compare import default_out
+
+            s["out"] = default_out(adapters)
+        else:
+            s["out"] = str(local / "eval" if local.is_dir() else Path("eval") / adapters[0].replace("/", "--"))
         given["out"] = s["out"]
     check_out_folder(s["out"], "--out", {"eval.json", "report.html", COMMAND_RECORD}, s["overwrite"], "eval.json")
 
@@ -147,10 +154,11 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("eval", "held-out reward accuracy, margins, length diagnostics, judged answers: SFT vs aligned",
             "Held-out reward accuracy, margins and length diagnostics of the SFT model (adapter off) and the aligned "
             "model (adapter on); with --scorer, both models' answers judged (win rate, length-controlled win rate). "
-            "Writes eval.json, report.html and command.json into --out.",
+            "Several adapters on one base are compared side by side with the SFT model and with each other, in one "
+            "report (docs/evaluate.md). Writes eval.json, report.html and command.json into --out.",
             ("qsimpo.eval.evaluate:evaluate",),
-            [Opt("adapter", "adapter folder (qsimpo train's output_dir) or Hub id", positional=True,
-                 check=check_adapter_arg),
+            [Opt("adapter", "adapter folder (qsimpo train's output_dir) or Hub id; several (on one base) to compare "
+                 "them", positional=True, check=check_adapter_arg),
              Opt("data", "held-out pairs: JSONL/JSON/parquet file, datasets folder or Hub dataset id (default: the "
                  "run's data.eval from the adapter's config.yaml); with --scorer or --generate, prompts alone will do "
                  "(a prompt column; the preference metrics are then skipped)", check=check_source_arg),
@@ -171,7 +179,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                  "answers per reward-model batch", check=at_least_1),
              Opt("beta", "β for rewards and loss (default: the run's simpo.beta)"),
              Opt("gamma", "γ for the loss (default: the run's resolved simpo γ)"),
-             Opt("out", "output folder (default: ADAPTER/eval for a local adapter)", metavar="DIR"),
+             Opt("out", "output folder (default: ADAPTER/eval for a local adapter; for several, eval-A-vs-B-... beside "
+                 "the first adapter's folder)", metavar="DIR"),
              Opt("trust_remote_code", "run the modelling code a --scorer reward model ships (e.g. ArmoRM)")],
             dry_run=True, overwrite=True, check=_eval_check,
             retired={"--judge": "--judge was replaced by --scorer, which takes the same reward models and Python scorers "

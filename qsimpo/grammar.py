@@ -3,11 +3,12 @@
 A command names its function as ``"module:function"`` and lists, for each parameter a user may set,
 its help text (and, where the name alone does not say it, its flag, choices or a path check). The
 rest comes from the signature: the value's type (``int``, ``float``, ``str``, ``bool`` as a switch,
-``list[str]`` as a repeatable option), its default (shown in help and docs/cli.md) and whether it is
-required. The signature is read from the module's source with ``ast``, not by importing it: the
-command modules import torch, transformers and peft (3-15 s), and a misspelled path or a wrong
-choice is reported before that, in well under a second. tests/test_cli.py checks that what is read
-equals ``inspect.signature`` of the imported function, so the two cannot drift.
+``list[str]`` as a repeatable option, or as a positional taking one value or more), its default (shown
+in help and docs/cli.md) and whether it is required. The signature is read from the module's source
+with ``ast``, not by importing it: the command modules import torch, transformers and peft (3-15 s),
+and a misspelled path or a wrong choice is reported before that, in well under a second.
+tests/test_cli.py checks that what is read equals ``inspect.signature`` of the imported function, so
+the two cannot drift.
 
 Options left out are not passed (the function's default applies); ``--dry-run`` and ``--overwrite``
 are added by the command line where the function has none. An old spelling keeps working
@@ -207,7 +208,9 @@ class Command:
             if param.kind == "bool":
                 kw["action"] = "store_false" if param.default is True else "store_true"
             else:
-                if param.kind == "list":
+                if param.kind == "list" and opt.positional:  # one or more values: `qsimpo eval A B C`
+                    kw["nargs"] = "+"
+                elif param.kind == "list":
                     kw["action"] = "append"
                 kw["type"] = opt.convert or {"int": int, "float": float}.get(param.kind, str)
                 if opt.choices:

@@ -128,3 +128,16 @@ def score_pairs(model, pairs, pad_token_id: int, batch_size: int = 8, progress: 
     finally:
         model.train(was_training)
     return PairScores(*(torch.cat(out[k]) for k in PairScores._fields))
+
+
+@torch.no_grad()
+def response_log_softmax(model, inputs) -> torch.Tensor:
+    """[T, V] float32 log-softmax of the next-token distribution at every scored response position of a collated batch.
+
+    The full distributions ``pair_logps`` reduces to the label's log-prob: what a divergence between two models (KL
+    from the SFT model in ``qsimpo eval``) needs. Full-vocabulary logits of the batch are built once here.
+    """
+    kwargs = {"input_ids": inputs["input_ids"], "use_cache": False,
+              **attention_inputs(inputs, attn_implementation(model), unwrap(model).get_input_embeddings().weight.dtype)}
+    logits = model(**kwargs).logits  # the model applied any soft-cap itself
+    return torch.log_softmax(logits.reshape(-1, logits.shape[-1])[inputs["score_index"]].float(), -1)

@@ -196,3 +196,19 @@ def test_docs_evaluate_shows_what_eval_prints(quickstart_run, tmp_path, capsys):
     mine, theirs = [shape(x) for x in printed], [shape(x) for x in shown]
     assert [s for s in theirs if not optional.match(s)] == [s for s in mine if not optional.match(s)], "\n".join(printed)
     assert set(theirs) - set(mine) <= {s for s in theirs if optional.match(s)}
+
+
+def test_docs_evaluate_shows_what_eval_of_two_adapters_prints(quickstart_run, tmp_path, capsys):
+    """docs/evaluate.md's side-by-side example is what `qsimpo eval A B` prints, line for line (numbers aside), on the
+    tiny quickstart's checkpoint-100 and final adapter."""
+    from qsimpo.cli import main
+
+    out, _ = quickstart_run
+    capsys.readouterr()
+    assert main(["eval", str(out / "adapter" / "checkpoint-100"), str(out / "adapter"), "--out", str(tmp_path / "e")]) == 0
+    printed = capsys.readouterr().out.replace(str(tmp_path / "e"), "adapters/quickstart/adapter/eval-checkpoint-100-vs-adapter")
+    printed = printed.replace(str(out), "adapters/quickstart").splitlines()
+    shown = shown_output("docs/evaluate.md", "qsimpo eval adapters/quickstart/adapter/checkpoint-100 adapters/quickstart/adapter")
+    optional = re.compile(r"^(accuracy, chosen is|accuracy, same length|prefers the longer)")
+    mine, theirs = [shape(x) for x in printed], [shape(x) for x in shown]
+    assert [s for s in theirs if not optional.match(s)] == [s for s in mine if not optional.match(s)], "\n".join(printed)

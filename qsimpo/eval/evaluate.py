@@ -144,32 +144,47 @@ def prompt_display(text: dict) -> str:
     return p if isinstance(p, str) else "\n".join(f"{m['role']}: {m['content']}" for m in p) if len(p) > 1 else p[0]["content"]
 
 
-def generations(model, tokenizer, pairs, n: int | None, max_new_tokens: int, temperature: float, top_p: float,
-                seed: int, batch_size: int = 8) -> dict:
-    """Both models' answers to the first ``n`` distinct prompts of ``pairs`` (None: all), with their token counts,
-    ``batch_size`` prompts per ``generate`` call; prompt i is answered with seed ``seed + i`` by both models."""
-    from tqdm.auto import tqdm
-
+def distinct_prompts(pairs, n: int | None) -> list[dict]:
+    """The first ``n`` items of ``pairs`` with distinct prompts, in file order (None: all)."""
     seen, chosen = set(), []
-    for p in pairs:  # the first n distinct prompts, in file order
+    for p in pairs:
         if tuple(p["prompt_ids"]) not in seen:
             seen.add(tuple(p["prompt_ids"]))
             chosen.append(p)
         if len(chosen) == n:
             break
-    answers = {"sft": [], "aligned": []}
+    return chosen
+
+
+def answer_all(model, tokenizer, chosen: list[dict], sides: dict, max_new_tokens: int, temperature: float, top_p: float,
+               seed: int, batch_size: int = 8) -> dict[str, list[tuple[str, int, bool]]]:
+    """Each side's answers to ``chosen``: ``sides`` maps a name to a context manager factory that makes ``model`` that
+    model (the SFT side, an adapter); ``batch_size`` prompts per ``generate`` call, prompt i seeded ``seed + i`` by all."""
+    from tqdm.auto import tqdm
+
+    answers = {name: [] for name in sides}
     t0, tokens = time.perf_counter(), 0
-    with tqdm(total=2 * len(chosen), desc="generating", unit="answer", dynamic_ncols=True) as bar:
-        for name in ("sft", "aligned"):
+    with tqdm(total=len(sides) * len(chosen), desc="generating", unit="answer", dynamic_ncols=True) as bar:
+        for name, side in sides.items():
             for i in range(0, len(chosen), batch_size):
                 batch = [p["prompt_ids"] for p in chosen[i:i + batch_size]]
-                seeds = [seed + j for j in range(i, i + len(batch))]  # the same seed for both models
-                with sft_side(model) if name == "sft" else contextlib.nullcontext():
+                seeds = [seed + j for j in range(i, i + len(batch))]  # the same seed for every model
+                with side():
                     got = answers_of(model, tokenizer, batch, max_new_tokens, temperature, top_p, seeds)
                 answers[name].extend(got)
                 tokens += sum(a[1] for a in got)
                 bar.update(len(got))
                 bar.set_postfix({"tok/s": f"{tokens / max(time.perf_counter() - t0, 1e-9):.1f}"})
+    return answers
+
+
+def generations(model, tokenizer, pairs, n: int | None, max_new_tokens: int, temperature: float, top_p: float,
+                seed: int, batch_size: int = 8) -> dict:
+    """Both models' answers to the first ``n`` distinct prompts of ``pairs`` (None: all), with their token counts,
+    ``batch_size`` prompts per ``generate`` call; prompt i is answered with seed ``seed + i`` by both models."""
+    chosen = distinct_prompts(pairs, n)
+    answers = answer_all(model, tokenizer, chosen, {"sft": lambda: sft_side(model), "aligned": contextlib.nullcontext},
+                         max_new_tokens, temperature, top_p, seed, batch_size)
     result = {"n": len(chosen), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     for name, got in answers.items():
         result[name] = M.generation_metrics([a[0] for a in got], [a[1] for a in got], [a[2] for a in got])
@@ -200,7 +215,57 @@ def check_args(generate: int | None, scorer: str | None, max_rows: int | None, b
         raise EvalError("; ".join(problems))
 
 
-def evaluate(adapter: str, data: str | None = None, split: str | None = None, max_rows: int | None = None,
+@dataclasses.dataclass
+class Run:
+    """What eval reads of one adapter before any model loads: its record, base, held-out data and β/γ."""
+    adapter: str
+    meta: dict
+    cfg: object  # the run's Config, or None without a config.yaml
+    base: str
+    data: tuple  # resolve_data's (kind, where)
+    simpo: dict
+
+
+def read_run(adapter: str, base: str | None, data: str | None, beta: float | None, gamma: float | None) -> Run:
+    from qsimpo.load import base_model, check_adapter
+    from qsimpo.run_dir import read_config, read_meta, record_dir
+
+    check_adapter(adapter)
+    record = record_dir(adapter)
+    meta = read_meta(record)
+    base = base_model(adapter, base, meta)
+    cfg = read_config(record)
+    where = resolve_data(data, cfg, adapter)  # fail before loading a model
+    return Run(adapter, meta, cfg, base, where, simpo_settings(meta, cfg, beta, gamma))
+
+
+def loss_kwargs(simpo: dict) -> dict:
+    """The keyword arguments of metrics.preference_metrics from eval.json's ``simpo`` section."""
+    return {k: simpo[k] for k in ("beta", "gamma", "label_smoothing", "loss_type", "sft_weight", "sft_reduction") if k in simpo}
+
+
+def model_blocks(sft: PairScores, aligned: PairScores, simpo: dict) -> dict:
+    """eval.json's ``models``: the SFT and aligned models' preference metrics at the run's β, γ."""
+    return {name: M.preference_metrics(s.chosen, s.rejected, s.chosen_len, s.rejected_len, **loss_kwargs(simpo))
+            for name, s in (("sft", sft), ("aligned", aligned))}
+
+
+def training_summary(rows: list[dict]) -> dict | None:
+    """eval.json's ``training``: what the run's metrics.jsonl logged last (None without one)."""
+    if not rows:
+        return None
+    evals = [r for r in rows if "eval_rewards/accuracies" in r]
+    return {"logged_rows": len(rows), "last_step": max(r.get("step", 0) for r in rows),
+            "last_eval": evals[-1] if evals else None}
+
+
+def logp_columns(scores: dict) -> dict:
+    """per_pair's log-prob columns of each named model's scores."""
+    return {f"{name}_logp_{side}": [round(float(v), 6) for v in getattr(s, side)]
+            for name, s in scores.items() for side in ("chosen", "rejected")}
+
+
+def evaluate(adapter: str | list[str], data: str | None = None, split: str | None = None, max_rows: int | None = None,
              generate: int | None = None, out: str | None = None, scorer: str | None = None, base: str | None = None,
              batch_size: int = 8, max_new_tokens: int = 64, temperature: float | None = None, top_p: float = 0.95,
              seed: int = 0, beta: float | None = None, gamma: float | None = None, trust_remote_code: bool = False) -> dict:
@@ -209,38 +274,32 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
     ``generate`` answers that many held-out prompts with both models (None: none, or with ``scorer`` every
     prompt); ``scorer`` (a qsimpo.pairs.scorers spec) judges the answers; ``temperature`` None is 0.7, or 0
     (greedy) with ``scorer``. A prompts-only ``data`` source skips the preference metrics and says why.
+    Several adapters on one base are compared side by side (qsimpo.eval.compare).
     """
+    if not isinstance(adapter, str):
+        if len(adapter) > 1:
+            from qsimpo.eval.compare import compare
+
+            return compare(list(adapter), data, split, max_rows, generate, out, scorer, base, batch_size, max_new_tokens,
+                           temperature, top_p, seed, beta, gamma, trust_remote_code)
+        adapter = adapter[0]
     from qsimpo.eval.judged import PROMPTS_ONLY, prompt_items, score_answers
-    from qsimpo.load import base_model, check_adapter, load_adapter
-    from qsimpo.run_dir import read_config, read_meta, read_metrics, record_dir
+    from qsimpo.load import load_adapter
+    from qsimpo.run_dir import read_metrics, record_dir
     from qsimpo.eval.report import summary_lines, write_report
 
     t0 = time.perf_counter()
     check_args(generate, scorer, max_rows, batch_size, max_new_tokens, temperature, top_p)
     n_answers = generate if generate is not None else (None if scorer else 0)  # None: every held-out prompt
     temperature = temperature if temperature is not None else 0.0 if scorer else 0.7
-    check_adapter(adapter)
-    record = record_dir(adapter)
-    meta = read_meta(record)
-    base = base_model(adapter, base, meta)
-    cfg = read_config(record)
-    kind, where = resolve_data(data, cfg, adapter)  # fail before loading a model
-    simpo = simpo_settings(meta, cfg, beta, gamma)
+    run = read_run(adapter, base, data, beta, gamma)
+    base, cfg, (kind, where), simpo = run.base, run.cfg, run.data, run.simpo
     out_dir = Path(out) if out else (Path(adapter) / "eval" if Path(adapter).is_dir() else Path("eval") / adapter.replace("/", "--"))
 
     dc, held_out, prompts_only = read_held_out(kind, where, split, max_rows, cfg)  # bad data stops here, before the model loads
-    if prompts_only and n_answers == 0:
-        raise EvalError(f"held-out data {dc.path} has prompts only (no chosen/rejected): there are no pairs to score; pass "
-                        "--scorer SPEC to compare the two models' answers to them (or --generate N to read the answers), "
-                        "or --data with preference pairs")
-    judge = None
-    if scorer:
-        from qsimpo.pairs.scorers import load_scorer
-        from qsimpo.train.model import device_for_rank
-
-        judge = load_scorer(scorer, device_for_rank(), batch_size, trust_remote_code)  # a bad scorer stops here
+    check_prompts_only(prompts_only, n_answers, dc)
+    judge = load_judge(scorer, batch_size, trust_remote_code)  # a bad scorer stops here
     model, tokenizer, _, _ = load_adapter(adapter, base)
-    loss_kw = {k: simpo[k] for k in ("beta", "gamma", "label_smoothing", "loss_type", "sft_weight", "sft_reduction") if k in simpo}
     if prompts_only:
         try:
             items, summary = prompt_items(dc, held_out, tokenizer)
@@ -253,14 +312,10 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
             sft = score(model, pairs, tokenizer.pad_token_id, batch_size, "scoring SFT (adapter off)")
         aligned = score(model, pairs, tokenizer.pad_token_id, batch_size, "scoring aligned (adapter on)")
         items, skipped = pairs, None
-        models = {name: M.preference_metrics(s.chosen, s.rejected, s.chosen_len, s.rejected_len, **loss_kw)
-                  for name, s in (("sft", sft), ("aligned", aligned))}
-        per_pair = {
-            "location": [p["location"] for p in pairs],
-            "chosen_len": sft.chosen_len.tolist(), "rejected_len": sft.rejected_len.tolist(),
-            **{f"{name}_logp_{side}": [round(float(v), 6) for v in getattr(s, side)]
-               for name, s in (("sft", sft), ("aligned", aligned)) for side in ("chosen", "rejected")},
-        }
+        models = model_blocks(sft, aligned, simpo)
+        per_pair = {"location": [p["location"] for p in pairs],
+                    "chosen_len": sft.chosen_len.tolist(), "rejected_len": sft.rejected_len.tolist(),
+                    **logp_columns({"sft": sft, "aligned": aligned})}
     result = {
         "schema_version": SCHEMA_VERSION,
         "adapter": str(adapter),
@@ -279,19 +334,38 @@ def evaluate(adapter: str, data: str | None = None, split: str | None = None, ma
         if judge is not None:
             result["scorer"] = score_answers(judge, gen, prompts, seed)
         result["generation"] = gen
-    rows = read_metrics(record)
-    if rows:
-        evals = [r for r in rows if "eval_rewards/accuracies" in r]
-        result["training"] = {"logged_rows": len(rows), "last_step": max(r.get("step", 0) for r in rows),
-                              "last_eval": evals[-1] if evals else None}
+    rows = read_metrics(record_dir(adapter))
+    result["training"] = training_summary(rows)
     result["per_pair"] = per_pair
+    write_result(result, out_dir, t0, lambda path: write_report(result, rows, path), summary_lines)
+    return result
+
+
+def check_prompts_only(prompts_only: bool, n_answers: int | None, dc) -> None:
+    if prompts_only and n_answers == 0:
+        raise EvalError(f"held-out data {dc.path} has prompts only (no chosen/rejected): there are no pairs to score; pass "
+                        "--scorer SPEC to compare the models' answers to them (or --generate N to read the answers), "
+                        "or --data with preference pairs")
+
+
+def load_judge(scorer: str | None, batch_size: int, trust_remote_code: bool):
+    """The --scorer, loaded before any model (a spec that does not load stops eval here); None without one."""
+    if not scorer:
+        return None
+    from qsimpo.pairs.scorers import load_scorer
+    from qsimpo.train.model import device_for_rank
+
+    return load_scorer(scorer, device_for_rank(), batch_size, trust_remote_code)
+
+
+def write_result(result: dict, out_dir: Path, t0: float, report, summary_lines) -> None:
+    """eval.json (with versions and seconds), report.html (``report(path)``) and the printed summary."""
     from qsimpo.record import versions
 
     result["versions"] = versions()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    write_report(result, rows, out_dir / "report.html")
+    report(out_dir / "report.html")
     print("\n".join(summary_lines(result)))
     print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'report.html'}")
-    return result

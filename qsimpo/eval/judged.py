@@ -76,29 +76,43 @@ def prompt_items(dc, source, tokenizer) -> tuple[list[dict], dict]:
     return items, summary.to_dict()
 
 
+def score_groups(scorer, answers: dict[str, list[str]], prompts: list, where: list[str], chunk: int = 64) -> dict:
+    """Each model's scores of its answers ({name: answers to the prompts}): every model's answers to a prompt go to
+    the scorer in one call, as a group (a pairwise judge compares them), about ``chunk`` answers per call."""
+    from tqdm.auto import tqdm
+
+    names, n = list(answers), len(prompts)
+    per_call = max(1, chunk // len(names))
+    scores = {name: [] for name in names}
+    with tqdm(total=len(names) * n, desc="scoring answers", unit="answer", dynamic_ncols=True) as bar:
+        for i in range(0, n, per_call):
+            part = range(i, min(i + per_call, n))
+            responses = [answers[name][k] for k in part for name in names]
+            named = [f"{where[k]} (the {'SFT' if name == 'sft' else name} answer)" for k in part for name in names]
+            asked = [prompts[k] for k in part for _ in names]
+            got = scorer(asked, responses, named, [len(names)] * len(part))
+            for j, name in enumerate(names):
+                scores[name] += got[j::len(names)]
+            bar.update(len(responses))
+    return scores
+
+
+def scorer_section(scorer, temperature: float, stats: dict) -> dict:
+    return {"spec": scorer.spec, "kind": scorer.kind, "temperature": temperature, "judge_cut": scorer.cut_line(), **stats}
+
+
 def score_answers(scorer, gen: dict, prompts: list, seed: int, chunk: int = 64) -> dict:
     """eval.json's ``scorer`` section; each sample gains ``sft_score`` and ``aligned_score``.
 
     Both models' answers go to the scorer with their prompt's chat messages, ``chunk`` at a time; the
     statistics bootstrap over the prompts with ``seed``.
     """
-    from tqdm.auto import tqdm
-
     samples = gen["samples"]
-    n = len(samples)
-    sft, aligned = [], []
-    with tqdm(total=2 * n, desc="scoring answers", unit="answer", dynamic_ncols=True) as bar:
-        for i in range(0, n, chunk // 2):  # both answers to a prompt in one call: a pairwise judge compares them
-            part = samples[i:i + chunk // 2]
-            responses = [a for s in part for a in (s["sft"], s["aligned"])]
-            where = [f"{s['location']} (the {name} answer)" for s in part for name in ("SFT", "aligned")]
-            asked = [p for p in prompts[i:i + chunk // 2] for _ in range(2)]
-            scores = scorer(asked, responses, where, [2] * len(part))
-            sft, aligned = sft + scores[0::2], aligned + scores[1::2]
-            bar.update(len(responses))
+    scores = score_groups(scorer, {name: [s[name] for s in samples] for name in ("sft", "aligned")}, prompts,
+                          [s["location"] for s in samples], chunk)
+    sft, aligned = scores["sft"], scores["aligned"]
     for s, a, b in zip(samples, sft, aligned):
         s["sft_score"], s["aligned_score"] = a, b
     stats = M.scored_answers(sft, aligned, [s["sft_tokens"] for s in samples], [s["aligned_tokens"] for s in samples],
                              seed=seed)
-    return {"spec": scorer.spec, "kind": scorer.kind, "temperature": gen["temperature"], "judge_cut": scorer.cut_line(),
-            **stats}
+    return scorer_section(scorer, gen["temperature"], stats)

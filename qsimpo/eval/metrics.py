@@ -93,6 +93,30 @@ def prefers_longer(chosen, rejected, chosen_len, rejected_len) -> dict:
     return {"n": n, "rate": float(favours_longer[unequal].double().mean())}
 
 
+def length_metrics(chosen, rejected, chosen_len, rejected_len) -> dict:
+    """The SimPO paper's length diagnostics of one model's scores (no β: the same for every loss)."""
+    return {
+        "spearman_length_logp": length_logp_spearman(chosen, rejected, chosen_len, rejected_len),
+        "accuracy_by_length": accuracy_by_length(chosen, rejected, chosen_len, rejected_len),
+        "prefers_longer": prefers_longer(chosen, rejected, chosen_len, rejected_len),
+    }
+
+
+SHARED_DEFINITION = ("a pair counts as right when the chosen response has the higher average log-prob per token "
+                     "(SimPO's length-normalised reward without β, so the same for every loss); the margin is "
+                     "avg log-prob(chosen) − avg log-prob(rejected)")
+
+
+def shared_metrics(chosen, rejected, chosen_len, rejected_len) -> dict:
+    """The numbers every adapter is compared by, whatever its loss: ``SHARED_DEFINITION``, no β, γ or loss options."""
+    chosen, rejected = chosen.double(), rejected.double()
+    margins = reward_margins(chosen, rejected, 1.0)
+    return {"n": int(chosen.numel()), "reward_accuracy": reward_accuracy(chosen, rejected),
+            "margin_mean": float(margins.mean()), "margin_median": float(margins.median()),
+            "logp_chosen_mean": float(chosen.mean()), "logp_rejected_mean": float(rejected.mean()),
+            "length": length_metrics(chosen, rejected, chosen_len, rejected_len)}
+
+
 def preference_metrics(chosen, rejected, chosen_len, rejected_len, beta: float, gamma: float,
                        label_smoothing: float = 0.0, loss_type: str = "sigmoid", sft_weight: float = 0.0,
                        sft_reduction: str = "tokens") -> dict:
@@ -113,11 +137,7 @@ def preference_metrics(chosen, rejected, chosen_len, rejected_len, beta: float, 
         "logp_rejected_mean": float(rejected.mean()),
         "simpo_loss": float(pure.mean()),
         "loss": float(run),
-        "length": {
-            "spearman_length_logp": length_logp_spearman(chosen, rejected, chosen_len, rejected_len),
-            "accuracy_by_length": accuracy_by_length(chosen, rejected, chosen_len, rejected_len),
-            "prefers_longer": prefers_longer(chosen, rejected, chosen_len, rejected_len),
-        },
+        "length": length_metrics(chosen, rejected, chosen_len, rejected_len),
     }
 
 

@@ -129,20 +129,44 @@ def write_aligned(output_dir: Path, sft_adapter: str) -> None:
     update_meta(output_dir, sft_adapter={"subfolder": SFT, "source": str(sft_adapter)})
 
 
-def load_sft_side(model, adapter: str, meta: dict) -> None:
-    """For an adapter of a stacked run (qsimpo.json records sft_adapter): its SFT adapter loaded beside it as "sft"."""
+def sft_location(adapter: str, meta: dict) -> tuple[str, str | None] | None:
+    """Where a stacked run's SFT adapter is, as (folder, None) or (Hub id, subfolder); None for a run on the bare base."""
     record = meta.get("sft_adapter")
     if not record:
-        return
+        return None
     local = Path(adapter)
     sub = record.get("subfolder", SFT)
     if local.is_dir():
         folder = local / sub
-        if not folder.is_dir() and (local.parent / sub).is_dir():  # a checkpoint-N folder: sft/ is in it
+        if not folder.is_dir() and (local.parent / sub).is_dir():  # a checkpoint-N folder: sft/ is in the run's
             folder = local.parent / sub
-        model.load_adapter(str(folder), adapter_name=SFT)
-    else:
-        model.load_adapter(adapter, adapter_name=SFT, subfolder=sub)
+        return str(folder), None
+    return adapter, sub
+
+
+def sft_fingerprint(adapter: str, meta: dict) -> str | None:
+    """A digest of the SFT side's weights (None: the bare base), so adapters can be checked to share one SFT model."""
+    import hashlib
+
+    from qsimpo.run_dir import fetch
+
+    where = sft_location(adapter, meta)
+    if where is None:
+        return None
+    folder, sub = where
+    path = fetch(folder, f"{sub}/adapter_model.safetensors" if sub else "adapter_model.safetensors")
+    if path is None:
+        raise FileNotFoundError(f"{adapter}: its SFT adapter ({folder}{'/' + sub if sub else ''}) has no adapter_model.safetensors")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_sft_side(model, adapter: str, meta: dict) -> None:
+    """For an adapter of a stacked run (qsimpo.json records sft_adapter): its SFT adapter loaded beside it as "sft"."""
+    where = sft_location(adapter, meta)
+    if where is None:
+        return
+    folder, sub = where
+    model.load_adapter(folder, adapter_name=SFT, **({"subfolder": sub} if sub else {}))
     model.set_adapter("default")
 
 
