@@ -17,7 +17,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 HH_SAMPLE = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "sample.jsonl"
 
-torch.set_num_threads(2)
+# Two test processes (pytest-xdist's workers, `-n 2` in pyproject's addopts) share the machine's cores: each runs
+# torch on one thread, and so does every process a test starts (it inherits OMP_NUM_THREADS). Threads beyond the
+# cores fight, and two 2-thread processes on 2 cores are slower than two 1-thread ones.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 # The tiers. `python -m pytest` runs every test, `slow` ones included (what CI and the README run); the fast
@@ -33,10 +41,25 @@ def processes():
     """Marks a test that starts processes (a command as typed at the shell, torchrun, a server, a venv)."""
 
 
+# The files that take longest in a full run (its --durations), longest first. Under two workers (pytest-xdist,
+# `--dist loadfile --no-loadscope-reorder` in pyproject) a file runs whole on one worker, in this order: the two
+# longest start at once, one on each worker, and the short files fill in around them.
+LONGEST_FIRST = ("test_journey.py", "test_real_model.py", "train/test_distributed.py", "test_journey_base.py",
+                 "quickstart/test_quickstart.py", "eval/test_evaluate.py", "train/test_train_cli.py", "demo/test_app.py",
+                 "pairs/test_onpolicy_bench.py", "train/test_train.py", "test_load.py", "demo/test_columns.py",
+                 "pairs/test_pairs_torchrun.py", "demo/test_demo_wheel.py", "export/test_space.py")
+
+
+def _rank(item) -> int:
+    path = item.path.relative_to(ROOT / "tests").as_posix() if item.path.is_relative_to(ROOT / "tests") else ""
+    return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords or INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+    items.sort(key=_rank)  # stable: a file's tests keep their order, the other files theirs
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none here)")

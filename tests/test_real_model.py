@@ -66,6 +66,16 @@ def trained(smollm2, smollm2_gguf, short_pairs, tmp_path_factory):
     return train(cfg), base, lora, cfg
 
 
+@pytest.fixture(scope="module")
+def merged(trained, tmp_path_factory):
+    """`merge --gguf f16 --gguf q8_0` of the trained adapter, once for the module: (folder, the merge's report)."""
+    from qsimpo.export.merge import merge
+
+    out = tmp_path_factory.mktemp("smol-merged") / "smol"
+    done = merge(str(trained[0].output_dir), out, n_probes=4, device="cpu", log=lambda *_: None, gguf=["f16", "q8_0"])
+    return out, done.report
+
+
 def test_conversion_is_the_gguf_exactly(smollm2, smollm2_gguf):
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -171,14 +181,12 @@ def test_eval_finds_the_gguf_base(trained, short_pairs):
     assert aligned["reward_margin_mean"] > sft["reward_margin_mean"], "the adapter must move held-out margins its way"
 
 
-def test_merge_keeps_the_adapter_and_the_tied_head(trained, smollm2_gguf, tmp_path):
+def test_merge_keeps_the_adapter_and_the_tied_head(merged, smollm2_gguf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qsimpo.export.merge import DEFAULT_DTYPE, merge
+    from qsimpo.export.merge import DEFAULT_DTYPE
 
-    run = trained[0]
-    out = tmp_path / "merged"
-    report = merge(str(run.output_dir), out, n_probes=4, device="cpu", log=lambda *_: None).report
+    out, report = merged
     assert report.passed and report.probes.endswith("from the training data")
     assert report.four_bit.top1 >= 0.99 and report.ratio <= 0.1
     assert report.adapter_effect.kl > 100 * report.four_bit.kl, "the adapter's effect must dwarf the merge's error"
@@ -194,16 +202,12 @@ def test_merge_keeps_the_adapter_and_the_tied_head(trained, smollm2_gguf, tmp_pa
     assert AutoTokenizer.from_pretrained(out).chat_template.startswith("{% for message in messages %}")
 
 
-@pytest.mark.slow
-def test_gguf_export_answers_like_the_merge(trained, tmp_path):
+def test_gguf_export_answers_like_the_merge(merged):
     """`merge --gguf f16 --gguf q8_0` on SmolLM2 (tied head, ChatML with a default system message): each file, read
-    back by transformers, keeps the merged model's answers, template and special tokens (about 4 minutes on 2 cores)."""
+    back by transformers, keeps the merged model's answers, template and special tokens."""
     from gguf import GGUFReader
 
-    from qsimpo.export.merge import merge
-
-    out = tmp_path / "smol"
-    merge(str(trained[0].output_dir), out, n_probes=4, device="cpu", log=lambda *_: None, gguf=["f16", "q8_0"])
+    out = merged[0]
     for kind, max_kl in (("F16", 1e-4), ("Q8_0", 2e-2)):
         record = json.loads((out / "gguf" / f"smol-{kind}.json").read_text())
         checked = record["check"]
@@ -237,16 +241,15 @@ def test_push_names_the_hub_model_not_the_gguf_file(trained, smollm2_gguf, tmp_p
     assert uploaded["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and uploaded["base_model_gguf_file"] is None
 
 
-@pytest.mark.slow
-def test_bf16_merge_is_refused_with_what_to_do(trained, tmp_path):
-    """On this adapter a bfloat16 merge loses more than a tenth of the adapter's effect: the command says so."""
-    run = trained[0]
+def test_bf16_merge_is_refused_with_what_to_do(trained, tmp_path, capsys):
+    """On this adapter a bfloat16 merge loses more than a tenth of the adapter's effect: the command says so (run
+    in-process: the message and exit code are the command's own, the shell adds nothing)."""
+    from qsimpo.cli import main
+
     out = tmp_path / "bf16"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "qsimpo", "merge", str(run.output_dir), "--out", str(out),
-                           "--dtype", "bfloat16"], capture_output=True, text=True, env=env, timeout=900)
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "does not keep the adapter" in done.stderr and "--dtype float32 (the default)" in done.stderr
+    assert main(["merge", str(trained[0].output_dir), "--out", str(out), "--dtype", "bfloat16"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "does not keep the adapter" in err and "--dtype float32 (the default)" in err, err
     assert not out.exists()
 
 

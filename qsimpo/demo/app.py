@@ -18,6 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default
 
 import gradio as gr  # noqa: E402
 
+from qsimpo.console import say
 from qsimpo.errors import UsageError  # noqa: E402
 from qsimpo.demo.votes import COMMIT_MINUTES, VOTES, VoteLog, default_votes_path, hub_votes, vote_row  # noqa: E402
 from qsimpo.demo.sides import SIDES, Settings, SideBySide, resolve_adapter  # noqa: E402
@@ -189,7 +190,7 @@ def launch_demo(adapter: list[str] | None = None, base: str | None = None, compa
     path = Path(votes) if votes else default_votes_path(first)
     demo = build_app(chat, hub_votes(votes_repo, path.parent) if votes_repo else path)
     where = f" and committed to the Hub dataset {votes_repo} every {COMMIT_MINUTES:g} minutes" if votes_repo else ""
-    print(f"votes are appended to {demo.votes_path}{where}")
+    say(f"votes are appended to {demo.votes_path}{where}")
     try:
         # quiet: gradio's own hint for a public link is `share=True` in code; a qsimpo user passes --share
         demo.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
@@ -199,9 +200,9 @@ def launch_demo(adapter: list[str] | None = None, base: str | None = None, compa
             raise
         raise UsageError(f"port {port} on {host} is in use: pass another --port, or leave it out to take the first "
                          "free one from 7860") from None
-    print(f"* Running on local URL:  {demo.local_url}")
+    say(f"* Running on local URL:  {demo.local_url}")
     if not demo.share_url:  # with --share, gradio prints the public URL itself
-        print("* a temporary public link (for others to try it): qsimpo demo --share")
+        say("* a temporary public link (for others to try it): qsimpo demo --share")
     if block:
         demo.block_thread()
     return demo

@@ -27,6 +27,7 @@ from typing import Iterator
 
 import torch
 
+from qsimpo.console import warn
 from qsimpo.errors import InputNotFound, UsageError
 from qsimpo.quickstart import DEFAULT_OUT
 from qsimpo import generate as G
@@ -115,7 +116,7 @@ class SideBySide:
             columns.sft_adapter_of(adapters, metas)
         quantization = metas[0].get("quantization", "nf4")
         if quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
-            print(f"bitsandbytes is not installed: loading the base unquantized instead of {quantization}")
+            warn(f"bitsandbytes is not installed: loading the base unquantized instead of {quantization}")
             quantization = "none"
         model, tokenizer, meta, base_name = load_adapter(adapters[0], base, quantization=quantization, device=device,
                                                          trust_remote_code=trust_remote_code, flag="--adapter")
@@ -135,7 +136,7 @@ class SideBySide:
                 compared = read_meta(record_dir(compare_adapter))
                 other = compared.get("base_model")
                 if other and hub_name(other) != hub_name(base_name):
-                    print(f"warning: {compare_adapter} records base {other}, not the base loaded here; its column may be noise")
+                    warn(f"warning: {compare_adapter} records base {other}, not the base loaded here; its column may be noise")
                 _load_more(model, compare_adapter, "compare", "--compare-adapter")
                 left = Side("compare", f"compare: {compare_adapter}", "compare",
                             columns.loss_text(columns.recorded(compare_adapter, compared)))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from qsimpo.console import say
 from qsimpo.eval import metrics as M
 from qsimpo.errors import UsageError
 from qsimpo.data import DataError, looks_local, prompt_messages, read_source, split_eval, tokenize_source
@@ -367,5 +368,5 @@ def write_result(result: dict, out_dir: Path, t0: float, report, summary_lines) 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     report(out_dir / "report.html")
-    print("\n".join(summary_lines(result)))
-    print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'report.html'}")
+    say("\n".join(summary_lines(result)))
+    say(f"wrote {out_dir / 'eval.json'} and {out_dir / 'report.html'}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ def write_cached(path: Path, key: dict, chosen: torch.Tensor, rejected: torch.Te
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
+    partial = path.with_suffix(f".{os.getpid()}.partial")  # one per writer: two runs on the same data never share it
     save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(partial),
               metadata={"key": json.dumps(key, sort_keys=True)})
     partial.replace(path)  # readers see the whole file or none

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import HH_SAMPLE, ROOT, make_config
+from conftest import HH_SAMPLE, ROOT, free_port, make_config
 from qsimpo.run_dir import CHECKPOINT_MARKER
 from qsimpo.errors import InputNotFound, OutputExists
 from qsimpo.train.recipe import resolve_resume, resume_command, train
@@ -240,7 +240,7 @@ def test_two_process_data_parallel(tiny_base, pref_jsonl, tmp_path, loss):
                                         loss=loss))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
