@@ -127,7 +127,7 @@ def test_custom_code_reward_model_reads_its_own_score(remote_rm, capsys):
 
     judge = load_scorer(str(remote_rm), trust_remote_code=True)
     assert isinstance(judge, RewardModel) and judge.remote
-    assert "--trust-remote-code: running" in capsys.readouterr().out and "modeling_custom" in judge.model.__module__
+    assert "--trust-remote-code: running" in capsys.readouterr().err and "modeling_custom" in judge.model.__module__
     prompts, answers = flat()
     scores = judge(prompts, answers, ["here"] * len(answers))
     for prompt, answer, s in zip(prompts, answers, scores):
