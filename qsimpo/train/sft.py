@@ -139,14 +139,32 @@ def assistant_logps(model, inputs, head_chunk_size: int = 0, compute_dtype=torch
 
 
 class SFTTrainer(PreferenceTrainer):
-    """PreferenceTrainer (sampler, FSDP on CPU, metric logging) with the SFT loss: −mean log-prob of the assistant tokens."""
+    """PreferenceTrainer (sampler, FSDP on CPU, metric logging) with the SFT loss: −mean log-prob of the assistant tokens.
+
+    The mean is over every assistant token of the optimizer step: all its micro-batches (gradient accumulation)
+    and, under DDP/FSDP, all processes, as transformers' Trainer and TRL average a causal LM loss. So a step's
+    gradient is the same however its conversations are split into micro-batches and processes; a mean per
+    micro-batch would weigh the tokens of a short micro-batch above those of a long one.
+    """
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the step's token count: no further 1/accumulation
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, loss_fn=None, **kwargs)
 
+    def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor:
+        """The assistant tokens of this optimizer step's micro-batches, summed over every process."""
+        count = torch.tensor(float(sum(b["score_labels"].numel() for b in batch_samples)), device=device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count[None]).sum()
+        return count
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps = assistant_logps(model, inputs, self.head_chunk_size, self.compute_dtype)
-        loss = -logps.mean()
+        if num_items_in_batch is None:  # evaluation: the batch's own mean
+            loss = -logps.mean()
+        else:  # DDP and FSDP average gradients over processes: × processes undoes that, leaving the token mean
+            loss = -logps.sum() / num_items_in_batch * self.accelerator.num_processes
         if not torch.isfinite(loss):
             raise NonFiniteError(f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}; {NON_FINITE_CAUSES}")
         mode = "train" if model.training else "eval"

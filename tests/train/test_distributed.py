@@ -323,9 +323,9 @@ def test_accelerate_still_keeps_fsdp_on_cpu_where_qsimpo_sets_it(fresh_accelerat
 
 
 # ------------------------------------------------------------------------- qsimpo sft, and SimPO on its adapter
-# The SFT loss is a mean over each micro-batch's assistant tokens, so the one-process reference takes the same
-# micro-batches (batch 2, accumulation 4) that the two processes share (batch 2, accumulation 2 each): every
-# optimizer step averages the same 4 micro-batch losses, and the length-grouped sampler is cut for 8 either way.
+# The SFT loss is a mean over every assistant token of an optimizer step (all micro-batches, all processes), so
+# the one-process reference (batch 2, accumulation 4) and the two processes (batch 2, accumulation 2 each) average
+# the same tokens; the length-grouped sampler is cut for 8 conversations a step either way.
 SFT_COMMON = ("--data.max_rows", "60", "--train.max_steps", "3", "--train.head_chunk_size", "16",
               "--train.save_steps", "1000", "--data.max_length", "256")
 

@@ -220,3 +220,30 @@ def test_plan_counts_the_frozen_sft_adapter(tmp_path):
     # r 8 (the SFT adapter's own rank), fp32 weights only: a quarter of 16 B/param at half the rank
     assert stacked["SFT adapter (frozen)"] == pytest.approx(plain["LoRA weights + grads + AdamW"] / 4 / 2)
     assert "SFT adapter (frozen)" not in plain
+
+
+def test_a_step_averages_its_tokens_however_it_is_split(tiny_base, pref_rows, tmp_path, one_thread):
+    """The SFT loss is the mean over every assistant token of an optimizer step: 8 conversations a step as one
+    micro-batch of 8 or four of 2 (gradient accumulation) give the same losses, gradient norms and adapter; a mean
+    per micro-batch would weigh a short micro-batch's tokens above a long one's."""
+    data = tmp_path / "mixed.jsonl"  # short one-turn conversations and long three-turn ones: micro-batches of unequal size
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                                     {"role": "assistant", "content": r["chosen"]}]
+                                        + ([{"role": "user", "content": "More, please."},
+                                            {"role": "assistant", "content": r["rejected"] + " " + r["chosen"]}] * 2
+                                           if i % 2 else [])}) + "\n" for i, r in enumerate(pref_rows)))
+    common = ("--data.max_rows", "32", "--train.max_steps", "2", "--train.save_steps", "1000", "--data.max_length", "256",
+              "--train.packing", "none", "--train.head_chunk_size", "0")
+    runs = {}
+    for name, batch, accumulation in (("one", "8", "1"), ("four", "2", "4")):
+        runs[name] = sft(make_config(tiny_base, data, tmp_path / name, *common, "--train.batch_size", batch,
+                                     "--train.gradient_accumulation_steps", accumulation)).output_dir
+    logged = {k: [json.loads(r) for r in (v / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
+              for k, v in runs.items()}
+    assert [r["step"] for r in logged["one"]] == [r["step"] for r in logged["four"]] == [1, 2]
+    for a, b in zip(logged["one"], logged["four"]):
+        for key in ("loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=2e-5), (key, a, b)
+    one, four = (load_file(v / "adapter_model.safetensors") for v in runs.values())
+    for k in one:
+        torch.testing.assert_close(one[k], four[k], rtol=1e-4, atol=1e-6, msg=k)
