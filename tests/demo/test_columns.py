@@ -1,6 +1,7 @@
 """`qsimpo demo --adapter A --adapter B`: the SFT column and one column per adapter on one base, labelled by name and
 loss, every column from one mixed-adapter generate (exactly each column's answer alone); bases and SFT models that do
-not agree; the base named as users know it; votes naming the compared columns, committed to a Hub dataset repo; the served page in a real Chromium."""
+not agree; the base named as users know it; votes naming the compared columns, committed to a Hub dataset repo; the
+served page in a real Chromium."""
 
 from __future__ import annotations
 
