@@ -269,3 +269,52 @@ def chat_in_browser(url: str, prompt: str, max_new_tokens: int, screenshot: Path
         finally:
             browser.close()
     return shown
+
+
+def pick_option(page, elem_id: str, label: str) -> None:
+    """Choose ``label`` in a Gradio dropdown as a user does: open it, click the option."""
+    box = page.locator(f"{elem_id} input")
+    box.click()
+    options = box.get_attribute("aria-controls")  # this dropdown's list: another one's may still be in the page
+    page.locator(f"[id='{options}']").get_by_role("option", name=label, exact=True).click()
+    page.wait_for_function(f"() => document.querySelector('{elem_id} input').value === {label!r}", timeout=5_000)
+
+
+def columns_in_browser(url: str, prompt: str, columns: list[str], max_new_tokens: int, pick: tuple[str, str],
+                       labels: dict[str, str], vote: str, screenshot: Path, timeout_ms: int = 60_000) -> dict:
+    """chat_in_browser for a demo of several columns (`qsimpo demo --adapter A --adapter B`): send ``prompt`` to every
+    column, wait for every answer and its stats, pick the two compared columns (``pick``: left, right; ``labels``:
+    each column's label as the page names it) in the vote dropdowns, press ``vote`` ("left", "right", ...),
+    screenshot the page. Returns what the page showed: each column's label and answer, the user's message, the
+    vote status."""
+    from playwright import sync_api
+
+    executable = chromium()
+    if executable is None:
+        pytest.skip("no Chromium on this machine: apt-get install chromium (.ci/run does), or set QSIMPO_CHROMIUM")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url, wait_until="domcontentloaded")
+            page.get_by_text("Generation settings").click()
+            set_slider(page, "#max-new-tokens", str(max_new_tokens))
+            page.fill("#message textarea", prompt)
+            page.press("#message textarea", "Enter")
+            every = (f"() => {columns!r}.every(c => document.querySelector(`#stats-${{c}}`).innerText.includes('tokens')"
+                     " && document.querySelector(`#chat-${c} [data-testid=bot]`)?.innerText.trim())")
+            page.wait_for_function(every, timeout=timeout_ms)
+            shown = {c: {"answer": page.locator(f"#chat-{c} [data-testid=bot]").inner_text().strip(),
+                         "label": page.locator(f"#chat-{c} [data-testid=block-label]").inner_text().strip()} for c in columns}
+            shown["user"] = {c: page.locator(f"#chat-{c} [data-testid=user]").inner_text().strip() for c in columns}
+            for side, column in zip(("left", "right"), pick):
+                pick_option(page, f"#vote-{side}-column", labels[column])
+            page.click(f"#vote-{vote.replace('_', '-')}")
+            page.wait_for_function("() => document.querySelector('#vote-status').innerText.startsWith('Recorded')",
+                                   timeout=30_000)
+            shown["status"] = page.locator("#vote-status").inner_text()
+            time.sleep(0.3)  # let the status finish rendering for the screenshot
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return shown

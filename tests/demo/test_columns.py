@@ -1,6 +1,7 @@
 """`qsimpo demo --adapter A --adapter B`: the SFT column and one column per adapter on one base, labelled by name and
 loss, every column from one mixed-adapter generate (exactly each column's answer alone); bases and SFT models that do
-not agree; the base named as users know it; votes naming the compared columns, committed to a Hub dataset repo."""
+not agree; the base named as users know it; votes naming the compared columns, committed to a Hub dataset repo; the
+served page in a real Chromium."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import USER, make_config
+from conftest import USER, columns_in_browser, free_port, make_config
 from qsimpo.demo.sides import Settings, SideBySide
 from test_sides import alone, spy_generate
 
@@ -215,6 +216,46 @@ def test_app_serves_every_column_and_votes_name_the_compared_pair(multi, tmp_pat
     assert (row["left"]["column"], row["left"]["name"]) == ("sft", "SFT")
     assert (row["right"]["column"], row["right"]["name"], row["right"]["loss"]) == ("a2", "dpo-run", "dpo β 0.1")
     assert set(row["right"]["avg_logprob"]) == {"sft", "a1", "a2"}
+
+
+@pytest.fixture
+def served(multi, tmp_path):
+    """(url, votes file) of the demo app over ``multi`` (SFT | simpo-run | dpo-run), closed afterwards."""
+    from qsimpo.demo import app
+
+    demo = app.build_app(multi, tmp_path / "votes.jsonl")
+    _, url, _ = demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                     quiet=True, theme=app.THEME, css=app.CSS, ssr_mode=False)
+    try:
+        yield url, demo.votes_path
+    finally:
+        demo.close()
+
+
+def test_browser_every_column_answers_and_a_vote_names_the_picked_pair(served, multi, tmp_path):
+    """In a real Chromium: the SFT column and each adapter's, labelled by name and loss; one message answered in every
+    column; the two columns picked in the vote dropdowns (neither the default pair) are the row's left and right."""
+    url, votes = served
+    labels = {"sft": "SFT (adapter off)", "a1": "simpo-run (simpo β 2)", "a2": "dpo-run (dpo β 0.1)"}
+    assert {c: multi.sides[c].label for c in multi.columns} == labels
+    shown = columns_in_browser(url, USER[0]["content"], list(multi.columns), 8, ("a2", "a1"), labels, "left",
+                               tmp_path / "columns.png")
+    for c, label in labels.items():
+        assert label in shown[c]["label"] and shown[c]["answer"], (c, shown[c])
+        assert shown["user"][c] == USER[0]["content"]
+    assert "left better" in shown["status"] and "(dpo-run vs simpo-run)" in shown["status"]
+    assert (tmp_path / "columns.png").stat().st_size > 10_000
+    rows = [json.loads(line) for line in votes.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["vote"] == "left"
+    left, right = rows[0]["left"], rows[0]["right"]
+    assert (left["column"], left["name"], left["loss"]) == ("a2", "dpo-run", "dpo β 0.1")
+    assert (right["column"], right["name"], right["loss"]) == ("a1", "simpo-run", "simpo β 2")
+    assert rows[0]["chosen"][0]["content"] == left["response"] and rows[0]["rejected"][0]["content"] == right["response"]
+    assert rows[0]["prompt"] == USER
+    assert rows[0]["settings"]["max_new_tokens"] == 8
+    # each picked column's answer is its own model's (sampled rows do not depend on the batch)
+    settings = Settings(**rows[0]["settings"])
+    assert (left["response"], right["response"]) == (multi.respond("a2", USER, settings), multi.respond("a1", USER, settings))
 
 
 def test_cli_says_what_to_fix_for_adapters_that_do_not_go_together(runs, tmp_path, capsys):
