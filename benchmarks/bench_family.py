@@ -2,7 +2,7 @@
 
     python benchmarks/bench_family.py                         # the quickstart's pairs on SmolLM2-135M-Instruct
     python benchmarks/bench_family.py --losses simpo,dpo --steps 4 --work /tmp/family-smoke
-    python benchmarks/bench_family.py --steps 8 --jobs 2 --reuse   # two commands at a time; keeps finished runs
+    python benchmarks/bench_family.py --steps 8 --jobs 2 --reuse   # two trainings at a time; keeps finished runs
 
 It runs the commands a user runs, as subprocesses in the work folder (``--work``, emptied first):
 
@@ -14,20 +14,21 @@ It runs the commands a user runs, as subprocesses in the work folder (``--work``
    defaults; SimPO keeps the quickstart's β 2.5, γ/β 0.5, its paper's Llama-3-Instruct setting); for the
    other losses the config's ``simpo:`` section is left out (a parameter of another loss is an error). No
    loss is tuned. DPO's one-time reference pass comes on top of its steps (its seconds are recorded).
-3. ``qsimpo eval ADAPTER --data heldout.jsonl --scorer qsimpo.pairs.examples:concise_complete``, once per
-   adapter: held-out log-probs of chosen and rejected under SFT (adapter off) and the adapter, and greedy
-   answers of both to every held-out prompt, judged by the example rule scorer whose preference the quickstart's
-   pairs encode (a finished sentence, few words). ``EVAL_TOGETHER`` switches to one ``qsimpo eval A B C ...``
-   call once eval takes several adapters (then ``read_evals`` must read that eval.json's per-adapter sections).
+3. One ``qsimpo eval simpo/adapter dpo/adapter ... --data heldout.jsonl --scorer
+   qsimpo.pairs.examples:concise_complete`` (eval.json ``kind: "comparison"``, in ``eval/``): the base loaded once,
+   held-out log-probs of chosen and rejected under SFT (every adapter off, scored once) and each adapter, the
+   per-token KL of each adapter from SFT on the held-out responses, and greedy answers of SFT (once) and each
+   adapter to every held-out prompt (``--generate N``: the first N), judged by the example rule scorer whose
+   preference the quickstart's pairs encode (a finished sentence, few words).
 
 Reported per loss, each with a 95% percentile bootstrap interval over held-out pairs or prompts (eval's own
 bootstrap, seed 0): held-out reward accuracy under one shared definition (average log-prob of chosen above
 rejected, SimPO's reward up to β; every loss scored the same way), the mean margin of average log-probs, the
 chosen response's log-prob change from SFT (average per token, and summed: a negative change is likelihood
-displacement), the greedy answers' mean length in tokens (SFT's is the same for every loss), and the scorer's
-win rate and length-controlled win rate against SFT; plus every adapter's win rate against every other
-(the same greedy prompts, eval's own statistics). Prints the tables and appends one row to
-benchmarks/results_family.jsonl.
+displacement), the greedy answers' mean length in tokens and its change from SFT's answers to the same prompts,
+the scorer's win rate and length-controlled win rate against SFT, and the KL from SFT per response token (eval's
+mean over the held-out responses' tokens, no interval); plus every adapter's win rate against every other (the
+comparison's own statistics). Prints the tables and appends one row to benchmarks/results_family.jsonl.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ from bench_onpolicy import ci, read_jsonl, versions  # noqa: E402
 
 LOSSES = ("simpo", "dpo", "orpo", "cpo", "arpo")
 SCORER = "qsimpo.pairs.examples:concise_complete"
-EVAL_TOGETHER = False  # True once `qsimpo eval A B C` takes several adapters in one call (one base, SFT scored once)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,15 +62,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated loss.type values, trained in this order")
     p.add_argument("--steps", type=int, default=24, help="optimizer steps per loss (the quickstart's 24)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer in eval")
-    p.add_argument("--jobs", type=int, default=1, help="commands run at once (trainings, then evals): for spare cores")
+    p.add_argument("--generate", type=int, default=None,
+                   help="answer only the first N held-out prompts (eval's --generate; default: every one)")
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="read only the first N held-out pairs (eval's --max-rows; default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="trainings run at once: for spare cores")
     p.add_argument("--reuse", action="store_true",
-                   help="keep --work: a loss whose adapter finished --steps, and an eval that wrote eval.json, are not run again")
+                   help="keep --work: a loss whose adapter finished --steps, and an eval that wrote eval/eval.json, are not "
+                        "run again")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results_family.jsonl"),
                    help="JSONL file the run's row is appended to ('' for none)")
     args = p.parse_args(argv)
     unknown = [x for x in args.losses.split(",") if x not in LOSSES]
     if unknown:
         p.error(f"--losses: {', '.join(unknown)} is not one of {', '.join(LOSSES)}")
+    if len(set(args.losses.split(","))) < 2 or len(set(args.losses.split(","))) < len(args.losses.split(",")):
+        p.error(f"--losses {args.losses}: give two or more different losses (the benchmark compares them)")
     return args
 
 
@@ -99,16 +106,28 @@ def train_command(loss: str, base: str, configs: dict, steps: int) -> list[str]:
             "--train.max_steps", str(steps), "--train.logging_steps", "1", "--train.progress", "false"]
 
 
-def eval_commands(losses: list[str], max_new_tokens: int) -> list[list[str]]:
-    common = ["--data", "heldout.jsonl", "--scorer", SCORER, "--max-new-tokens", str(max_new_tokens)]
-    if EVAL_TOGETHER:
-        return [["qsimpo", "eval", *[f"{x}/adapter" for x in losses], *common, "--out", "eval"]]
-    return [["qsimpo", "eval", f"{x}/adapter", *common, "--out", f"{x}/eval"] for x in losses]
+def eval_command(losses: list[str], max_new_tokens: int, generate: int | None, max_rows: int | None) -> list[str]:
+    """One ``qsimpo eval`` of every adapter on the one base: SFT scored and answering once, every adapter beside it."""
+    return (["qsimpo", "eval", *[f"{x}/adapter" for x in losses], "--data", "heldout.jsonl", "--scorer", SCORER,
+             "--max-new-tokens", str(max_new_tokens), "--out", "eval"]
+            + (["--generate", str(generate)] if generate is not None else [])
+            + (["--max-rows", str(max_rows)] if max_rows is not None else []))
 
 
-def read_evals(work: Path, losses: list[str]) -> dict[str, dict]:
-    """Each adapter's eval.json (one per adapter while evals run one adapter at a time)."""
-    return {x: json.loads((work / x / "eval" / "eval.json").read_text()) for x in losses}
+def read_eval(path: Path, losses: list[str]) -> tuple[dict, dict[str, str]]:
+    """(the comparison's eval.json, {loss: its adapter's label there}); the labels are found by each adapter's loss."""
+    ev = json.loads(path.read_text())
+    if ev.get("kind") != "comparison":
+        raise SystemExit(f"{path} is not the eval.json of several adapters (kind {ev.get('kind')!r}, not 'comparison'): "
+                         "run `qsimpo eval` with every loss's adapter, or delete it and rerun without --reuse")
+    labels = {a["loss"]["type"]: a["name"] for a in ev["adapters"]}
+    missing = [x for x in losses if x not in labels]
+    if missing or len(labels) != len(ev["adapters"]):
+        raise SystemExit(f"{path} compares {', '.join(a['name'] for a in ev['adapters'])}, not one adapter for each of "
+                         f"{', '.join(losses)}: delete it and rerun")
+    if ev["per_pair"] is None or ev["scorer"] is None:
+        raise SystemExit(f"{path} has no held-out pairs or no scorer section: it was not written by this benchmark")
+    return ev, {x: labels[x] for x in losses}
 
 
 def run_all(cmds: list[tuple[str, list[str]]], work: Path, jobs: int) -> dict[str, float]:
@@ -145,41 +164,41 @@ def boot(values, seed: int = 0) -> dict:
     return {"mean": float(v.mean()), "ci": percentile_interval(v[resample_indices(v.size, seed=seed)].mean(-1))}
 
 
-def summarize(ev: dict) -> dict:
-    """One adapter's numbers from its eval.json: per-pair log-probs (average per token) and the judged answers."""
+def summarize(ev: dict, label: str) -> dict:
+    """One adapter's numbers from the comparison's eval.json: per-pair log-probs (average per token) against the SFT
+    model's, its greedy answers' lengths, the scorer's verdict against SFT and its KL from SFT."""
     pp = ev["per_pair"]
-    a_c, a_r = np.array(pp["aligned_logp_chosen"]), np.array(pp["aligned_logp_rejected"])
+    a_c, a_r = np.array(pp[f"{label}_logp_chosen"]), np.array(pp[f"{label}_logp_rejected"])
     s_c, s_r = np.array(pp["sft_logp_chosen"]), np.array(pp["sft_logp_rejected"])
     n_c = np.array(pp["chosen_len"], dtype=float)
-    sc = ev["scorer"]
+    samples = ev["generation"]["samples"]
+    tokens = np.array([s["tokens"][label] for s in samples], dtype=float)
+    sft_tokens = np.array([s["tokens"]["sft"] for s in samples], dtype=float)
+    sc = next(c for c in ev["scorer"]["comparisons"] if c["model"] == label and c["against"] == "sft")
+    gen = ev["generation"]["models"][label]
     return {
         "pairs": len(a_c),
         "accuracy": boot(a_c > a_r), "sft_accuracy": boot(s_c > s_r),
         "margin": boot(a_c - a_r), "sft_margin": boot(s_c - s_r),
         "chosen_change_avg": boot(a_c - s_c), "chosen_change_sum": boot((a_c - s_c) * n_c),
         "rejected_change_avg": boot(a_r - s_r),
-        "prompts": sc["n"], "tokens": sc["mean_length_tokens"], "mean_score": sc["mean_score"],
-        "mean_score_ci": sc["mean_score_ci"], "win_rate": sc["win_rate"], "win_rate_ci": sc["win_rate_ci"],
-        "lc_win_rate": sc["lc_win_rate"], "lc_win_rate_ci": sc["lc_win_rate_ci"],
+        "kl_from_sft": next(a["kl_from_sft"] for a in ev["adapters"] if a["name"] == label),
+        "prompts": sc["n"], "tokens": boot(tokens), "sft_tokens": boot(sft_tokens),
+        "tokens_change": boot(tokens - sft_tokens), "unfinished_rate": gen["unfinished_rate"],
+        "mean_score": sc["mean_score"], "mean_score_ci": sc["mean_score_ci"],
+        "win_rate": sc["win_rate"], "win_rate_ci": sc["win_rate_ci"],
+        "lc_win_rate": sc["lc_win_rate"], "lc_win_rate_ci": sc["lc_win_rate_ci"], "lc_fallback": sc["lc_fallback"],
         "wins": [sc["wins"], sc["losses"], sc["ties"]],
     }
 
 
-def head_to_head(evals: dict[str, dict]) -> dict:
-    """Every adapter's greedy answers against every other's, on the same prompts: eval's own statistics."""
-    from qsimpo.eval.metrics import scored_answers
-
-    out, names = {}, list(evals)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            sa, sb = evals[a]["generation"]["samples"], evals[b]["generation"]["samples"]
-            if [s["prompt"] for s in sa] != [s["prompt"] for s in sb]:
-                raise SystemExit(f"the evals of {a} and {b} answered different prompts; cannot compare them")
-            st = scored_answers([s["aligned_score"] for s in sa], [s["aligned_score"] for s in sb],
-                                [s["aligned_tokens"] for s in sa], [s["aligned_tokens"] for s in sb])
-            out[f"{b} vs {a}"] = {"win_rate": st["win_rate"], "win_rate_ci": st["win_rate_ci"],
-                                  "wins": [st["wins"], st["losses"], st["ties"]]}
-    return out
+def head_to_head(ev: dict, labels: dict[str, str]) -> dict:
+    """Every adapter's greedy answers against every other's, on the same prompts: the comparison's own statistics."""
+    loss = {v: k for k, v in labels.items()}
+    return {f"{loss[c['model']]} vs {loss[c['against']]}": {
+                "win_rate": c["win_rate"], "win_rate_ci": c["win_rate_ci"], "lc_win_rate": c["lc_win_rate"],
+                "lc_win_rate_ci": c["lc_win_rate_ci"], "wins": [c["wins"], c["losses"], c["ties"]]}
+            for c in ev["scorer"]["comparisons"] if c["against"] != "sft" and c["model"] in loss and c["against"] in loss}
 
 
 def training(work: Path, loss: str) -> dict:
@@ -193,24 +212,37 @@ def show(r: dict) -> str:
     return f"{r['mean']:+.3f} {ci(r['ci'])}"
 
 
+def results(ev: dict, labels: dict[str, str]) -> dict:
+    """Every number the benchmark reports from the comparison's eval.json, per loss and head to head."""
+    first = next(iter(labels.values()))
+    return {"losses": {x: summarize(ev, label) for x, label in labels.items()}, "head_to_head": head_to_head(ev, labels),
+            "sft": {k: summarize(ev, first)[k] for k in ("sft_accuracy", "sft_margin", "sft_tokens", "pairs", "prompts")},
+            "labels": labels}
+
+
 def print_tables(res: dict) -> None:
     print("\n| loss | held-out reward accuracy | margin (avg log-prob) | chosen log-prob change vs SFT, avg / summed "
-          "| rejected change (avg) | answer tokens (SFT) | win rate vs SFT | LC win rate | training loop s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| rejected change (avg) | KL from SFT per token | answer tokens (change vs SFT) | win rate vs SFT "
+          "| LC win rate vs SFT | training loop s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for loss, s in res["losses"].items():
-        t = res["training"][loss]
+        t = res.get("training", {}).get(loss) or {}
         ref = t["reference"]["train"]["seconds"] if t.get("reference") else None
+        train = f"{t['train_runtime_s']:.0f}" if t.get("train_runtime_s") else "-"
         print(f"| {loss} | {s['accuracy']['mean']:.3f} {ci(s['accuracy']['ci'])} | {show(s['margin'])} | "
               f"{show(s['chosen_change_avg'])} / {show(s['chosen_change_sum'])} | {show(s['rejected_change_avg'])} | "
-              f"{s['tokens']['aligned']:.1f} ({s['tokens']['sft']:.1f}) | {s['win_rate']:.3f} {ci(s['win_rate_ci'])} | "
-              f"{s['lc_win_rate']:.3f} {ci(s['lc_win_rate_ci'])} | {res['training'][loss]['train_runtime_s'] or 0:.0f}"
-              + (f" (+ reference {ref:.0f})" if ref else "") + " |")
-    first = next(iter(res["losses"].values()))
-    print(f"\nSFT (adapter off): reward accuracy {first['sft_accuracy']['mean']:.3f} {ci(first['sft_accuracy']['ci'])}, "
-          f"margin {show(first['sft_margin'])}, {first['pairs']} held-out pairs, {first['prompts']} prompts answered")
-    print("\n| head to head (greedy answers, same prompts) | win rate | W / L / T |\n|---|---|---|")
+              f"{s['kl_from_sft']['per_token']:.4f} | {s['tokens']['mean']:.1f} ({show(s['tokens_change'])}) | "
+              f"{s['win_rate']:.3f} {ci(s['win_rate_ci'])} {'/'.join(map(str, s['wins']))} | "
+              f"{s['lc_win_rate']:.3f} {ci(s['lc_win_rate_ci'])} | {train}" + (f" (+ reference {ref:.0f})" if ref else "")
+              + " |")
+    sft = res["sft"]
+    print(f"\nSFT (adapters off): reward accuracy {sft['sft_accuracy']['mean']:.3f} {ci(sft['sft_accuracy']['ci'])}, "
+          f"margin {show(sft['sft_margin'])}, answer tokens {sft['sft_tokens']['mean']:.1f} {ci(sft['sft_tokens']['ci'])}; "
+          f"{sft['pairs']} held-out pairs, {sft['prompts']} prompts answered")
+    print("\n| head to head (greedy answers, same prompts) | win rate | W / L / T | LC win rate |\n|---|---|---|---|")
     for k, v in res["head_to_head"].items():
-        print(f"| {k} | {v['win_rate']:.3f} {ci(v['win_rate_ci'])} | {'/'.join(map(str, v['wins']))} |")
+        print(f"| {k} | {v['win_rate']:.3f} {ci(v['win_rate_ci'])} | {'/'.join(map(str, v['wins']))} | "
+              f"{v['lc_win_rate']:.3f} {ci(v['lc_win_rate_ci'])} |")
 
 
 def main(argv=None) -> None:
@@ -237,17 +269,14 @@ def main(argv=None) -> None:
     seconds = {x: {} for x in losses}
     for name, wall in run_all(trains, work, args.jobs).items():
         seconds[name.split("/")[0]]["train"] = wall
-    evals = [(f"eval-{i}", cmd) for i, cmd in enumerate(eval_commands(losses, args.max_new_tokens))
-             if not (args.reuse and all((work / x / "eval" / "eval.json").exists() for x in losses if f"{x}/adapter" in cmd))]
-    for name, wall in run_all(evals, work, args.jobs).items():
-        cmd = dict(evals)[name]
-        for loss in losses:
-            if f"{loss}/adapter" in cmd:
-                seconds[loss]["eval"] = wall
+    eval_json = work / "eval" / "eval.json"
+    evals = [] if args.reuse and eval_json.exists() else [
+        ("eval", eval_command(losses, args.max_new_tokens, args.generate, args.max_rows))]
+    seconds["eval"] = run_all(evals, work, 1).get("eval")
     commands = [shlex.join(c) for _, c in trains + evals]
-    evals = read_evals(work, losses)
-    res = {"losses": {x: summarize(evals[x]) for x in losses}, "training": {x: training(work, x) for x in losses},
-           "head_to_head": head_to_head(evals), "seconds": seconds}
+    ev, labels = read_eval(eval_json, losses)
+    res = {**results(ev, labels), "training": {x: training(work, x) for x in losses}, "seconds": seconds,
+           "eval_seconds_recorded": ev.get("seconds")}
     print_tables(res)
     total = time.perf_counter() - t0
     print(f"\ntotal {total:.0f} s; load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")

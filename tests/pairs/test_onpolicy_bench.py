@@ -1,5 +1,6 @@
 """benchmarks/onpolicy_prompts.py (held-out questions never trained on, instructions the scorer finds) and the
-bookkeeping of benchmarks/bench_onpolicy.py; the slow test runs the whole runner on a tiny random base."""
+bookkeeping of benchmarks/bench_onpolicy.py (the slow test runs the whole runner on a tiny random base), and how
+benchmarks/bench_family.py reads the comparison eval.json of its one `qsimpo eval` of every loss's adapter."""
 
 from __future__ import annotations
 
@@ -99,3 +100,80 @@ def test_the_runner_on_a_tiny_base(tmp_path):
         assert cpu["pairs"] > 0 and cpu["round"] == pytest.approx(cpu["pairs"] + cpu["train"] + cpu["eval"], abs=0.2)
         assert r["eval"]["n"] == 4 and len(r["eval"]["examples"]) == 3
     assert row["round2_vs_round1"]["wins"] + row["round2_vs_round1"]["losses"] + row["round2_vs_round1"]["ties"] == 4
+
+
+# ------------------------------------------------------------------- benchmarks/bench_family.py's reading
+def family_eval() -> dict:
+    """A hand-made comparison eval.json (qsimpo eval simpo/adapter dpo/adapter): 4 held-out pairs, 3 prompts answered;
+    the scorer section built by compare.py's own functions, so its keys are the ones eval writes."""
+    from qsimpo.eval import metrics as M
+    from qsimpo.eval.compare import comparison
+
+    logp = {"sft": ([-1.0, -1.2, -0.8, -1.5], [-1.1, -1.0, -0.9, -1.4]),  # right on pairs 0 and 2
+            "simpo/adapter": ([-0.9, -1.0, -0.7, -1.3], [-1.5, -1.6, -1.2, -1.8]),  # right on all; chosen up 0.1-0.2
+            "dpo/adapter": ([-1.2, -1.5, -1.0, -1.6], [-1.1, -1.8, -1.3, -1.9])}  # wrong on pair 0; chosen down
+    tokens = {"sft": [10, 12, 8], "simpo/adapter": [6, 7, 5], "dpo/adapter": [15, 14, 13]}
+    scores = {"sft": [0.0, 0.5, 0.0], "simpo/adapter": [1.0, 1.0, 0.5], "dpo/adapter": [0.0, 0.5, 1.0]}
+    found = [comparison(a, b, M.scored_answers(scores[b], scores[a], tokens[b], tokens[a], seed=0))
+             for a, b in (("simpo/adapter", "sft"), ("dpo/adapter", "sft"), ("simpo/adapter", "dpo/adapter"))]
+    return {"schema_version": 2, "kind": "comparison",
+            "adapters": [{"name": "simpo/adapter", "adapter": "simpo/adapter", "loss": {"type": "simpo", "beta": 2.5},
+                          "kl_from_sft": {"per_token": 0.05, "chosen": 0.04, "rejected": 0.06, "tokens": 100}},
+                         {"name": "dpo/adapter", "adapter": "dpo/adapter", "loss": {"type": "dpo", "beta": 0.1},
+                          "kl_from_sft": {"per_token": 0.2, "chosen": 0.1, "rejected": 0.3, "tokens": 100}}],
+            "per_pair": {"location": [f"heldout.jsonl:{i + 1}" for i in range(4)], "chosen_len": [10, 20, 10, 20],
+                         "rejected_len": [5, 5, 5, 5],
+                         **{f"{m}_logp_{side}": v[k] for m, v in logp.items() for k, side in enumerate(("chosen", "rejected"))}},
+            "generation": {"n": 3, "models": {m: M.generation_metrics(["x."] * 3, t, [True, True, m != "dpo/adapter"])
+                                              for m, t in tokens.items()},
+                           "samples": [{"prompt": f"q{k}", "tokens": {m: t[k] for m, t in tokens.items()},
+                                        "scores": {m: s[k] for m, s in scores.items()}} for k in range(3)]},
+            "scorer": {"spec": "qsimpo.pairs.examples:concise_complete", "comparisons": found}}
+
+
+def test_family_reads_the_comparison_eval_per_loss(tmp_path, capsys):
+    import bench_family
+
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(family_eval()))
+    ev, labels = bench_family.read_eval(path, ["dpo", "simpo"])  # the labels are found by loss, in the order asked
+    assert labels == {"dpo": "dpo/adapter", "simpo": "simpo/adapter"}
+    res = bench_family.results(ev, labels)
+    assert list(res["losses"]) == ["dpo", "simpo"]
+    simpo, dpo = res["losses"]["simpo"], res["losses"]["dpo"]
+    assert simpo["accuracy"]["mean"] == 1.0 and dpo["accuracy"]["mean"] == 0.75 and res["sft"]["sft_accuracy"]["mean"] == 0.5
+    assert dpo["accuracy"]["ci"][0] < 0.75 <= dpo["accuracy"]["ci"][1]
+    assert simpo["chosen_change_avg"]["mean"] == pytest.approx(0.15) and simpo["chosen_change_sum"]["mean"] == pytest.approx(2.5)
+    assert dpo["chosen_change_avg"]["mean"] == pytest.approx(-0.2) and dpo["chosen_change_sum"]["mean"] == pytest.approx(-3.0)
+    assert dpo["chosen_change_avg"]["ci"][1] < 0  # likelihood displacement on every pair
+    assert dpo["margin"]["mean"] == pytest.approx((-0.1 + 0.3 + 0.3 + 0.3) / 4)
+    assert simpo["tokens"]["mean"] == 6.0 and dpo["tokens_change"]["mean"] == pytest.approx(4.0)
+    assert res["sft"]["sft_tokens"]["mean"] == 10.0 and dpo["unfinished_rate"] == pytest.approx(1 / 3)
+    assert simpo["kl_from_sft"]["per_token"] == 0.05 and dpo["kl_from_sft"]["per_token"] == 0.2
+    assert simpo["wins"] == [3, 0, 0] and simpo["win_rate"] == 1.0
+    assert dpo["wins"] == [1, 0, 2] and dpo["win_rate"] == pytest.approx(2 / 3)  # a tie counts half
+    assert res["head_to_head"].keys() == {"simpo vs dpo"}
+    assert res["head_to_head"]["simpo vs dpo"]["wins"] == [2, 1, 0]
+    assert res["head_to_head"]["simpo vs dpo"]["win_rate"] == pytest.approx(2 / 3)
+    bench_family.print_tables(res)
+    out = capsys.readouterr().out
+    assert "| dpo | 0.750 [" in out and "| simpo | 1.000 [1.000, 1.000] |" in out and "| simpo vs dpo | 0.667 [" in out
+    assert "0.2000 | 14.0 (+4.000 [" in out and "4 held-out pairs, 3 prompts answered" in out
+
+
+def test_family_runs_one_eval_and_refuses_what_it_cannot_read(tmp_path):
+    import bench_family
+
+    cmd = bench_family.eval_command(["simpo", "dpo"], 64, 8, None)
+    assert cmd[:4] == ["qsimpo", "eval", "simpo/adapter", "dpo/adapter"] and cmd[-2:] == ["--generate", "8"]
+    assert "--max-rows" not in cmd and cmd[cmd.index("--out") + 1] == "eval"
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"schema_version": 2, "per_pair": {}}))
+    with pytest.raises(SystemExit, match="not the eval.json of several adapters"):
+        bench_family.read_eval(one, ["simpo", "dpo"])
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(family_eval()))
+    with pytest.raises(SystemExit, match="not one adapter for each of simpo, orpo"):
+        bench_family.read_eval(path, ["simpo", "orpo"])
+    with pytest.raises(SystemExit):
+        bench_family.parse_args(["--losses", "simpo"])
