@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from qsimpo.eval.report import CSS, GEN_ROWS, ROWS, _ci, _fmt, _img, _png, _score, _table, sampling
+from qsimpo.eval.report import GEN_ROWS, ROWS, _ci, _fmt, _img, _png, _score, _table, sampling, write_page
 
 SHARED_ROWS = [("reward accuracy", "reward_accuracy", 3), ("margin Δ avg log-prob (mean)", "margin_mean", 4),
                ("margin Δ avg log-prob (median)", "margin_median", 4), ("avg log-prob, chosen", "logp_chosen_mean", 4),
@@ -152,8 +152,4 @@ def write_report(result: dict, path: str | Path) -> Path:
                             [[x["prompt"]] + [f"{x['answers'][k]}\n({x['tokens'][k]} tokens"
                                               + (f", score {_score(x['scores'][k])})" if scored else ")") for k, _ in cols]
                              for x in g["samples"]]))
-    doc = (f"<!doctype html><html><head><meta charset=utf-8><title>qsimpo eval</title><style>{CSS}</style></head>"
-           f"<body>{''.join(parts)}</body></html>\n")
-    path = Path(path)
-    path.write_text(doc, encoding="utf-8")
-    return path
+    return write_page(parts, path)

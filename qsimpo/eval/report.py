@@ -267,6 +267,15 @@ def scorer_parts(result: dict) -> list[str]:
             _img(outcome_plot(result), "outcome vs length difference")]
 
 
+def write_page(parts: list[str], path: str | Path) -> Path:
+    """The HTML parts as one self-contained page (styles inline, plots as data URIs) at ``path``."""
+    doc = (f"<!doctype html><html><head><meta charset=utf-8><title>qsimpo eval</title><style>{CSS}</style></head>"
+           f"<body>{''.join(parts)}</body></html>\n")
+    path = Path(path)
+    path.write_text(doc, encoding="utf-8")
+    return path
+
+
 def write_report(result: dict, rows: list[dict], path: str | Path) -> Path:
     """Render report.html next to eval.json; every image is inline."""
     import matplotlib
@@ -286,8 +295,4 @@ def write_report(result: dict, rows: list[dict], path: str | Path) -> Path:
         parts.append(_table(head, [[x["prompt"], x["sft"], x["aligned"], x["sft_tokens"], x["aligned_tokens"]]
                                    + ([_score(x["sft_score"]), _score(x["aligned_score"])] if j else [])
                                    for x in g["samples"]]))
-    doc = (f"<!doctype html><html><head><meta charset=utf-8><title>qsimpo eval</title><style>{CSS}</style></head>"
-           f"<body>{''.join(parts)}</body></html>\n")
-    path = Path(path)
-    path.write_text(doc, encoding="utf-8")
-    return path
+    return write_page(parts, path)
