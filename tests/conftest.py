@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -238,10 +239,10 @@ def set_slider(page, elem_id: str, value: str) -> None:
                          f"box {page.input_value(box)!r}, slider {page.input_value(track)!r}")
 
 
-def chat_in_browser(url: str, prompt: str, max_new_tokens: int, screenshot: Path, timeout_ms: int = 60_000) -> dict:
-    """In a real headless Chromium: set max new tokens, send ``prompt`` to both columns, wait for both answers and
-    their stats, vote "right better", screenshot the page. Returns what the page showed: the user's message and the
-    two answers (as rendered)."""
+@contextlib.contextmanager
+def sent_in_browser(url: str, prompt: str, max_new_tokens: int, width: int):
+    """A real headless Chromium page on the demo at ``url`` with max new tokens set and ``prompt`` sent; closed after
+    (skips where the machine has no Chromium)."""
     from playwright import sync_api  # tests/requirements.txt: a missing one is an install error, not a skip
 
     executable = chromium()
@@ -250,24 +251,32 @@ def chat_in_browser(url: str, prompt: str, max_new_tokens: int, screenshot: Path
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page = browser.new_page(viewport={"width": width, "height": 900})
             page.goto(url, wait_until="domcontentloaded")
             page.get_by_text("Generation settings").click()
             set_slider(page, "#max-new-tokens", str(max_new_tokens))
             page.fill("#message textarea", prompt)
             page.press("#message textarea", "Enter")
-            both = ("() => ['left', 'right'].every(s => document.querySelector(`#stats-${s}`).innerText.includes('tokens')"
-                    " && document.querySelector(`#chat-${s} [data-testid=bot]`)?.innerText.trim())")
-            page.wait_for_function(both, timeout=timeout_ms)
-            shown = {s: page.locator(f"#chat-{s} [data-testid=bot]").inner_text().strip() for s in ("left", "right")}
-            shown["user"] = page.locator("#chat-left [data-testid=user]").inner_text().strip()
-            page.click("#vote-right")
-            page.wait_for_function("() => document.querySelector('#vote-status').innerText.startsWith('Recorded')",
-                                   timeout=30_000)
-            time.sleep(0.3)  # let the status finish rendering for the screenshot
-            page.screenshot(path=str(screenshot), full_page=True)
+            yield page
         finally:
             browser.close()
+
+
+def chat_in_browser(url: str, prompt: str, max_new_tokens: int, screenshot: Path, timeout_ms: int = 60_000) -> dict:
+    """In a real headless Chromium: set max new tokens, send ``prompt`` to both columns, wait for both answers and
+    their stats, vote "right better", screenshot the page. Returns what the page showed: the user's message and the
+    two answers (as rendered)."""
+    with sent_in_browser(url, prompt, max_new_tokens, width=1100) as page:
+        both = ("() => ['left', 'right'].every(s => document.querySelector(`#stats-${s}`).innerText.includes('tokens')"
+                " && document.querySelector(`#chat-${s} [data-testid=bot]`)?.innerText.trim())")
+        page.wait_for_function(both, timeout=timeout_ms)
+        shown = {s: page.locator(f"#chat-{s} [data-testid=bot]").inner_text().strip() for s in ("left", "right")}
+        shown["user"] = page.locator("#chat-left [data-testid=user]").inner_text().strip()
+        page.click("#vote-right")
+        page.wait_for_function("() => document.querySelector('#vote-status').innerText.startsWith('Recorded')",
+                               timeout=30_000)
+        time.sleep(0.3)  # let the status finish rendering for the screenshot
+        page.screenshot(path=str(screenshot), full_page=True)
     return shown
 
 
@@ -287,34 +296,19 @@ def columns_in_browser(url: str, prompt: str, columns: list[str], max_new_tokens
     each column's label as the page names it) in the vote dropdowns, press ``vote`` ("left", "right", ...),
     screenshot the page. Returns what the page showed: each column's label and answer, the user's message, the
     vote status."""
-    from playwright import sync_api
-
-    executable = chromium()
-    if executable is None:
-        pytest.skip("no Chromium on this machine: apt-get install chromium (.ci/run does), or set QSIMPO_CHROMIUM")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(url, wait_until="domcontentloaded")
-            page.get_by_text("Generation settings").click()
-            set_slider(page, "#max-new-tokens", str(max_new_tokens))
-            page.fill("#message textarea", prompt)
-            page.press("#message textarea", "Enter")
-            every = (f"() => {columns!r}.every(c => document.querySelector(`#stats-${{c}}`).innerText.includes('tokens')"
-                     " && document.querySelector(`#chat-${c} [data-testid=bot]`)?.innerText.trim())")
-            page.wait_for_function(every, timeout=timeout_ms)
-            shown = {c: {"answer": page.locator(f"#chat-{c} [data-testid=bot]").inner_text().strip(),
-                         "label": page.locator(f"#chat-{c} [data-testid=block-label]").inner_text().strip()} for c in columns}
-            shown["user"] = {c: page.locator(f"#chat-{c} [data-testid=user]").inner_text().strip() for c in columns}
-            for side, column in zip(("left", "right"), pick):
-                pick_option(page, f"#vote-{side}-column", labels[column])
-            page.click(f"#vote-{vote.replace('_', '-')}")
-            page.wait_for_function("() => document.querySelector('#vote-status').innerText.startsWith('Recorded')",
-                                   timeout=30_000)
-            shown["status"] = page.locator("#vote-status").inner_text()
-            time.sleep(0.3)  # let the status finish rendering for the screenshot
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
+    with sent_in_browser(url, prompt, max_new_tokens, width=1400) as page:
+        every = (f"() => {columns!r}.every(c => document.querySelector(`#stats-${{c}}`).innerText.includes('tokens')"
+                 " && document.querySelector(`#chat-${c} [data-testid=bot]`)?.innerText.trim())")
+        page.wait_for_function(every, timeout=timeout_ms)
+        shown = {c: {"answer": page.locator(f"#chat-{c} [data-testid=bot]").inner_text().strip(),
+                     "label": page.locator(f"#chat-{c} [data-testid=block-label]").inner_text().strip()} for c in columns}
+        shown["user"] = {c: page.locator(f"#chat-{c} [data-testid=user]").inner_text().strip() for c in columns}
+        for side, column in zip(("left", "right"), pick):
+            pick_option(page, f"#vote-{side}-column", labels[column])
+        page.click(f"#vote-{vote.replace('_', '-')}")
+        page.wait_for_function("() => document.querySelector('#vote-status').innerText.startsWith('Recorded')",
+                               timeout=30_000)
+        shown["status"] = page.locator("#vote-status").inner_text()
+        time.sleep(0.3)  # let the status finish rendering for the screenshot
+        page.screenshot(path=str(screenshot), full_page=True)
     return shown
