@@ -240,6 +240,33 @@ def set_slider(page, elem_id: str, value: str) -> None:
 
 
 @contextlib.contextmanager
+def serve_demo(chat, votes: Path):
+    """The demo app over ``chat`` (a SideBySide), launched without blocking on a free port: (url, votes file); closed
+    afterwards."""
+    from qsimpo.demo import app
+
+    demo = app.build_app(chat, votes)
+    _, url, _ = demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                     quiet=True, theme=app.THEME, css=app.CSS, ssr_mode=False)
+    try:
+        yield url, demo.votes_path
+    finally:
+        demo.close()
+
+
+def trained_spans(ids: list[int], mask: list[int]) -> list[list[int]]:
+    """The runs of token ids an assistant mask trains, in order."""
+    spans, cur = [], []
+    for i, m in zip(ids + [None], mask + [0]):
+        if m:
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    return spans
+
+
+@contextlib.contextmanager
 def sent_in_browser(url: str, prompt: str, max_new_tokens: int, width: int):
     """A real headless Chromium page on the demo at ``url`` with max new tokens set and ``prompt`` sent; closed after
     (skips where the machine has no Chromium)."""

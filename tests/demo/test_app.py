@@ -10,22 +10,15 @@ import threading
 
 import pytest
 
-from conftest import chat_in_browser, free_port, make_config, message_text as _text
+from conftest import chat_in_browser, make_config, message_text as _text, serve_demo
 
 PROMPT = "Tell me about owls."
 
 @pytest.fixture
 def served(chat, tmp_path):
     """(url, votes file) of the demo app over ``chat``, launched without blocking and closed afterwards."""
-    from qsimpo.demo import app
-
-    demo = app.build_app(chat, tmp_path / "votes.jsonl")
-    _, url, _ = demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                                     quiet=True, theme=app.THEME, css=app.CSS, ssr_mode=False)
-    try:
-        yield url, demo.votes_path
-    finally:
-        demo.close()
+    with serve_demo(chat, tmp_path / "votes.jsonl") as served:
+        yield served
 
 
 def test_client_both_columns_answer_and_votes_become_training_rows(served, tiny_base, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import USER, columns_in_browser, free_port, make_config
+from conftest import USER, columns_in_browser, make_config, serve_demo
 from qsimpo.demo.sides import Settings, SideBySide
 from test_sides import alone, spy_generate
 
@@ -221,15 +221,8 @@ def test_app_serves_every_column_and_votes_name_the_compared_pair(multi, tmp_pat
 @pytest.fixture
 def served(multi, tmp_path):
     """(url, votes file) of the demo app over ``multi`` (SFT | simpo-run | dpo-run), closed afterwards."""
-    from qsimpo.demo import app
-
-    demo = app.build_app(multi, tmp_path / "votes.jsonl")
-    _, url, _ = demo.queue().launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                                     quiet=True, theme=app.THEME, css=app.CSS, ssr_mode=False)
-    try:
-        yield url, demo.votes_path
-    finally:
-        demo.close()
+    with serve_demo(multi, tmp_path / "votes.jsonl") as served:
+        yield served
 
 
 def test_browser_every_column_answers_and_a_vote_names_the_picked_pair(served, multi, tmp_path):
