@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import trained_spans
 from qsimpo import realmodel
 from qsimpo.config import ModelConfig
 
@@ -154,12 +155,6 @@ def test_gemma_template_is_gemmas_turn_format_and_training_ends_at_end_of_turn()
     assert turn_end_id(tok) == end  # where generation stops
     enc = tokenize_conversation(tok, normalise_conversation({"messages": messages}), 512)
     ids, mask = enc["input_ids"], enc["assistant_mask"]
-    spans, cur = [], []
-    for i, m in zip(ids + [None], mask + [0]):
-        if m:
-            cur.append(i)
-        elif cur:
-            spans.append(cur)
-            cur = []
+    spans = trained_spans(ids, mask)
     assert [s[-1] for s in spans] == [end, end]  # each answer is trained to stop at <end_of_turn>
     assert [tok.decode(s[:-1]).strip() for s in spans] == ["Hello there", "Rain is water."]

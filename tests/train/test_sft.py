@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_config
+from conftest import ROOT, make_config, trained_spans
 from qsimpo.data.conversations import normalise_conversation, tokenize_conversation
 from qsimpo.data.formats import _Bad
 from qsimpo.train.sft import ConversationCollator, assistant_logps, pack_rows, sft
@@ -46,13 +46,7 @@ def test_mask_covers_every_assistant_turn_and_nothing_else(tok, pref_rows):
     # the whole sequence is the template's rendering of the conversation, each turn closed by EOS
     whole = tok.apply_chat_template(conv["messages"], tokenize=False)
     assert tok.decode(ids, skip_special_tokens=False).replace("</s>", "") == whole
-    spans, cur = [], []
-    for i, m in zip(ids + [None], mask + [0]):
-        if m:
-            cur.append(i)
-        elif cur:
-            spans.append(cur)
-            cur = []
+    spans = trained_spans(ids, mask)
     r = pref_rows[0]
     assert [tok.decode(s, skip_special_tokens=False) for s in spans] == [f"{r['chosen']}\n</s>", f"{r['rejected']}\n</s>"]
     assert all(s[-1] == tok.eos_token_id for s in spans)  # each turn ends at the end-of-turn token
