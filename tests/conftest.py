@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -194,6 +195,17 @@ def message_text(message: dict) -> str:
     """The text of a chat message as gradio hands it back (a string, or a list of text parts)."""
     content = message["content"]
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+
+
+def demo_url(server: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+    """The URL a `qsimpo demo` process prints (its output going to ``log``), once the page answers there."""
+    deadline = time.time() + timeout
+    while not (found := re.search(r"Running on local URL:\s+(http://\S+)", log.read_text())):
+        assert server.poll() is None and time.time() < deadline, f"the demo did not start:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+    url = found.group(1).rstrip("/") + "/"
+    wait_for(url, server, log)
+    return url
 
 
 def wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 300) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, chat_in_browser, message_text, wait_for
+from conftest import ROOT, chat_in_browser, demo_url, message_text
 from test_docs import shape, shown_output
 from qsimpo.realmodel import HUB_ID
 
@@ -101,12 +101,7 @@ def test_quickstart_demo_train_eval_merge_push_quickstart(tmp_path, smollm2_gguf
         server = subprocess.Popen(qsimpo_command() + ["demo"], cwd=user.home, env=user.env, stdout=sink,
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while not (url := re.search(r"Running on local URL:\s+(http://\S+)", log.read_text())):
-            assert server.poll() is None and time.time() < deadline, f"the demo did not start:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
-        url = url.group(1).rstrip("/") + "/"
-        wait_for(url, server, log)
+        url = demo_url(server, log)
         client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
         _, left, right, left_stats, right_stats, _ = client.predict(QUESTION, "", 0.0, 1.0, 40, 0, api_name="/send")
         sft_answer, aligned_answer = message_text(left[-1]), message_text(right[-1])

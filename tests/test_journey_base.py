@@ -14,14 +14,12 @@ base model that has never chatted (no chat template):
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import build_tiny_base, free_port, message_text, wait_for
+from conftest import build_tiny_base, free_port, demo_url, message_text
 
 pytestmark = pytest.mark.usefixtures("processes")  # every test here starts processes: integration tier
 
@@ -99,12 +97,7 @@ def test_sft_train_eval_demo_merge_from_a_base_without_template(tmp_path, pref_r
         server = subprocess.Popen([sys.executable, "-m", "qsimpo", "demo", "--adapter", "adapters/simpo", "--port", str(port)], cwd=home,
                                   stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 300
-        while not (url := re.search(r"Running on local URL:\s+(http://\S+)", log.read_text())):
-            assert server.poll() is None and time.time() < deadline, f"the demo did not start:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
-        url = url.group(1).rstrip("/") + "/"
-        wait_for(url, server, log)
+        url = demo_url(server, log)
         from gradio_client import Client
 
         client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
