@@ -158,3 +158,8 @@ def test_gemma_template_is_gemmas_turn_format_and_training_ends_at_end_of_turn()
     spans = trained_spans(ids, mask)
     assert [s[-1] for s in spans] == [end, end]  # each answer is trained to stop at <end_of_turn>
     assert [tok.decode(s[:-1]).strip() for s in spans] == ["Hello there", "Rain is water."]
+    # the ids are the template's whole rendering, up to the last <end_of_turn>: the newline after the first
+    # answer's <end_of_turn> opens the next user turn, as at inference (it is context, not trained)
+    whole = tok.apply_chat_template(messages, tokenize=False)
+    assert whole.endswith("<end_of_turn>\n") and tok.decode(ids) == whole[:-1]
+    assert ids == tok(whole[:-1], add_special_tokens=False)["input_ids"]

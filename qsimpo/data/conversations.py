@@ -72,6 +72,19 @@ def normalise_conversation(row: Any, columns: dict | None = None) -> dict:
     return {"messages": messages, "format": "conversation"}
 
 
+def _through_turn_end(tokenizer, response: str) -> str:
+    """The part of an assistant turn's rendered text that _response_ids turned into ids: up to and including its
+    last end-of-turn token (or, with none, the EOS it ends with; else all of it)."""
+    from qsimpo.data.render import turn_end_id
+
+    end = turn_end_id(tokenizer)
+    mark = tokenizer.convert_ids_to_tokens(end) if end is not None else None
+    if mark and mark in response:
+        return response[:response.rindex(mark) + len(mark)]
+    eos = tokenizer.eos_token
+    return response.rstrip() if eos and response.rstrip().endswith(eos) else response
+
+
 def tokenize_conversation(tokenizer, conv: dict, max_length: int) -> dict | None:
     """input_ids and assistant_mask of one conversation; None if no assistant token fits in max_length.
 
@@ -105,10 +118,9 @@ def tokenize_conversation(tokenizer, conv: dict, max_length: int) -> dict | None
         turn = _response_ids(tokenizer, response)
         ids += context + turn
         mask += [0] * len(context) + [1] * len(turn)
-        # _response_ids ends a turn the template closed with EOS at the EOS: what follows it opens the next context
-        eos = tokenizer.eos_token
-        closed = bool(eos) and response.rstrip().endswith(eos)
-        done = prompt + (response.rstrip() if closed else response)
+        # _response_ids ends a turn at its end-of-turn token (or the EOS the template closed it with): what the
+        # template renders after that (Gemma's and ChatML's newline) was not trained, so it opens the next context
+        done = prompt + _through_turn_end(tokenizer, response)
     truncated = len(ids) > max_length
     ids, mask = ids[:max_length], mask[:max_length]
     if not any(mask[1:]):
