@@ -12,12 +12,13 @@ once to a messages jsonl both tools read. Conversations longer than MAX_LENGTH t
 neither tool truncates), and so are empty responses.
 
 Loss on the assistant tokens only, on both sides, with packing:
-  qsimpo   `qsimpo sft` defaults: every assistant turn trained (content + end of turn), packing on (a micro-batch's
-           conversations in rows of up to max_length, block-diagonal attention), response-only chunked head,
-           4 conversations per step, gradient checkpointing on every layer
+  qsimpo   `qsimpo sft` defaults: every assistant turn trained (content + end of turn), packing on (the data set
+           packed best-fit decreasing into rows of up to max_length, block-diagonal attention inside a row),
+           response-only chunked head, 1 packed row per step (--train.batch_size 1, as TRL's), gradient
+           checkpointing on every layer
   trl      SFTConfig(assistant_only_loss=True, packing=True): BFD packing of the data set into rows of max_length,
            padding-free (position ids restart per conversation; transformers' SDPA mask keeps conversations apart),
-           1 packed row per step (about the tokens of qsimpo's 4 conversations), gradient checkpointing on (TRL's
+           1 packed row per step, gradient checkpointing on (TRL's
            default). SmolLM2's chat template has no {% generation %} markers and TRL 1.16 cannot patch it
            (get_training_chat_template raises for it), so TRL gets the same template with the markers added around
            each assistant message's content and <|im_end|> (the text TRL renders is checked equal to the original
@@ -48,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_real_shapes import MAX_LENGTH, R, shape_dict  # noqa: E402
 from bench_simpo import HH, ROOT, StepClock, _peak  # noqa: E402
 
-BATCH, LR = 4, 1e-4
+BATCH, LR = 1, 1e-4  # packed rows of MAX_LENGTH per step, on both sides
 VARIANTS = ("trl", "qsimpo")
 RESULTS = ROOT / "benchmarks" / "results_sft.jsonl"
 
@@ -250,7 +251,7 @@ def main() -> None:
     row = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "bench": "sft", "model_shape": prep["model_shape"],
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": prep["rows"],
-        "batch_convs": BATCH, "max_length": MAX_LENGTH, "lora_r": R,
+        "batch_rows": BATCH, "max_length": MAX_LENGTH, "lora_r": R,
         "load_average": f"1-min load {min(loads):.2f} to {max(loads):.2f} at the runs' ends (other jobs shared the cores)",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "trl": trl.__version__},

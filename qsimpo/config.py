@@ -157,7 +157,7 @@ class TrainConfig:
     learning_rate: Float = _f(1e-5, "Peak learning rate of the LoRA weights.", "LoRA SimPO: 1e-6 to 1e-4", gt=0)
     num_epochs: Float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0).")
     max_steps: Int = _f(-1, "Stop after this many optimizer steps (-1: use num_epochs).", "or -1 to use num_epochs", ge=-1)
-    batch_size: Int = _f(2, "Preference pairs per device per micro-batch.", ge=1)
+    batch_size: Int = _f(2, "Preference pairs per device per micro-batch (`qsimpo sft`: packed rows of up to data.max_length tokens, or conversations with train.packing none).", ge=1)
     gradient_accumulation_steps: Int = _f(8, "Micro-batches per optimizer step.", ge=1)
     lr_scheduler: Text = _f("cosine", "Learning-rate schedule (any transformers SchedulerType: cosine, linear, constant, ...).")
     warmup_ratio: Float = _f(0.1, "Fraction of steps spent warming the learning rate up from 0.", ge=0, lt=1)

@@ -116,9 +116,10 @@ def worst_batch(cfg: Config, lengths: list[tuple[int, int, int]] | None = None) 
 
 def worst_sft_batch(cfg: Config, lengths: list[tuple[int, int]] | None = None) -> Batch:
     """`qsimpo sft`'s micro-batch that needs the most memory, from (tokens, assistant tokens) per conversation, in
-    qsimpo.train.sft.ConversationCollator's layout: the ``batch_size`` longest conversations, one per padded row
-    (train.packing none), packed first-fit into rows of up to data.max_length (a dense mask per row), or in one
-    padding-free row (flex_attention). Without ``lengths``: every conversation fills data.max_length, all trained."""
+    qsimpo.train.sft's layout: with packing, the ``batch_size`` fullest of the rows qsimpo.train.sft.PackedRows packs
+    the data into (a dense mask per row of up to data.max_length), or those rows end to end in one padding-free row
+    (flex_attention); with train.packing none, the ``batch_size`` longest conversations, one per padded row.
+    Without ``lengths``: every row (or conversation) fills data.max_length, all trained."""
     from qsimpo.train.sft import pack_rows
 
     b, cap = cfg.train.batch_size, cfg.data.max_length
@@ -126,15 +127,19 @@ def worst_sft_batch(cfg: Config, lengths: list[tuple[int, int]] | None = None) -
         lengths, source = [(cap, cap)] * b, f"every conversation at max_length {cap}"
     else:
         source = f"the longest of {len(lengths)} conversations in the data"
-    worst = [n for n, _ in sorted(lengths, reverse=True)[:b]]
-    scored = sum(sorted((a for _, a in lengths), reverse=True)[:b])
     if cfg.train.packing == "none":
+        worst = [n for n, _ in sorted(lengths, reverse=True)[:b]]
+        scored = sum(sorted((a for _, a in lengths), reverse=True)[:b])
         return Batch(len(worst) * worst[0], 0, scored, source)
+    if source.startswith("the longest"):
+        source = f"the fullest of the rows {len(lengths)} conversations in the data pack into"
+    rows = pack_rows([n for n, _ in lengths], cap)
+    fill = sorted(((sum(lengths[i][0] for i in row), sum(lengths[i][1] for i in row)) for row in rows), reverse=True)
+    worst = [n for n, _ in fill[:b]]
+    scored = sum(sorted((a for _, a in fill), reverse=True)[:b])
     if cfg.model.attn_implementation == "flex_attention":
         return Batch(sum(worst), 0, scored, source)
-    rows = pack_rows(worst, cap)
-    width = max(sum(worst[i] for i in row) for row in rows)
-    return Batch(len(rows) * width, len(rows) * width * width, scored, source)
+    return Batch(len(worst) * worst[0], len(worst) * worst[0] * worst[0], scored, source)
 
 
 def activations(cfg: Config, shape: Shape, batch: Batch, checkpointed: int) -> float:

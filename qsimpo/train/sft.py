@@ -11,10 +11,15 @@ The steps are `qsimpo train`'s (qsimpo.train.recipe: resume, SIGTERM save, run f
 the trainer is PreferenceTrainer with its loss swapped: negative mean log-prob of the assistant tokens of the
 micro-batch, computed by the same response-only chunked head (no full-vocabulary logits).
 
-Packing (train.packing other than none): the micro-batch's conversations share rows of up to data.max_length
-tokens, first-fit by length, each attending only to itself (qsimpo.train.packing's block-diagonal mask with one
-segment per conversation) with positions restarting at 0, so the loss is the loss of the same conversations
-each in its own padded row (tests/train/test_sft.py) while no compute goes to padding.
+Packing (train.packing other than none, the default): before training, the conversations are packed once into
+rows of up to data.max_length tokens, best-fit decreasing by length (pack_rows, as TRL's packing), and
+train.batch_size counts those rows: a micro-batch is at most batch_size × max_length tokens whatever the
+conversations, so memory is bounded by the config, not by the longest conversations drawn together. In a row
+each conversation attends only to itself (qsimpo.train.packing's block-diagonal mask with one segment per
+conversation) with positions restarting at 0, so the loss is the loss of the same conversations each in its
+own padded row (tests/train/test_sft.py) while no compute goes to padding. No conversation is dropped: one
+longer than max_length was already cut to it when tokenized (and counted in the data report). With
+train.packing none, batch_size counts conversations, one per padded row.
 """
 
 from __future__ import annotations
@@ -33,18 +38,59 @@ from qsimpo.train.trainer import NON_FINITE_CAUSES, NonFiniteError, PreferenceTr
 
 # ------------------------------------------------------------------------------------------- batches
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Conversation indices per row: first-fit, longest first, rows of at most ``capacity`` tokens (a longer one alone)."""
+    """Indices per row, best-fit decreasing: longest first, each into the fullest row it still fits (a new row when
+    none has room; one longer than ``capacity`` alone). Every index lands in exactly one row; rows keep the order
+    they were opened in. O(n log capacity): the rows with room are kept by how much room they have."""
+    from bisect import bisect_left, insort
+
     rows: list[list[int]] = []
-    room: list[int] = []
+    rooms: list[int] = []  # sorted distinct room sizes that some row has
+    by_room: dict[int, list[int]] = {}  # room size -> the rows with it
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        at = next((r for r, left in enumerate(room) if left >= lengths[i]), None)
-        if at is None:
+        n = lengths[i]
+        k = bisect_left(rooms, n)
+        if k == len(rooms):
             rows.append([i])
-            room.append(capacity - lengths[i])
+            r, room = len(rows) - 1, capacity - n
         else:
-            rows[at].append(i)
-            room[at] -= lengths[i]
+            have = rooms[k]
+            r = by_room[have].pop()
+            if not by_room[have]:
+                del by_room[have], rooms[k]
+            rows[r].append(i)
+            room = have - n
+        if room > 0:
+            if room not in by_room:
+                by_room[room] = []
+                insort(rooms, room)
+            by_room[room].append(r)
     return rows
+
+
+class PackedRows(torch.utils.data.Dataset):
+    """The training set as packed rows: item i is ``{"pack": [conversation, ...]}``, the conversations of row i.
+
+    ``packs`` come from pack_rows over every conversation's length, once, before training; the Trainer's sampler
+    then shuffles rows (seeded per epoch), and ConversationCollator lays each pack out as one row.
+    """
+
+    def __init__(self, convs, capacity: int):
+        self.convs = convs
+        lengths = [len(ids) for ids in convs["input_ids"]] if hasattr(convs, "column_names") else [
+            len(c["input_ids"]) for c in convs]
+        self.tokens = sum(lengths)
+        self.packs = pack_rows(lengths, capacity)
+
+    def __len__(self):
+        return len(self.packs)
+
+    def __getitem__(self, i):
+        return {"pack": [self.convs[j] for j in self.packs[i]]}
+
+    def summary(self, capacity: int) -> str:
+        fill = self.tokens / (len(self.packs) * capacity) if self.packs else 0.0
+        return (f"packing: {len(self.convs)} conversations ({self.tokens} tokens) in {len(self.packs)} rows of up to "
+                f"{capacity} tokens ({fill:.0%} full); train.batch_size counts rows")
 
 
 class ConversationCollator:
@@ -60,11 +106,23 @@ class ConversationCollator:
         self.pad_token_id, self.pack_to = pad_token_id, pack_to
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if "pack" in features[0]:  # PackedRows: each feature is one row's conversations
+            groups = [f["pack"] for f in features]
+            features = [c for g in groups for c in g]
+            ends = torch.tensor([len(g) for g in groups]).cumsum(0).tolist()
+            rows = [list(range(a, b)) for a, b in zip([0] + ends[:-1], ends)]
+            if self.pack_to == 0:  # FlexAttention: the micro-batch's rows as one padding-free row
+                rows = [list(range(len(features)))]
+            return self._layout(features, rows)
         lengths = [len(f["input_ids"]) for f in features]
         if self.pack_to is None:
             rows = [[i] for i in range(len(features))]
         else:
             rows = pack_rows(lengths, self.pack_to or sum(lengths))
+        return self._layout(features, rows)
+
+    def _layout(self, features: list[dict], rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
         width = max(sum(lengths[i] for i in row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         scored = torch.zeros((len(rows), width), dtype=torch.long)
@@ -93,29 +151,30 @@ class ConversationCollator:
 
 
 def packing_text(cfg: Config, lengths: list[int], shown: int = 3) -> str:
-    """How `qsimpo sft` lays out micro-batches of conversations of ``lengths`` tokens (file order): the first
-    ``shown`` micro-batches row by row, then the positions of the whole epoch against one conversation a padded row."""
+    """How `qsimpo sft` lays out the conversations of ``lengths`` tokens (file order): with packing, the rows
+    PackedRows makes and the first ``shown`` of them; without, the micro-batches of padded rows. Then the positions
+    of the whole epoch against one conversation a padded row."""
     b, packing = cfg.train.batch_size, cfg.train.packing
     batches = [lengths[i:i + b] for i in range(0, len(lengths), b)]
     padded = sum(len(batch) * max(batch) for batch in batches)
     if packing == "none":
-        return (f"packing: none (train.packing none): one conversation per row, padded to the micro-batch's longest; "
-                f"{len(lengths)} conversations in file order lay out {padded} positions for {sum(lengths)} tokens")
-    cap = 0 if cfg.model.attn_implementation == "flex_attention" else cfg.data.max_length
-    lines = [f"packing (train.packing {packing}, {cfg.model.attn_implementation}): each micro-batch's {b} conversations "
-             f"share {'one padding-free row' if not cap else f'rows of up to {cap} tokens'}, each attending only to "
-             "itself, positions restarting at 0"]
-    laid = 0
-    for k, batch in enumerate(batches):
-        rows = pack_rows(batch, cap or sum(batch))
-        widths = [sum(batch[i] for i in row) for row in rows]
-        laid += len(rows) * max(widths)
+        return (f"packing: none (train.packing none): {b} conversations a micro-batch, one per row, padded to the "
+                f"micro-batch's longest; {len(lengths)} conversations in file order lay out {padded} positions for "
+                f"{sum(lengths)} tokens")
+    cap, flex = cfg.data.max_length, cfg.model.attn_implementation == "flex_attention"
+    rows = pack_rows(lengths, cap)
+    widths = [sum(lengths[i] for i in row) for row in rows]
+    lines = [f"packing (train.packing {packing}, {cfg.model.attn_implementation}): {len(lengths)} conversations "
+             f"({sum(lengths)} tokens) packed into {len(rows)} rows of up to {cap} tokens "
+             f"({sum(lengths) / (len(rows) * cap):.0%} full), each conversation attending only to itself, positions "
+             f"restarting at 0; a micro-batch is {b} row{'s' * (b != 1)}"
+             + (" laid end to end in one padding-free row (flex_attention)" if flex else "")]
+    for k, (w, row) in enumerate(zip(widths, rows)):
         if k < shown:
-            lines.append(f"  micro-batch {k + 1}: {len(rows)} row{'s' * (len(rows) != 1)}, " + ", ".join(
-                f"{w} = {' + '.join(str(batch[i]) for i in row)}" for w, row in zip(widths, rows)))
-    lines.append(f"  {len(lengths)} conversations in file order (training's length grouping may batch them "
-                 f"otherwise): {laid} positions laid out for {sum(lengths)} tokens; one conversation per padded row: "
-                 f"{padded}")
+            lines.append(f"  row {k + 1}: {w} = " + " + ".join(str(lengths[i]) for i in row))
+    laid = sum(len(g) * max(g) for g in (widths[i:i + b] for i in range(0, len(widths), b))) if not flex else sum(lengths)
+    lines.append(f"  {laid} positions laid out for {sum(lengths)} tokens; one conversation per padded row "
+                 f"({b} a micro-batch, file order): {padded}")
     return "\n".join(lines)
 
 
@@ -259,6 +318,12 @@ def sft(cfg: Config, command: list[str] | None = None):
         if resume is None and is_main_process() and metrics_path.exists():
             metrics_path.unlink()
         args = training_arguments(cfg, output_dir, held is not None, device)
+        unit = "convs"
+        if cfg.train.packing != "none":  # train.batch_size counts rows of up to max_length tokens
+            convs, unit = PackedRows(convs, cfg.data.max_length), "rows"
+            held = PackedRows(held, cfg.data.max_length) if held else held
+            if is_main_process():
+                say(convs.summary(cfg.data.max_length))
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=convs, eval_dataset=held or None, processing_class=tokenizer,
             data_collator=make_sft_collator(cfg.train.packing, tokenizer.pad_token_id, cfg.data.max_length,
@@ -270,7 +335,7 @@ def sft(cfg: Config, command: list[str] | None = None):
         if cfg.train.progress:
             trainer.remove_callback(PrinterCallback)
             trainer.add_callback(ProgressBar(cfg.train.batch_size * cfg.train.gradient_accumulation_steps * args.world_size,
-                                             "sft", "convs"))
+                                             "sft", unit))
         try:
             trainer.train(resume_from_checkpoint=resume)
         except NothingLeftToTrain:

@@ -66,10 +66,35 @@ def test_prompt_completion_rows_and_bad_rows():
         assert e.value.reason == reason
 
 
-def test_pack_rows_first_fit():
-    rows = pack_rows([5, 3, 4, 2, 6], 8)
-    assert sorted(sum(rows, [])) == [0, 1, 2, 3, 4]
-    assert all(sum([5, 3, 4, 2, 6][i] for i in r) <= 8 for r in rows) and len(rows) == 3
+def test_pack_rows_best_fit_decreasing():
+    lengths = [5, 3, 4, 2, 6, 9]
+    rows = pack_rows(lengths, 8)
+    assert sorted(sum(rows, [])) == list(range(6))  # every index once
+    # 9 alone (over capacity), 6 + 2, 5 + 3 (the fullest row 3 fits), 4
+    assert [sorted(lengths[i] for i in r) for r in rows] == [[9], [2, 6], [3, 5], [4]]
+    many = [(i * 7919) % 1000 + 1 for i in range(20000)]  # fast at data-set size, and every row within capacity
+    rows = pack_rows(many, 2048)
+    assert sorted(sum(rows, [])) == list(range(20000))
+    assert all(sum(many[i] for i in r) <= 2048 for r in rows) and len(rows) <= sum(many) / 2048 * 1.01 + 1
+
+
+def test_packed_rows_hold_every_conversation_once(tok, pref_rows):
+    from qsimpo.train.sft import PackedRows
+
+    feats = [tokenize_conversation(tok, normalise_conversation(c), 256) for c in conversations(pref_rows, 24)]
+    rows = PackedRows(feats, 256)
+    assert len(rows) < len(feats)
+    seen = [c["input_ids"] for i in range(len(rows)) for c in rows[i]["pack"]]
+    assert sorted(map(tuple, seen)) == sorted(tuple(f["input_ids"]) for f in feats)
+    assert all(sum(len(c["input_ids"]) for c in rows[i]["pack"]) <= 256 for i in range(len(rows)))
+    assert f"24 conversations ({sum(len(f['input_ids']) for f in feats)} tokens) in {len(rows)} rows" in rows.summary(256)
+    # two packed rows collate as two rows, each conversation scored as when the collator packs them itself
+    batch = ConversationCollator(tok.pad_token_id, pack_to=256)([rows[0], rows[1]])
+    assert batch["input_ids"].shape[0] == 2 and int(batch["num_convs"]) == len(rows[0]["pack"]) + len(rows[1]["pack"])
+    own = ConversationCollator(tok.pad_token_id, pack_to=256)(rows[0]["pack"] + rows[1]["pack"])
+    assert batch["score_labels"].sort().values.tolist() == own["score_labels"].sort().values.tolist()
+    flex = ConversationCollator(tok.pad_token_id, pack_to=0)([rows[0], rows[1]])
+    assert flex["input_ids"].shape[0] == 1 and len(flex["score_index"]) == len(batch["score_index"])
 
 
 @pytest.mark.parametrize("head_chunk", [0, 16])
@@ -159,12 +184,13 @@ def test_inspect_data_sft_shows_what_is_trained_and_how_it_packs(tiny_base, sft_
     assert [r[0].split()[0] for r in runs] == ["masked-out", "trained", "masked-out", "trained"]
     assert pref_rows[0]["chosen"] in runs[1][2] and pref_rows[0]["rejected"] in runs[3][2]
     assert pref_rows[0]["chosen"] not in runs[0][2] + runs[2][2] and "Say it again." in runs[2][2]
-    # packing: 64 conversations, 16 micro-batches of 4 in rows of up to 256 tokens; the whole-epoch line adds up
+    # packing: 64 conversations in rows of up to 256 tokens, 4 rows a micro-batch; the whole-epoch line adds up
     lengths = [len(tokenize_conversation(tok, normalise_conversation(c), 256)["input_ids"]) for c in conversations(pref_rows)]
-    first = lengths[:4]
-    assert f"micro-batch 1: {len(pack_rows(first, 256))} row" in out
+    rows = pack_rows(lengths, 256)
+    assert f"64 conversations ({sum(lengths)} tokens) packed into {len(rows)} rows of up to 256 tokens" in out
+    assert f"row 1: {sum(lengths[i] for i in rows[0])} = " in out and "a micro-batch is 4 rows" in out
     assert f"positions laid out for {sum(lengths)} tokens" in out
-    assert f"one conversation per padded row: {sum(4 * max(lengths[i:i + 4]) for i in range(0, 64, 4))}" in out
+    assert f"one conversation per padded row (4 a micro-batch, file order): {sum(4 * max(lengths[i:i + 4]) for i in range(0, 64, 4))}" in out
     assert "64 kept" in out and "conversations cut to data.max_length" in out and "responses truncated" not in out
 
 
@@ -178,15 +204,17 @@ def test_plan_sft_sizes_conversations(tiny_base, sft_jsonl, tmp_path, capsys):
     cfg = load_config(None, ["--model.name_or_path", "m", "--data.path", "d", "--data.max_length", "100",
                              "--train.batch_size", "3"])
     lengths = [(90, 40), (30, 10), (60, 50), (20, 5), (10, 9)]  # (tokens, assistant tokens)
-    packed = worst_sft_batch(cfg, lengths)  # the 3 longest (90, 60, 30): rows [90], [60 + 30], width 90
-    assert (packed.tokens, packed.mask_cells, packed.scored) == (2 * 90, 2 * 90**2, 50 + 40 + 10)
+    # the data packs best-fit decreasing into rows [90 + 10], [60 + 30], [20]: the 3 fullest, padded to 100
+    packed = worst_sft_batch(cfg, lengths)
+    assert (packed.tokens, packed.mask_cells, packed.scored) == (3 * 100, 3 * 100**2, 49 + 60 + 5)
     plain = worst_sft_batch(load_config(None, ["--model.name_or_path", "m", "--data.path", "d", "--train.batch_size", "3",
                                                "--train.packing", "none"]), lengths)
     assert (plain.tokens, plain.mask_cells) == (3 * 90, 0)
-    assert worst_sft_batch(cfg).tokens == 3 * 100  # every conversation fills max_length: one per row
+    assert worst_sft_batch(cfg).tokens == 3 * 100  # every row filled to max_length
     shape = shape_of(LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=1000,
                                  num_attention_heads=4, num_key_value_heads=2))
-    assert sum(estimate(cfg, shape, packed).values()) < sum(estimate(cfg, shape, worst_sft_batch(cfg)).values())
+    fewer = worst_sft_batch(cfg, lengths[1:])  # rows [60 + 30], [20 + 10]: 2 rows
+    assert sum(estimate(cfg, shape, fewer).values()) < sum(estimate(cfg, shape, worst_sft_batch(cfg)).values())
 
     config = tmp_path / "sft.yaml"
     config.write_text(f"model: {{name_or_path: {tiny_base}}}\ndata: {{path: {sft_jsonl}, max_length: 256}}\n")
@@ -196,7 +224,7 @@ def test_plan_sft_sizes_conversations(tiny_base, sft_jsonl, tmp_path, capsys):
     assert "qsimpo eval" not in out and out.rstrip().endswith("fits")
     assert main(["plan", str(config), "--sft", "--gpu-memory", "1GiB", "--data"]) == 0
     out = capsys.readouterr().out
-    assert "64 kept" in out and "the longest of 64 conversations in the data" in out
+    assert "64 kept" in out and "the fullest of the rows 64 conversations in the data pack into" in out
 
 
 def test_plan_counts_the_frozen_sft_adapter(tmp_path):
