@@ -3,6 +3,7 @@
     python benchmarks/bench_family.py                         # the quickstart's pairs on SmolLM2-135M-Instruct
     python benchmarks/bench_family.py --losses simpo,dpo --steps 4 --work /tmp/family-smoke
     python benchmarks/bench_family.py --steps 8 --jobs 2 --reuse   # two trainings at a time; keeps finished runs
+    python benchmarks/bench_family.py --onpolicy --steps 8 --work /tmp/family-onpolicy   # one on-policy round
 
 It runs the commands a user runs, as subprocesses in the work folder (``--work``, emptied first):
 
@@ -20,6 +21,13 @@ It runs the commands a user runs, as subprocesses in the work folder (``--work``
    per-token KL of each adapter from SFT on the held-out responses, and greedy answers of SFT (once) and each
    adapter to every held-out prompt (``--generate N``: the first N), judged by the example rule scorer whose
    preference the quickstart's pairs encode (a finished sentence, few words).
+
+With ``--onpolicy``, one on-policy round (the paper's Instruct setting) replaces step 1's training pairs: 1b.
+``qsimpo pairs train.jsonl --model BASE --scorer qsimpo.pairs.examples:concise_complete`` samples --num-samples
+answers to each distinct training prompt from SmolLM2 itself (temperature 0.8, top-p 0.95, --pairs-max-new-tokens),
+the example rule scorer judges them, and the best and worst become onpolicy.jsonl (prompts whose answers all tie
+are counted and left out by `qsimpo pairs`); every loss then trains on onpolicy.jsonl. The held-out pairs and the
+eval are step 3's, so the two rounds' tables read the same way.
 
 Reported per loss, each with a 95% percentile bootstrap interval over held-out pairs or prompts (eval's own
 bootstrap, seed 0): held-out reward accuracy under one shared definition (average log-prob of chosen above
@@ -67,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-rows", type=int, default=None,
                    help="read only the first N held-out pairs (eval's --max-rows; default: all)")
     p.add_argument("--jobs", type=int, default=1, help="trainings run at once: for spare cores")
+    p.add_argument("--onpolicy", action="store_true",
+                   help="train on on-policy pairs: SmolLM2's own answers to the training prompts, judged by the scorer")
+    p.add_argument("--num-samples", type=int, default=4, help="--onpolicy: answers sampled per prompt")
+    p.add_argument("--pairs-max-new-tokens", type=int, default=64, help="--onpolicy: longest sampled answer")
     p.add_argument("--reuse", action="store_true",
                    help="keep --work: a loss whose adapter finished --steps, and an eval that wrote eval/eval.json, are not "
                         "run again")
@@ -100,9 +112,16 @@ def write_configs(work: Path) -> dict[str, Path]:
     return {"simpo": work / "simpo.yaml", "other": work / "other.yaml"}
 
 
-def train_command(loss: str, base: str, configs: dict, steps: int) -> list[str]:
+def pairs_command(base: str, num_samples: int, max_new_tokens: int) -> list[str]:
+    """One on-policy round: the policy's own answers to every distinct training prompt, best vs worst by the scorer."""
+    return ["qsimpo", "pairs", "train.jsonl", "--model", base, "--scorer", SCORER, "--out", "onpolicy.jsonl",
+            "--num-samples", str(num_samples), "--max-new-tokens", str(max_new_tokens), "--temperature", "0.8",
+            "--top-p", "0.95", "--seed", "0"]
+
+
+def train_command(loss: str, base: str, configs: dict, steps: int, data: str = "train.jsonl") -> list[str]:
     return ["qsimpo", "train", str(configs["simpo" if loss == "simpo" else "other"]), "--loss.type", loss,
-            "--model.name_or_path", base, "--data.path", "train.jsonl", "--train.output_dir", f"{loss}/adapter",
+            "--model.name_or_path", base, "--data.path", data, "--train.output_dir", f"{loss}/adapter",
             "--train.max_steps", str(steps), "--train.logging_steps", "1", "--train.progress", "false"]
 
 
@@ -263,7 +282,14 @@ def main(argv=None) -> None:
         meta = work / loss / "adapter" / "qsimpo.json"
         return meta.exists() and json.loads(meta.read_text())["global_step"] == args.steps
 
-    trains = [(f"{x}/train", train_command(x, base, configs, args.steps)) for x in losses if not done(x)]
+    data, pairs, pairs_s = "train.jsonl", [], None
+    if args.onpolicy:  # one on-policy round: SmolLM2's own answers, judged, become the training pairs
+        data = "onpolicy.jsonl"
+        if not (args.reuse and (work / data).exists()):
+            pairs = [("pairs", pairs_command(base, args.num_samples, args.pairs_max_new_tokens))]
+            pairs_s = run_all(pairs, work, 1).get("pairs")
+        print(f"{len(read_jsonl(work / data))} on-policy pairs from {n_train} training pairs' prompts")
+    trains = [(f"{x}/train", train_command(x, base, configs, args.steps, data)) for x in losses if not done(x)]
     for x in losses:
         (work / x).mkdir(exist_ok=True)
     seconds = {x: {} for x in losses}
@@ -273,10 +299,14 @@ def main(argv=None) -> None:
     evals = [] if args.reuse and eval_json.exists() else [
         ("eval", eval_command(losses, args.max_new_tokens, args.generate, args.max_rows))]
     seconds["eval"] = run_all(evals, work, 1).get("eval")
-    commands = [shlex.join(c) for _, c in trains + evals]
+    commands = [shlex.join(c) for _, c in pairs + trains + evals]
     ev, labels = read_eval(eval_json, losses)
     res = {**results(ev, labels), "training": {x: training(work, x) for x in losses}, "seconds": seconds,
            "eval_seconds_recorded": ev.get("seconds")}
+    if args.onpolicy:
+        settings = json.loads((work / "onpolicy.jsonl.settings.json").read_text()) if (
+            work / "onpolicy.jsonl.settings.json").exists() else None
+        res["onpolicy"] = {"pairs": len(read_jsonl(work / data)), "seconds": pairs_s, "settings": settings}
     print_tables(res)
     total = time.perf_counter() - t0
     print(f"\ntotal {total:.0f} s; load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -285,7 +315,7 @@ def main(argv=None) -> None:
                "niceness": os.nice(0), "load_average_end": os.getloadavg(), "versions": versions(),
                "command": "python " + shlex.join([os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
                "settings": {k: str(v) for k, v in vars(args).items() if k not in ("work", "results")},
-               "pairs": {"train": n_train, "heldout": n_held}, "scorer": SCORER,
+               "pairs": {"train": n_train, "heldout": n_held}, "training_data": data, "scorer": SCORER,
                "commands": [c.replace(base, "BASE") for c in commands], "total_s": round(total, 1), **res}
         with open(args.results, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -177,3 +177,27 @@ def test_family_runs_one_eval_and_refuses_what_it_cannot_read(tmp_path):
         bench_family.read_eval(path, ["simpo", "orpo"])
     with pytest.raises(SystemExit):
         bench_family.parse_args(["--losses", "simpo"])
+
+
+def test_family_onpolicy_round_runs_commands_qsimpo_accepts(tmp_path, monkeypatch, capsys):
+    """--onpolicy's `qsimpo pairs` and the trainings on its output are commands qsimpo takes as typed (--dry-run)."""
+    import bench_family
+
+    from qsimpo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    n_train, _ = bench_family.write_data(tmp_path)
+    configs = bench_family.write_configs(tmp_path)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    pairs = bench_family.pairs_command(str(base), 4, 64)
+    assert pairs[:3] == ["qsimpo", "pairs", "train.jsonl"] and main(pairs[1:] + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "onpolicy.jsonl" in out and bench_family.SCORER in out
+    (tmp_path / "onpolicy.jsonl").write_text(json.dumps({"prompt": "Hi", "chosen": "Hello.", "rejected": "Hello there"}) + "\n")
+    for loss in ("simpo", "dpo"):
+        train = bench_family.train_command(loss, str(base), configs, 8, "onpolicy.jsonl")
+        assert train[train.index("--data.path") + 1] == "onpolicy.jsonl"
+        assert main(train[1:] + ["--dry-run"]) == 0
+        assert "onpolicy.jsonl" in capsys.readouterr().out
