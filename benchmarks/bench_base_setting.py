@@ -18,13 +18,15 @@ user types it; the configs it writes are printed):
    and gemma3_path() converts the Q4_K_M GGUF once into qsimpo's cache; the configs then name `google/gemma-3-270m`,
    which qsimpo resolves to that copy (no Hub).
 2. `qsimpo sft sft.yaml`: NF4 base, LoRA r 16 / alpha 32 on every linear layer, model.chat_template gemma (Gemma's
-   own turn format, <start_of_turn>/<end_of_turn>; the base has none), max_length 256, one epoch, 8 conversations a
-   step (batch 4 x 2), learning rate 2e-4 (docs/sft.md's LoRA SFT range), cosine with 10% warmup.
+   own turn format, <start_of_turn>/<end_of_turn>; the base has none), max_length 256, --sft-epochs epochs (3), the
+   conversations packed into rows of 256 tokens, --sft-rows rows a step (2), learning rate 2e-4 (docs/sft.md's LoRA
+   SFT range), cosine with 10% warmup. (The first recorded run: one epoch of 8 conversations a step, 16 steps.)
 3. Before / after, in this process, with qsimpo.load.load_adapter (the SFT adapter on its NF4 base; "before" is the
    same model with the adapter disabled, i.e. the base rendered with the same gemma template): the --n held-out
    prompts, greedy, --max-new-tokens, one batch, through qsimpo.generate.generate (the function eval and the demo
    use). An answer "ends properly" when generation stopped at the template's end of turn (<end_of_turn>); stopping
-   at <eos> and running to the token limit are counted apart. Wilson 95% intervals.
+   at <eos> and running to the token limit are counted apart. Wilson 95% intervals. And how far each model is from
+   ending there: log p(<end_of_turn>) right after each held-out pair's chosen answer (teacher-forced), and its rank.
 4. `qsimpo train simpo.yaml`: SimPO on pairs.jsonl on top of the frozen SFT adapter (model.sft_adapter), with
    configs/hh-rlhf-harmless.yaml's SimPO settings (beta 2.0, gamma/beta 0.5, learning rate 2e-5), LoRA r 16, one
    epoch, 8 pairs a step (batch 2 x 4), max_length 256, max_prompt_length 192.
@@ -40,6 +42,7 @@ results and appends one JSON row to benchmarks/results_base_setting.jsonl; RESUL
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -144,7 +147,37 @@ def before_after(work: Path, prompts: list[str], max_new: int) -> dict:
                                   tok.convert_ids_to_tokens(a.stop)} for p, a in zip(prompts[:4], answers)]}
         log(f"  {side}: {k}/{len(answers)} ended at {out['turn_end']} {out[side]['wilson95']}, "
             f"{out[side]['eos']} at eos, {out[side]['limit']} at the limit")
+    out["end_of_turn_logprob"] = end_logprobs(model, tok, work / "heldout_pairs.jsonl")
     del model
+    return out
+
+
+def end_logprobs(model, tok, pairs: Path) -> dict:
+    """How far the model is from ending a turn where it should: log p(end of turn) right after each held-out pair's
+    chosen answer, teacher-forced, with the adapter off (the base) and on (SFT), and that token's rank there."""
+    import torch
+
+    from qsimpo.data.conversations import normalise_conversation, tokenize_conversation
+    from qsimpo.data.formats import _implicit
+    from qsimpo.data.render import transcript_messages, turn_end_id
+
+    end, found = turn_end_id(tok), {"before": [], "after": []}
+    for line in pairs.read_text().splitlines():
+        prompt, chosen, _ = _implicit(json.loads(line))
+        conv = {"messages": transcript_messages(prompt) + [{"role": "assistant", "content": chosen.strip()}]}
+        ids = tokenize_conversation(tok, normalise_conversation(conv), 4096)["input_ids"]
+        assert ids[-1] == end
+        for side in found:
+            with torch.no_grad(), (model.disable_adapter() if side == "before" else contextlib.nullcontext()):
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids[:-1]])).logits[0, -1].float(), -1)
+            found[side].append((float(logp[end]), int((logp > logp[end]).sum())))
+    out = {}
+    for side, got in found.items():
+        ranks = sorted(r for _, r in got)
+        out[side] = {"mean_logprob": round(sum(x for x, _ in got) / len(got), 2), "median_rank": ranks[len(ranks) // 2],
+                     "top1": sum(r == 0 for r in ranks), "n": len(got)}
+        log(f"  {side}: log p({tok.convert_ids_to_tokens(end)}) after the held-out chosen answers "
+            f"{out[side]['mean_logprob']}, median rank {out[side]['median_rank']}, first in {out[side]['top1']}/{len(got)}")
     return out
 
 
@@ -188,6 +221,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=32, help="held-out prompts counted before and after SFT")
     p.add_argument("--max-chars", type=int, default=600, help="longest chosen/rejected transcript dealt, in characters")
     p.add_argument("--max-new-tokens", type=int, default=96, help="token limit of the before/after answers")
+    p.add_argument("--sft-epochs", type=int, default=3, help="SFT epochs over the --sft conversations")
+    p.add_argument("--sft-rows", type=int, default=2, help="SFT packed rows of 256 tokens per step")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="qsimpo-base-setting-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -217,8 +252,9 @@ def main() -> None:
     (work / "sft.yaml").write_text(
         f"model: {{name_or_path: {HUB_ID}, chat_template: gemma}}\n{lora}"
         "data: {path: chat.jsonl, max_length: 256}\n"
-        "train: {output_dir: adapters/sft, num_epochs: 1, batch_size: 4, gradient_accumulation_steps: 2, "
-        "learning_rate: 2.0e-4, lr_scheduler: cosine, warmup_ratio: 0.1, gradient_checkpointing: false, progress: false}\n")
+        f"train: {{output_dir: adapters/sft, num_epochs: {args.sft_epochs}, batch_size: {args.sft_rows}, "
+        "gradient_accumulation_steps: 1, learning_rate: 2.0e-4, lr_scheduler: cosine, warmup_ratio: 0.1, "
+        "gradient_checkpointing: false, progress: false}\n")
     (work / "simpo.yaml").write_text(
         f"model: {{name_or_path: {HUB_ID}, sft_adapter: adapters/sft}}\n{lora}"
         "data: {path: pairs.jsonl, format: implicit, max_length: 256, max_prompt_length: 192}\n"

@@ -70,8 +70,9 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 class PackedRows(torch.utils.data.Dataset):
     """The training set as packed rows: item i is ``{"pack": [conversation, ...]}``, the conversations of row i.
 
-    ``packs`` come from pack_rows over every conversation's length, once, before training; the Trainer's sampler
-    then shuffles rows (seeded per epoch), and ConversationCollator lays each pack out as one row.
+    ``packs`` come from pack_rows over every conversation's length, once, before training; the sampler then
+    draws rows (seeded per epoch; length-grouped by ``lengths`` with train.group_by_length, as pairs are), and
+    ConversationCollator lays each pack out as one row.
     """
 
     def __init__(self, convs, capacity: int):
@@ -80,6 +81,9 @@ class PackedRows(torch.utils.data.Dataset):
             len(c["input_ids"]) for c in convs]
         self.tokens = sum(lengths)
         self.packs = pack_rows(lengths, capacity)
+        # each row's tokens: PreferenceTrainer's length-grouped sampler (train.group_by_length) orders rows by them,
+        # the same order on every process count, as it orders pairs
+        self.lengths = [sum(lengths[j] for j in pack) for pack in self.packs]
 
     def __len__(self):
         return len(self.packs)

@@ -325,7 +325,8 @@ def test_accelerate_still_keeps_fsdp_on_cpu_where_qsimpo_sets_it(fresh_accelerat
 # ------------------------------------------------------------------------- qsimpo sft, and SimPO on its adapter
 # The SFT loss is a mean over every assistant token of an optimizer step (all micro-batches, all processes), so
 # the one-process reference (batch 2, accumulation 4) and the two processes (batch 2, accumulation 2 each) average
-# the same tokens; the length-grouped sampler is cut for 8 conversations a step either way.
+# the same tokens; the length-grouped sampler is cut for 8 packed rows a step either way. (That a packed row scores
+# its conversations as each alone is tests/train/test_sft.py's.)
 SFT_COMMON = ("--data.max_rows", "60", "--train.max_steps", "3", "--train.head_chunk_size", "16",
               "--train.save_steps", "1000", "--data.max_length", "256")
 
@@ -343,8 +344,7 @@ def sft_setup(tiny_base, pref_rows, tmp_path_factory):
         {"role": "user", "content": "Again?"}, {"role": "assistant", "content": r["rejected"]}]}) + "\n" for r in pref_rows))
     config = root / "sft.yaml"
     config.write_text(dump_yaml(make_config(tiny_base, data, root / "unused", *SFT_COMMON)))
-    plain = ("--train.batch_size", "2", "--train.gradient_accumulation_steps", "4", "--train.packing", "none",
-             "--train.head_chunk_size", "0")
+    plain = ("--train.batch_size", "2", "--train.gradient_accumulation_steps", "4", "--train.head_chunk_size", "0")
     return config, sft(make_config(tiny_base, data, root / "one", *SFT_COMMON, *plain)).output_dir
 
 
@@ -366,7 +366,7 @@ def assert_same_run(out, reference, keys=("loss", "grad_norm")) -> None:
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_sft_under_torchrun_matches_one_process(sft_setup, tmp_path, fsdp):
     """`torchrun ... -m qsimpo sft CONFIG` as a user types it: packed rows and the chunked head on two processes give
-    the one-process plain run's losses, gradient norms and adapter."""
+    the one-process run's losses, gradient norms and adapter (full-vocabulary logits there)."""
     config, reference = sft_setup
     launch([*torchrun(), "-m", "qsimpo"], "sft", config, tmp_path / "sft", "--train.gradient_accumulation_steps", "2",
            *(("--train.fsdp", "true") if fsdp else ()))
