@@ -24,7 +24,8 @@ It runs the commands a user runs, as subprocesses in the work folder (``--work``
 
 With ``--onpolicy``, one on-policy round (the paper's Instruct setting) replaces step 1's training pairs: 1b.
 ``qsimpo pairs train.jsonl --model BASE --scorer qsimpo.pairs.examples:concise_complete`` samples --num-samples
-answers to each distinct training prompt from SmolLM2 itself (temperature 0.8, top-p 0.95, --pairs-max-new-tokens),
+answers to each of the first --prompts distinct training prompts from SmolLM2 itself (temperature 0.8, top-p 0.95,
+--pairs-max-new-tokens),
 the example rule scorer judges them, and the best and worst become onpolicy.jsonl (prompts whose answers all tie
 are counted and left out by `qsimpo pairs`); every loss then trains on onpolicy.jsonl. The held-out pairs and the
 eval are step 3's, so the two rounds' tables read the same way.
@@ -79,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train on on-policy pairs: SmolLM2's own answers to the training prompts, judged by the scorer")
     p.add_argument("--num-samples", type=int, default=4, help="--onpolicy: answers sampled per prompt")
     p.add_argument("--pairs-max-new-tokens", type=int, default=64, help="--onpolicy: longest sampled answer")
+    p.add_argument("--prompts", type=int, default=64,
+                   help="--onpolicy: answer the first N distinct training prompts (8 steps of 4 pairs need 32 pairs)")
     p.add_argument("--reuse", action="store_true",
                    help="keep --work: a loss whose adapter finished --steps, and an eval that wrote eval/eval.json, are not "
                         "run again")
@@ -112,11 +115,12 @@ def write_configs(work: Path) -> dict[str, Path]:
     return {"simpo": work / "simpo.yaml", "other": work / "other.yaml"}
 
 
-def pairs_command(base: str, num_samples: int, max_new_tokens: int) -> list[str]:
-    """One on-policy round: the policy's own answers to every distinct training prompt, best vs worst by the scorer."""
+def pairs_command(base: str, num_samples: int, max_new_tokens: int, prompts: int) -> list[str]:
+    """One on-policy round: the policy's own answers to the first ``prompts`` distinct training prompts, best vs worst
+    by the scorer."""
     return ["qsimpo", "pairs", "train.jsonl", "--model", base, "--scorer", SCORER, "--out", "onpolicy.jsonl",
             "--num-samples", str(num_samples), "--max-new-tokens", str(max_new_tokens), "--temperature", "0.8",
-            "--top-p", "0.95", "--seed", "0"]
+            "--top-p", "0.95", "--seed", "0", "--max-prompts", str(prompts)]
 
 
 def train_command(loss: str, base: str, configs: dict, steps: int, data: str = "train.jsonl") -> list[str]:
@@ -286,7 +290,7 @@ def main(argv=None) -> None:
     if args.onpolicy:  # one on-policy round: SmolLM2's own answers, judged, become the training pairs
         data = "onpolicy.jsonl"
         if not (args.reuse and (work / data).exists()):
-            pairs = [("pairs", pairs_command(base, args.num_samples, args.pairs_max_new_tokens))]
+            pairs = [("pairs", pairs_command(base, args.num_samples, args.pairs_max_new_tokens, args.prompts))]
             pairs_s = run_all(pairs, work, 1).get("pairs")
         print(f"{len(read_jsonl(work / data))} on-policy pairs from {n_train} training pairs' prompts")
     trains = [(f"{x}/train", train_command(x, base, configs, args.steps, data)) for x in losses if not done(x)]

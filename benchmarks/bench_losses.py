@@ -169,7 +169,7 @@ def report(rows: list[dict]) -> None:
                        "in every step" if v == "trl-dpo" else "none")
                 steps_cpu = f"{sum(x['step_cpu_times']):.0f}" if "step_cpu_times" in x else "—"
                 step_cpu = f"{x['step_cpu_median']:.1f}" if "step_cpu_median" in x else "—"
-                print(f"| {i} | {v} | {x['wall_s']:.0f} s ({f(x, 'cpu_s')} s) | {sum(x['step_times']):.0f} s ({steps_cpu} s) | "
+                print(f"| {i} | {v} | {f(x, 'wall_s')} s ({f(x, 'cpu_s')} s) | {sum(x['step_times']):.0f} s ({steps_cpu} s) | "
                       f"{x['step_s_median']:.1f} s ({step_cpu} s) | {ref} | {x['peak_gib']:.2f} GiB |")
         print("\n| qsimpo run vs | whole process: wall (CPU) | median step: wall (CPU) | peak RSS |\n|---|---|---|---|")
         rounds = [{v: {**x, **step_medians(x)} for v, x in g.items()} for g in row["rounds"]]

@@ -191,10 +191,10 @@ def test_family_onpolicy_round_runs_commands_qsimpo_accepts(tmp_path, monkeypatc
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text("{}")
-    pairs = bench_family.pairs_command(str(base), 4, 64)
+    pairs = bench_family.pairs_command(str(base), 4, 64, 48)
     assert pairs[:3] == ["qsimpo", "pairs", "train.jsonl"] and main(pairs[1:] + ["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "onpolicy.jsonl" in out and bench_family.SCORER in out
+    assert "onpolicy.jsonl" in out and bench_family.SCORER in out and "48" in out
     (tmp_path / "onpolicy.jsonl").write_text(json.dumps({"prompt": "Hi", "chosen": "Hello.", "rejected": "Hello there"}) + "\n")
     for loss in ("simpo", "dpo"):
         train = bench_family.train_command(loss, str(base), configs, 8, "onpolicy.jsonl")
