@@ -3,6 +3,7 @@
     python benchmarks/bench_losses.py --compare dpo-simpo --rows 16 --rounds 2
     python benchmarks/bench_losses.py --compare dpo-trl --rows 16 --rounds 1
     python benchmarks/bench_losses.py --compare orpo-cpo-trl --rows 16 --rounds 1
+    python benchmarks/bench_losses.py --compare orpo-cpo-trl-auto --rows 16 --rounds 2   # qsimpo within TRL's peak
     python benchmarks/bench_losses.py --compare all --rows 12 --rounds 1    # the eight runs above in one round
     python benchmarks/bench_losses.py --report
 
@@ -20,6 +21,9 @@ run alternately in every round, so they share whatever load the machine has):
   trl-dpo            trl.DPOTrainer with peft_config: its PEFT default, the adapter-off reference forward in every step
   trl-dpo-pre        the same with precompute_ref_log_probs=True (one reference pass before training)
   trl-orpo, trl-cpo  trl.experimental's ORPOTrainer and CPOTrainer (loss_type sigmoid)
+  qsimpo-orpo-auto, qsimpo-cpo-auto   train.gradient_checkpointing: auto with train.memory_budget = the peak RSS the
+                     TRL run before it in the same round reached (as bench_real_shapes.py's qsimpo-auto): qsimpo
+                     spends the memory it saves on recomputing fewer layers, and stays within TRL's peak
 
 Every run gets a fresh datasets cache (HF_DATASETS_CACHE), so each one tokenizes its rows and each DPO run
 computes its reference pass instead of reading back the previous run's (both tools cache them there).
@@ -48,6 +52,7 @@ COMPARE = {  # the variants of each comparison, in the order they run in every r
     "dpo-simpo": ("qsimpo-dpo", "qsimpo-simpo"),
     "dpo-trl": ("qsimpo-dpo", "trl-dpo", "trl-dpo-pre"),
     "orpo-cpo-trl": ("qsimpo-orpo", "trl-orpo", "qsimpo-cpo", "trl-cpo"),
+    "orpo-cpo-trl-auto": ("trl-orpo", "qsimpo-orpo-auto", "trl-cpo", "qsimpo-cpo-auto"),  # each budget: the TRL run before
 }
 # all three in one round (one qsimpo DPO run serves both of its comparisons): what a loaded machine allows
 COMPARE["all"] = ("qsimpo-dpo", "qsimpo-simpo", "trl-dpo", "trl-dpo-pre", "qsimpo-orpo", "trl-orpo", "qsimpo-cpo", "trl-cpo")
@@ -55,6 +60,7 @@ PAIRS = {  # (qsimpo's run, the run it is set against): speed = other's time / m
     "dpo-simpo": [("qsimpo-dpo", "qsimpo-simpo")],
     "dpo-trl": [("qsimpo-dpo", "trl-dpo"), ("qsimpo-dpo", "trl-dpo-pre")],
     "orpo-cpo-trl": [("qsimpo-orpo", "trl-orpo"), ("qsimpo-cpo", "trl-cpo")],
+    "orpo-cpo-trl-auto": [("qsimpo-orpo-auto", "trl-orpo"), ("qsimpo-cpo-auto", "trl-cpo")],
 }
 PAIRS["all"] = [p for k in ("dpo-simpo", "dpo-trl", "orpo-cpo-trl") for p in PAIRS[k]]
 VARIANTS = sorted({v for vs in COMPARE.values() for v in vs})
@@ -90,13 +96,15 @@ def run_trl(prep: dict, out: Path, variant: str) -> dict:
             "layers": layers, "trainer_init_s": init_s}
 
 
-def one(variant: str, work: Path) -> None:
+def one(variant: str, work: Path, budget: float | None = None) -> None:
     import torch
 
     torch.manual_seed(0)
     prep = json.loads((work / "prep.json").read_text())
     out = work / f"out-{variant}"
-    if variant.startswith("qsimpo-"):
+    if variant.endswith("-auto"):
+        res = run_qsimpo(prep, out, "auto", budget, loss=variant.split("-")[1])
+    elif variant.startswith("qsimpo-"):
         res = run_qsimpo(prep, out, "true", None, loss=variant.split("-", 1)[1])
     else:
         res = run_trl(prep, out, variant)
@@ -106,9 +114,10 @@ def one(variant: str, work: Path) -> None:
     print("RESULT " + json.dumps(res))
 
 
-def measure(variant: str, work: Path) -> dict:
+def measure(variant: str, work: Path, budget: float | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="qsimpo-bench-ds-") as cache:
-        cmd = [sys.executable, __file__, "--one", variant, "--work", str(work.parent)]
+        cmd = [sys.executable, __file__, "--one", variant, "--work", str(work.parent)] + (
+            ["--budget", f"{budget}"] if budget else [])
         env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "HF_DATASETS_CACHE": cache}
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -200,10 +209,11 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="print RESULTS.md tables from benchmarks/results.jsonl and exit")
     ap.add_argument("--partial", action="store_true", help="print the tables of the runs --work's last invocation finished")
     ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--budget", type=float, help=argparse.SUPPRESS)  # GiB, for the -auto variants
     args = ap.parse_args()
     work = Path(args.work) / "smollm2"
     if args.one:
-        return one(args.one, work)
+        return one(args.one, work, args.budget)
     if args.report:
         lines = (ROOT / "benchmarks" / "results.jsonl").read_text().splitlines()
         return report([row for row in map(json.loads, lines) if row.get("bench") == "losses"])
@@ -218,7 +228,8 @@ def main() -> None:
     for r in range(args.rounds):
         got = {}
         for v in variants:
-            got[v] = res = measure(v, work)
+            budget = got[f"trl-{v.split('-')[1]}"]["peak_gib"] if v.endswith("-auto") else None
+            got[v] = res = measure(v, work, budget)
             with (work / "partial.jsonl").open("a") as f:  # every run as it ends: a cut-short invocation keeps its runs
                 f.write(json.dumps({"round": r + 1, "variant": v, "load": load_note(), **res}) + "\n")
             ref = res.get("reference", {}).get("pass_s", {}).get("train")
