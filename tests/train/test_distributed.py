@@ -12,7 +12,7 @@ Launches: DDP under ``accelerate launch`` with the shipped ``configs/accelerate/
 full shard under torchrun (``--train.fsdp true``), and FSDP2 under ``accelerate launch`` with the
 shipped ``configs/accelerate/fsdp-qlora.yaml`` on a model whose output head is tied to its input
 embeddings. (tests/test_train.py runs DDP under torchrun.) `qsimpo sft` runs under torchrun with DDP and FSDP,
-and `qsimpo train --model.sft_adapter` with DDP, against one-process references of their own (see below).
+and `qsimpo train --model.sft_adapter` with DDP and FSDP, against one-process references of their own (see below).
 """
 
 from __future__ import annotations
@@ -375,9 +375,11 @@ def test_sft_under_torchrun_matches_one_process(sft_setup, tmp_path, fsdp):
     assert meta["kind"] == "sft" and meta["global_step"] == 3
 
 
-def test_simpo_on_an_sft_adapter_under_torchrun_matches_one_process(sft_setup, tiny_base, pref_jsonl, tmp_path):
-    """`torchrun ... -m qsimpo train CONFIG --model.sft_adapter DIR` (DDP): the SFT adapter frozen on every rank, the
-    stacked adapter the one-process run writes."""
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_simpo_on_an_sft_adapter_under_torchrun_matches_one_process(sft_setup, tiny_base, pref_jsonl, tmp_path, fsdp):
+    """`torchrun ... -m qsimpo train CONFIG --model.sft_adapter DIR` (DDP, and FSDP2 with the frozen SFT adapter
+    sharded beside the trained one): the SFT adapter frozen on every rank, the stacked adapter the one-process run
+    writes."""
     from qsimpo.config import dump_yaml
     from qsimpo.train.recipe import train
 
@@ -387,7 +389,8 @@ def test_simpo_on_an_sft_adapter_under_torchrun_matches_one_process(sft_setup, t
     plain = ("--train.batch_size", "4", "--train.packing", "none", "--train.head_chunk_size", "0")
     reference = train(make_config(tiny_base, pref_jsonl, tmp_path / "one", *COMMON, *plain,
                                   "--model.sft_adapter", str(sft_adapter))).output_dir
-    launch([*torchrun(), "-m", "qsimpo"], "train", config, tmp_path / "ddp", "--model.sft_adapter", str(sft_adapter))
+    launch([*torchrun(), "-m", "qsimpo"], "train", config, tmp_path / "ddp", "--model.sft_adapter", str(sft_adapter),
+           *(("--train.fsdp", "true") if fsdp else ()))
     out = tmp_path / "ddp"
     assert_same_run(out, reference, keys=("loss", "grad_norm", "logps/chosen", "logps/rejected"))
     sft_in, sft_kept = load_file(sft_adapter / "adapter_model.safetensors"), load_file(out / "sft" / "adapter_model.safetensors")
