@@ -26,7 +26,8 @@ user types it; the configs it writes are printed):
    prompts, greedy, --max-new-tokens, one batch, through qsimpo.generate.generate (the function eval and the demo
    use). An answer "ends properly" when generation stopped at the template's end of turn (<end_of_turn>); stopping
    at <eos> and running to the token limit are counted apart. Wilson 95% intervals. And how far each model is from
-   ending there: log p(<end_of_turn>) right after each held-out pair's chosen answer (teacher-forced), and its rank.
+   ending there: log p(<end_of_turn>) right after each held-out pair's chosen answer (teacher-forced), and its rank
+   (qsimpo sft's own end-of-turn check, qsimpo.train.sft.turn_end_check).
 4. `qsimpo train simpo.yaml`: SimPO on pairs.jsonl on top of the frozen SFT adapter (model.sft_adapter), with
    configs/hh-rlhf-harmless.yaml's SimPO settings (beta 2.0, gamma/beta 0.5, learning rate 2e-5), LoRA r 16, one
    epoch, 8 pairs a step (batch 2 x 4), max_length 256, max_prompt_length 192.
@@ -42,7 +43,6 @@ results and appends one JSON row to benchmarks/results_base_setting.jsonl; RESUL
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -153,32 +153,24 @@ def before_after(work: Path, prompts: list[str], max_new: int) -> dict:
 
 
 def end_logprobs(model, tok, pairs: Path) -> dict:
-    """How far the model is from ending a turn where it should: log p(end of turn) right after each held-out pair's
-    chosen answer, teacher-forced, with the adapter off (the base) and on (SFT), and that token's rank there."""
-    import torch
-
+    """How far the model is from ending a turn where it should: qsimpo sft's end-of-turn check
+    (qsimpo.train.sft.turn_end_check) on each held-out pair's prompt + chosen answer, with the adapter off ("base")
+    and on ("sft"): log p of the end token right after the answer, teacher-forced, and its rank there."""
     from qsimpo.data.conversations import normalise_conversation, tokenize_conversation
     from qsimpo.data.formats import _implicit
-    from qsimpo.data.render import transcript_messages, turn_end_id
+    from qsimpo.data.render import transcript_messages
+    from qsimpo.data.tokenize import turn_end_token
+    from qsimpo.train.sft import turn_end_check, turn_end_report
 
-    end, found = turn_end_id(tok), {"before": [], "after": []}
+    items, end = [], turn_end_token(tok)
     for line in pairs.read_text().splitlines():
         prompt, chosen, _ = _implicit(json.loads(line))
         conv = {"messages": transcript_messages(prompt) + [{"role": "assistant", "content": chosen.strip()}]}
-        ids = tokenize_conversation(tok, normalise_conversation(conv), 4096)["input_ids"]
-        assert ids[-1] == end
-        for side in found:
-            with torch.no_grad(), (model.disable_adapter() if side == "before" else contextlib.nullcontext()):
-                logp = torch.log_softmax(model(input_ids=torch.tensor([ids[:-1]])).logits[0, -1].float(), -1)
-            found[side].append((float(logp[end]), int((logp > logp[end]).sum())))
-    out = {}
-    for side, got in found.items():
-        ranks = sorted(r for _, r in got)
-        out[side] = {"mean_logprob": round(sum(x for x, _ in got) / len(got), 2), "median_rank": ranks[len(ranks) // 2],
-                     "top1": sum(r == 0 for r in ranks), "n": len(got)}
-        log(f"  {side}: log p({tok.convert_ids_to_tokens(end)}) after the held-out chosen answers "
-            f"{out[side]['mean_logprob']}, median rank {out[side]['median_rank']}, first in {out[side]['top1']}/{len(got)}")
-    return out
+        items.append(tokenize_conversation(tok, normalise_conversation(conv), 4096))
+        assert items[-1]["input_ids"][-1] == end
+    check = turn_end_check(model, items, end, next(model.parameters()).device, limit=len(items))
+    log("  " + turn_end_report(check, tok.convert_ids_to_tokens(end)).splitlines()[0])
+    return check
 
 
 def demo(work: Path, prompt: str) -> dict:

@@ -27,6 +27,12 @@ def _response_ids(tokenizer, text: str) -> list[int]:
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
 
+def turn_end_token(tokenizer) -> int | None:
+    """The token ``_response_ids`` ends a trained turn with: the template's end-of-turn token, else the EOS."""
+    end = turn_end_id(tokenizer)
+    return end if end is not None else tokenizer.eos_token_id
+
+
 def with_bos(tokenizer, ids: list[int]) -> list[int]:
     """``ids`` starting with exactly one BOS, when the tokenizer has one (the template may have rendered it)."""
     bos = tokenizer.bos_token_id

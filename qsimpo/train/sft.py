@@ -24,14 +24,16 @@ train.packing none, batch_size counts conversations, one per padded row.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
 from qsimpo.console import say
 from qsimpo.config import Config, ConfigError
+from qsimpo.data.tokenize import turn_end_token
 from qsimpo.response_logps import attn_implementation, scoring_head
-from qsimpo.train.logprobs import chunked_token_logps, head_chunk_rows
+from qsimpo.train.logprobs import head_chunk_rows
 from qsimpo.train.packing import PROMPT, attention_inputs, plain_score_tensors
 from qsimpo.train.trainer import NON_FINITE_CAUSES, NonFiniteError, PreferenceTrainer
 
@@ -288,6 +290,61 @@ def load_conversations(cfg: Config, tokenizer):
     return convs, held, summaries
 
 
+TURN_END_CONVERSATIONS = 64  # held-out conversations the end-of-turn check reads
+
+
+def turn_end_check(model, items, end_id: int, device, limit: int = TURN_END_CONVERSATIONS) -> dict | None:
+    """Does the model end a turn where the data does? For each assistant turn of up to ``limit`` held-out conversations
+    that ends at the template's end-of-turn token: that token's log-prob and rank (how many tokens score above it)
+    right after the answer, teacher-forced, with the adapter off ("base") and on ("sft").
+
+    Greedy decoding stops only where the token ranks first, so this says before any generation whether the SFT model
+    will stop its answers: a base model's template tokens can be ones it never trained (Gemma's ``<end_of_turn>``
+    in gemma-3-270m), and LoRA trains no embedding row. Logits are built at those positions only (transformers'
+    ``logits_to_keep``), never over the whole vocabulary at every position. Every process runs the same inputs, so
+    FSDP's gathers line up; None if no held-out turn ends at ``end_id`` (all cut by max_length)."""
+    found = {"base": [], "sft": []}
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(min(len(items), limit)):  # items: a list, or the table-backed rows of a large data set
+            ids, mask = list(items[i]["input_ids"]), list(items[i]["assistant_mask"])
+            ends = [t for t in range(1, len(ids)) if ids[t] == end_id and mask[t]]
+            if not ends:
+                continue
+            inputs = torch.tensor([ids], device=device)
+            keep = torch.tensor([t - 1 for t in ends], device=device)  # the position that predicts each end token
+            for side in found:
+                with torch.no_grad(), (model.disable_adapter() if side == "base" else contextlib.nullcontext()):
+                    logits = model(input_ids=inputs, logits_to_keep=keep).logits[0].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                at_end = logp[:, end_id]
+                found[side] += zip(at_end.tolist(), (logp > at_end[:, None]).sum(-1).tolist())
+    finally:
+        model.train(was_training)
+    if not found["sft"]:
+        return None
+    out = {"turns": len(found["sft"])}
+    for side, got in found.items():
+        ranks = sorted(rank for _, rank in got)
+        out[side] = {"mean_logprob": sum(lp for lp, _ in got) / len(got), "median_rank": ranks[len(ranks) // 2],
+                     "first": sum(rank == 0 for rank in ranks)}
+    return out
+
+
+def turn_end_report(check: dict, token: str) -> str:
+    """The lines `qsimpo sft` prints after training: the end-of-turn check above, and what to do if it falls short."""
+    b, s, n = check["base"], check["sft"], check["turns"]
+    text = (f"end of turn on {n} held-out assistant turns ({token} right after each answer, teacher-forced): "
+            f"log p {s['mean_logprob']:.2f} (base {b['mean_logprob']:.2f}), median rank {s['median_rank']:,} "
+            f"(base {b['median_rank']:,}), ranked first in {s['first']}/{n} (base {b['first']}/{n})")
+    if s["first"] * 2 < n:
+        text += (f"\n  greedy answers stop only where {token} ranks first: in most of these turns the model would run on "
+                 "past the answer. Train longer (train.num_epochs, more conversations); docs/sft.md, \"When answers do "
+                 "not stop\", says why a base model's template tokens are slow to learn")
+    return text
+
+
 def sft(cfg: Config, command: list[str] | None = None):
     """Run SFT as configured; the adapter, its tokenizer files and its provenance land in train.output_dir."""
     from transformers import PrinterCallback, ProgressCallback, set_seed
@@ -322,7 +379,7 @@ def sft(cfg: Config, command: list[str] | None = None):
         if resume is None and is_main_process() and metrics_path.exists():
             metrics_path.unlink()
         args = training_arguments(cfg, output_dir, held is not None, device)
-        unit = "convs"
+        unit, held_items = "convs", held  # the end-of-turn check reads them unpacked
         if cfg.train.packing != "none":  # train.batch_size counts rows of up to max_length tokens
             convs, unit = PackedRows(convs, cfg.data.max_length), "rows"
             held = PackedRows(held, cfg.data.max_length) if held else held
@@ -351,6 +408,13 @@ def sft(cfg: Config, command: list[str] | None = None):
         if held and not (cfg.train.eval_every and trainer.state.global_step % cfg.train.eval_every == 0):
             trainer.evaluate()
         trainer.save_model(str(output_dir))  # adapter + tokenizer files (the chat template with them)
+        end_id = turn_end_token(tokenizer)
+        check = (turn_end_check(trainer.model, held_items, end_id, args.device) if held_items and end_id is not None
+                 else None)
+        if check is not None:
+            summaries["turn_end"] = {"token": tokenizer.convert_ids_to_tokens(end_id), **check}
+            if is_main_process():
+                say(turn_end_report(check, summaries["turn_end"]["token"]))
         if trainer.is_world_process_zero():
             write_sft_provenance(cfg, output_dir, trainer, tokenizer, summaries)
     return TrainRun(output_dir, trainer)

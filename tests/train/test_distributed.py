@@ -328,7 +328,7 @@ def test_accelerate_still_keeps_fsdp_on_cpu_where_qsimpo_sets_it(fresh_accelerat
 # the same tokens; the length-grouped sampler is cut for 8 packed rows a step either way. (That a packed row scores
 # its conversations as each alone is tests/train/test_sft.py's.)
 SFT_COMMON = ("--data.max_rows", "60", "--train.max_steps", "3", "--train.head_chunk_size", "16",
-              "--train.save_steps", "1000", "--data.max_length", "256")
+              "--train.save_steps", "1000", "--data.max_length", "256", "--data.eval", "0.1")
 
 
 @pytest.fixture(scope="module")
@@ -373,6 +373,11 @@ def test_sft_under_torchrun_matches_one_process(sft_setup, tmp_path, fsdp):
     assert_same_run(tmp_path / "sft", reference)
     meta = json.loads((tmp_path / "sft" / "qsimpo.json").read_text())
     assert meta["kind"] == "sft" and meta["global_step"] == 3
+    # the end-of-turn check after training runs on every process (FSDP gathers in its forward) and finds what the
+    # one-process run found on the same held-out conversations
+    ref_check, check = (json.loads((d / "qsimpo.json").read_text())["data"]["turn_end"] for d in (reference, tmp_path / "sft"))
+    assert check["turns"] == ref_check["turns"] > 0 and check["base"] == pytest.approx(ref_check["base"], abs=1e-3)
+    assert check["sft"]["mean_logprob"] == pytest.approx(ref_check["sft"]["mean_logprob"], abs=1e-3)
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])

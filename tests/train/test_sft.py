@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -123,11 +124,52 @@ def test_packed_loss_equals_unpacked_loss(tiny_base, tok, pref_rows, head_chunk,
         assert torch.allclose(-assistant_logps(model, one, head_chunk).mean(), -a.mean(), atol=1e-6)
 
 
-def test_sft_run_folder(tiny_base, sft_jsonl, tmp_path, one_thread):
+def test_turn_end_check_is_the_full_vocabulary_rank_at_each_turn_end(tiny_base, tok, pref_rows, one_thread):
+    """The end-of-turn check `qsimpo sft` prints: log p and rank of the template's end token right after each
+    assistant turn, adapter off and on, as full logits at every position give them by hand."""
+    from qsimpo.data.tokenize import turn_end_token
+    from qsimpo.train.model import add_lora, load_base
+    from qsimpo.train.sft import turn_end_check, turn_end_report
+
+    cfg = make_config(tiny_base, "unused.jsonl", "unused")
+    model = add_lora(load_base(cfg.model, "cpu"), cfg.lora, True, False, 0)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)  # an adapter that moves the logits, so "sft" differs from "base"
+    items = [tokenize_conversation(tok, normalise_conversation(c), 256) for c in conversations(pref_rows, 5)]
+    end = turn_end_token(tok)  # this template has no end-of-turn token: the EOS training appends
+    whole = tokenize_conversation(tok, normalise_conversation(conversations(pref_rows, 6)[5]), 256)
+    cut = whole["input_ids"].index(end)  # as max_length cuts a turn before its end token: nothing to check there
+    items.append({"input_ids": whole["input_ids"][:cut], "assistant_mask": whole["assistant_mask"][:cut]})
+    got = turn_end_check(model, items, end, "cpu")
+    want = {"base": [], "sft": []}
+    model.eval()
+    for item in items:
+        ids, mask = item["input_ids"], item["assistant_mask"]
+        for side in want:
+            with torch.no_grad(), (model.disable_adapter() if side == "base" else contextlib.nullcontext()):
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            want[side] += [(float(logp[t - 1, end]), int((logp[t - 1] > logp[t - 1, end]).sum()))
+                           for t in range(1, len(ids)) if ids[t] == end and mask[t]]
+    assert got["turns"] == len(want["sft"]) == 10  # two assistant turns in each of the five whole conversations
+    for side, rows in want.items():
+        ranks = sorted(r for _, r in rows)
+        assert got[side]["mean_logprob"] == pytest.approx(sum(lp for lp, _ in rows) / len(rows), abs=1e-4)
+        assert got[side]["median_rank"] == ranks[len(ranks) // 2]
+        assert got[side]["first"] == sum(r == 0 for r in ranks)
+    assert got["base"] != got["sft"]
+    line = turn_end_report(got, tok.convert_ids_to_tokens(end))
+    assert line.startswith(f"end of turn on 10 held-out assistant turns ({tok.convert_ids_to_tokens(end)} right after")
+    assert ("run on past the answer" in line) == (got["sft"]["first"] * 2 < 10)
+    assert turn_end_check(model, items[-1:], end, "cpu") is None  # no turn end survived the cut
+
+
+def test_sft_run_folder(tiny_base, sft_jsonl, tmp_path, one_thread, capsys):
     from qsimpo.train.model import add_lora, load_base
 
     cfg = make_config(tiny_base, sft_jsonl, tmp_path / "sft", "--train.max_steps", "3", "--train.save_steps", "2",
-                      "--data.max_length", "256", "--model.chat_template", "chatml")
+                      "--data.max_length", "256", "--model.chat_template", "chatml", "--data.eval", "0.125")
     from peft import get_peft_model_state_dict
 
     init = get_peft_model_state_dict(add_lora(load_base(cfg.model, "cpu"), cfg.lora, True, False, cfg.train.seed))
@@ -141,6 +183,11 @@ def test_sft_run_folder(tiny_base, sft_jsonl, tmp_path, one_thread):
     meta = json.loads((out / "qsimpo.json").read_text())
     chatml = (ROOT / "qsimpo" / "templates" / "chatml.jinja").read_text()
     assert meta["kind"] == "sft" and meta["chat_template"] == chatml and meta["data"]["train"]["kept"] == 64
+    # the end-of-turn check on the 8 held-out conversations, two turns each; <|im_end|> is no token of this tiny
+    # tokenizer, so training ends each turn with its EOS, and the check reads that
+    turn_end = meta["data"]["turn_end"]
+    assert turn_end["token"] == "</s>" and turn_end["turns"] == 16 and set(turn_end) == {"token", "turns", "base", "sft"}
+    assert "end of turn on 16 held-out assistant turns (</s> right after each answer" in capsys.readouterr().out
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(out).chat_template == chatml  # written into the adapter's tokenizer files
