@@ -154,8 +154,12 @@ def before_after(work: Path, prompts: list[str], max_new: int) -> dict:
 
 def end_logprobs(model, tok, pairs: Path) -> dict:
     """How far the model is from ending a turn where it should: qsimpo sft's end-of-turn check
-    (qsimpo.train.sft.turn_end_check) on each held-out pair's prompt + chosen answer, with the adapter off ("base")
-    and on ("sft"): log p of the end token right after the answer, teacher-forced, and its rank there."""
+    (qsimpo.train.sft.turn_end_check) right after each held-out pair's chosen answer (its last turn only), with the
+    adapter off ("base") and on ("sft"): log p of the end token, teacher-forced, its rank there, and whether greedy
+    decoding would stop there (the end token or the EOS first). Recorded as {"turns", "base", "sft"}; the first
+    recorded run (before this check moved into qsimpo sft) wrote the same numbers as {"before", "after"} with
+    "top1" for "first" and no "stops"."""
+    from qsimpo.generate import model_stop_ids
     from qsimpo.data.conversations import normalise_conversation, tokenize_conversation
     from qsimpo.data.formats import _implicit
     from qsimpo.data.render import transcript_messages
@@ -166,9 +170,15 @@ def end_logprobs(model, tok, pairs: Path) -> dict:
     for line in pairs.read_text().splitlines():
         prompt, chosen, _ = _implicit(json.loads(line))
         conv = {"messages": transcript_messages(prompt) + [{"role": "assistant", "content": chosen.strip()}]}
-        items.append(tokenize_conversation(tok, normalise_conversation(conv), 4096))
-        assert items[-1]["input_ids"][-1] == end
-    check = turn_end_check(model, items, end, next(model.parameters()).device, limit=len(items))
+        item = tokenize_conversation(tok, normalise_conversation(conv), 4096)
+        assert item["input_ids"][-1] == end
+        mask, last = item["assistant_mask"], len(item["assistant_mask"])
+        while last > 0 and mask[last - 1]:
+            last -= 1
+        # the chosen answer's turn only: an HH prompt's earlier Assistant turns are the transcript's, not the answer
+        items.append({**item, "assistant_mask": [0] * last + mask[last:]})
+    check = turn_end_check(model, items, end, next(model.parameters()).device, model_stop_ids(model, tok),
+                           limit=len(items))
     log("  " + turn_end_report(check, tok.convert_ids_to_tokens(end)).splitlines()[0])
     return check
 

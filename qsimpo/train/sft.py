@@ -25,6 +25,7 @@ train.packing none, batch_size counts conversations, one per padded row.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -293,17 +294,21 @@ def load_conversations(cfg: Config, tokenizer):
 TURN_END_CONVERSATIONS = 64  # held-out conversations the end-of-turn check reads
 
 
-def turn_end_check(model, items, end_id: int, device, limit: int = TURN_END_CONVERSATIONS) -> dict | None:
+def turn_end_check(model, items, end_id: int, device, stops: Sequence[int] = (),
+                   limit: int = TURN_END_CONVERSATIONS) -> dict | None:
     """Does the model end a turn where the data does? For each assistant turn of up to ``limit`` held-out conversations
     that ends at the template's end-of-turn token: that token's log-prob and rank (how many tokens score above it)
-    right after the answer, teacher-forced, with the adapter off ("base") and on ("sft").
+    right after the answer, teacher-forced, with the adapter off ("base") and on ("sft"); and in how many of those
+    places greedy decoding would stop at all: its first choice is ``end_id`` or another of ``stops`` (the EOS, which
+    generation stops at too: qsimpo.generate.stop_ids).
 
-    Greedy decoding stops only where the token ranks first, so this says before any generation whether the SFT model
-    will stop its answers: a base model's template tokens can be ones it never trained (Gemma's ``<end_of_turn>``
-    in gemma-3-270m), and LoRA trains no embedding row. Logits are built at those positions only (transformers'
-    ``logits_to_keep``), never over the whole vocabulary at every position. Every process runs the same inputs, so
-    FSDP's gathers line up; None if no held-out turn ends at ``end_id`` (all cut by max_length)."""
+    This says before any generation whether the SFT model will stop its answers: a base model's template tokens can
+    be ones it never trained (Gemma's ``<end_of_turn>`` in gemma-3-270m), and LoRA trains no embedding row. Logits are
+    built at those positions only (transformers' ``logits_to_keep``), never over the whole vocabulary at every
+    position. Every process runs the same inputs, so FSDP's gathers line up; None if no held-out turn ends at
+    ``end_id`` (all cut by max_length)."""
     found = {"base": [], "sft": []}
+    stop_set = {end_id, *stops}
     was_training = model.training
     model.eval()
     try:
@@ -319,16 +324,17 @@ def turn_end_check(model, items, end_id: int, device, limit: int = TURN_END_CONV
                     logits = model(input_ids=inputs, logits_to_keep=keep).logits[0].float()
                 logp = torch.log_softmax(logits, dim=-1)
                 at_end = logp[:, end_id]
-                found[side] += zip(at_end.tolist(), (logp > at_end[:, None]).sum(-1).tolist())
+                found[side] += zip(at_end.tolist(), (logp > at_end[:, None]).sum(-1).tolist(),
+                                   (int(t) in stop_set for t in logp.argmax(-1).tolist()))
     finally:
         model.train(was_training)
     if not found["sft"]:
         return None
     out = {"turns": len(found["sft"])}
     for side, got in found.items():
-        ranks = sorted(rank for _, rank in got)
-        out[side] = {"mean_logprob": sum(lp for lp, _ in got) / len(got), "median_rank": ranks[len(ranks) // 2],
-                     "first": sum(rank == 0 for rank in ranks)}
+        ranks = sorted(rank for _, rank, _ in got)
+        out[side] = {"mean_logprob": sum(lp for lp, _, _ in got) / len(got), "median_rank": ranks[len(ranks) // 2],
+                     "first": sum(rank == 0 for rank in ranks), "stops": sum(stop for _, _, stop in got)}
     return out
 
 
@@ -337,11 +343,12 @@ def turn_end_report(check: dict, token: str) -> str:
     b, s, n = check["base"], check["sft"], check["turns"]
     text = (f"end of turn on {n} held-out assistant turns ({token} right after each answer, teacher-forced): "
             f"log p {s['mean_logprob']:.2f} (base {b['mean_logprob']:.2f}), median rank {s['median_rank']:,} "
-            f"(base {b['median_rank']:,}), ranked first in {s['first']}/{n} (base {b['first']}/{n})")
-    if s["first"] * 2 < n:
-        text += (f"\n  greedy answers stop only where {token} ranks first: in most of these turns the model would run on "
-                 "past the answer. Train longer (train.num_epochs, more conversations); docs/sft.md, \"When answers do "
-                 "not stop\", says why a base model's template tokens are slow to learn")
+            f"(base {b['median_rank']:,}), ranked first in {s['first']}/{n} (base {b['first']}/{n}); "
+            f"greedy decoding would stop there in {s['stops']}/{n} (base {b['stops']}/{n})")
+    if s["stops"] * 2 < n:
+        text += (f"\n  in most of these turns greedy decoding would not stop after the answer ({token} or another stop "
+                 "token first): answers will run on. Train longer (train.num_epochs, more conversations); "
+                 "docs/sft.md, \"When answers do not stop\", says why a base model's template tokens are slow to learn")
     return text
 
 
@@ -349,6 +356,7 @@ def sft(cfg: Config, command: list[str] | None = None):
     """Run SFT as configured; the adapter, its tokenizer files and its provenance land in train.output_dir."""
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
+    from qsimpo.generate import model_stop_ids
     from qsimpo.run_dir import CONFIG, METRICS, write_config
     from qsimpo.templates import require_template
     from qsimpo.train.callbacks import (CheckpointMarker, FiniteGradGuard, MetricsJsonl, NothingLeftToTrain, ProgressBar,
@@ -409,8 +417,8 @@ def sft(cfg: Config, command: list[str] | None = None):
             trainer.evaluate()
         trainer.save_model(str(output_dir))  # adapter + tokenizer files (the chat template with them)
         end_id = turn_end_token(tokenizer)
-        check = (turn_end_check(trainer.model, held_items, end_id, args.device) if held_items and end_id is not None
-                 else None)
+        check = (turn_end_check(trainer.model, held_items, end_id, args.device, model_stop_ids(model, tokenizer))
+                 if held_items and end_id is not None else None)
         if check is not None:
             summaries["turn_end"] = {"token": tokenizer.convert_ids_to_tokens(end_id), **check}
             if is_main_process():

@@ -142,7 +142,8 @@ def test_turn_end_check_is_the_full_vocabulary_rank_at_each_turn_end(tiny_base, 
     whole = tokenize_conversation(tok, normalise_conversation(conversations(pref_rows, 6)[5]), 256)
     cut = whole["input_ids"].index(end)  # as max_length cuts a turn before its end token: nothing to check there
     items.append({"input_ids": whole["input_ids"][:cut], "assistant_mask": whole["assistant_mask"][:cut]})
-    got = turn_end_check(model, items, end, "cpu")
+    other_stop = 7  # a second stop token, as a tokenizer's EOS is beside a template's end of turn
+    got = turn_end_check(model, items, end, "cpu", stops=[other_stop])
     want = {"base": [], "sft": []}
     model.eval()
     for item in items:
@@ -150,18 +151,24 @@ def test_turn_end_check_is_the_full_vocabulary_rank_at_each_turn_end(tiny_base, 
         for side in want:
             with torch.no_grad(), (model.disable_adapter() if side == "base" else contextlib.nullcontext()):
                 logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-            want[side] += [(float(logp[t - 1, end]), int((logp[t - 1] > logp[t - 1, end]).sum()))
+            want[side] += [(float(logp[t - 1, end]), int((logp[t - 1] > logp[t - 1, end]).sum()),
+                            int(logp[t - 1].argmax()) in (end, other_stop))
                            for t in range(1, len(ids)) if ids[t] == end and mask[t]]
     assert got["turns"] == len(want["sft"]) == 10  # two assistant turns in each of the five whole conversations
     for side, rows in want.items():
-        ranks = sorted(r for _, r in rows)
-        assert got[side]["mean_logprob"] == pytest.approx(sum(lp for lp, _ in rows) / len(rows), abs=1e-4)
+        ranks = sorted(r for _, r, _ in rows)
+        assert got[side]["mean_logprob"] == pytest.approx(sum(lp for lp, _, _ in rows) / len(rows), abs=1e-4)
         assert got[side]["median_rank"] == ranks[len(ranks) // 2]
         assert got[side]["first"] == sum(r == 0 for r in ranks)
+        assert got[side]["stops"] == sum(stop for _, _, stop in rows) >= got[side]["first"]
     assert got["base"] != got["sft"]
     line = turn_end_report(got, tok.convert_ids_to_tokens(end))
     assert line.startswith(f"end of turn on 10 held-out assistant turns ({tok.convert_ids_to_tokens(end)} right after")
-    assert ("run on past the answer" in line) == (got["sft"]["first"] * 2 < 10)
+    assert f"greedy decoding would stop there in {got['sft']['stops']}/10" in line
+    assert ("answers will run on" in line) == (got["sft"]["stops"] * 2 < 10)
+    # the warning follows the stops, whichever stop token comes first
+    assert "answers will run on" in turn_end_report({**got, "sft": {**got["sft"], "stops": 4}}, "</s>")
+    assert "answers will run on" not in turn_end_report({**got, "sft": {**got["sft"], "stops": 5}}, "</s>")
     assert turn_end_check(model, items[-1:], end, "cpu") is None  # no turn end survived the cut
 
 
@@ -187,6 +194,7 @@ def test_sft_run_folder(tiny_base, sft_jsonl, tmp_path, one_thread, capsys):
     # tokenizer, so training ends each turn with its EOS, and the check reads that
     turn_end = meta["data"]["turn_end"]
     assert turn_end["token"] == "</s>" and turn_end["turns"] == 16 and set(turn_end) == {"token", "turns", "base", "sft"}
+    assert set(turn_end["sft"]) == {"mean_logprob", "median_rank", "first", "stops"}
     assert "end of turn on 16 held-out assistant turns (</s> right after each answer" in capsys.readouterr().out
     from transformers import AutoTokenizer
 
