@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -339,6 +340,9 @@ def usage() -> str:
             "non-finite training);\n2 something typed or pointed at must change (the message says what); 130 interrupted")
 
 
+OTHER_PROCESS_ERROR_WAIT_S = 30  # how long a process other than 0 leaves process 0 to say an error they share
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -354,8 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     except QsimpoError as e:
         if debug:
             traceback.print_exc()
-        if debug or is_main():  # under torchrun/accelerate the processes meet the same config, data and run: one says it
-            print(f"error: {e}", file=sys.stderr)
+        if not (debug or is_main()):
+            # under torchrun/accelerate the processes meet the same config, data and run, and process 0 says it. The
+            # launcher stops every process once one exits, so this one waits first: had it exited at once, process 0
+            # could be stopped before its message was out, and the user would read no error at all. Still running
+            # after the wait, it met an error of its own, and says it.
+            time.sleep(OTHER_PROCESS_ERROR_WAIT_S)
+        print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # outside a training step (loading, tokenizing): nothing to save
         if debug:

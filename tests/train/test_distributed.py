@@ -267,10 +267,15 @@ def test_shipped_accelerate_configs(name):
 
 
 def test_an_error_under_torchrun_is_said_once(tmp_path):
-    """Every rank meets the same bad config; the user reads its message once (rank 0), with each rank's exit code 2."""
+    """Every rank meets the same bad config; the user reads its message once (rank 0), with each rank's exit code 2.
+    Rank 0 starts 3 s late here: the launcher stops every rank once one exits, so a rank 1 that exited at once
+    would have rank 0 stopped before it said anything, and the user would read no error at all."""
     config = tmp_path / "bad.yaml"
     config.write_text("model:\n  name_or_path: m\ndata:\n  path: d.jsonl\nlora:\n  alhpa: 8\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    late = tmp_path / "late"
+    late.mkdir()
+    (late / "sitecustomize.py").write_text("import os, time\nif os.environ.get('RANK') == '0':\n    time.sleep(3)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(late), str(ROOT)])}
     proc = subprocess.run([sys.executable, "-m", *torchrun(), "-m", "qsimpo", "train", str(config)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
