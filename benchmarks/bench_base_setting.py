@@ -17,15 +17,16 @@ user types it; the configs it writes are printed):
 1. The base: qsimpo.realmodel.gemma3_gguf() joins the installed pieces once (size and the published sha256 checked)
    and gemma3_path() converts the Q4_K_M GGUF once into qsimpo's cache; the configs then name `google/gemma-3-270m`,
    which qsimpo resolves to that copy (no Hub).
-2. `qsimpo sft sft.yaml`: NF4 base, LoRA r 16 / alpha 32 on every linear layer, model.chat_template gemma (Gemma's
-   own turn format, <start_of_turn>/<end_of_turn>; the base has none), max_length 256, --sft-epochs epochs (3), the
+2. `qsimpo sft sft.yaml`: NF4 base, LoRA r 16 / alpha 32 on every linear layer, model.chat_template --template
+   (default gemma: Gemma's own turn format, <start_of_turn>/<end_of_turn>; zephyr: <|user|>/<|assistant|> in plain
+   text, each turn ended by the EOS; the base has no template), max_length 256, --sft-epochs epochs (3), the
    conversations packed into rows of 256 tokens, --sft-rows rows a step (2), learning rate 2e-4 (docs/sft.md's LoRA
    SFT range), cosine with 10% warmup. (The first recorded run: one epoch of 8 conversations a step, 16 steps.)
 3. Before / after, in this process, with qsimpo.load.load_adapter (the SFT adapter on its NF4 base; "before" is the
-   same model with the adapter disabled, i.e. the base rendered with the same gemma template): the --n held-out
+   same model with the adapter disabled, i.e. the base rendered with the same template): the --n held-out
    prompts, greedy, --max-new-tokens, one batch, through qsimpo.generate.generate (the function eval and the demo
-   use). An answer "ends properly" when generation stopped at the template's end of turn (<end_of_turn>); stopping
-   at <eos> and running to the token limit are counted apart. Wilson 95% intervals. And how far each model is from
+   use). An answer "ends properly" when generation stopped at the template's end of turn (<end_of_turn> for gemma,
+   <eos> for zephyr); stopping at another stop token and running to the token limit are counted apart. Wilson 95% intervals. And how far each model is from
    ending there: log p(<end_of_turn>) right after each held-out pair's chosen answer (teacher-forced), and its rank
    (qsimpo sft's own end-of-turn check, qsimpo.train.sft.turn_end_check).
 4. `qsimpo train simpo.yaml`: SimPO on pairs.jsonl on top of the frozen SFT adapter (model.sft_adapter), with
@@ -138,7 +139,7 @@ def before_after(work: Path, prompts: list[str], max_new: int) -> dict:
         else:
             answers = generate(model, tok, ids, max_new, temperature=0.0)
         k = sum(a.stop == end for a in answers)
-        out[side] = {"end_of_turn": k, "eos": sum(a.stop == eos for a in answers),
+        out[side] = {"end_of_turn": k, "eos": sum(a.stop == eos != end for a in answers),
                      "limit": sum(a.stop is None for a in answers), "end_of_turn_rate": round(k / len(answers), 3),
                      "wilson95": wilson(k, len(answers)),
                      "mean_tokens": round(sum(len(a.ids) for a in answers) / len(answers), 1),
@@ -225,6 +226,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=96, help="token limit of the before/after answers")
     p.add_argument("--sft-epochs", type=int, default=3, help="SFT epochs over the --sft conversations")
     p.add_argument("--sft-rows", type=int, default=2, help="SFT packed rows of 256 tokens per step")
+    p.add_argument("--template", default="gemma",
+                   help="model.chat_template of the SFT run (gemma: <end_of_turn> ends a turn; zephyr: the EOS does)")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="qsimpo-base-setting-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -252,7 +255,7 @@ def main() -> None:
 
     lora = "lora: {r: 16, alpha: 32, dropout: 0.05}\n"
     (work / "sft.yaml").write_text(
-        f"model: {{name_or_path: {HUB_ID}, chat_template: gemma}}\n{lora}"
+        f"model: {{name_or_path: {HUB_ID}, chat_template: {args.template}}}\n{lora}"
         "data: {path: chat.jsonl, max_length: 256}\n"
         f"train: {{output_dir: adapters/sft, num_epochs: {args.sft_epochs}, batch_size: {args.sft_rows}, "
         "gradient_accumulation_steps: 1, learning_rate: 2.0e-4, lr_scheduler: cosine, warmup_ratio: 0.1, "
