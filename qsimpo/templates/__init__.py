@@ -58,5 +58,6 @@ def require_template(tokenizer, model_name: str, command: str) -> None:
         return
     raise NoChatTemplate(
         f"{model_name} has no chat template, and `{command}` needs one to render conversations: name one with "
-        f"--model.chat_template NAME (shipped: {', '.join(SHIPPED)}; zephyr for Mistral-7B base, llama3 for Llama-3 base, "
-        "gemma for Gemma base) or a path to a .jinja file; the adapter keeps it, so every later command uses the same one")
+        f"--model.chat_template NAME (shipped: {', '.join(SHIPPED)}; zephyr ends each turn with the base's own EOS, which "
+        "a LoRA adapter learns to stop at, where a family's turn tokens are often untrained in its base) or a path to "
+        "a .jinja file; the adapter keeps it, so every later command uses the same one")

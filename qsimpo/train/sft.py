@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from qsimpo.console import say
+from qsimpo.console import say, warn
 from qsimpo.config import Config, ConfigError
 from qsimpo.data.tokenize import turn_end_token
 from qsimpo.response_logps import attn_implementation, scoring_head
@@ -295,7 +295,7 @@ TURN_END_CONVERSATIONS = 64  # held-out conversations the end-of-turn check read
 
 
 def turn_end_check(model, items, end_id: int, device, stops: Sequence[int] = (),
-                   limit: int = TURN_END_CONVERSATIONS) -> dict | None:
+                   limit: int = TURN_END_CONVERSATIONS, sides: Sequence[str] = ("base", "sft")) -> dict | None:
     """Does the model end a turn where the data does? For each assistant turn of up to ``limit`` held-out conversations
     that ends at the template's end-of-turn token: that token's log-prob and rank (how many tokens score above it)
     right after the answer, teacher-forced, with the adapter off ("base") and on ("sft"); and in how many of those
@@ -306,8 +306,10 @@ def turn_end_check(model, items, end_id: int, device, stops: Sequence[int] = (),
     be ones it never trained (Gemma's ``<end_of_turn>`` in gemma-3-270m), and LoRA trains no embedding row. Logits are
     built at those positions only (transformers' ``logits_to_keep``), never over the whole vocabulary at every
     position. Every process runs the same inputs, so FSDP's gathers line up; None if no held-out turn ends at
-    ``end_id`` (all cut by max_length)."""
-    found = {"base": [], "sft": []}
+    ``end_id`` (all cut by max_length). ``sides`` picks which to read: `qsimpo sft` reads the base before training
+    (for untrained_turn_end's warning) and the SFT model after it. ``vocab``: how many tokens the ranks are among."""
+    found = {side: [] for side in sides}
+    vocab = 0
     stop_set = {end_id, *stops}
     was_training = model.training
     model.eval()
@@ -322,15 +324,15 @@ def turn_end_check(model, items, end_id: int, device, stops: Sequence[int] = (),
             for side in found:
                 with torch.no_grad(), (model.disable_adapter() if side == "base" else contextlib.nullcontext()):
                     logits = model(input_ids=inputs, logits_to_keep=keep).logits[0].float()
-                logp = torch.log_softmax(logits, dim=-1)
+                logp, vocab = torch.log_softmax(logits, dim=-1), logits.shape[-1]
                 at_end = logp[:, end_id]
                 found[side] += zip(at_end.tolist(), (logp > at_end[:, None]).sum(-1).tolist(),
                                    (int(t) in stop_set for t in logp.argmax(-1).tolist()))
     finally:
         model.train(was_training)
-    if not found["sft"]:
+    if not found[sides[0]]:
         return None
-    out = {"turns": len(found["sft"])}
+    out = {"turns": len(found[sides[0]]), "vocab": vocab}
     for side, got in found.items():
         ranks = sorted(rank for _, rank, _ in got)
         out[side] = {"mean_logprob": sum(lp for lp, _, _ in got) / len(got), "median_rank": ranks[len(ranks) // 2],
@@ -338,7 +340,25 @@ def turn_end_check(model, items, end_id: int, device, stops: Sequence[int] = (),
     return out
 
 
-def turn_end_report(check: dict, token: str) -> str:
+def untrained_turn_end(check: dict, token: str, eos: str | None) -> str | None:
+    """The warning `qsimpo sft` gives before training when the template ends a turn with a token other than the EOS
+    and the base ranks that token in the bottom half of its vocabulary right where the held-out turns end: a token
+    it most likely never trained. gemma-3-270m ranks Gemma's <end_of_turn> 260,362 of 262,144 there (and its <eos>
+    27th); Llama 3's <|eot_id|> is untrained in the Llama 3 base models too. LoRA trains no embedding row, so the
+    SFT model learns to end a turn with it only slowly and greedy answers run on; the EOS, learnt at the end of
+    documents, does not have that problem (benchmarks/RESULTS.md: 0/32 answers stopped with the gemma template,
+    32/32 with zephyr, the same SFT run otherwise). None when there is nothing to warn of."""
+    b = check["base"]
+    if token == eos or b["median_rank"] * 2 < check["vocab"]:
+        return None
+    return (f"{token} looks untrained in this base: right after the {check['turns']} held-out answers it ranks "
+            f"{b['median_rank']:,} of {check['vocab']:,} (median; log p {b['mean_logprob']:.1f}). LoRA trains no "
+            "embedding row, so the SFT model learns to end a turn with it slowly, and its answers may run on. A "
+            f"template that ends each turn with the base's EOS ({eos}), which it learnt at the end of documents, "
+            "avoids this: --model.chat_template zephyr (docs/sft.md, \"When answers do not stop\")")
+
+
+def turn_end_report(check: dict, token: str, eos: str | None = None) -> str:
     """The lines `qsimpo sft` prints after training: the end-of-turn check above, and what to do if it falls short."""
     b, s, n = check["base"], check["sft"], check["turns"]
     text = (f"end of turn on {n} held-out assistant turns ({token} right after each answer, teacher-forced): "
@@ -347,8 +367,10 @@ def turn_end_report(check: dict, token: str) -> str:
             f"greedy decoding would stop there in {s['stops']}/{n} (base {b['stops']}/{n})")
     if s["stops"] * 2 < n:
         text += (f"\n  in most of these turns greedy decoding would not stop after the answer ({token} or another stop "
-                 "token first): answers will run on. Train longer (train.num_epochs, more conversations); "
-                 "docs/sft.md, \"When answers do not stop\", says why a base model's template tokens are slow to learn")
+                 "token first): answers will run on. Train longer (train.num_epochs, more conversations)")
+        if eos and eos != token:
+            text += f", or end each turn with the base's EOS ({eos}) instead of {token}: --model.chat_template zephyr"
+        text += "; docs/sft.md, \"When answers do not stop\", says why a base model's template tokens are slow to learn"
     return text
 
 
@@ -400,6 +422,12 @@ def sft(cfg: Config, command: list[str] | None = None):
             callbacks=[FiniteGradGuard(), MetricsJsonl(metrics_path), SkipFinishedRun(), stop, CheckpointMarker()],
             head_chunk_size=head_chunk_rows(cfg.train.head_chunk_size, model.config.vocab_size),
             compute_dtype=compute_dtype(cfg.model.compute_dtype, device), group_by_length=cfg.train.group_by_length)
+        end_id = turn_end_token(tokenizer)
+        check = (turn_end_check(model, held_items, end_id, args.device, model_stop_ids(model, tokenizer), sides=("base",))
+                 if held_items and end_id is not None else None)
+        warning = check and untrained_turn_end(check, tokenizer.convert_ids_to_tokens(end_id), tokenizer.eos_token)
+        if warning and is_main_process():
+            warn(warning)
         trainer.remove_callback(ProgressCallback)
         if cfg.train.progress:
             trainer.remove_callback(PrinterCallback)
@@ -416,13 +444,12 @@ def sft(cfg: Config, command: list[str] | None = None):
         if held and not (cfg.train.eval_every and trainer.state.global_step % cfg.train.eval_every == 0):
             trainer.evaluate()
         trainer.save_model(str(output_dir))  # adapter + tokenizer files (the chat template with them)
-        end_id = turn_end_token(tokenizer)
-        check = (turn_end_check(trainer.model, held_items, end_id, args.device, model_stop_ids(model, tokenizer))
-                 if held_items and end_id is not None else None)
-        if check is not None:
+        if check is not None:  # the base's side was read before training; now the SFT model's
+            check.update(turn_end_check(trainer.model, held_items, end_id, args.device,
+                                        model_stop_ids(model, tokenizer), sides=("sft",)))
             summaries["turn_end"] = {"token": tokenizer.convert_ids_to_tokens(end_id), **check}
             if is_main_process():
-                say(turn_end_report(check, summaries["turn_end"]["token"]))
+                say(turn_end_report(check, summaries["turn_end"]["token"], tokenizer.eos_token))
         if trainer.is_world_process_zero():
             write_sft_provenance(cfg, output_dir, trainer, tokenizer, summaries)
     return TrainRun(output_dir, trainer)

@@ -161,7 +161,12 @@ def test_turn_end_check_is_the_full_vocabulary_rank_at_each_turn_end(tiny_base, 
         assert got[side]["median_rank"] == ranks[len(ranks) // 2]
         assert got[side]["first"] == sum(r == 0 for r in ranks)
         assert got[side]["stops"] == sum(stop for _, _, stop in rows) >= got[side]["first"]
-    assert got["base"] != got["sft"]
+    assert got["base"] != got["sft"] and got["vocab"] == model.config.vocab_size
+    # qsimpo sft reads the base before training and the SFT model after it: the same numbers as both at once
+    split = turn_end_check(model, items, end, "cpu", stops=[other_stop], sides=("base",))
+    assert set(split) == {"turns", "vocab", "base"}
+    split.update(turn_end_check(model, items, end, "cpu", stops=[other_stop], sides=("sft",)))
+    assert split == got
     line = turn_end_report(got, tok.convert_ids_to_tokens(end))
     assert line.startswith(f"end of turn on 10 held-out assistant turns ({tok.convert_ids_to_tokens(end)} right after")
     assert f"greedy decoding would stop there in {got['sft']['stops']}/10" in line
@@ -170,6 +175,69 @@ def test_turn_end_check_is_the_full_vocabulary_rank_at_each_turn_end(tiny_base, 
     assert "answers will run on" in turn_end_report({**got, "sft": {**got["sft"], "stops": 4}}, "</s>")
     assert "answers will run on" not in turn_end_report({**got, "sft": {**got["sft"], "stops": 5}}, "</s>")
     assert turn_end_check(model, items[-1:], end, "cpu") is None  # no turn end survived the cut
+
+
+def test_the_warnings_say_what_to_do_when_the_base_never_learnt_the_turn_end():
+    """gemma-3-270m's numbers (benchmarks/RESULTS.md): the base ranks <end_of_turn> 260,362 of 262,144 where turns
+    end, and its <eos> 27th; after 60 LoRA steps no greedy answer stopped with the gemma template, all did with zephyr."""
+    from qsimpo.train.sft import turn_end_report, untrained_turn_end
+
+    side = {"mean_logprob": -26.69, "median_rank": 260_362, "first": 0, "stops": 0}
+    gemma = {"turns": 32, "vocab": 262_144, "base": side}
+    warning = untrained_turn_end(gemma, "<end_of_turn>", "<eos>")
+    assert warning.startswith("<end_of_turn> looks untrained in this base: right after the 32 held-out answers it "
+                              "ranks 260,362 of 262,144 (median; log p -26.7)")
+    assert "the base's EOS (<eos>)" in warning and "--model.chat_template zephyr" in warning
+    assert untrained_turn_end({**gemma, "base": {**side, "median_rank": 131_071}}, "<end_of_turn>", "<eos>") is None
+    assert untrained_turn_end({**gemma, "base": {**side, "median_rank": 131_072}}, "<end_of_turn>", "<eos>")
+    assert untrained_turn_end(gemma, "<eos>", "<eos>") is None  # nothing else to end a turn with
+    after = {**gemma, "sft": {"mean_logprob": -8.64, "median_rank": 2, "first": 3, "stops": 0}}
+    assert "instead of <end_of_turn>: --model.chat_template zephyr" in turn_end_report(after, "<end_of_turn>", "<eos>")
+    assert "zephyr" not in turn_end_report(after, "<eos>", "<eos>")
+    assert "zephyr" not in turn_end_report({**after, "sft": {**after["sft"], "stops": 16}}, "<end_of_turn>", "<eos>")
+
+
+@pytest.fixture(scope="module")
+def unlearnt_turn_end_base(tmp_path_factory, pref_rows):
+    """The tiny base with Gemma's turn tokens in its vocabulary, whose <end_of_turn> head row scores at the bottom
+    wherever an answer ends, as gemma-3-270m's untrained row does: the row points away from the hidden states'
+    common direction."""
+    from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
+
+    tok = build_tokenizer([r[k] for r in pref_rows for k in ("prompt", "chosen", "rejected")], vocab_size=320)
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    model = build_model(tok, hidden_size=64, num_layers=2, num_heads=4, max_positions=512)
+    with torch.no_grad():
+        hidden = torch.cat([model.model(input_ids=torch.tensor([tok(r["chosen"])["input_ids"]])).last_hidden_state[0]
+                            for r in pref_rows[:16]]).mean(0)
+        head = model.lm_head.weight
+        head[tok.convert_tokens_to_ids("<end_of_turn>")] = -hidden / hidden.norm() * head.norm(dim=1).mean()
+    return save_base(model, tok, tmp_path_factory.mktemp("unlearnt") / "base")
+
+
+def test_sft_warns_before_training_when_the_base_never_learnt_the_turn_end(unlearnt_turn_end_base, sft_jsonl, tmp_path,
+                                                                           one_thread, capsys, monkeypatch):
+    from qsimpo.train import sft as recipe
+
+    said = []
+    real_train = recipe.SFTTrainer.train
+
+    def train(self, *args, **kwargs):  # what a user has read when training starts
+        said.append(capsys.readouterr().err)
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(recipe.SFTTrainer, "train", train)
+    common = ("--train.max_steps", "1", "--data.max_length", "256", "--data.eval", "0.125")
+    run = sft(make_config(unlearnt_turn_end_base, sft_jsonl, tmp_path / "gemma", "--model.chat_template", "gemma",
+                          *common))
+    assert "<end_of_turn> looks untrained in this base: right after the 16 held-out answers it ranks" in said[0]
+    assert "of 322 (median" in said[0] and "the base's EOS (</s>)" in said[0]
+    check = json.loads((run.output_dir / "qsimpo.json").read_text())["data"]["turn_end"]
+    assert check["token"] == "<end_of_turn>" and check["vocab"] == 322 and check["base"]["median_rank"] >= 161
+    assert "zephyr" in capsys.readouterr().out  # one training step: the end check still finds no stop
+    # what the warning says to do: the same base, each turn ended by its EOS, is not warned of
+    sft(make_config(unlearnt_turn_end_base, sft_jsonl, tmp_path / "zephyr", "--model.chat_template", "zephyr", *common))
+    assert "looks untrained" not in said[1] + capsys.readouterr().err
 
 
 def test_sft_run_folder(tiny_base, sft_jsonl, tmp_path, one_thread, capsys):
@@ -193,7 +261,8 @@ def test_sft_run_folder(tiny_base, sft_jsonl, tmp_path, one_thread, capsys):
     # the end-of-turn check on the 8 held-out conversations, two turns each; <|im_end|> is no token of this tiny
     # tokenizer, so training ends each turn with its EOS, and the check reads that
     turn_end = meta["data"]["turn_end"]
-    assert turn_end["token"] == "</s>" and turn_end["turns"] == 16 and set(turn_end) == {"token", "turns", "base", "sft"}
+    assert turn_end["token"] == "</s>" and turn_end["turns"] == 16
+    assert set(turn_end) == {"token", "turns", "vocab", "base", "sft"}
     assert set(turn_end["sft"]) == {"mean_logprob", "median_rank", "first", "stops"}
     assert "end of turn on 16 held-out assistant turns (</s> right after each answer" in capsys.readouterr().out
     from transformers import AutoTokenizer
