@@ -307,7 +307,8 @@ def turn_end_check(model, items, end_id: int, device, stops: Sequence[int] = (),
     built at those positions only (transformers' ``logits_to_keep``), never over the whole vocabulary at every
     position. Every process runs the same inputs, so FSDP's gathers line up; None if no held-out turn ends at
     ``end_id`` (all cut by max_length). ``sides`` picks which to read: `qsimpo sft` reads the base before training
-    (for untrained_turn_end's warning) and the SFT model after it. ``vocab``: how many tokens the ranks are among."""
+    (for untrained_turn_end's warning) and the SFT model after it. ``vocab``: how many tokens the ranks are among;
+    ``head_row_norm`` (with the base's side): the norm of the token's row of the output layer over a median row's."""
     found = {side: [] for side in sides}
     vocab = 0
     stop_set = {end_id, *stops}
@@ -333,11 +334,18 @@ def turn_end_check(model, items, end_id: int, device, stops: Sequence[int] = (),
     if not found[sides[0]]:
         return None
     out = {"turns": len(found[sides[0]]), "vocab": vocab}
+    if "base" in sides:  # the token's row of the output head against a typical row: ~0 where it was never trained
+        head = model.get_output_embeddings().weight.detach()
+        norms = torch.cat([head[i:i + 8192].float().norm(dim=-1) for i in range(0, head.shape[0], 8192)])
+        out["head_row_norm"] = float(norms[end_id] / norms.median())
     for side, got in found.items():
         ranks = sorted(rank for _, rank, _ in got)
         out[side] = {"mean_logprob": sum(lp for lp, _, _ in got) / len(got), "median_rank": ranks[len(ranks) // 2],
                      "first": sum(rank == 0 for rank in ranks), "stops": sum(stop for _, _, stop in got)}
     return out
+
+
+UNTRAINED_ROW = 0.01  # an output-layer row under 1% of a median row's norm: never trained
 
 
 def untrained_turn_end(check: dict, token: str, eos: str | None) -> str | None:
@@ -347,13 +355,17 @@ def untrained_turn_end(check: dict, token: str, eos: str | None) -> str | None:
     27th); Llama 3's <|eot_id|> is untrained in the Llama 3 base models too. LoRA trains no embedding row, so the
     SFT model learns to end a turn with it only slowly and greedy answers run on; the EOS, learnt at the end of
     documents, does not have that problem (benchmarks/RESULTS.md: 0/32 answers stopped with the gemma template,
-    32/32 with zephyr, the same SFT run otherwise). None when there is nothing to warn of."""
-    b = check["base"]
-    if token == eos or b["median_rank"] * 2 < check["vocab"]:
+    32/32 with zephyr, the same SFT run otherwise). A token whose row of the output layer is all but zero (under
+    UNTRAINED_ROW of a median row's norm, as the rows of Llama 3's template tokens are reported to be in its base
+    models) is warned of wherever it ranks. None when there is nothing to warn of."""
+    b, row = check["base"], check.get("head_row_norm", 1.0)
+    low, empty = b["median_rank"] * 2 >= check["vocab"], row < UNTRAINED_ROW
+    if token == eos or not (low or empty):
         return None
-    return (f"{token} looks untrained in this base: right after the {check['turns']} held-out answers it ranks "
-            f"{b['median_rank']:,} of {check['vocab']:,} (median; log p {b['mean_logprob']:.1f}). LoRA trains no "
-            "embedding row, so the SFT model learns to end a turn with it slowly, and its answers may run on. A "
+    return (f"{token} looks untrained in this base: "
+            + (f"its row of the output layer is all but zero ({row:.1e} of a median row's norm); " if empty else "")
+            + f"right after the {check['turns']} held-out answers it ranks {b['median_rank']:,} of "
+            f"{check['vocab']:,} (median; log p {b['mean_logprob']:.1f}). LoRA trains no embedding row, so the SFT model learns to end a turn with it slowly, and its answers may run on. A "
             f"template that ends each turn with the base's EOS ({eos}), which it learnt at the end of documents, "
             "avoids this: --model.chat_template zephyr (docs/sft.md, \"When answers do not stop\")")
 

@@ -164,9 +164,11 @@ def test_turn_end_check_is_the_full_vocabulary_rank_at_each_turn_end(tiny_base, 
     assert got["base"] != got["sft"] and got["vocab"] == model.config.vocab_size
     # qsimpo sft reads the base before training and the SFT model after it: the same numbers as both at once
     split = turn_end_check(model, items, end, "cpu", stops=[other_stop], sides=("base",))
-    assert set(split) == {"turns", "vocab", "base"}
+    assert set(split) == {"turns", "vocab", "head_row_norm", "base"}
     split.update(turn_end_check(model, items, end, "cpu", stops=[other_stop], sides=("sft",)))
     assert split == got
+    norms = model.get_output_embeddings().weight.norm(dim=-1)
+    assert got["head_row_norm"] == pytest.approx(float(norms[end] / norms.median()), rel=1e-5)
     line = turn_end_report(got, tok.convert_ids_to_tokens(end))
     assert line.startswith(f"end of turn on 10 held-out assistant turns ({tok.convert_ids_to_tokens(end)} right after")
     assert f"greedy decoding would stop there in {got['sft']['stops']}/10" in line
@@ -191,17 +193,23 @@ def test_the_warnings_say_what_to_do_when_the_base_never_learnt_the_turn_end():
     assert untrained_turn_end({**gemma, "base": {**side, "median_rank": 131_071}}, "<end_of_turn>", "<eos>") is None
     assert untrained_turn_end({**gemma, "base": {**side, "median_rank": 131_072}}, "<end_of_turn>", "<eos>")
     assert untrained_turn_end(gemma, "<eos>", "<eos>") is None  # nothing else to end a turn with
+    # a row of the output layer that is all but zero is never trained, wherever the token ranks
+    zero = {**gemma, "head_row_norm": 0.0, "base": {**side, "median_rank": 100}}
+    assert "its row of the output layer is all but zero (0.0e+00 of a median row's norm); right after the 32" in \
+        untrained_turn_end(zero, "<|eot_id|>", "<|end_of_text|>")
+    assert untrained_turn_end({**zero, "head_row_norm": 0.5}, "<|eot_id|>", "<|end_of_text|>") is None
     after = {**gemma, "sft": {"mean_logprob": -8.64, "median_rank": 2, "first": 3, "stops": 0}}
     assert "instead of <end_of_turn>: --model.chat_template zephyr" in turn_end_report(after, "<end_of_turn>", "<eos>")
     assert "zephyr" not in turn_end_report(after, "<eos>", "<eos>")
     assert "zephyr" not in turn_end_report({**after, "sft": {**after["sft"], "stops": 16}}, "<end_of_turn>", "<eos>")
 
 
-@pytest.fixture(scope="module")
-def unlearnt_turn_end_base(tmp_path_factory, pref_rows):
-    """The tiny base with Gemma's turn tokens in its vocabulary, whose <end_of_turn> head row scores at the bottom
-    wherever an answer ends, as gemma-3-270m's untrained row does: the row points away from the hidden states'
-    common direction."""
+@pytest.fixture(scope="module", params=["bottom", "zero"])
+def unlearnt_turn_end_base(request, tmp_path_factory, pref_rows):
+    """The tiny base with Gemma's turn tokens in its vocabulary, whose <end_of_turn> row of the output layer is
+    untrained in one of two ways: "bottom", it scores at the bottom wherever an answer ends, as gemma-3-270m's
+    row does (it points away from the hidden states' common direction); "zero", it is all zeros, as Llama 3's
+    template tokens' rows are reported to be in its base models (its logit 0 ranks wherever it happens to)."""
     from qsimpo.quickstart.toy import build_model, build_tokenizer, save_base
 
     tok = build_tokenizer([r[k] for r in pref_rows for k in ("prompt", "chosen", "rejected")], vocab_size=320)
@@ -211,13 +219,16 @@ def unlearnt_turn_end_base(tmp_path_factory, pref_rows):
         hidden = torch.cat([model.model(input_ids=torch.tensor([tok(r["chosen"])["input_ids"]])).last_hidden_state[0]
                             for r in pref_rows[:16]]).mean(0)
         head = model.lm_head.weight
-        head[tok.convert_tokens_to_ids("<end_of_turn>")] = -hidden / hidden.norm() * head.norm(dim=1).mean()
-    return save_base(model, tok, tmp_path_factory.mktemp("unlearnt") / "base")
+        head[tok.convert_tokens_to_ids("<end_of_turn>")] = (
+            -hidden / hidden.norm() * head.norm(dim=1).mean() if request.param == "bottom" else 0.0)
+    return request.param, save_base(model, tok, tmp_path_factory.mktemp("unlearnt") / "base")
 
 
 def test_sft_warns_before_training_when_the_base_never_learnt_the_turn_end(unlearnt_turn_end_base, sft_jsonl, tmp_path,
                                                                            one_thread, capsys, monkeypatch):
     from qsimpo.train import sft as recipe
+
+    how, unlearnt_turn_end_base = unlearnt_turn_end_base
 
     said = []
     real_train = recipe.SFTTrainer.train
@@ -230,10 +241,18 @@ def test_sft_warns_before_training_when_the_base_never_learnt_the_turn_end(unlea
     common = ("--train.max_steps", "1", "--data.max_length", "256", "--data.eval", "0.125")
     run = sft(make_config(unlearnt_turn_end_base, sft_jsonl, tmp_path / "gemma", "--model.chat_template", "gemma",
                           *common))
-    assert "<end_of_turn> looks untrained in this base: right after the 16 held-out answers it ranks" in said[0]
+    assert "<end_of_turn> looks untrained in this base: " in said[0]
+    assert "right after the 16 held-out answers it ranks" in said[0]
     assert "of 322 (median" in said[0] and "the base's EOS (</s>)" in said[0]
     check = json.loads((run.output_dir / "qsimpo.json").read_text())["data"]["turn_end"]
-    assert check["token"] == "<end_of_turn>" and check["vocab"] == 322 and check["base"]["median_rank"] >= 161
+    assert check["token"] == "<end_of_turn>" and check["vocab"] == 322
+    if how == "bottom":
+        assert check["base"]["median_rank"] >= 161 and check["head_row_norm"] > 0.5
+        assert "all but zero" not in said[0]
+    else:
+        assert check["head_row_norm"] == 0.0
+        assert check["base"]["median_rank"] * 2 < check["vocab"], "the zero row's rank alone should not warn here"
+        assert "its row of the output layer is all but zero (0.0e+00 of a median row's norm)" in said[0]
     assert "zephyr" in capsys.readouterr().out  # one training step: the end check still finds no stop
     # what the warning says to do: the same base, each turn ended by its EOS, is not warned of
     sft(make_config(unlearnt_turn_end_base, sft_jsonl, tmp_path / "zephyr", "--model.chat_template", "zephyr", *common))
@@ -262,7 +281,7 @@ def test_sft_run_folder(tiny_base, sft_jsonl, tmp_path, one_thread, capsys):
     # tokenizer, so training ends each turn with its EOS, and the check reads that
     turn_end = meta["data"]["turn_end"]
     assert turn_end["token"] == "</s>" and turn_end["turns"] == 16
-    assert set(turn_end) == {"token", "turns", "vocab", "base", "sft"}
+    assert set(turn_end) == {"token", "turns", "vocab", "head_row_norm", "base", "sft"}
     assert set(turn_end["sft"]) == {"mean_logprob", "median_rank", "first", "stops"}
     assert "end of turn on 16 held-out assistant turns (</s> right after each answer" in capsys.readouterr().out
     from transformers import AutoTokenizer
