@@ -259,6 +259,26 @@ def test_sft_warns_before_training_when_the_base_never_learnt_the_turn_end(unlea
     assert "looks untrained" not in said[1] + capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("processes")  # starts qsimpo as a process, as a user does: integration tier
+@pytest.mark.parametrize("unlearnt_turn_end_base", ["bottom"], indirect=True)
+def test_the_untrained_turn_end_warning_as_a_user_reads_it(unlearnt_turn_end_base, sft_jsonl, tmp_path):
+    """`qsimpo sft` typed as a user types it: the warning is on the terminal before training, the run goes on."""
+    _, base = unlearnt_turn_end_base
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model: {{name_or_path: {base}, chat_template: gemma}}\n"
+                      f"data: {{path: {sft_jsonl}, max_length: 256, eval: 0.125}}\n"
+                      f"train: {{output_dir: {tmp_path / 'o'}, max_steps: 1, progress: false}}\n")
+    done = subprocess.run([sys.executable, "-m", "qsimpo", "sft", str(config)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    out = done.stdout
+    assert done.returncode == 0, out[-2000:]
+    warned = out.index("<end_of_turn> looks untrained in this base: right after the 16 held-out answers it ranks")
+    assert "--model.chat_template zephyr" in out[warned:].splitlines()[0]
+    assert warned < out.index("'loss'") < out.index("end of turn on 16 held-out assistant turns") < out.index(
+        "SFT adapter written to")
+    assert "Traceback" not in out
+
+
 def test_sft_run_folder(tiny_base, sft_jsonl, tmp_path, one_thread, capsys):
     from qsimpo.train.model import add_lora, load_base
 
