@@ -18,8 +18,8 @@ user types it; the configs it writes are printed):
    and gemma3_path() converts the Q4_K_M GGUF once into qsimpo's cache; the configs then name `google/gemma-3-270m`,
    which qsimpo resolves to that copy (no Hub).
 2. `qsimpo sft sft.yaml`: NF4 base, LoRA r 16 / alpha 32 on every linear layer, model.chat_template --template
-   (default gemma: Gemma's own turn format, <start_of_turn>/<end_of_turn>; zephyr: <|user|>/<|assistant|> in plain
-   text, each turn ended by the EOS; the base has no template), max_length 256, --sft-epochs epochs (3), the
+   (default zephyr: <|user|>/<|assistant|> in plain text, each turn ended by the base's EOS; gemma: Gemma's own turn
+   format, <start_of_turn>/<end_of_turn>, whose end token the base never trained; the base has no template), max_length 256, --sft-epochs epochs (3), the
    conversations packed into rows of 256 tokens, --sft-rows rows a step (2), learning rate 2e-4 (docs/sft.md's LoRA
    SFT range), cosine with 10% warmup. (The first recorded run: one epoch of 8 conversations a step, 16 steps.)
 3. Before / after, in this process, with qsimpo.load.load_adapter (the SFT adapter on its NF4 base; "before" is the
@@ -226,8 +226,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=96, help="token limit of the before/after answers")
     p.add_argument("--sft-epochs", type=int, default=3, help="SFT epochs over the --sft conversations")
     p.add_argument("--sft-rows", type=int, default=2, help="SFT packed rows of 256 tokens per step")
-    p.add_argument("--template", default="gemma",
-                   help="model.chat_template of the SFT run (gemma: <end_of_turn> ends a turn; zephyr: the EOS does)")
+    p.add_argument("--template", default="zephyr",
+                   help="model.chat_template of the SFT run (zephyr: the EOS ends a turn; gemma: <end_of_turn> does; the "
+                        "rows recorded before --template existed ran gemma)")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="qsimpo-base-setting-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
