@@ -19,7 +19,8 @@ user types it; the configs it writes are printed):
    which qsimpo resolves to that copy (no Hub).
 2. `qsimpo sft sft.yaml`: NF4 base, LoRA r 16 / alpha 32 on every linear layer, model.chat_template --template
    (default zephyr: <|user|>/<|assistant|> in plain text, each turn ended by the base's EOS; gemma: Gemma's own turn
-   format, <start_of_turn>/<end_of_turn>, whose end token the base never trained; the base has no template), max_length 256, --sft-epochs epochs (3), the
+   format, <start_of_turn>/<end_of_turn>, whose end token the base never trained; the base has a template of its
+   own neither way), max_length 256, --sft-epochs epochs (3), the
    conversations packed into rows of 256 tokens, --sft-rows rows a step (2), learning rate 2e-4 (docs/sft.md's LoRA
    SFT range), cosine with 10% warmup. (The first recorded run: one epoch of 8 conversations a step, 16 steps.)
 3. Before / after, in this process, with qsimpo.load.load_adapter (the SFT adapter on its NF4 base; "before" is the
@@ -27,7 +28,7 @@ user types it; the configs it writes are printed):
    prompts, greedy, --max-new-tokens, one batch, through qsimpo.generate.generate (the function eval and the demo
    use). An answer "ends properly" when generation stopped at the template's end of turn (<end_of_turn> for gemma,
    <eos> for zephyr); stopping at another stop token and running to the token limit are counted apart. Wilson 95% intervals. And how far each model is from
-   ending there: log p(<end_of_turn>) right after each held-out pair's chosen answer (teacher-forced), and its rank
+   ending there: log p of the end token right after each held-out pair's chosen answer (teacher-forced), and its rank
    (qsimpo sft's own end-of-turn check, qsimpo.train.sft.turn_end_check).
 4. `qsimpo train simpo.yaml`: SimPO on pairs.jsonl on top of the frozen SFT adapter (model.sft_adapter), with
    configs/hh-rlhf-harmless.yaml's SimPO settings (beta 2.0, gamma/beta 0.5, learning rate 2e-5), LoRA r 16, one

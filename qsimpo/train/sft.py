@@ -307,8 +307,7 @@ def turn_end_check(model, items, end_id: int, device, stops: Sequence[int] = (),
     built at those positions only (transformers' ``logits_to_keep``), never over the whole vocabulary at every
     position. Every process runs the same inputs, so FSDP's gathers line up; None if no held-out turn ends at
     ``end_id`` (all cut by max_length). ``sides`` picks which to read: `qsimpo sft` reads the base before training
-    (for untrained_turn_end's warning) and the SFT model after it. ``vocab``: how many tokens the ranks are among;
-    ``head_row_norm`` (with the base's side): the norm of the token's row of the output layer over a median row's."""
+    (for untrained_turn_end's warning) and the SFT model after it. ``vocab``: how many tokens the ranks are among."""
     found = {side: [] for side in sides}
     vocab = 0
     stop_set = {end_id, *stops}
@@ -334,10 +333,6 @@ def turn_end_check(model, items, end_id: int, device, stops: Sequence[int] = (),
     if not found[sides[0]]:
         return None
     out = {"turns": len(found[sides[0]]), "vocab": vocab}
-    if "base" in sides:  # the token's row of the output head against a typical row: ~0 where it was never trained
-        head = model.get_output_embeddings().weight.detach()
-        norms = torch.cat([head[i:i + 8192].float().norm(dim=-1) for i in range(0, head.shape[0], 8192)])
-        out["head_row_norm"] = float(norms[end_id] / norms.median())
     for side, got in found.items():
         ranks = sorted(rank for _, rank, _ in got)
         out[side] = {"mean_logprob": sum(lp for lp, _, _ in got) / len(got), "median_rank": ranks[len(ranks) // 2],
@@ -348,26 +343,47 @@ def turn_end_check(model, items, end_id: int, device, stops: Sequence[int] = (),
 UNTRAINED_ROW = 0.01  # an output-layer row under 1% of a median row's norm: never trained
 
 
-def untrained_turn_end(check: dict, token: str, eos: str | None) -> str | None:
+def head_row_norm(model, token_id: int) -> float | None:
+    """The norm of ``token_id``'s row of the output layer over a median row's: about 0 for a row never trained (as
+    the rows of Llama 3's template tokens are reported to be in its base models). None for a model with no output
+    layer to read. Read in slices, so no float32 copy of a large head is made."""
+    layer = model.get_output_embeddings()
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.device.type == "meta":
+        return None
+    head = weight.detach()
+    norms = torch.cat([head[i:i + 8192].float().norm(dim=-1) for i in range(0, head.shape[0], 8192)])
+    return float(norms[token_id] / norms.median())
+
+
+def untrained_turn_end(check: dict | None, row_norm: float | None, token: str, eos: str | None) -> str | None:
     """The warning `qsimpo sft` gives before training when the template ends a turn with a token other than the EOS
-    and the base ranks that token in the bottom half of its vocabulary right where the held-out turns end: a token
-    it most likely never trained. gemma-3-270m ranks Gemma's <end_of_turn> 260,362 of 262,144 there (and its <eos>
-    27th); Llama 3's <|eot_id|> is untrained in the Llama 3 base models too. LoRA trains no embedding row, so the
-    SFT model learns to end a turn with it only slowly and greedy answers run on; the EOS, learnt at the end of
-    documents, does not have that problem (benchmarks/RESULTS.md: 0/32 answers stopped with the gemma template,
-    32/32 with zephyr, the same SFT run otherwise). A token whose row of the output layer is all but zero (under
-    UNTRAINED_ROW of a median row's norm, as the rows of Llama 3's template tokens are reported to be in its base
-    models) is warned of wherever it ranks. None when there is nothing to warn of."""
-    b, row = check["base"], check.get("head_row_norm", 1.0)
-    low, empty = b["median_rank"] * 2 >= check["vocab"], row < UNTRAINED_ROW
+    and the base looks as if it never trained that token: its row of the output layer is all but zero (under
+    UNTRAINED_ROW of a median row's norm; ``row_norm``, read with or without held-out data), or, with held-out data
+    (``check``, the base's side of turn_end_check), the base ranks it in the bottom half of its vocabulary right
+    where the held-out turns end. gemma-3-270m has 260,362 of its 262,144 tokens above Gemma's <end_of_turn> there
+    (and 27 above its <eos>). LoRA trains no embedding row, so the SFT model learns to end a turn with such a token
+    slowly and greedy answers run on; the EOS, learnt at the end of documents, is learnt much faster
+    (benchmarks/RESULTS.md: after the same LoRA SFT, 0/32 greedy answers stopped with the gemma template, 32/32 with
+    zephyr). None when there is nothing to warn of."""
+    empty = row_norm is not None and row_norm < UNTRAINED_ROW
+    b = check["base"] if check else None
+    low = b is not None and b["median_rank"] * 2 >= check["vocab"]
     if token == eos or not (low or empty):
         return None
-    return (f"{token} looks untrained in this base: "
-            + (f"its row of the output layer is all but zero ({row:.1e} of a median row's norm); " if empty else "")
-            + f"right after the {check['turns']} held-out answers it ranks {b['median_rank']:,} of "
-            f"{check['vocab']:,} (median; log p {b['mean_logprob']:.1f}). LoRA trains no embedding row, so the SFT model learns to end a turn with it slowly, and its answers may run on. A "
-            f"template that ends each turn with the base's EOS ({eos}), which it learnt at the end of documents, "
-            "avoids this: --model.chat_template zephyr (docs/sft.md, \"When answers do not stop\")")
+    text = f"{token} looks untrained in this base: "
+    if empty:
+        text += f"its row of the output layer is all but zero ({row_norm:.1e} of a median row's norm)"
+    if b is not None:
+        text += ("; " if empty else "") + (
+            f"right after the {check['turns']} held-out answers {b['median_rank']:,} of its {check['vocab']:,} tokens "
+            f"score above it (median; log p {b['mean_logprob']:.1f})")
+    text += (". LoRA trains no embedding row, so the SFT model learns to end a turn with it slowly, and its answers "
+             "may run on.")
+    if eos:
+        text += (f" A template that ends each turn with the base's EOS ({eos}), which it learnt at the end of "
+                 "documents, avoids this: --model.chat_template zephyr")
+    return text + " (docs/sft.md, \"When answers do not stop\")"
 
 
 def turn_end_report(check: dict, token: str, eos: str | None = None) -> str:
@@ -437,7 +453,11 @@ def sft(cfg: Config, command: list[str] | None = None):
         end_id = turn_end_token(tokenizer)
         check = (turn_end_check(model, held_items, end_id, args.device, model_stop_ids(model, tokenizer), sides=("base",))
                  if held_items and end_id is not None else None)
-        warning = check and untrained_turn_end(check, tokenizer.convert_ids_to_tokens(end_id), tokenizer.eos_token)
+        row_norm = head_row_norm(model, end_id) if end_id is not None else None
+        warning = end_id is not None and untrained_turn_end(check, row_norm, tokenizer.convert_ids_to_tokens(end_id),
+                                                            tokenizer.eos_token)
+        if check is not None:
+            check["head_row_norm"] = row_norm
         if warning and is_main_process():
             warn(warning)
         trainer.remove_callback(ProgressCallback)

@@ -378,8 +378,8 @@ def test_sft_under_torchrun_matches_one_process(sft_setup, tmp_path, fsdp):
     assert_same_run(tmp_path / "sft", reference)
     meta = json.loads((tmp_path / "sft" / "qsimpo.json").read_text())
     assert meta["kind"] == "sft" and meta["global_step"] == 3
-    # the end-of-turn check after training runs on every process (FSDP gathers in its forward) and finds what the
-    # one-process run found on the same held-out conversations
+    # the end-of-turn check (the base's side before training, the SFT model's after it, where FSDP gathers in its
+    # forward) runs on every process and finds what the one-process run found on the same held-out conversations
     ref_check, check = (json.loads((d / "qsimpo.json").read_text())["data"]["turn_end"] for d in (reference, tmp_path / "sft"))
     assert check["turns"] == ref_check["turns"] > 0 and check["base"] == pytest.approx(ref_check["base"], abs=1e-3)
     assert check["sft"]["mean_logprob"] == pytest.approx(ref_check["sft"]["mean_logprob"], abs=1e-3)
