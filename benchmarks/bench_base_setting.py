@@ -29,7 +29,7 @@ user types it; the configs it writes are printed):
    use). An answer "ends properly" when generation stopped at the template's end of turn (<end_of_turn> for gemma,
    <eos> for zephyr); stopping at another stop token and running to the token limit are counted apart. Wilson 95% intervals. And how far each model is from
    ending there: log p of the end token right after each held-out pair's chosen answer (teacher-forced), and its rank
-   (qsimpo sft's own end-of-turn check, qsimpo.train.sft.turn_end_check).
+   (qsimpo sft's own end-of-turn check, qsimpo.train.turn_end.turn_end_check).
 4. `qsimpo train simpo.yaml`: SimPO on pairs.jsonl on top of the frozen SFT adapter (model.sft_adapter), with
    configs/hh-rlhf-harmless.yaml's SimPO settings (beta 2.0, gamma/beta 0.5, learning rate 2e-5), LoRA r 16, one
    epoch, 8 pairs a step (batch 2 x 4), max_length 256, max_prompt_length 192.
@@ -156,7 +156,7 @@ def before_after(work: Path, prompts: list[str], max_new: int) -> dict:
 
 def end_logprobs(model, tok, pairs: Path) -> dict:
     """How far the model is from ending a turn where it should: qsimpo sft's end-of-turn check
-    (qsimpo.train.sft.turn_end_check) right after each held-out pair's chosen answer (its last turn only), with the
+    (qsimpo.train.turn_end.turn_end_check) right after each held-out pair's chosen answer (its last turn only), with the
     adapter off ("base") and on ("sft"): log p of the end token, teacher-forced, its rank there, and whether greedy
     decoding would stop there (the end token or the EOS first). Recorded as {"turns", "base", "sft"}; the first
     recorded run (before this check moved into qsimpo sft) wrote the same numbers as {"before", "after"} with
@@ -166,7 +166,7 @@ def end_logprobs(model, tok, pairs: Path) -> dict:
     from qsimpo.data.formats import _implicit
     from qsimpo.data.render import transcript_messages
     from qsimpo.data.tokenize import turn_end_token
-    from qsimpo.train.sft import turn_end_check, turn_end_report
+    from qsimpo.train.turn_end import turn_end_check, turn_end_report
 
     items, end = [], turn_end_token(tok)
     for line in pairs.read_text().splitlines():

@@ -130,7 +130,7 @@ def test_turn_end_check_is_the_full_vocabulary_rank_at_each_turn_end(tiny_base, 
     assistant turn, adapter off and on, as full logits at every position give them by hand."""
     from qsimpo.data.tokenize import turn_end_token
     from qsimpo.train.model import add_lora, load_base
-    from qsimpo.train.sft import head_row_norm, turn_end_check, turn_end_report
+    from qsimpo.train.turn_end import head_row_norm, turn_end_check, turn_end_report
 
     cfg = make_config(tiny_base, "unused.jsonl", "unused")
     model = add_lora(load_base(cfg.model, "cpu"), cfg.lora, True, False, 0)
@@ -184,7 +184,7 @@ def test_the_warnings_say_what_to_do_when_the_base_never_learnt_the_turn_end():
     """gemma-3-270m's numbers (benchmarks/RESULTS.md): 260,362 of its 262,144 tokens score above <end_of_turn> where
     turns end, 27 above its <eos>; after the same LoRA SFT no greedy answer stopped with the gemma template (60
     steps), all did with zephyr (66 steps)."""
-    from qsimpo.train.sft import turn_end_report, untrained_turn_end
+    from qsimpo.train.turn_end import turn_end_report, untrained_turn_end
 
     side = {"mean_logprob": -26.69, "median_rank": 260_362, "first": 0, "stops": 0}
     gemma = {"turns": 32, "vocab": 262_144, "base": side}
